@@ -44,6 +44,7 @@ class ErrorCode(IntEnum):
     JOB_RUNNING = 12
     UNSUPPORTED_LIMIT = 13
     SHUTTING_DOWN = 14
+    TOO_MANY_REQUESTS = 15
     # Connection tier: sent in GOAWAY, then the connection closes.
     PROTOCOL_ERROR = 100
     FRAME_TOO_LARGE = 101
@@ -51,7 +52,6 @@ class ErrorCode(IntEnum):
     UNSUPPORTED_VERSION = 103
     FLOW_CONTROL_ERROR = 104
     TIMEOUT = 105
-    TOO_MANY_REQUESTS = 106
 
 
 class JobworkerError(Exception):

@@ -1,0 +1,330 @@
+"""
+A job's output: every byte from the first, with absolute offsets.
+
+Design
+======
+
+The output of a job is one ordered sequence of records, each a run of
+stdout (fd 1) or stderr (fd 2) bytes, or a gap.  Offsets count data bytes
+over both streams together from 0, so one number places a follower anywhere
+in the history and lets a client resume after a lost connection.
+
+Two stores hold it:
+
+  - the spool, an append-only file of records (9-byte header: fd u8,
+    length u64 big-endian; then the data, none for a gap with fd 0),
+    holding the first C{retention} bytes;
+  - the ring, the last C{ring_size} bytes in memory, which live followers
+    read without a system call.
+
+While the job runs, output past the retention limit lives only in the ring.
+When the log closes, the part of the ring the spool lacks is appended to the
+spool behind an explicit gap record, so the spool alone then holds the
+head, a gap with its byte count, and the tail: the history a restart keeps.
+A follower never sees bytes vanish silently: a range that neither store
+holds is handed out as a gap of that many bytes.
+
+Memory is bounded per job by C{ring_size} plus a sparse index of the spool
+(two 8-byte numbers per C{INDEX_EVERY} bytes: 256 KiB for 1 GiB of output).
+Reads from the spool are bounded by the caller's C{limit}, so serving a
+follower far behind never blocks the reactor for long.
+
+This module does no I/O of its own: the spool is an object with
+C{append}/C{pread} (L{jobworker.spool.FileSpool} on disk,
+L{MemorySpool} in tests).
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_right
+from collections import deque
+from typing import Callable, NamedTuple, Protocol
+
+__all__ = [
+    "Chunk",
+    "Spool",
+    "MemorySpool",
+    "OutputLog",
+    "RECORD_HEADER_SIZE",
+    "DEFAULT_RING_SIZE",
+    "DEFAULT_RETENTION",
+]
+
+RECORD_HEADER_SIZE = 9
+GAP_FD = 0
+DEFAULT_RING_SIZE = 1 << 20  # 1 MiB
+DEFAULT_RETENTION = 1 << 30  # 1 GiB
+INDEX_EVERY = 64 << 10  # one index entry per 64 KiB of spooled output
+_SPOOL_READ_BLOCK = 256 << 10
+
+
+class Chunk(NamedTuple):
+    """
+    A piece of output: C{data} from stream C{fd} at C{offset}, or, when
+    C{fd} is 0, a gap of C{gap} dropped bytes starting at C{offset}.
+    """
+
+    fd: int
+    offset: int
+    data: bytes
+    gap: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.gap if self.fd == GAP_FD else len(self.data)
+
+
+class Spool(Protocol):
+    def append(self, data: bytes) -> None: ...
+
+    def pread(self, position: int, size: int) -> bytes: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+class MemorySpool:
+    """
+    A spool held in memory, for tests and for jobs without a state directory.
+    """
+
+    def __init__(self, content: bytes = b"") -> None:
+        self._data = bytearray(content)
+
+    def append(self, data: bytes) -> None:
+        self._data += data
+
+    def pread(self, position: int, size: int) -> bytes:
+        return bytes(self._data[position : position + size])
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+
+def _header(fd: int, length: int) -> bytes:
+    return bytes((fd,)) + length.to_bytes(8, "big")
+
+
+class OutputLog:
+    """
+    The output of one job; see the module docstring.
+
+    @ivar end: offset one past the last byte produced so far.
+    @ivar closed: no more output will come.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        ring_size: int = DEFAULT_RING_SIZE,
+        retention: int = DEFAULT_RETENTION,
+    ) -> None:
+        self._spool = spool
+        self.ring_size = ring_size
+        self.retention = retention
+        self.end = 0
+        self.closed = False
+        self._spooled_end = 0  # data offset one past the spooled head
+        self._spool_records = 0  # spool bytes (headers included) written
+        self._index_offsets = array("Q", [0])
+        self._index_positions = array("Q", [0])
+        self._ring: deque[tuple[int, int, bytes]] = deque()  # (offset, fd, data)
+        self._ring_bytes = 0
+        self._listeners: list[Callable[[], None]] = []
+
+    @classmethod
+    def from_spool(cls, spool: Spool, *, ring_size: int = DEFAULT_RING_SIZE) -> OutputLog:
+        """
+        Reopen a closed log from its spool (after a restart): scan the
+        records once to rebuild the index.  A torn last record (the server
+        died mid-write) is ignored.
+        """
+        log = cls(spool, ring_size=ring_size, retention=2**63)
+        position = 0
+        offset = 0
+        total = spool.size
+        while position + RECORD_HEADER_SIZE <= total:
+            header = spool.pread(position, RECORD_HEADER_SIZE)
+            fd, length = header[0], int.from_bytes(header[1:], "big")
+            payload = 0 if fd == GAP_FD else length
+            if fd not in (GAP_FD, 1, 2) or position + RECORD_HEADER_SIZE + payload > total:
+                break
+            log._note_record(offset, position)
+            position += RECORD_HEADER_SIZE + payload
+            offset += length
+        log.end = log._spooled_end = offset
+        log._spool_records = position
+        log.closed = True
+        return log
+
+    # -- writing ---------------------------------------------------------------
+
+    def append(self, fd: int, data: bytes) -> None:
+        """
+        Add C{data} read from the job's C{fd} (1 or 2).
+        """
+        if self.closed:
+            raise ValueError("output log is closed")
+        if fd not in (1, 2):
+            raise ValueError(f"fd must be 1 or 2, not {fd}")
+        if not data:
+            return
+        offset = self.end
+        self.end += len(data)
+        room = self.retention - self._spooled_end
+        if room > 0 and self._spooled_end == offset:
+            head = data if len(data) <= room else data[:room]
+            self._spool_record(fd, offset, head)
+        self._ring.append((offset, fd, data))
+        self._ring_bytes += len(data)
+        while self._ring_bytes - len(self._ring[0][2]) >= self.ring_size:
+            self._ring_bytes -= len(self._ring.popleft()[2])
+        self._notify()
+
+    def close(self) -> None:
+        """
+        No more output: move the part of the ring the spool lacks behind an
+        explicit gap record, so the spool alone holds the whole history.
+        """
+        if self.closed:
+            return
+        if self._spooled_end < self.end:
+            ring_start = self._ring_start()
+            if ring_start > self._spooled_end:
+                self._spool_record(GAP_FD, self._spooled_end, b"", ring_start - self._spooled_end)
+            for offset, fd, data in self._ring:
+                if offset + len(data) > self._spooled_end:
+                    skip = max(0, self._spooled_end - offset)
+                    self._spool_record(fd, offset + skip, data[skip:])
+        # The spool now holds everything; a finished job keeps no memory.
+        self._ring.clear()
+        self._ring_bytes = 0
+        self.closed = True
+        self._notify()
+
+    def _spool_record(self, fd: int, offset: int, data: bytes, gap: int = 0) -> None:
+        length = gap if fd == GAP_FD else len(data)
+        self._note_record(offset, self._spool_records)
+        self._spool.append(_header(fd, length) + data)
+        self._spool_records += RECORD_HEADER_SIZE + len(data)
+        self._spooled_end = offset + length
+
+    def _note_record(self, offset: int, position: int) -> None:
+        if offset - self._index_offsets[-1] >= INDEX_EVERY:
+            self._index_offsets.append(offset)
+            self._index_positions.append(position)
+
+    # -- reading ---------------------------------------------------------------
+
+    def _ring_start(self) -> int:
+        return self._ring[0][0] if self._ring else self.end
+
+    def read(self, offset: int, limit: int) -> list[Chunk]:
+        """
+        Up to C{limit} data bytes of output from C{offset}, in order.
+
+        Adjacent bytes of the same stream come as one chunk; a range nobody
+        holds comes as a gap chunk (which does not count against C{limit}).
+        Returns C{[]} at the end of what exists now.
+        """
+        if offset < 0:
+            raise ValueError("offset must not be negative")
+        chunks: list[Chunk] = []
+        if offset >= self.end or limit <= 0:
+            return chunks
+        if offset < self._spooled_end and offset < self._ring_start():
+            chunks = self._read_spool(offset, limit)
+            if chunks:
+                return chunks
+        ring_start = self._ring_start()
+        if offset < ring_start:
+            return [Chunk(GAP_FD, offset, b"", ring_start - offset)]
+        return self._read_ring(offset, limit)
+
+    def _read_ring(self, offset: int, limit: int) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        pieces: list[bytes] = []
+        current_fd = 0
+        start = offset
+        taken = 0
+        for record_offset, fd, data in self._ring:
+            record_end = record_offset + len(data)
+            if record_end <= offset:
+                continue
+            skip = max(0, offset - record_offset)
+            piece = data[skip : skip + (limit - taken)] if skip or len(data) > limit - taken else data
+            if fd != current_fd and pieces:
+                chunks.append(Chunk(current_fd, start, b"".join(pieces)))
+                start += sum(map(len, pieces))
+                pieces = []
+            current_fd = fd
+            pieces.append(piece)
+            taken += len(piece)
+            if taken >= limit:
+                break
+        if pieces:
+            chunks.append(Chunk(current_fd, start, b"".join(pieces)))
+        return chunks
+
+    def _read_spool(self, offset: int, limit: int) -> list[Chunk]:
+        slot = bisect_right(self._index_offsets, offset) - 1
+        record_offset = self._index_offsets[slot]
+        position = self._index_positions[slot]
+        chunks: list[Chunk] = []
+        taken = 0
+        block = b""
+        block_start = position
+        while taken < limit and position < self._spool_records:
+            if position + RECORD_HEADER_SIZE > block_start + len(block):
+                block_start = position
+                block = self._spool.pread(position, max(_SPOOL_READ_BLOCK, limit + RECORD_HEADER_SIZE))
+                if len(block) < RECORD_HEADER_SIZE:
+                    break
+            at = position - block_start
+            fd = block[at]
+            length = int.from_bytes(block[at + 1 : at + RECORD_HEADER_SIZE], "big")
+            payload = 0 if fd == GAP_FD else length
+            record_end = record_offset + length
+            if record_end > offset:
+                skip = max(0, offset - record_offset)
+                if fd == GAP_FD:
+                    if chunks:
+                        break  # hand data out first; the gap comes on the next read
+                    return [Chunk(GAP_FD, record_offset + skip, b"", length - skip)]
+                want = min(length - skip, limit - taken)
+                data_at = position + RECORD_HEADER_SIZE + skip
+                if data_at - block_start + want <= len(block):
+                    data = block[data_at - block_start : data_at - block_start + want]
+                else:
+                    data = self._spool.pread(data_at, want)
+                if chunks and chunks[-1].fd == fd:
+                    last = chunks.pop()
+                    data = last.data + data
+                    chunks.append(Chunk(fd, last.offset, data))
+                else:
+                    chunks.append(Chunk(fd, record_offset + skip, data))
+                taken += want
+            position += RECORD_HEADER_SIZE + payload
+            record_offset = record_end
+        return chunks
+
+    # -- followers -------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """
+        Call C{callback()} after new output arrives and when the log closes.
+        """
+        self._listeners.append(callback)
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        try:
+            self._listeners.remove(callback)
+        except ValueError:
+            pass
+
+    def _notify(self) -> None:
+        for callback in list(self._listeners):
+            callback()

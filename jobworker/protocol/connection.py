@@ -1,0 +1,351 @@
+"""
+The sans-IO state machine of one jobworker connection.
+
+Design rules (the spec in C{protocol-spec/README.md} is normative):
+
+ 1. No I/O.  C{receive_data(bytes)} returns the messages that arrived;
+    C{send(message)} returns the bytes to write.  The Twisted server, the
+    Twisted client and the blocking CLI drive the same object.
+ 2. The server speaks first: its L{ServerHello} is the first frame on the
+    connection.  The client sends L{ClientHello} only after reading it, and
+    nothing else before its own hello.  Any other order is a
+    L{ProtocolError}.
+ 3. Two tiers of errors.  Anything that makes the byte stream
+    untrustworthy (malformed frame, oversized length, unknown type, a
+    message in the wrong direction or the wrong state, a reused stream id,
+    a window overflow) raises L{ProtocolError}: the owner sends C{GoAway}
+    (see L{goaway}) and closes.  Everything about one request (unknown job,
+    denied) is the application's to answer with an C{ErrorResponse}; the
+    state machine only checks that request ids are not reused while pending.
+ 4. Every request gets exactly one response: a specific one, C{OkResponse},
+    or C{ErrorResponse}.  A C{FollowRequest} is answered with C{OkResponse}
+    when its stream opens; the stream then carries C{Output}/C{Gap} frames
+    and ends with one C{EndOfStream}.
+ 5. Output is flow controlled per stream (L{jobworker.protocol.flow}); the
+    server may not send more data on a stream than its window allows, and
+    must split output to fit the client's maximum frame size.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from itertools import count
+
+from jobworker.errors import ErrorCode, ProtocolError
+from jobworker.protocol import messages as m
+from jobworker.protocol.flow import ReceiveWindow, SendWindow
+from jobworker.protocol.framing import FrameBuffer
+from jobworker.protocol.wire import (
+    MAX_FRAME_LIMIT,
+    OUTPUT_HEAD_SIZE,
+    decode_body,
+    encode_message,
+    encode_output,
+)
+
+__all__ = ["Role", "Connection", "DEFAULT_MAX_FRAME_SIZE", "MIN_FRAME_SIZE"]
+
+# 1 MiB per frame by default: large enough for a 64 KiB output chunk with
+# room to spare and for a list of a few thousand jobs, small enough that a
+# hostile peer cannot make us buffer much.
+DEFAULT_MAX_FRAME_SIZE = 1 << 20
+# A peer announcing less than this could not receive a status response.
+MIN_FRAME_SIZE = 16 << 10
+
+
+class Role(Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class _State(Enum):
+    AWAIT_HELLO = "await-hello"  # our hello and/or the peer's not yet exchanged
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+_CLIENT_SENDS = frozenset(
+    {
+        m.ClientHello,
+        m.GoAway,
+        m.WindowUpdate,
+        m.CancelStream,
+        *m.REQUEST_TYPES,
+    }
+)
+_SERVER_SENDS = frozenset(
+    {
+        m.ServerHello,
+        m.GoAway,
+        m.StartResponse,
+        m.StatusResponse,
+        m.ListResponse,
+        m.OkResponse,
+        m.ErrorResponse,
+        m.Output,
+        m.Gap,
+        m.EndOfStream,
+    }
+)
+_RESPONSES = (m.StartResponse, m.StatusResponse, m.ListResponse, m.OkResponse, m.ErrorResponse)
+
+
+class Connection:
+    """
+    One end of a connection.
+
+    @ivar peer_max_frame_size: the largest frame the peer accepts, from its
+        hello; the server splits output to fit.
+    """
+
+    def __init__(self, role: Role, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if not MIN_FRAME_SIZE <= max_frame_size <= MAX_FRAME_LIMIT:
+            raise ValueError(f"max_frame_size must be in [{MIN_FRAME_SIZE}, {MAX_FRAME_LIMIT}]")
+        self.role = role
+        self.max_frame_size = max_frame_size
+        self.peer_max_frame_size = MIN_FRAME_SIZE
+        self.peer_hello: m.ServerHello | m.ClientHello | None = None
+        self._state = _State.AWAIT_HELLO
+        self._hello_sent = False
+        self._frames = FrameBuffer(max_frame_size)
+        self._sends = _SERVER_SENDS if role is Role.SERVER else _CLIENT_SENDS
+        self._receives = _CLIENT_SENDS if role is Role.SERVER else _SERVER_SENDS
+        # Request ids awaiting their one response (server: received; client: sent).
+        self._pending: dict[int, type[m.Message]] = {}
+        # Follow requests awaiting their answer, request id -> (stream id, window).
+        self._pending_follows: dict[int, tuple[int, int]] = {}
+        self._send_windows: dict[int, SendWindow] = {}
+        self._receive_windows: dict[int, ReceiveWindow] = {}
+        self._request_ids = count(1)
+        self._stream_ids = count(1)
+
+    # -- queries -------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._state is _State.OPEN
+
+    @property
+    def is_closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    @property
+    def pending_requests(self) -> int:
+        return len(self._pending)
+
+    @property
+    def open_streams(self) -> frozenset[int]:
+        windows = self._send_windows if self.role is Role.SERVER else self._receive_windows
+        return frozenset(windows)
+
+    def send_window(self, stream_id: int) -> int:
+        """
+        Bytes of output the server may still send on C{stream_id}.
+        """
+        return self._send_windows[stream_id].available
+
+    def max_output_chunk(self) -> int:
+        """
+        The most output data bytes one C{Output} frame to the peer may carry.
+        """
+        return self.peer_max_frame_size - 1 - OUTPUT_HEAD_SIZE
+
+    def next_request_id(self) -> int:
+        return next(self._request_ids) & 0xFFFFFFFF
+
+    def next_stream_id(self) -> int:
+        return next(self._stream_ids) & 0xFFFFFFFF
+
+    # -- receiving -----------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[m.Message]:
+        """
+        Feed bytes from the peer; return the messages they complete.
+
+        @raise ProtocolError: the peer broke the protocol.  The connection is
+            then closed; send L{goaway} and drop the transport.
+        """
+        if self._state is _State.CLOSED:
+            return []
+        try:
+            frames = self._frames.receive(data)
+            return [self._received(decode_body(kind, body)) for kind, body in frames]
+        except ProtocolError:
+            self._state = _State.CLOSED
+            raise
+
+    def _received(self, message: m.Message) -> m.Message:
+        kind = type(message)
+        if kind not in self._receives:
+            raise ProtocolError(f"{kind.__name__} may not be sent by a {self._peer_role()}")
+        if self.peer_hello is None:
+            expected = m.ServerHello if self.role is Role.CLIENT else m.ClientHello
+            if kind is m.GoAway:
+                self._state = _State.CLOSED
+                return message
+            if kind is not expected:
+                raise ProtocolError(f"expected {expected.__name__} first, got {kind.__name__}")
+            return self._received_hello(message)  # type: ignore[arg-type]
+        if kind in (m.ServerHello, m.ClientHello):
+            raise ProtocolError("a second hello")
+        if self.role is Role.SERVER and not self.is_open:
+            raise ProtocolError(f"{kind.__name__} before the hello exchange ended")
+        if kind is m.GoAway:
+            self._state = _State.CLOSED
+        elif self.role is Role.SERVER:
+            self._server_received(message)
+        else:
+            self._client_received(message)
+        return message
+
+    def _received_hello(self, hello: m.ServerHello | m.ClientHello) -> m.Message:
+        if hello.version != m.PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"protocol version {hello.version} is not supported (this end speaks {m.PROTOCOL_VERSION})",
+                ErrorCode.UNSUPPORTED_VERSION,
+            )
+        if not MIN_FRAME_SIZE <= hello.max_frame_size <= MAX_FRAME_LIMIT:
+            raise ProtocolError(f"max_frame_size {hello.max_frame_size} out of range")
+        self.peer_hello = hello
+        self.peer_max_frame_size = hello.max_frame_size
+        if self._hello_sent:
+            self._state = _State.OPEN
+        return hello
+
+    def _server_received(self, message: m.Message) -> None:
+        if isinstance(message, m.REQUEST_TYPES):
+            request_id = message.request_id  # type: ignore[attr-defined]
+            if request_id in self._pending:
+                raise ProtocolError(f"request id {request_id} reused while pending")
+            self._pending[request_id] = type(message)
+            if isinstance(message, m.FollowRequest):
+                in_use = {stream for stream, _ in self._pending_follows.values()}
+                if message.stream_id in self._send_windows or message.stream_id in in_use:
+                    raise ProtocolError(f"stream id {message.stream_id} already in use")
+                SendWindow(message.window)  # validates the initial window
+                self._pending_follows[request_id] = (message.stream_id, message.window)
+        elif isinstance(message, m.WindowUpdate):
+            window = self._send_windows.get(message.stream_id)
+            # An update may cross the stream's end on the wire; that is not
+            # an error, only a late message.
+            if window is not None:
+                window.grant(message.increment)
+
+    def _client_received(self, message: m.Message) -> None:
+        if isinstance(message, _RESPONSES):
+            request_id = message.request_id
+            if self._pending.pop(request_id, None) is None:
+                raise ProtocolError(f"response to request {request_id}, which is not pending")
+            follow = self._pending_follows.pop(request_id, None)
+            if follow is not None and isinstance(message, m.OkResponse):
+                stream_id, window = follow
+                self._receive_windows[stream_id] = ReceiveWindow(window)
+        elif isinstance(message, (m.Output, m.Gap)):
+            window = self._receive_windows.get(message.stream_id)
+            if window is None:
+                raise ProtocolError(f"output on stream {message.stream_id}, which is not open")
+            if isinstance(message, m.Output):
+                window.received(len(message.data))
+        elif isinstance(message, m.EndOfStream):
+            if self._receive_windows.pop(message.stream_id, None) is None:
+                raise ProtocolError(f"end of stream {message.stream_id}, which is not open")
+
+    def _peer_role(self) -> str:
+        return "client" if self.role is Role.SERVER else "server"
+
+    # -- sending -------------------------------------------------------------
+
+    def send(self, message: m.Message) -> bytes:
+        """
+        Encode C{message} for the peer, updating the connection's state.
+
+        @raise ValueError: the message may not be sent now (a bug in the
+            caller, never the peer's doing).
+        """
+        kind = type(message)
+        if self._state is _State.CLOSED:
+            raise ValueError("connection is closed")
+        if kind not in self._sends:
+            raise ValueError(f"a {self.role.value} does not send {kind.__name__}")
+        if kind in (m.ServerHello, m.ClientHello):
+            self._send_hello(message)  # type: ignore[arg-type]
+        elif kind is m.GoAway:
+            self._state = _State.CLOSED
+        elif not self.is_open:
+            raise ValueError(f"{kind.__name__} before the hello exchange ended")
+        elif self.role is Role.SERVER:
+            self._server_sends(message)
+        else:
+            self._client_sends(message)
+        return encode_message(message)
+
+    def _send_hello(self, hello: m.ServerHello | m.ClientHello) -> None:
+        if self._hello_sent:
+            raise ValueError("hello already sent")
+        if self.role is Role.CLIENT and self.peer_hello is None:
+            raise ValueError("the client speaks only after the server's hello")
+        if hello.max_frame_size != self.max_frame_size:
+            raise ValueError("hello must announce this connection's max_frame_size")
+        self._hello_sent = True
+        if self.peer_hello is not None:
+            self._state = _State.OPEN
+
+    def _server_sends(self, message: m.Message) -> None:
+        if isinstance(message, _RESPONSES):
+            if self._pending.pop(message.request_id, None) is None:
+                raise ValueError(f"request {message.request_id} is not pending")
+            follow = self._pending_follows.pop(message.request_id, None)
+            if follow is not None and isinstance(message, m.OkResponse):
+                stream_id, window = follow
+                self._send_windows[stream_id] = SendWindow(window)
+        elif isinstance(message, m.Output):
+            self._send_windows[message.stream_id].consume(len(message.data))
+            if len(message.data) > self.max_output_chunk():
+                raise ValueError("output chunk larger than the peer's frame size")
+        elif isinstance(message, m.Gap):
+            if message.stream_id not in self._send_windows:
+                raise ValueError(f"stream {message.stream_id} is not open")
+        elif isinstance(message, m.EndOfStream):
+            if self._send_windows.pop(message.stream_id, None) is None:
+                raise ValueError(f"stream {message.stream_id} is not open")
+
+    def _client_sends(self, message: m.Message) -> None:
+        if isinstance(message, m.REQUEST_TYPES):
+            request_id = message.request_id  # type: ignore[attr-defined]
+            if request_id in self._pending:
+                raise ValueError(f"request id {request_id} is already pending")
+            self._pending[request_id] = type(message)
+            if isinstance(message, m.FollowRequest):
+                self._pending_follows[request_id] = (message.stream_id, message.window)
+
+    def send_output(self, stream_id: int, fd: int, offset: int, data: bytes) -> bytes:
+        """
+        Encode one C{Output} frame: the hot path of the server, which skips
+        building a message object.
+        """
+        window = self._send_windows[stream_id]
+        if len(data) > self.max_output_chunk():
+            raise ValueError("output chunk larger than the peer's frame size")
+        window.consume(len(data))
+        return encode_output(stream_id, fd, offset, data)
+
+    def consumed(self, stream_id: int, size: int) -> bytes:
+        """
+        Client: the application processed C{size} bytes of C{stream_id}.
+
+        @return: a C{WindowUpdate} frame to send, or C{b""}.
+        """
+        window = self._receive_windows.get(stream_id)
+        if window is None:
+            return b""
+        increment = window.consumed(size)
+        if not increment:
+            return b""
+        return encode_message(m.WindowUpdate(stream_id, increment))
+
+    def goaway(self, error: ProtocolError) -> bytes:
+        """
+        The C{GoAway} frame that reports C{error} to the peer; closes.
+        """
+        self._state = _State.CLOSED
+        return encode_message(m.GoAway(int(error.code), error.message[:1000]))

@@ -1,0 +1,349 @@
+"""
+The messages of the jobworker wire protocol, as frozen dataclasses.
+
+Each message class carries its one-byte wire type in C{TYPE}.  The byte
+layout of each lives in L{jobworker.protocol.wire}; the meaning of every
+field and the rules for when a message may be sent are specified in
+C{protocol-spec/README.md}.
+
+Conventions shared by every message:
+  - job ids are 16-byte UUIDs (L{uuid.UUID} here);
+  - times are microseconds since the Unix epoch, 0 when not (yet) known;
+  - optional numbers use 0 (or -1 for exit codes) for "none".
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import ClassVar
+
+from jobworker.limits import Limits
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "JobState",
+    "Network",
+    "EndReason",
+    "JobUsage",
+    "JobStatus",
+    "Message",
+    "ServerHello",
+    "ClientHello",
+    "GoAway",
+    "StartRequest",
+    "StopRequest",
+    "StatusRequest",
+    "ListRequest",
+    "WaitRequest",
+    "FollowRequest",
+    "RemoveRequest",
+    "WindowUpdate",
+    "CancelStream",
+    "StartResponse",
+    "StatusResponse",
+    "ListResponse",
+    "OkResponse",
+    "ErrorResponse",
+    "Output",
+    "Gap",
+    "EndOfStream",
+    "REQUEST_TYPES",
+]
+
+PROTOCOL_VERSION = 1
+
+
+class JobState(IntEnum):
+    """
+    The life cycle of a job.  Values are wire codes; never renumber.
+    """
+
+    STARTING = 1
+    RUNNING = 2
+    EXITED = 3  # the command ended by itself; exit_code is set
+    SIGNALED = 4  # killed by a signal nobody asked for; signal is set
+    STOPPED = 5  # ended by a stop request; stopped_by is set
+    FAILED = 6  # could not start; error says why
+    OOM = 7  # killed by the kernel's OOM killer inside its memory limit
+    TIMEOUT = 8  # stopped because it ran past its timeout
+    LOST = 9  # was running when the server died; its end is unknown
+
+    @property
+    def is_final(self) -> bool:
+        return self not in (JobState.STARTING, JobState.RUNNING)
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Network(IntEnum):
+    """
+    The network a job sees.
+    """
+
+    NONE = 0  # its own network namespace with only loopback, up
+    HOST = 1  # the host's network (admin only)
+
+
+class EndReason(IntEnum):
+    """
+    Why an output stream ended.
+    """
+
+    JOB_ENDED = 0  # every byte was sent and the job is final
+    CAUGHT_UP = 1  # a non-follow read reached the end of what exists now
+    CANCELLED = 2  # the client cancelled the stream
+    REMOVED = 3  # the job was removed while followed
+
+
+@dataclass(frozen=True)
+class JobUsage:
+    """
+    Resources a job has used; live while it runs, frozen when it ends.
+    """
+
+    cpu_usec: int = 0
+    memory_peak_bytes: int = 0
+    io_read_bytes: int = 0
+    io_write_bytes: int = 0
+    pids_peak: int = 0
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """
+    Everything a client may learn about one job.
+    """
+
+    job_id: uuid.UUID
+    owner: str
+    argv: tuple[str, ...]
+    state: JobState
+    exit_code: int = -1  # -1: none (not exited)
+    signal: int = 0  # 0: none
+    created_at: int = 0  # microseconds since the epoch
+    started_at: int = 0
+    ended_at: int = 0
+    error: str = ""
+    stopped_by: str = ""
+    limits: Limits = field(default_factory=Limits)
+    usage: JobUsage = field(default_factory=JobUsage)
+    output_bytes: int = 0  # bytes of output produced so far (stdout + stderr)
+    workdir: str = ""
+    user: str = ""
+    network: Network = Network.NONE
+
+
+class Message:
+    """
+    Base class of every message; C{TYPE} is the wire type byte.
+    """
+
+    TYPE: ClassVar[int]
+
+
+# -- Connection set-up and teardown -------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerHello(Message):
+    """
+    First message on every connection, sent by the server.
+    """
+
+    TYPE: ClassVar[int] = 0x01
+    version: int
+    max_frame_size: int  # bytes the server accepts in one frame
+    server_name: str
+    identity: str  # the client's identity as the server saw it (certificate CN)
+    role: str  # the client's role (certificate OU), "" when none
+
+
+@dataclass(frozen=True)
+class ClientHello(Message):
+    """
+    The client's first message, sent after it has read the server's hello.
+    """
+
+    TYPE: ClassVar[int] = 0x02
+    version: int
+    max_frame_size: int  # bytes the client accepts in one frame
+
+
+@dataclass(frozen=True)
+class GoAway(Message):
+    """
+    A fatal error: the sender closes the connection after this message.
+    """
+
+    TYPE: ClassVar[int] = 0x03
+    code: int
+    message: str
+
+
+# -- Requests (client to server), each with a request id ----------------------
+
+
+@dataclass(frozen=True)
+class StartRequest(Message):
+    TYPE: ClassVar[int] = 0x10
+    request_id: int
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str = ""  # "" = the server's default
+    user: str = ""  # "" = the server's default job user
+    network: Network = Network.NONE
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class StopRequest(Message):
+    TYPE: ClassVar[int] = 0x11
+    request_id: int
+    job_id: uuid.UUID
+    grace_ms: int = 10_000  # SIGTERM, then SIGKILL after this long
+    force: bool = False  # SIGKILL at once
+
+
+@dataclass(frozen=True)
+class StatusRequest(Message):
+    TYPE: ClassVar[int] = 0x12
+    request_id: int
+    job_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class ListRequest(Message):
+    TYPE: ClassVar[int] = 0x13
+    request_id: int
+
+
+@dataclass(frozen=True)
+class WaitRequest(Message):
+    TYPE: ClassVar[int] = 0x14
+    request_id: int
+    job_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class FollowRequest(Message):
+    """
+    Open output stream C{stream_id} on a job's output, from C{offset}.
+    """
+
+    TYPE: ClassVar[int] = 0x15
+    request_id: int
+    job_id: uuid.UUID
+    stream_id: int
+    offset: int = 0  # absolute byte offset into the job's output
+    window: int = 1 << 20  # initial credit, bytes
+    follow: bool = True  # False: stop at the end of what exists now
+
+
+@dataclass(frozen=True)
+class RemoveRequest(Message):
+    TYPE: ClassVar[int] = 0x18
+    request_id: int
+    job_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class WindowUpdate(Message):
+    """
+    The client grants C{increment} more bytes of output on a stream.
+    """
+
+    TYPE: ClassVar[int] = 0x16
+    stream_id: int
+    increment: int
+
+
+@dataclass(frozen=True)
+class CancelStream(Message):
+    TYPE: ClassVar[int] = 0x17
+    stream_id: int
+
+
+# -- Responses (server to client) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartResponse(Message):
+    TYPE: ClassVar[int] = 0x20
+    request_id: int
+    job_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class StatusResponse(Message):
+    TYPE: ClassVar[int] = 0x21
+    request_id: int
+    status: JobStatus
+
+
+@dataclass(frozen=True)
+class ListResponse(Message):
+    TYPE: ClassVar[int] = 0x22
+    request_id: int
+    jobs: tuple[JobStatus, ...]
+
+
+@dataclass(frozen=True)
+class OkResponse(Message):
+    TYPE: ClassVar[int] = 0x23
+    request_id: int
+
+
+@dataclass(frozen=True)
+class ErrorResponse(Message):
+    TYPE: ClassVar[int] = 0x24
+    request_id: int
+    code: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Output(Message):
+    """
+    Bytes of a job's output: C{fd} 1 is stdout, 2 is stderr.
+    """
+
+    TYPE: ClassVar[int] = 0x30
+    stream_id: int
+    fd: int
+    offset: int  # absolute offset of data[0] in the job's output
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Gap(Message):
+    """
+    C{length} bytes from C{offset} were dropped by the retention limit.
+    """
+
+    TYPE: ClassVar[int] = 0x31
+    stream_id: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class EndOfStream(Message):
+    TYPE: ClassVar[int] = 0x32
+    stream_id: int
+    reason: EndReason
+    status: JobStatus
+
+
+REQUEST_TYPES = (
+    StartRequest,
+    StopRequest,
+    StatusRequest,
+    ListRequest,
+    WaitRequest,
+    FollowRequest,
+    RemoveRequest,
+)
