@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""
+Set up and run jobworker on a fresh machine with nothing but python3.
+
+    python3 dev.py serve [twistd jobworker options...]
+        make .venv, install jobworker into it, create a development PKI in
+        certs/ if there is none, and run `twistd -n jobworker` in the
+        foreground
+
+    python3 dev.py test [pytest options...]
+        make .venv, install jobworker with its test dependencies, and run the
+        whole test suite
+
+The install is editable (in "compat" mode, so that twistd finds the plugin
+in twisted/plugins/ of this checkout): edits take effect without
+reinstalling.  Standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VENV = os.path.join(ROOT, ".venv")
+BIN = os.path.join(VENV, "bin")
+STAMP = os.path.join(VENV, ".jobworker-installed")
+
+
+def _fingerprint(extras: str) -> str:
+    digest = hashlib.sha256(extras.encode())
+    for name in ("setup.cfg", "pyproject.toml"):
+        with open(os.path.join(ROOT, name), "rb") as handle:
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def ensure_venv(extras: str) -> None:
+    """
+    Create the virtual environment and install jobworker (with C{extras}),
+    unless an install of the same packaging metadata is already there.
+    """
+    if not os.path.exists(os.path.join(BIN, "python")):
+        print(f"dev.py: creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    wanted = _fingerprint(extras)
+    try:
+        with open(STAMP) as handle:
+            if handle.read() == wanted:
+                return
+    except FileNotFoundError:
+        pass
+    print("dev.py: installing jobworker and its dependencies", flush=True)
+    pip = [os.path.join(BIN, "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["--upgrade", "pip", "setuptools", "wheel"], check=True)
+    target = f".[{extras}]" if extras else "."
+    subprocess.run(pip + ["--config-settings", "editable_mode=compat", "-e", target], check=True, cwd=ROOT)
+    with open(STAMP, "w") as handle:
+        handle.write(wanted)
+
+
+def serve(arguments: list[str]) -> int:
+    ensure_venv("")
+    certs = os.path.join(ROOT, "certs")
+    if not os.path.exists(os.path.join(certs, "ca.pem")):
+        print(f"dev.py: creating a development PKI in {certs}", flush=True)
+        subprocess.run([os.path.join(BIN, "jobworker-pki"), "dev", certs], check=True)
+    command = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "jobworker"]
+    command += ["--ca", os.path.join(certs, "ca.pem"), "--cert", os.path.join(certs, "server.pem")]
+    command += ["--key", os.path.join(certs, "server.key")] + arguments
+    os.chdir(ROOT)
+    os.execv(command[0], command)
+
+
+def test(arguments: list[str]) -> int:
+    ensure_venv("test")
+    os.chdir(ROOT)
+    command = [os.path.join(BIN, "python"), "-m", "pytest"] + arguments
+    os.execv(command[0], command)
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("serve", "test"):
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    return {"serve": serve, "test": test}[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,821 @@
+"""
+Jobs and the job manager: the Twisted glue between a client's request and a
+process on the host.
+
+Life of a job
+=============
+
+    start request
+        -> cgroup made, limits written        (host adapter: jobworker.cgroups)
+        -> helper spawned                     (jobworker/isolate.py)
+             joins the cgroup, isolates, drops privileges, execs the command
+        -> status pipe (fd 3) says started or failed   => STARTING -> RUNNING | FAILED
+        -> output read from the job's pipes into its OutputLog
+        -> the helper ends, the pipes reach EOF
+        -> usage read, cgroup killed and removed      => EXITED | SIGNALED | STOPPED
+                                                         | OOM | TIMEOUT
+
+A stop sends SIGTERM to the job (the helper forwards it to the command's
+process group inside the namespace) and, after the grace period, SIGKILL to
+every process of the job's cgroup.
+
+The reactor is passed in, never imported, so the tests drive timers with a
+fake clock.  Host operations that may block (waiting for a cgroup to drain
+before removing it) run in the reactor's thread pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import pwd
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet import defer, error as twisted_error, protocol, threads
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from jobworker.errors import ErrorCode, RequestError
+from jobworker.limits import Limits
+from jobworker.outputlog import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpool, OutputLog
+from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
+from jobworker.protocol.messages import JobState, JobStatus, JobUsage, Network, StartRequest
+from jobworker.spool import FileSpool
+from jobworker.store import JobStore
+
+__all__ = ["Job", "JobManager", "JobManagerConfig", "ISOLATE_SCRIPT"]
+
+log = Logger()
+
+ISOLATE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "isolate.py")
+
+# A job's stdout/stderr pipes are widened to this (the kernel's default
+# ceiling for unprivileged pipes) and read this much at a time: one system
+# call and one log record per MiB instead of per 8 KiB.
+PIPE_SIZE = 1 << 20
+READ_SIZE = 1 << 20
+
+# Limits on a start request, so one request cannot make us hold much.
+MAX_ARGV_ITEMS = 4096
+MAX_ARGV_BYTES = 256 << 10
+MAX_ENV_ITEMS = 1024
+MAX_ENV_BYTES = 256 << 10
+
+DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+# The cgroup controller each limit needs.
+_LIMIT_CONTROLLERS = {
+    "cpu_millicores": "cpu",
+    "memory_bytes": "memory",
+    "io_read_bps": "io",
+    "io_write_bps": "io",
+    "pids": "pids",
+}
+
+# After the helper ends, wait this long for the pipes' EOF before closing
+# them ourselves (a process that escaped the job could hold them open).
+EOF_GRACE_S = 2.0
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass
+class JobManagerConfig:
+    """
+    Settings of the job manager; each maps to an option of the plugin.
+
+    @ivar state_dir: where job records and output spools live.
+    @ivar isolate: run every job in its own PID, mount and network namespace.
+    @ivar job_user: the user jobs run as unless an admin asks otherwise;
+        None runs them as the server's own user (only sensible unprivileged).
+    @ivar default_limits: applied to every unset limit of every job.
+    @ivar caps: the most a non-admin may ask for; 0 fields are uncapped.
+    @ivar max_jobs_per_identity: running jobs one identity may have at once.
+    @ivar max_finished_jobs: finished jobs kept; the oldest beyond are removed.
+    """
+
+    state_dir: str
+    isolate: bool = True
+    job_user: str | None = "nobody"
+    default_limits: Limits = field(default_factory=lambda: Limits(pids=1024))
+    caps: Limits = field(default_factory=Limits)
+    default_grace_s: float = 10.0
+    max_jobs_per_identity: int = 256
+    max_finished_jobs: int = 1000
+    ring_size: int = DEFAULT_RING_SIZE
+    retention: int = DEFAULT_RETENTION
+
+
+@implementer(IReadDescriptor)
+class _PipeReader:
+    """
+    Reads one of a job's output pipes in large chunks.
+
+    Twisted's own process readers read 8 KiB per call; at hundreds of MB/s
+    that is a hundred thousand reactor turns per GiB.  This reader takes up
+    to L{READ_SIZE} per call from a pipe widened to L{PIPE_SIZE}.
+    """
+
+    def __init__(self, reactor: Any, fd: int, received: Callable[[bytes], None], ended: Callable[[], None]) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._received = received
+        self._ended = ended
+        self._closed = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "job-output"
+
+    def doRead(self) -> Any:
+        try:
+            data = os.read(self._fd, READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            return twisted_error.ConnectionLost(str(exc))
+        if not data:
+            return twisted_error.ConnectionDone()
+        self._received(data)
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._reactor.removeReader(self)
+        os.close(self._fd)
+        self._ended()
+
+
+def _output_pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(read_end, False)
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # a smaller pipe only costs speed
+    return read_end, write_end
+
+
+class _HelperProtocol(protocol.ProcessProtocol):
+    """
+    Receives the helper's status lines (fd 3) and its end.
+    """
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self._status = b""
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd != 3:
+            return
+        self._status += data
+        while b"\n" in self._status:
+            line, self._status = self._status.split(b"\n", 1)
+            self.job._status_line(line.decode("utf-8", "replace"))
+        # A status line is short; a helper writing megabytes without a
+        # newline is broken, and must not make us hold them.
+        if len(self._status) > 4096:
+            self._status = b""
+
+    def childConnectionLost(self, fd: int) -> None:
+        if fd == 3:
+            self.job._status_closed()
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        self.job._helper_ended(getattr(value, "exitCode", None), getattr(value, "signal", None))
+
+
+class Job:
+    """
+    One job: its request, its process, its output and its fate.
+    """
+
+    def __init__(
+        self,
+        manager: JobManager,
+        job_id: uuid.UUID,
+        owner: str,
+        request: StartRequest,
+        limits: Limits,
+        user: str,
+        output: OutputLog,
+        spool: FileSpool | None,
+    ) -> None:
+        self.manager = manager
+        self.job_id = job_id
+        self.owner = owner
+        self.argv = tuple(request.argv)
+        self.env = tuple(request.env)
+        self.workdir = request.workdir or "/"
+        self.network = request.network
+        self.user = user
+        self.limits = limits
+        self.output = output
+        self.spool = spool
+        self.state = JobState.STARTING
+        self.exit_code = -1
+        self.signal = 0
+        self.created_at = _now_us()
+        self.started_at = 0
+        self.ended_at = 0
+        self.error = ""
+        self.stopped_by = ""
+        self.usage = JobUsage()
+        self.cgroup: Any = None
+        self.transport: Any = None
+        self._started: defer.Deferred[Job] | None = defer.Deferred()
+        self._ended_waiters: list[defer.Deferred[JobStatus]] = []
+        self._status_final: tuple[str, int] | None = None  # ("exit"|"signal", n) from the helper
+        self._helper_status: tuple[int | None, int | None] | None = None
+        self._open_pipes = 0
+        self._failed: tuple[str, str] | None = None
+        self._stop_reason: JobState | None = None
+        self._timers: dict[str, Any] = {}
+        self._finishing = False
+
+    # -- queries ---------------------------------------------------------------
+
+    @property
+    def is_final(self) -> bool:
+        return self.state.is_final
+
+    def status(self) -> JobStatus:
+        usage = self.usage
+        if not self.is_final and self.cgroup is not None:
+            usage = self._read_usage()
+        return JobStatus(
+            job_id=self.job_id,
+            owner=self.owner,
+            argv=self.argv,
+            state=self.state,
+            exit_code=self.exit_code,
+            signal=self.signal,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+            error=self.error,
+            stopped_by=self.stopped_by,
+            limits=self.limits,
+            usage=usage,
+            output_bytes=self.output.end,
+            workdir=self.workdir,
+            user=self.user,
+            network=self.network,
+        )
+
+    def when_ended(self) -> defer.Deferred[JobStatus]:
+        """
+        A Deferred that fires with the final status (at once if final).
+        """
+        if self.is_final:
+            return defer.succeed(self.status())
+        waiter: defer.Deferred[JobStatus] = defer.Deferred(lambda d: self._ended_waiters.remove(d))
+        self._ended_waiters.append(waiter)
+        return waiter
+
+    # -- start -----------------------------------------------------------------
+
+    def spawn(self, reactor: Any, helper_config: dict[str, Any]) -> defer.Deferred[Job]:
+        stdout_r, stdout_w = _output_pipe()
+        stderr_r, stderr_w = _output_pipe()
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        readers = []
+        try:
+            self.transport = reactor.spawnProcess(
+                _HelperProtocol(self),
+                sys.executable,
+                [sys.executable, "-I", "-S", ISOLATE_SCRIPT, json.dumps(helper_config)],
+                env={},
+                path="/",
+                childFDs={0: devnull, 1: stdout_w, 2: stderr_w, 3: "r"},
+            )
+            for fd, read_end in ((1, stdout_r), (2, stderr_r)):
+                reader = _PipeReader(reactor, read_end, lambda data, fd=fd: self.output.append(fd, data), self._pipe_closed)
+                readers.append(reader)
+        except BaseException:
+            for fd in (stdout_r, stderr_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (stdout_w, stderr_w, devnull):
+                os.close(fd)
+        self._open_pipes = 2
+        self._readers = readers
+        for reader in readers:
+            reactor.addReader(reader)
+        self.pid = self.transport.pid
+        assert self._started is not None
+        return self._started
+
+    def _status_line(self, line: str) -> None:
+        word, _, rest = line.partition(" ")
+        if word == "started":
+            self._mark_running()
+        elif word == "failed":
+            kind, _, detail = rest.partition(" ")
+            _errno, _, message = detail.partition(" ")
+            self._failed = (kind, message or detail)
+        elif word in ("exit", "signal"):
+            try:
+                self._status_final = (word, int(rest))
+            except ValueError:
+                log.warn("job {job_id}: bad status line {line!r}", job_id=self.job_id, line=line)
+        elif word != "pid":
+            log.warn("job {job_id}: unknown status line {line!r}", job_id=self.job_id, line=line)
+
+    def _status_closed(self) -> None:
+        # Without isolation, the helper's exec closes fd 3 (close-on-exec):
+        # EOF with no failure means the command is running.
+        if self._failed is None and self.state is JobState.STARTING and self._helper_status is None:
+            self._mark_running()
+
+    def _mark_running(self) -> None:
+        if self.state is not JobState.STARTING:
+            return
+        self.state = JobState.RUNNING
+        self.started_at = _now_us()
+        self.manager._job_changed(self)
+        if self.limits.timeout_ms:
+            self._timers["timeout"] = self.manager.reactor.callLater(
+                self.limits.timeout_ms / 1000, self._timed_out
+            )
+        started, self._started = self._started, None
+        if started is not None:
+            started.callback(self)
+
+    # -- stop ------------------------------------------------------------------
+
+    def stop(self, by: str, grace_s: float, *, reason: JobState = JobState.STOPPED) -> None:
+        """
+        SIGTERM the job now; SIGKILL all of it after C{grace_s} seconds (at
+        once when 0).  Stopping a job that is already stopping shortens the
+        grace period, never lengthens it.
+        """
+        if self.is_final:
+            return
+        if self._stop_reason is None:
+            self._stop_reason = reason
+            self.stopped_by = by
+        if grace_s <= 0:
+            self._kill_all()
+            return
+        self._signal_helper(signal.SIGTERM)
+        existing = self._timers.get("kill")
+        if existing is not None and existing.active():
+            if existing.getTime() <= self.manager.reactor.seconds() + grace_s:
+                return
+            existing.cancel()
+        self._timers["kill"] = self.manager.reactor.callLater(grace_s, self._kill_all)
+
+    def _timed_out(self) -> None:
+        self._timers.pop("timeout", None)
+        log.info("job {job_id} ran past its timeout of {ms} ms", job_id=self.job_id, ms=self.limits.timeout_ms)
+        self.stop("timeout", self.manager.config.default_grace_s, reason=JobState.TIMEOUT)
+
+    def _signal_helper(self, signum: int) -> None:
+        if self.transport is None or self._helper_status is not None:
+            return
+        try:
+            if self.manager.config.isolate:
+                # The helper forwards it to the command's process group.
+                self.transport.signalProcess(signum)
+            else:
+                os.killpg(self.transport.pid, signum)
+        except (OSError, twisted_error.ProcessExitedAlready):
+            pass
+
+    def _kill_all(self) -> None:
+        self._timers.pop("kill", None)
+        if self.cgroup is not None:
+            try:
+                self.cgroup.kill()
+            except OSError as exc:
+                log.warn("job {job_id}: cgroup kill failed: {error}", job_id=self.job_id, error=exc)
+        self._signal_helper(signal.SIGKILL)
+
+    # -- end -------------------------------------------------------------------
+
+    def _helper_ended(self, exit_code: int | None, signum: int | None) -> None:
+        self._helper_status = (exit_code, signum)
+        # Whatever the helper left behind goes now: processes that escaped
+        # into the background would otherwise hold the pipes open.
+        if self.cgroup is not None:
+            try:
+                self.cgroup.kill()
+            except OSError:
+                pass
+        elif not self.manager.config.isolate and self.transport is not None:
+            try:
+                os.killpg(self.transport.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if self._open_pipes:
+            self._timers["eof"] = self.manager.reactor.callLater(EOF_GRACE_S, self._close_pipes)
+        self._maybe_finish()
+
+    def _close_pipes(self) -> None:
+        self._timers.pop("eof", None)
+        for reader in list(getattr(self, "_readers", ())):
+            reader.close()
+
+    def _pipe_closed(self) -> None:
+        self._open_pipes -= 1
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._helper_status is None or self._open_pipes > 0 or self._finishing:
+            return
+        self._finishing = True
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        self._settle()
+
+    def _settle(self) -> None:
+        exit_code, signum = self._helper_status or (None, None)
+        if self._status_final is not None:
+            word, number = self._status_final
+            exit_code, signum = (number, None) if word == "exit" else (None, number)
+        if self.cgroup is not None:
+            self.usage = self._read_usage()
+        oom = bool(self.cgroup is not None and self._last_oom)
+        if signum:
+            self.signal = signum
+            self.exit_code = -1
+        elif exit_code is not None:
+            self.exit_code = exit_code
+        self.ended_at = _now_us()
+        if self._failed is not None or self.state is JobState.STARTING:
+            kind, message = self._failed or ("setup", "the helper ended before the command started")
+            self.state = JobState.FAILED
+            self.error = message
+            code = {
+                "not_found": ErrorCode.COMMAND_NOT_FOUND,
+                "not_executable": ErrorCode.COMMAND_NOT_EXECUTABLE,
+            }.get(kind, ErrorCode.START_FAILED)
+            self.exit_code = {"not_found": 127, "not_executable": 126}.get(kind, 125)
+            self.signal = 0
+            started, self._started = self._started, None
+            if started is not None:
+                started.errback(Failure(RequestError(f"{message} (job {self.job_id})", code)))
+        elif oom:
+            self.state = JobState.OOM
+            self.error = "killed by the OOM killer at the memory limit"
+        elif self._stop_reason is not None:
+            self.state = self._stop_reason
+            if self._stop_reason is JobState.TIMEOUT:
+                self.error = f"ran past its timeout of {self.limits.timeout_ms / 1000:g} s"
+        elif signum:
+            self.state = JobState.SIGNALED
+        else:
+            self.state = JobState.EXITED
+        self.output.close()
+        if self.spool is not None:
+            self.spool.seal()
+        log.info(
+            "job {job_id} ended: {state} exit_code={exit_code} signal={signal}",
+            job_id=self.job_id,
+            state=self.state.label,
+            exit_code=self.exit_code,
+            signal=self.signal,
+        )
+        cgroup, self.cgroup = self.cgroup, None
+        removal = self.manager._remove_cgroup(cgroup) if cgroup is not None else defer.succeed(None)
+        removal.addBoth(lambda _: self._announce_end())
+
+    def _announce_end(self) -> None:
+        self.manager._job_changed(self)
+        self.manager._job_ended(self)
+        final = self.status()
+        waiters, self._ended_waiters = self._ended_waiters, []
+        for waiter in waiters:
+            waiter.callback(final)
+
+    _last_oom = False
+
+    def _read_usage(self) -> JobUsage:
+        try:
+            usage = self.cgroup.usage()
+        except OSError:
+            return self.usage
+        self._last_oom = bool(usage.oom_killed)
+        return JobUsage(
+            cpu_usec=usage.cpu_usec,
+            memory_peak_bytes=usage.memory_peak_bytes,
+            io_read_bytes=usage.io_read_bytes,
+            io_write_bytes=usage.io_write_bytes,
+            pids_peak=usage.pids_peak,
+        )
+
+
+class JobManager(Service):
+    """
+    All jobs of this server: starting, finding (with authorization), stopping,
+    and stopping them all when the service stops.
+    """
+
+    def __init__(self, reactor: Any, config: JobManagerConfig, *, cgroup_driver: Any = None) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.cgroups = cgroup_driver
+        self.jobs: dict[uuid.UUID, Job] = {}
+        self.store = JobStore(config.state_dir)
+        self._shutting_down = False
+        self._cleanups: set[defer.Deferred[None]] = set()
+
+    # -- service ---------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.open()
+        if self.cgroups is not None:
+            removed = self.cgroups.cleanup_stale()
+            for name in removed:
+                log.warn("removed cgroup {name} left by an earlier server", name=name)
+        for record in self.store.load():
+            job = self._job_from_record(record)
+            if not job.is_final:
+                job.state = JobState.LOST
+                job.ended_at = _now_us()
+                job.error = "the server stopped while the job was running"
+                self.store.save(job)
+                log.warn("job {job_id} was running when the server died: lost", job_id=job.job_id)
+            self.jobs[job.job_id] = job
+        self._prune()
+
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Stop every job (SIGTERM, then SIGKILL after the default grace) and
+        wait until each has ended and its cgroup is gone.
+        """
+        super().stopService()
+        self._shutting_down = True
+        running = [job for job in self.jobs.values() if not job.is_final]
+        ends = []
+        for job in running:
+            ends.append(job.when_ended())
+            job.stop("shutdown", self.config.default_grace_s)
+        log.info("stopping {count} running jobs", count=len(running))
+        return defer.DeferredList(ends + list(self._cleanups), consumeErrors=True).addCallback(lambda _: None)
+
+    # -- requests --------------------------------------------------------------
+
+    def start(self, identity: Identity, request: StartRequest) -> defer.Deferred[Job]:
+        """
+        Start a job for C{identity}.  The Deferred fires when the command is
+        running, or fails with a L{RequestError} saying why it could not.
+        """
+        if self._shutting_down:
+            raise RequestError("the server is shutting down", ErrorCode.SHUTTING_DOWN)
+        self._check_verdict(authorize(identity, Operation.START))
+        is_admin = identity.role is Role.ADMIN
+        self._check_request(request)
+        limits = self._limits_for(request.limits, is_admin)
+        user = self._user_for(request.user, is_admin)
+        if request.network is Network.HOST and not is_admin:
+            raise RequestError("only an admin may use the host network", ErrorCode.PERMISSION_DENIED)
+        running = sum(1 for job in self.jobs.values() if job.owner == identity.name and not job.is_final)
+        if running >= self.config.max_jobs_per_identity:
+            raise RequestError(
+                f"{identity.name} already has {running} running jobs (the limit)", ErrorCode.TOO_MANY_JOBS
+            )
+        job_id = uuid.uuid4()
+        spool = FileSpool(self.store.spool_path(job_id))
+        output = OutputLog(spool, ring_size=self.config.ring_size, retention=self.config.retention)
+        job = Job(self, job_id, identity.name, request, limits, user, output, spool)
+        try:
+            helper_config = self._helper_config(job, request)
+            if self.cgroups is not None:
+                job.cgroup = self.cgroups.create(str(job_id), self._enforceable(limits, request.limits))
+                helper_config["cgroup_procs"] = list(job.cgroup.procs_files)
+            else:
+                self._refuse_unenforceable(request.limits)
+            self.jobs[job_id] = job
+            self.store.save(job)
+            started = job.spawn(self.reactor, helper_config)
+        except Exception:
+            self.jobs.pop(job_id, None)
+            if job.cgroup is not None:
+                self._remove_cgroup(job.cgroup)
+            spool.remove()
+            self.store.forget(job_id)
+            raise
+        log.info(
+            "job {job_id} starting for {owner}: {argv}",
+            job_id=job_id,
+            owner=identity.name,
+            argv=list(job.argv),
+        )
+        return started
+
+    def get(self, identity: Identity, operation: Operation, job_id: uuid.UUID) -> Job:
+        """
+        The job C{job_id} if C{identity} may perform C{operation} on it.
+
+        @raise RequestError: C{NOT_FOUND} for a job that does not exist or
+            that the caller may not see (the same answer for both, so ids do
+            not leak); C{PERMISSION_DENIED} when the role lacks the operation.
+        """
+        if authorize(identity, operation) is Verdict.DENIED:
+            self._check_verdict(Verdict.DENIED)
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise RequestError(f"no job {job_id}", ErrorCode.NOT_FOUND)
+        verdict = authorize(identity, operation, job.owner)
+        if verdict is Verdict.NOT_FOUND:
+            raise RequestError(f"no job {job_id}", ErrorCode.NOT_FOUND)
+        self._check_verdict(verdict)
+        return job
+
+    def list(self, identity: Identity) -> list[Job]:
+        self._check_verdict(authorize(identity, Operation.LIST))
+        jobs = [job for job in self.jobs.values() if may_see(identity, job.owner)]
+        return sorted(jobs, key=lambda job: job.created_at)
+
+    def remove(self, job: Job) -> None:
+        """
+        Forget a finished job: its record and its output spool.
+        """
+        if not job.is_final:
+            raise RequestError(f"job {job.job_id} is still running; stop it first", ErrorCode.JOB_RUNNING)
+        self.jobs.pop(job.job_id, None)
+        if job.spool is not None:
+            job.spool.remove()
+        else:
+            try:
+                os.unlink(self.store.spool_path(job.job_id))
+            except FileNotFoundError:
+                pass
+        self.store.forget(job.job_id)
+        job.output._notify()
+
+    # -- internals -------------------------------------------------------------
+
+    @staticmethod
+    def _check_verdict(verdict: Verdict) -> None:
+        if verdict is Verdict.DENIED:
+            raise RequestError("permission denied", ErrorCode.PERMISSION_DENIED)
+        if verdict is Verdict.NOT_FOUND:
+            raise RequestError("no such job", ErrorCode.NOT_FOUND)
+
+    @staticmethod
+    def _check_request(request: StartRequest) -> None:
+        if not request.argv or not request.argv[0]:
+            raise RequestError("empty command", ErrorCode.BAD_REQUEST)
+        argv_bytes = sum(len(arg.encode()) + 1 for arg in request.argv)
+        if len(request.argv) > MAX_ARGV_ITEMS or argv_bytes > MAX_ARGV_BYTES:
+            raise RequestError(
+                f"command line too long ({len(request.argv)} arguments, {argv_bytes} bytes; "
+                f"at most {MAX_ARGV_ITEMS} and {MAX_ARGV_BYTES})",
+                ErrorCode.BAD_REQUEST,
+            )
+        env_bytes = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in request.env)
+        if len(request.env) > MAX_ENV_ITEMS or env_bytes > MAX_ENV_BYTES:
+            raise RequestError(
+                f"environment too large ({len(request.env)} variables, {env_bytes} bytes; "
+                f"at most {MAX_ENV_ITEMS} and {MAX_ENV_BYTES})",
+                ErrorCode.BAD_REQUEST,
+            )
+        for item in (*request.argv, *(k for k, _ in request.env), *(v for _, v in request.env), request.workdir):
+            if "\0" in item:
+                raise RequestError("NUL byte in the command, environment or workdir", ErrorCode.BAD_REQUEST)
+        for key, _ in request.env:
+            if not key or "=" in key:
+                raise RequestError(f"bad environment variable name {key!r}", ErrorCode.BAD_REQUEST)
+        if request.workdir and not request.workdir.startswith("/"):
+            raise RequestError("workdir must be an absolute path", ErrorCode.BAD_REQUEST)
+
+    def _limits_for(self, requested: Limits, is_admin: bool) -> Limits:
+        limits = requested.with_defaults(self.config.default_limits)
+        if not is_admin:
+            over = limits.exceeding(self.config.caps)
+            if over:
+                raise RequestError(
+                    "limits above what this server allows: " + ", ".join(over), ErrorCode.INVALID_LIMITS
+                )
+        return limits
+
+    def _enforceable(self, limits: Limits, requested: Limits) -> Limits:
+        """
+        Drop the server's default limits that this host cannot enforce (they
+        are logged at start-up); a limit the client asked for stays, so the
+        driver refuses it with a clear error.
+        """
+        controllers = self.cgroups.controllers
+        dropped = {
+            name: 0
+            for name, controller in _LIMIT_CONTROLLERS.items()
+            if controller not in controllers and not getattr(requested, name)
+        }
+        return replace(limits, **dropped)
+
+    def _refuse_unenforceable(self, requested: Limits) -> None:
+        resource_limits = replace(requested, timeout_ms=0)
+        if not resource_limits.is_empty():
+            raise RequestError(
+                "this server has no cgroup support, so it cannot enforce the requested limits",
+                ErrorCode.UNSUPPORTED_LIMIT,
+            )
+
+    def _user_for(self, requested: str, is_admin: bool) -> str:
+        default = self.config.job_user or pwd.getpwuid(os.getuid()).pw_name
+        if not requested or requested == default:
+            return default
+        if not is_admin:
+            raise RequestError("only an admin may choose the job user", ErrorCode.PERMISSION_DENIED)
+        return requested
+
+    def _helper_config(self, job: Job, request: StartRequest) -> dict[str, Any]:
+        uid = gid = None
+        home = "/"
+        try:
+            entry = pwd.getpwnam(job.user)
+        except KeyError:
+            raise RequestError(f"no such user: {job.user}", ErrorCode.START_FAILED) from None
+        if entry.pw_uid != os.getuid() or entry.pw_gid != os.getgid():
+            uid, gid = entry.pw_uid, entry.pw_gid
+        home = entry.pw_dir or "/"
+        env = dict(DEFAULT_ENV, HOME=home)
+        env.update(dict(request.env))
+        return {
+            "argv": list(job.argv),
+            "env": env,
+            "cwd": job.workdir,
+            "uid": uid,
+            "gid": gid,
+            "cgroup_procs": [],
+            "isolate": self.config.isolate,
+            "network": "host" if job.network is Network.HOST else "none",
+            "no_new_privs": True,
+        }
+
+    def _remove_cgroup(self, cgroup: Any) -> defer.Deferred[None]:
+        removal = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), cgroup.remove)
+        removal.addErrback(
+            lambda f: log.failure("could not remove cgroup {cgroup}", f, cgroup=getattr(cgroup, "path_description", cgroup))
+        )
+        self._cleanups.add(removal)
+        removal.addBoth(lambda _: self._cleanups.discard(removal))
+        return removal
+
+    def _job_changed(self, job: Job) -> None:
+        try:
+            self.store.save(job)
+        except OSError as exc:
+            log.error("could not save job {job_id}: {error}", job_id=job.job_id, error=exc)
+
+    def _job_ended(self, job: Job) -> None:
+        self._prune()
+
+    def _prune(self) -> None:
+        finished = [job for job in self.jobs.values() if job.is_final]
+        excess = len(finished) - self.config.max_finished_jobs
+        if excess > 0:
+            for job in sorted(finished, key=lambda job: job.ended_at)[:excess]:
+                self.remove(job)
+
+    def _job_from_record(self, record: dict[str, Any]) -> Job:
+        status: JobStatus = record["status"]
+        request = StartRequest(
+            request_id=0,
+            argv=status.argv,
+            env=tuple(record.get("env", ())),
+            workdir=status.workdir,
+            user=status.user,
+            network=status.network,
+            limits=status.limits,
+        )
+        path = self.store.spool_path(status.job_id)
+        spool: FileSpool | None
+        try:
+            spool = FileSpool(path, create=False)
+            output = OutputLog.from_spool(spool, ring_size=self.config.ring_size)
+        except FileNotFoundError:
+            spool = None
+            output = OutputLog.from_spool(MemorySpool())
+        job = Job(self, status.job_id, status.owner, request, status.limits, status.user, output, spool)
+        job._started = None
+        for name in ("state", "exit_code", "signal", "created_at", "started_at", "ended_at", "error", "stopped_by", "usage"):
+            setattr(job, name, getattr(status, name))
+        return job

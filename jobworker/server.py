@@ -1,0 +1,465 @@
+"""
+The server side of the protocol: a thin Twisted layer over the sans-IO
+L{Connection} and the L{JobManager}.
+
+One L{ServerProtocol} per TLS connection:
+
+    TLS handshake (identity from the verified client certificate)
+      -> ServerHello -> ClientHello -> requests ...
+
+Output streaming
+================
+
+Every follow request opens a stream: a cursor (an offset into the job's
+L{OutputLog}) and a window of bytes the client has granted.  One push
+producer per connection, the L{_StreamPump}, serves all of that
+connection's streams round-robin, one chunk per stream per turn, so a
+stream with a lot of backlog cannot starve the others.  It stops when the
+transport asks it to (C{pauseProducing}: the TCP buffer is full) and when no
+stream has both data and window.  Nothing here buffers output: a follower
+that reads slowly only lags on its cursor, and the job, which is read by the
+job manager at its own pace, is never slowed by it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from jobworker.errors import ErrorCode, ProtocolError, RequestError
+from jobworker.jobs import Job, JobManager
+from jobworker.outputlog import GAP_FD
+from jobworker.policy import Identity, Operation, Role
+from jobworker.protocol import messages as m
+from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, Role as WireRole
+
+__all__ = ["ServerProtocol", "ServerFactory", "ServerLimits"]
+
+log = Logger()
+
+# Time to drain a GOAWAY before the connection is aborted.
+ABORT_GRACE_S = 5.0
+# Bytes one stream may send per turn of the pump; a fair share that still
+# fills a 1 MiB frame when only one stream is busy.
+TURN_BYTES = 1 << 20
+# Bytes the pump sends before yielding the reactor to other work.
+PUMP_BUDGET = 8 << 20
+
+
+class ServerLimits:
+    """
+    Per-connection limits, each with its reason.
+
+    @ivar handshake_timeout_s: TLS and hello must finish within this; a
+        client that connects and says nothing holds no slot for long.
+    @ivar idle_timeout_s: a connection with no pending request and no open
+        stream is closed after this long without traffic.
+    @ivar max_pending_requests: requests awaiting their answer (mostly waits).
+    @ivar max_streams: output streams open at once on one connection.
+    @ivar max_frame_size: the largest frame we accept from the client.
+    """
+
+    def __init__(
+        self,
+        *,
+        handshake_timeout_s: float = 10.0,
+        idle_timeout_s: float = 300.0,
+        max_pending_requests: int = 128,
+        max_streams: int = 256,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> None:
+        self.handshake_timeout_s = handshake_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_pending_requests = max_pending_requests
+        self.max_streams = max_streams
+        self.max_frame_size = max_frame_size
+
+
+class _Stream:
+    """
+    One follower: a cursor into a job's output.
+    """
+
+    def __init__(self, stream_id: int, job: Job, offset: int, follow: bool) -> None:
+        self.stream_id = stream_id
+        self.job = job
+        self.offset = offset
+        self.follow = follow
+
+
+@implementer(IPushProducer)
+class _StreamPump:
+    """
+    Sends the output of a connection's streams as the client's windows and
+    the transport allow; see the module docstring.
+    """
+
+    def __init__(self, protocol: ServerProtocol) -> None:
+        self.protocol = protocol
+        self.paused = False
+        self._scheduled: Any = None
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.wake()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    def wake(self) -> None:
+        """
+        Something changed (output, a window, the transport): send soon.
+        Coalesces many wake-ups into one turn of the reactor.
+        """
+        if self._scheduled is None and not self.paused:
+            self._scheduled = self.protocol.reactor.callLater(0, self._run)
+
+    def cancel(self) -> None:
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+
+    def _run(self) -> None:
+        self._scheduled = None
+        protocol = self.protocol
+        budget = PUMP_BUDGET
+        while not self.paused and budget > 0 and protocol.streams:
+            progressed = False
+            for stream in list(protocol.streams.values()):
+                if self.paused:
+                    break
+                sent = protocol.serve_stream(stream)
+                if sent:
+                    progressed = True
+                    budget -= sent
+            if not progressed:
+                return
+        if not self.paused and budget <= 0:
+            self.wake()
+
+
+@implementer(IHandshakeListener)
+class ServerProtocol(Protocol, TimeoutMixin):
+    """
+    One client connection.
+    """
+
+    identity: Identity | None = None
+
+    def __init__(self, factory: ServerFactory) -> None:
+        self.factory = factory
+        self.manager: JobManager = factory.manager
+        self.reactor = factory.reactor
+        self.limits = factory.limits
+        self.conn = Connection(WireRole.SERVER, max_frame_size=self.limits.max_frame_size)
+        self.streams: dict[int, _Stream] = {}
+        self.pump = _StreamPump(self)
+        self._waits: set[defer.Deferred[Any]] = set()
+        self._abort_call: Any = None
+        self._peer = "?"
+        self._subscriptions: dict[int, Callable[[], None]] = {}
+
+    # Twisted's TimeoutMixin reads the clock from here.
+    def callLater(self, delay: float, call: Callable[..., Any], *args: Any) -> Any:
+        return self.reactor.callLater(delay, call, *args)
+
+    # -- connection ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.setTimeout(self.limits.handshake_timeout_s)
+        self.transport.registerProducer(self.pump, True)
+
+    def handshakeCompleted(self) -> None:
+        from jobworker.tls import peer_names
+
+        certificate = self.transport.getPeerCertificate()
+        name, unit = peer_names(certificate) if certificate is not None else (None, None)
+        self.identity = Identity(name or "", Role.from_ou(unit))
+        log.info("connection from {peer} as {identity}", peer=self._peer, identity=str(self.identity))
+        hello = m.ServerHello(
+            m.PROTOCOL_VERSION,
+            self.conn.max_frame_size,
+            self.factory.server_name,
+            self.identity.name,
+            unit or "",
+        )
+        self.transport.write(self.conn.send(hello))
+
+    def timeoutConnection(self) -> None:
+        if self.conn.is_open and (self.streams or self.conn.pending_requests):
+            # Busy connections are not idle, however quiet the job.
+            self.resetTimeout()
+            return
+        reason = "handshake" if not self.conn.is_open else "idle"
+        log.info("closing {reason} timed-out connection from {peer}", reason=reason, peer=self._peer)
+        self._fail(ProtocolError(f"{reason} timeout", ErrorCode.TIMEOUT))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.identity is None:
+            # TLS delivers application data only after the handshake; this
+            # guards a transport that would not.
+            self._fail(ProtocolError("data before the TLS handshake completed"))
+            return
+        try:
+            messages = self.conn.receive_data(data)
+        except ProtocolError as error:
+            log.info("protocol error from {peer}: {error}", peer=self._peer, error=error.message)
+            self._fail(error)
+            return
+        if self.conn.is_open:
+            self.setTimeout(self.limits.idle_timeout_s)
+        for message in messages:
+            if self.conn.is_closed:
+                break
+            self._dispatch(message)
+
+    def _fail(self, error: ProtocolError) -> None:
+        if not self.conn.is_closed:
+            self.transport.write(self.conn.goaway(error))
+        self._close()
+
+    def _close(self) -> None:
+        self.setTimeout(None)
+        self.transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.reactor.callLater(ABORT_GRACE_S, self.transport.abortConnection)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
+        self.pump.cancel()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        for stream_id in list(self.streams):
+            self._drop_stream(stream_id)
+        for wait in list(self._waits):
+            wait.cancel()
+        self._waits.clear()
+
+    # -- requests --------------------------------------------------------------
+
+    def _dispatch(self, message: m.Message) -> None:
+        if isinstance(message, m.ClientHello):
+            return
+        if isinstance(message, m.GoAway):
+            log.info("client {peer} went away: {code} {message}", peer=self._peer, code=message.code, message=message.message)
+            self._close()
+            return
+        if isinstance(message, m.WindowUpdate):
+            if message.stream_id in self.streams:
+                self.pump.wake()
+            return
+        if isinstance(message, m.CancelStream):
+            stream = self.streams.get(message.stream_id)
+            if stream is not None:
+                self._end_stream(stream, m.EndReason.CANCELLED)
+            return
+        handler = self._handlers.get(type(message))
+        assert handler is not None, message
+        request_id = message.request_id  # type: ignore[attr-defined]
+        operation = _OPERATIONS[type(message)]
+        job_id = getattr(message, "job_id", None)
+        try:
+            if self.conn.pending_requests > self.limits.max_pending_requests:
+                raise RequestError(
+                    f"more than {self.limits.max_pending_requests} requests pending on this connection",
+                    ErrorCode.TOO_MANY_REQUESTS,
+                )
+            result = handler(self, message)
+        except RequestError as error:
+            self._audit(operation, job_id, error.code.name.lower())
+            self._respond(m.ErrorResponse(request_id, int(error.code), error.message))
+            return
+        except Exception:
+            log.failure("internal error serving {operation} for {identity}", operation=operation.value, identity=str(self.identity))
+            self._audit(operation, job_id, "internal-error")
+            self._respond(m.ErrorResponse(request_id, int(ErrorCode.INTERNAL), "internal server error"))
+            return
+        if isinstance(result, defer.Deferred):
+            self._waits.add(result)
+
+            def done(response: m.Message) -> None:
+                self._waits.discard(result)
+                self._respond(response)
+
+            def failed(failure: Failure) -> None:
+                self._waits.discard(result)
+                if failure.check(defer.CancelledError):
+                    return
+                if failure.check(RequestError):
+                    error = failure.value
+                    self._respond(m.ErrorResponse(request_id, int(error.code), error.message))
+                    return
+                log.failure("internal error in {operation}", failure, operation=operation.value)
+                self._respond(m.ErrorResponse(request_id, int(ErrorCode.INTERNAL), "internal server error"))
+
+            result.addCallbacks(done, failed)
+            self._audit(operation, job_id, "allow")
+        else:
+            self._audit(operation, getattr(result, "job_id", job_id) if operation is Operation.START else job_id, "allow")
+            if result is not None:
+                self._respond(result)
+
+    def _audit(self, operation: Operation, job_id: uuid.UUID | None, verdict: str) -> None:
+        log.info(
+            "audit identity={identity} role={role} operation={operation} job={job_id} verdict={verdict}",
+            identity=self.identity.name if self.identity else "",
+            role=self.identity.role.value if self.identity and self.identity.role else "",
+            operation=operation.value,
+            job_id=str(job_id) if job_id else "-",
+            verdict=verdict,
+            audit=True,
+        )
+
+    def _respond(self, response: m.Message) -> None:
+        if self.conn.is_closed or not self.connected:
+            return
+        self.transport.write(self.conn.send(response))
+
+    def _start(self, request: m.StartRequest) -> defer.Deferred[m.Message]:
+        assert self.identity is not None
+        started = self.manager.start(self.identity, request)
+        return started.addCallback(lambda job: m.StartResponse(request.request_id, job.job_id))
+
+    def _stop(self, request: m.StopRequest) -> m.Message:
+        job = self.manager.get(self.identity, Operation.STOP, request.job_id)  # type: ignore[arg-type]
+        if job.is_final:
+            raise RequestError(f"job {job.job_id} has already ended ({job.state.label})", ErrorCode.JOB_FINISHED)
+        grace = 0.0 if request.force else request.grace_ms / 1000
+        job.stop(self.identity.name, grace)  # type: ignore[union-attr]
+        return m.OkResponse(request.request_id)
+
+    def _status(self, request: m.StatusRequest) -> m.Message:
+        job = self.manager.get(self.identity, Operation.STATUS, request.job_id)  # type: ignore[arg-type]
+        return m.StatusResponse(request.request_id, job.status())
+
+    def _list(self, request: m.ListRequest) -> m.Message:
+        jobs = self.manager.list(self.identity)  # type: ignore[arg-type]
+        return m.ListResponse(request.request_id, tuple(job.status() for job in jobs))
+
+    def _wait(self, request: m.WaitRequest) -> defer.Deferred[m.Message]:
+        job = self.manager.get(self.identity, Operation.WAIT, request.job_id)  # type: ignore[arg-type]
+        return job.when_ended().addCallback(lambda status: m.StatusResponse(request.request_id, status))
+
+    def _remove(self, request: m.RemoveRequest) -> m.Message:
+        job = self.manager.get(self.identity, Operation.REMOVE, request.job_id)  # type: ignore[arg-type]
+        self.manager.remove(job)
+        return m.OkResponse(request.request_id)
+
+    def _follow(self, request: m.FollowRequest) -> m.Message | None:
+        job = self.manager.get(self.identity, Operation.LOGS, request.job_id)  # type: ignore[arg-type]
+        if len(self.streams) >= self.limits.max_streams:
+            raise RequestError(
+                f"at most {self.limits.max_streams} output streams per connection", ErrorCode.TOO_MANY_STREAMS
+            )
+        if request.offset > job.output.end and job.is_final:
+            raise RequestError(
+                f"offset {request.offset} is past the end of the output ({job.output.end} bytes)",
+                ErrorCode.BAD_REQUEST,
+            )
+        self._respond(m.OkResponse(request.request_id))
+        stream = _Stream(request.stream_id, job, request.offset, request.follow)
+        self.streams[stream.stream_id] = stream
+        subscription = self.pump.wake
+        job.output.subscribe(subscription)
+        self._subscriptions[stream.stream_id] = subscription
+        self.pump.wake()
+        return None
+
+    _handlers: dict[type, Callable[..., Any]] = {
+        m.StartRequest: _start,
+        m.StopRequest: _stop,
+        m.StatusRequest: _status,
+        m.ListRequest: _list,
+        m.WaitRequest: _wait,
+        m.RemoveRequest: _remove,
+        m.FollowRequest: _follow,
+    }
+
+    # -- streams ---------------------------------------------------------------
+
+    def serve_stream(self, stream: _Stream) -> int:
+        """
+        Send what one turn allows on C{stream}; return how much progress it
+        made (data bytes sent, at least 1 when only a gap went out).
+        """
+        job = stream.job
+        output = job.output
+        if self.manager.jobs.get(job.job_id) is not job:
+            self._end_stream(stream, m.EndReason.REMOVED)
+            return 0
+        window = self.conn.send_window(stream.stream_id)
+        limit = min(window, TURN_BYTES, self.conn.max_output_chunk())
+        sent = 0
+        if stream.offset < output.end and limit > 0:
+            for chunk in output.read(stream.offset, limit):
+                if chunk.fd == GAP_FD:
+                    self.transport.write(self.conn.send(m.Gap(stream.stream_id, chunk.offset, chunk.gap)))
+                else:
+                    self.transport.write(
+                        self.conn.send_output(stream.stream_id, chunk.fd, chunk.offset, chunk.data)
+                    )
+                    sent += len(chunk.data)
+                stream.offset = chunk.offset + chunk.size
+            return max(sent, 1)
+        if stream.offset >= output.end:
+            if output.closed and job.is_final:
+                self._end_stream(stream, m.EndReason.JOB_ENDED)
+            elif not stream.follow:
+                self._end_stream(stream, m.EndReason.CAUGHT_UP)
+        return 0
+
+    def _end_stream(self, stream: _Stream, reason: m.EndReason) -> None:
+        self._drop_stream(stream.stream_id)
+        self._respond(m.EndOfStream(stream.stream_id, reason, stream.job.status()))
+
+    def _drop_stream(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        subscription = self._subscriptions.pop(stream_id, None)
+        if stream is not None and subscription is not None:
+            stream.job.output.unsubscribe(subscription)
+
+
+_OPERATIONS = {
+    m.StartRequest: Operation.START,
+    m.StopRequest: Operation.STOP,
+    m.StatusRequest: Operation.STATUS,
+    m.ListRequest: Operation.LIST,
+    m.WaitRequest: Operation.WAIT,
+    m.RemoveRequest: Operation.REMOVE,
+    m.FollowRequest: Operation.LOGS,
+}
+
+
+class ServerFactory(Factory):
+    """
+    Makes a L{ServerProtocol} per connection (wrap it in TLS to serve).
+    """
+
+    def __init__(
+        self,
+        manager: JobManager,
+        reactor: Any,
+        *,
+        server_name: str = "jobworker",
+        limits: ServerLimits | None = None,
+    ) -> None:
+        self.manager = manager
+        self.reactor = reactor
+        self.server_name = server_name
+        self.limits = limits or ServerLimits()
+
+    def buildProtocol(self, addr: Any) -> ServerProtocol:
+        return ServerProtocol(self)

@@ -1,0 +1,167 @@
+"""
+The C{twistd jobworker} service: options and the service tree.
+
+    MultiService
+      +- JobManager                   stops every job on shutdown, and waits
+      +- StreamServerEndpointService  any endpoint string, wrapped in TLS
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from jobworker.jobs import JobManager, JobManagerConfig
+from jobworker.limits import LimitError, Limits, parse_count, parse_cpu, parse_duration, parse_size
+from jobworker.server import ServerFactory, ServerLimits
+
+__all__ = ["Options", "makeService"]
+
+log = Logger()
+
+_LIMIT_OPTIONS = [
+    # (option suffix, Limits field, parser, help)
+    ("cpu", "cpu_millicores", parse_cpu, "CPU cores, e.g. 0.5"),
+    ("memory", "memory_bytes", parse_size, "memory, e.g. 512M"),
+    ("io-read-bps", "io_read_bps", parse_size, "disk read bytes/s, e.g. 50M"),
+    ("io-write-bps", "io_write_bps", parse_size, "disk write bytes/s, e.g. 50M"),
+    ("pids", "pids", parse_count, "processes and threads"),
+    ("timeout", "timeout_ms", parse_duration, "run time, e.g. 1h"),
+]
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Run the jobworker server: runs jobs for clients authenticated by mutual TLS."
+
+    optParameters = [
+        ["listen", "l", "tcp:8443", "Endpoint to listen on (any Twisted server endpoint string)."],
+        ["ca", None, "certs/ca.pem", "CA certificate that client certificates must chain to."],
+        ["cert", None, "certs/server.pem", "Server certificate (PEM)."],
+        ["key", None, "certs/server.key", "Server private key (PEM)."],
+        ["state-dir", None, None, "Job records and output spools (default /var/lib/jobworker as root, else ./state)."],
+        ["retention", None, "1G", "Output kept on disk per job; beyond it, followers see an explicit gap."],
+        ["ring-size", None, "1M", "Recent output kept in memory per running job."],
+        ["job-user", None, "nobody", "User that jobs run as unless an admin asks for another."],
+        ["cgroups", None, "auto", "cgroup driver: auto, v1, v2 or none (no resource limits)."],
+        ["grace", None, "10", "Seconds between SIGTERM and SIGKILL when the server stops jobs."],
+        ["max-jobs-per-identity", None, "256", "Running jobs one identity may have at once."],
+        ["max-finished-jobs", None, "1000", "Finished jobs kept; the oldest beyond this are removed."],
+        ["handshake-timeout", None, "10", "Seconds a client has to finish TLS and the hello."],
+        ["idle-timeout", None, "300", "Seconds before an idle connection is closed."],
+        ["server-name", None, "", "Name announced to clients (default: the host name)."],
+    ] + [
+        [f"default-{name}", None, "1024" if name == "pids" else None, f"Default job limit: {text}."]
+        for name, _, _, text in _LIMIT_OPTIONS
+    ] + [
+        [f"max-{name}", None, None, f"Most a non-admin job may ask for: {text}."]
+        for name, _, _, text in _LIMIT_OPTIONS
+    ]
+
+    optFlags = [
+        ["no-isolation", None, "Run jobs without PID, mount and network namespaces."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["default-limits"] = self._limits("default")
+            self["caps"] = self._limits("max")
+            self["retention-bytes"] = parse_size(self["retention"], what="retention")
+            self["ring-bytes"] = parse_size(self["ring-size"], what="ring-size")
+        except LimitError as exc:
+            raise usage.UsageError(str(exc)) from None
+        for name in ("grace", "handshake-timeout", "idle-timeout"):
+            try:
+                self[name] = float(self[name])
+            except ValueError:
+                raise usage.UsageError(f"--{name}: {self[name]!r} is not a number of seconds") from None
+        for name in ("max-jobs-per-identity", "max-finished-jobs"):
+            try:
+                self[name] = int(self[name])
+            except ValueError:
+                raise usage.UsageError(f"--{name}: {self[name]!r} is not a whole number") from None
+        if self["cgroups"] not in ("auto", "v1", "v2", "none"):
+            raise usage.UsageError("--cgroups must be auto, v1, v2 or none")
+        if self["state-dir"] is None:
+            self["state-dir"] = "/var/lib/jobworker" if os.geteuid() == 0 else os.path.abspath("state")
+
+    def _limits(self, prefix: str) -> Limits:
+        values = {}
+        for name, field, parse, _ in _LIMIT_OPTIONS:
+            text = self[f"{prefix}-{name}"]
+            if text:
+                values[field] = parse(text)
+        return Limits(**values)
+
+
+def _cgroup_driver(choice: str) -> Any:
+    if choice == "none":
+        return None
+    from jobworker.cgroups import detect
+
+    driver = detect()
+    if driver is None:
+        if choice != "auto":
+            raise SystemExit(f"jobworker: --cgroups {choice}: no usable cgroup hierarchy on this host")
+        return None
+    if choice != "auto" and driver.name != choice:
+        raise SystemExit(f"jobworker: --cgroups {choice}: this host has cgroup {driver.name}")
+    return driver
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    from jobworker.tls import server_tls_options
+
+    privileged = os.geteuid() == 0
+    isolate = not options["no-isolation"]
+    if isolate and not privileged:
+        log.warn("not running as root: jobs run without namespaces, as the server's own user")
+        isolate = False
+    config = JobManagerConfig(
+        state_dir=options["state-dir"],
+        isolate=isolate,
+        job_user=options["job-user"] if privileged else None,
+        default_limits=options["default-limits"],
+        caps=options["caps"],
+        default_grace_s=options["grace"],
+        max_jobs_per_identity=options["max-jobs-per-identity"],
+        max_finished_jobs=options["max-finished-jobs"],
+        ring_size=options["ring-bytes"],
+        retention=options["retention-bytes"],
+    )
+    driver = _cgroup_driver(options["cgroups"]) if privileged else None
+    if driver is not None:
+        log.info(
+            "cgroup {name} driver, controllers: {controllers}",
+            name=driver.name,
+            controllers=",".join(sorted(driver.controllers)),
+        )
+    else:
+        log.warn("no cgroup driver: resource limits will be refused")
+    tls = server_tls_options(options["ca"], options["cert"], options["key"])
+    manager = JobManager(reactor, config, cgroup_driver=driver)
+    limits = ServerLimits(
+        handshake_timeout_s=options["handshake-timeout"],
+        idle_timeout_s=options["idle-timeout"],
+    )
+    factory = ServerFactory(
+        manager, reactor, server_name=options["server-name"] or os.uname().nodename, limits=limits
+    )
+    top = MultiService()
+    manager.setServiceParent(top)
+    endpoint = serverFromString(reactor, options["listen"])
+    listener = StreamServerEndpointService(endpoint, TLSMemoryBIOFactory(tls, False, factory))
+    listener._raiseSynchronously = True
+    listener.setServiceParent(top)
+    return top
