@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from jobworker.errors import ErrorCode, RequestError
+from jobworker.errors import ErrorCode, JobworkerError, RequestError
 from jobworker.limits import Limits
 from jobworker.outputlog import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpool, OutputLog
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
@@ -550,6 +550,7 @@ class JobManager(Service):
         super().startService()
         self.store.open()
         if self.cgroups is not None:
+            self.cgroups.prepare()
             removed = self.cgroups.cleanup_stale()
             for name in removed:
                 log.warn("removed cgroup {name} left by an earlier server", name=name)
@@ -607,7 +608,13 @@ class JobManager(Service):
         try:
             helper_config = self._helper_config(job, request)
             if self.cgroups is not None:
-                job.cgroup = self.cgroups.create(str(job_id), self._enforceable(limits, request.limits))
+                try:
+                    job.cgroup = self.cgroups.create(str(job_id), self._enforceable(limits, request.limits))
+                except RequestError:
+                    raise
+                except (OSError, JobworkerError) as exc:
+                    log.error("job {job_id}: cannot make its cgroup: {error}", job_id=job_id, error=exc)
+                    raise RequestError(f"cannot set up the job's cgroup: {exc}", ErrorCode.START_FAILED) from None
                 helper_config["cgroup_procs"] = list(job.cgroup.procs_files)
             else:
                 self._refuse_unenforceable(request.limits)
