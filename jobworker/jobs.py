@@ -133,7 +133,7 @@ class _PipeReader:
         self._fd = fd
         self._received = received
         self._ended = ended
-        self._closed = False
+        self.closed = False
 
     def fileno(self) -> int:
         return self._fd
@@ -157,9 +157,9 @@ class _PipeReader:
         self.close()
 
     def close(self) -> None:
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         self._reactor.removeReader(self)
         os.close(self._fd)
         self._ended()
@@ -310,7 +310,7 @@ class Job:
                 childFDs={0: devnull, 1: stdout_w, 2: stderr_w, 3: "r"},
             )
             for fd, read_end in ((1, stdout_r), (2, stderr_r)):
-                reader = _PipeReader(reactor, read_end, lambda data, fd=fd: self.output.append(fd, data), self._pipe_closed)
+                reader = _PipeReader(reactor, read_end, lambda data, fd=fd: self._output_received(fd, data), self._pipe_closed)
                 readers.append(reader)
         except BaseException:
             for fd in (stdout_r, stderr_r):
@@ -321,11 +321,32 @@ class Job:
                 os.close(fd)
         self._open_pipes = 2
         self._readers = readers
+        self._reading = True
+        if self.spool is not None:
+            self.spool.on_drained = lambda: reactor.callFromThread(self._resume_reading)
         for reader in readers:
             reactor.addReader(reader)
         self.pid = self.transport.pid
         assert self._started is not None
         return self._started
+
+    def _output_received(self, fd: int, data: bytes) -> None:
+        self.output.append(fd, data)
+        if self.spool is not None and self.spool.congested and self._reading:
+            # The disk is behind by HIGH_WATER bytes: let the job wait on its
+            # pipe rather than let the backlog grow our memory.
+            self._reading = False
+            for reader in self._readers:
+                if not reader.closed:
+                    self.manager.reactor.removeReader(reader)
+
+    def _resume_reading(self) -> None:
+        if self._reading:
+            return
+        self._reading = True
+        for reader in self._readers:
+            if not reader.closed:
+                self.manager.reactor.addReader(reader)
 
     def _status_line(self, line: str) -> None:
         word, _, rest = line.partition(" ")

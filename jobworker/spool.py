@@ -1,12 +1,61 @@
 """
-The on-disk spool of a job's output: one append-only file per job.
+The on-disk spool of a job's output: one append-only file per job, written
+by a background thread.
+
+Why a thread: writing to the page cache costs from 0.2 ms to several ms per
+MiB (more when the kernel throttles dirty pages), and on the reactor thread
+that time would be taken from every follower of every job.  C{append} only
+queues the bytes; one writer thread, shared by all spools, writes them in
+order.  Bytes queued and not yet written are still readable (C{pread} serves
+them from the queue), so a reader never sees a hole.
+
+Memory is bounded by the backlog: past L{HIGH_WATER} queued bytes the spool
+reports itself L{congested}, and its owner stops reading the job's pipe (the
+job then waits on a full pipe, as it would on a slow disk) until the writer
+calls C{on_drained} below L{LOW_WATER}.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
+from collections import deque
+from typing import Callable
 
-__all__ = ["FileSpool"]
+__all__ = ["FileSpool", "HIGH_WATER", "LOW_WATER"]
+
+HIGH_WATER = 32 << 20
+LOW_WATER = 8 << 20
+
+
+class _Writer:
+    """
+    The one thread that writes every spool's queued bytes, in order.
+    """
+
+    _instance: _Writer | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[FileSpool, bytes | None]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="jobworker-spool-writer", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def get(cls) -> _Writer:
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def submit(self, spool: FileSpool, data: bytes | None) -> None:
+        self._queue.put((spool, data))
+
+    def _run(self) -> None:
+        while True:
+            spool, data = self._queue.get()
+            spool._write_now(data)
 
 
 class FileSpool:
@@ -14,46 +63,128 @@ class FileSpool:
     An append-only file that an L{jobworker.outputlog.OutputLog} writes its
     records to.
 
-    Writes go straight to the kernel (no user-space buffer) so a follower
-    reading the file sees every record the log has announced.  Reads open the
-    file per call: a server holding thousands of finished jobs then holds no
-    descriptor for them.
+    @ivar on_drained: called (from the writer thread) when a congested
+        spool's backlog falls below L{LOW_WATER}; the owner hops back to its
+        own thread.
     """
 
     def __init__(self, path: str, *, create: bool = True) -> None:
         self.path = path
+        self.on_drained: Callable[[], None] | None = None
         self._fd: int | None = None
+        self._lock = threading.Lock()
+        self._pending: deque[bytes] = deque()
+        self._pending_bytes = 0
+        self._sealed = not create
+        self._congested_seen = False
+        self._done = threading.Event()
         if create:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self._size = os.fstat(self._fd).st_size if self._fd is not None else os.stat(path).st_size
+            self._written = os.fstat(self._fd).st_size
+        else:
+            self._written = os.stat(path).st_size
+            self._done.set()
+        self._size = self._written
+        self.error: OSError | None = None
 
     @property
     def size(self) -> int:
+        """
+        Bytes appended so far, written or still queued.
+        """
         return self._size
 
+    @property
+    def backlog(self) -> int:
+        return self._pending_bytes
+
+    @property
+    def congested(self) -> bool:
+        return self._pending_bytes > HIGH_WATER
+
     def append(self, data: bytes) -> None:
-        if self._fd is None:
+        if self._sealed:
             raise ValueError(f"spool {self.path} is sealed")
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        self._size += len(data)
+        with self._lock:
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            self._size += len(data)
+            if self._pending_bytes > HIGH_WATER:
+                self._congested_seen = True
+        _Writer.get().submit(self, data)
+
+    def _write_now(self, data: bytes | None) -> None:
+        """
+        Writer thread: write one queued piece, or close on C{None}.
+        """
+        if data is None:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._done.set()
+            return
+        if self._fd is not None and self.error is None:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError as exc:
+                # A full disk must not lose the bytes for readers: they stay
+                # queued in memory, and the owner sees the error.
+                self.error = exc
+                return
+        with self._lock:
+            self._pending.popleft()
+            self._pending_bytes -= len(data)
+            self._written += len(data)
+            drained = self._congested_seen and self._pending_bytes < LOW_WATER
+            if drained:
+                self._congested_seen = False
+        if drained:
+            callback = self.on_drained
+            if callback is not None:
+                callback()
 
     def pread(self, position: int, size: int) -> bytes:
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return os.pread(fd, size, position)
-        finally:
-            os.close(fd)
+        with self._lock:
+            written = self._written
+            pending = list(self._pending) if position + size > written else []
+        pieces = []
+        if position < written:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                pieces.append(os.pread(fd, min(size, written - position), position))
+            finally:
+                os.close(fd)
+        got = sum(map(len, pieces))
+        cursor = written
+        for data in pending:
+            if got >= size:
+                break
+            end = cursor + len(data)
+            want_from = position + got
+            if end > want_from:
+                start = want_from - cursor
+                piece = data[start : start + size - got]
+                pieces.append(piece)
+                got += len(piece)
+            cursor = end
+        return b"".join(pieces)
 
     def seal(self) -> None:
         """
-        No more appends: close the write descriptor.
+        No more appends; the file is closed once the queue is written.
         """
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if not self._sealed:
+            self._sealed = True
+            _Writer.get().submit(self, None)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """
+        Wait until a sealed spool is completely written (for tests and for
+        shutdown).  Returns whether it is.
+        """
+        return self._done.wait(timeout)
 
     def remove(self) -> None:
         self.seal()
