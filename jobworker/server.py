@@ -287,30 +287,33 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self._audit(operation, job_id, "internal-error")
             self._respond(m.ErrorResponse(request_id, int(ErrorCode.INTERNAL), "internal server error"))
             return
-        if isinstance(result, defer.Deferred):
-            self._waits.add(result)
-
-            def done(response: m.Message) -> None:
-                self._waits.discard(result)
-                self._respond(response)
-
-            def failed(failure: Failure) -> None:
-                self._waits.discard(result)
-                if failure.check(defer.CancelledError):
-                    return
-                if failure.check(RequestError):
-                    error = failure.value
-                    self._respond(m.ErrorResponse(request_id, int(error.code), error.message))
-                    return
-                log.failure("internal error in {operation}", failure, operation=operation.value)
-                self._respond(m.ErrorResponse(request_id, int(ErrorCode.INTERNAL), "internal server error"))
-
-            result.addCallbacks(done, failed)
+        if not isinstance(result, defer.Deferred):
             self._audit(operation, job_id, "allow")
-        else:
-            self._audit(operation, getattr(result, "job_id", job_id) if operation is Operation.START else job_id, "allow")
             if result is not None:
                 self._respond(result)
+            return
+        # Answered later (start, wait): audited when the verdict is known.
+        self._waits.add(result)
+
+        def done(response: m.Message) -> None:
+            self._waits.discard(result)
+            self._audit(operation, getattr(response, "job_id", job_id), "allow")
+            self._respond(response)
+
+        def failed(failure: Failure) -> None:
+            self._waits.discard(result)
+            if failure.check(defer.CancelledError):
+                return
+            if failure.check(RequestError):
+                error = failure.value
+                self._audit(operation, job_id, error.code.name.lower())
+                self._respond(m.ErrorResponse(request_id, int(error.code), error.message))
+                return
+            log.failure("internal error in {operation}", failure, operation=operation.value)
+            self._audit(operation, job_id, "internal-error")
+            self._respond(m.ErrorResponse(request_id, int(ErrorCode.INTERNAL), "internal server error"))
+
+        result.addCallbacks(done, failed)
 
     def _audit(self, operation: Operation, job_id: uuid.UUID | None, verdict: str) -> None:
         log.info(
