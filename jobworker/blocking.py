@@ -105,7 +105,8 @@ class BlockingClient:
                 self._sock = None
 
     def __enter__(self) -> BlockingClient:
-        self.connect()
+        if self._sock is None:
+            self.connect()
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -317,6 +317,10 @@ class Connection:
             self._pending[request_id] = type(message)
             if isinstance(message, m.FollowRequest):
                 self._pending_follows[request_id] = (message.stream_id, message.window)
+        elif isinstance(message, m.WindowUpdate):
+            window = self._receive_windows.get(message.stream_id)
+            if window is not None:
+                window.granted(message.increment)
 
     def send_output(self, stream_id: int, fd: int, offset: int, data: bytes) -> bytes:
         """

@@ -65,6 +65,12 @@ class ReceiveWindow:
             )
         self.outstanding -= size
 
+    def granted(self, increment: int) -> None:
+        """
+        Record credit granted by an explicit C{WindowUpdate}.
+        """
+        self.outstanding += increment
+
     def consumed(self, size: int) -> int:
         """
         Record that C{size} bytes were processed; return the credit to grant
