@@ -599,7 +599,18 @@ class JobManager(Service):
             ends.append(job.when_ended())
             job.stop("shutdown", self.config.default_grace_s)
         log.info("stopping {count} running jobs", count=len(running))
-        return defer.DeferredList(ends + list(self._cleanups), consumeErrors=True).addCallback(lambda _: None)
+        every_end = defer.DeferredList(ends, consumeErrors=True)
+        every_end.addCallback(lambda _: defer.DeferredList(list(self._cleanups), consumeErrors=True))
+        every_end.addCallback(lambda _: self._release_cgroups())
+        return every_end
+
+    def _release_cgroups(self) -> None:
+        if self.cgroups is None:
+            return
+        try:
+            self.cgroups.release()
+        except Exception as exc:
+            log.warn("could not release the cgroup base: {error}", error=exc)
 
     # -- requests --------------------------------------------------------------
 
@@ -735,14 +746,19 @@ class JobManager(Service):
             raise RequestError("workdir must be an absolute path", ErrorCode.BAD_REQUEST)
 
     def _limits_for(self, requested: Limits, is_admin: bool) -> Limits:
+        """
+        The limits a job gets: what was asked, the server's defaults for the
+        rest, and for a non-admin the caps: asking above a cap is refused,
+        and a default above a cap (or no default where a cap exists)
+        becomes the cap.
+        """
         limits = requested.with_defaults(self.config.default_limits)
-        if not is_admin:
-            over = limits.exceeding(self.config.caps)
-            if over:
-                raise RequestError(
-                    "limits above what this server allows: " + ", ".join(over), ErrorCode.INVALID_LIMITS
-                )
-        return limits
+        if is_admin:
+            return limits
+        over = requested.above(self.config.caps)
+        if over:
+            raise RequestError("limits above what this server allows: " + ", ".join(over), ErrorCode.INVALID_LIMITS)
+        return limits.capped(self.config.caps)
 
     def _enforceable(self, limits: Limits, requested: Limits) -> Limits:
         """

@@ -185,21 +185,31 @@ class Limits:
             },
         )
 
-    def exceeding(self, caps: Limits) -> list[str]:
+    def above(self, caps: Limits) -> list[str]:
         """
-        Name the fields that ask for more than C{caps} allows.
+        Name the fields set above their cap (a cap of 0 means no cap; an
+        unset field is above nothing).
+        """
+        return [
+            f.name
+            for f in fields(self)
+            if getattr(caps, f.name) and getattr(self, f.name) > getattr(caps, f.name)
+        ]
 
-        A cap of 0 means "no cap".  A field left unset (0) while a cap exists
-        counts as exceeding it, because unset would mean "unlimited" once the
-        defaults are applied; call this after L{with_defaults}.
+    def capped(self, caps: Limits) -> Limits:
         """
-        over = []
-        for f in fields(self):
-            cap = getattr(caps, f.name)
-            value = getattr(self, f.name)
-            if cap and (value == 0 or value > cap):
-                over.append(f.name)
-        return over
+        Every field at most its cap; an unset (unlimited) field where a cap
+        exists becomes the cap.
+        """
+        return replace(
+            self,
+            **{
+                f.name: getattr(caps, f.name)
+                for f in fields(self)
+                if getattr(caps, f.name)
+                and (getattr(self, f.name) == 0 or getattr(self, f.name) > getattr(caps, f.name))
+            },
+        )
 
     def is_empty(self) -> bool:
         return not any(getattr(self, f.name) for f in fields(self))

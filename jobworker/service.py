@@ -51,6 +51,7 @@ class Options(usage.Options):
         ["ring-size", None, "1M", "Recent output kept in memory per running job."],
         ["job-user", None, "nobody", "User that jobs run as unless an admin asks for another."],
         ["cgroups", None, "auto", "cgroup driver: auto, v1, v2 or none (no resource limits)."],
+        ["cgroup-prefix", None, "jobworker", "Directory, below the server's own cgroup, that holds the job cgroups (one per server instance)."],
         ["grace", None, "10", "Seconds between SIGTERM and SIGKILL when the server stops jobs."],
         ["max-jobs-per-identity", None, "256", "Running jobs one identity may have at once."],
         ["max-finished-jobs", None, "1000", "Finished jobs kept; the oldest beyond this are removed."],
@@ -101,12 +102,15 @@ class Options(usage.Options):
         return Limits(**values)
 
 
-def _cgroup_driver(choice: str) -> Any:
+def _cgroup_driver(choice: str, prefix: str) -> Any:
     if choice == "none":
         return None
     from jobworker.cgroups import detect
 
-    driver = detect()
+    try:
+        driver = detect(prefix=prefix, version=None if choice == "auto" else choice)
+    except ValueError as exc:
+        raise SystemExit(f"jobworker: --cgroup-prefix: {exc}") from None
     if driver is None:
         if choice != "auto":
             raise SystemExit(f"jobworker: --cgroups {choice}: no usable cgroup hierarchy on this host")
@@ -140,7 +144,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ring_size=options["ring-bytes"],
         retention=options["retention-bytes"],
     )
-    driver = _cgroup_driver(options["cgroups"]) if privileged else None
+    driver = _cgroup_driver(options["cgroups"], options["cgroup-prefix"]) if privileged else None
     if driver is not None:
         log.info(
             "cgroup {name} driver, controllers: {controllers}",
