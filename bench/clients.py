@@ -1,0 +1,194 @@
+"""
+Benchmark clients built on L{jobworker.blocking.BlockingClient}.
+
+C{bench/run.py} is standard-library only; whatever needs the jobworker
+package runs here, under the repository's virtualenv
+(C{.venv/bin/python bench/clients.py COMMAND ...}).  Credentials and the
+server address come from the same environment variables as C{jobcli}
+(C{JOBWORKER_SERVER}, C{JOBWORKER_CA}, C{JOBWORKER_CERT}, C{JOBWORKER_KEY}).
+Every command prints one JSON document on stdout.
+
+Commands:
+
+    tls-info                    the TLS version and cipher the server picks
+    start --count N -- ARGV     start N jobs on one connection; their ids
+    running ID...               wait until every job is running (or ended)
+    stop ID...                  stop every job at once (SIGKILL), wait for all
+    prune                       forget every finished job (frees its spool)
+    follow --streams N ID       N concurrent followers of ID from offset 0,
+                                one connection and one thread each; the
+                                SHA-256 of every follower's output
+    stall --window BYTES        a follower that never reads: see cmd_stall
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+
+from jobworker.blocking import BlockingClient, parse_address
+from jobworker.clienttls import client_ssl_context
+from jobworker.protocol import messages as m
+
+
+def _client(timeout: float | None = 120.0) -> BlockingClient:
+    env = os.environ
+    context = client_ssl_context(env["JOBWORKER_CA"], env["JOBWORKER_CERT"], env["JOBWORKER_KEY"])
+    client = BlockingClient(parse_address(env["JOBWORKER_SERVER"]), context, timeout=timeout)
+    client.connect()
+    return client
+
+
+def _emit(document: object) -> None:
+    sys.stdout.write(json.dumps(document) + "\n")
+    sys.stdout.flush()
+
+
+def cmd_tls_info(args: argparse.Namespace) -> None:
+    client = _client()
+    try:
+        sock = client._sock  # the only way to ask the live socket
+        assert sock is not None
+        name, version, bits = sock.cipher()
+        _emit({"version": sock.version(), "cipher": name, "bits": bits, "server_name": client.hello.server_name if client.hello else ""})
+    finally:
+        client.close()
+
+
+def cmd_start(args: argparse.Namespace) -> None:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    ids = []
+    with _client() as client:
+        for _ in range(args.count):
+            ids.append(str(client.start(argv)))
+    _emit(ids)
+
+
+def cmd_running(args: argparse.Namespace) -> None:
+    deadline = time.monotonic() + args.timeout
+    with _client() as client:
+        pending = [uuid.UUID(text) for text in args.ids]
+        while pending:
+            pending = [job_id for job_id in pending if client.status(job_id).state is m.JobState.STARTING]
+            if pending and time.monotonic() > deadline:
+                raise SystemExit(f"clients.py: {len(pending)} jobs still starting after {args.timeout} s")
+            if pending:
+                time.sleep(0.05)
+        states = {str(job_id): client.status(job_id).state.label for job_id in map(uuid.UUID, args.ids)}
+    _emit(states)
+
+
+def cmd_stop(args: argparse.Namespace) -> None:
+    job_ids = [uuid.UUID(text) for text in args.ids]
+    with _client() as client:
+        for job_id in job_ids:
+            if not client.status(job_id).state.is_final:
+                client.stop(job_id, force=True)
+        states = {str(job_id): client.wait(job_id).state.label for job_id in job_ids}
+    _emit(states)
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    removed = 0
+    with _client() as client:
+        for job in client.list():
+            if job.state.is_final:
+                client.remove(job.job_id)
+                removed += 1
+    _emit({"removed": removed})
+
+
+def _follow_one(job_id: uuid.UUID, window: int, result: dict) -> None:
+    digest = hashlib.sha256()
+    received = 0
+    began = time.monotonic()
+    try:
+        with _client() as client:
+            result["connected_s"] = time.monotonic() - began
+            for message in client.follow(job_id, window=window):
+                if isinstance(message, m.Output):
+                    if "first_byte_s" not in result:
+                        result["first_byte_s"] = time.monotonic() - began
+                    digest.update(message.data)
+                    received += len(message.data)
+                elif isinstance(message, m.Gap):
+                    result["gaps"] = result.get("gaps", 0) + message.length
+                else:
+                    result["end"] = message.reason.name.lower()
+                    result["state"] = message.status.state.label
+    except Exception as exc:  # reported per follower, judged by run.py
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    result["bytes"] = received
+    result["sha256"] = digest.hexdigest()
+    result["elapsed_s"] = time.monotonic() - began
+
+
+def cmd_follow(args: argparse.Namespace) -> None:
+    job_id = uuid.UUID(args.job_id)
+    results: list[dict] = [{} for _ in range(args.streams)]
+    threads = [
+        threading.Thread(target=_follow_one, args=(job_id, args.window, result), daemon=True)
+        for result in results
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    _emit(results)
+
+
+def cmd_stall(args: argparse.Namespace) -> None:
+    """
+    Connect, print C{{"ready": true}}, read a job id from stdin, ask to
+    follow it with a window of C{--window} bytes, wait for the server's OK,
+    print C{{"following": ID}}, and then never read the socket again: sleep
+    until stdin reaches EOF (the driver closes it once the job has ended).
+    """
+    client = _client(timeout=None)
+    try:
+        _emit({"ready": True})
+        job_id = uuid.UUID(sys.stdin.readline().strip())
+        stream_id = client.conn.next_stream_id()
+        client.request(m.FollowRequest(client.conn.next_request_id(), job_id, stream_id, 0, args.window, True))
+        _emit({"following": str(job_id), "window": args.window})
+        sys.stdin.read()
+    finally:
+        client.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="clients.py")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("tls-info").set_defaults(run=cmd_tls_info)
+    start = commands.add_parser("start")
+    start.add_argument("--count", type=int, default=1)
+    start.add_argument("argv", nargs=argparse.REMAINDER)
+    start.set_defaults(run=cmd_start)
+    running = commands.add_parser("running")
+    running.add_argument("--timeout", type=float, default=60.0)
+    running.add_argument("ids", nargs="+")
+    running.set_defaults(run=cmd_running)
+    stop = commands.add_parser("stop")
+    stop.add_argument("ids", nargs="+")
+    stop.set_defaults(run=cmd_stop)
+    commands.add_parser("prune").set_defaults(run=cmd_prune)
+    follow = commands.add_parser("follow")
+    follow.add_argument("--streams", type=int, default=1)
+    follow.add_argument("--window", type=int, default=8 << 20)
+    follow.add_argument("job_id")
+    follow.set_defaults(run=cmd_follow)
+    stall = commands.add_parser("stall")
+    stall.add_argument("--window", type=int, default=64 << 10)
+    stall.set_defaults(run=cmd_stall)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
