@@ -1,0 +1,521 @@
+"""
+The PKI tool: a certificate authority, server and client certificates for
+mutual TLS, and the C{jobworker-pki} command that makes them.
+
+Identity comes from the client certificate alone (see C{DESIGN.md}): the
+subject's CN names who the client is and its OU names the role (C{admin},
+C{user}, C{viewer}).  This module only writes such certificates; checking
+them is L{jobworker.tls}'s job.
+
+Every key made here is ECDSA on P-256 and every signature SHA-256.  Each
+C{make_*} function writes a PEM certificate C{<name>.pem} and its
+unencrypted private key C{<name>.key}; key files are created with mode 0600
+and any existing file of the same name is replaced.  Certificates made
+elsewhere (for instance by an organisation's own RSA CA, with the C{openssl}
+command) work with the service just as well: L{read_credentials}, which
+L{jobworker.tls} also uses, takes any key type, and raises
+L{CredentialError} naming the file when one cannot be used.
+
+Command line::
+
+    jobworker-pki dev [DIR]                       CA, server and 4 clients (DIR: certs)
+    jobworker-pki ca DIR                          DIR/ca.pem, DIR/ca.key
+    jobworker-pki server DIR --hostname H ...     DIR/server.pem, signed by DIR/ca.*
+    jobworker-pki client DIR --cn NAME --role R   DIR/NAME.pem, signed by DIR/ca.*
+
+Every subcommand but C{dev} refuses to replace existing files unless given
+C{--force}; C{dev} does nothing when C{DIR/ca.pem} exists.  An error is one
+line on standard error and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "CredentialError",
+    "read_certificates",
+    "read_credentials",
+    "make_ca",
+    "make_server_cert",
+    "make_client_cert",
+    "make_dev_pki",
+    "main",
+]
+
+# A file name as the caller has it.
+StrPath = str | os.PathLike[str]
+
+# The spellings accepted by make_client_cert(extended_key_usage=...), named
+# as in RFC 5280 and in openssl's extendedKeyUsage configuration.
+_EXTENDED_KEY_USAGES = {
+    "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH,
+    "serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
+}
+
+# Certificates start this far in the past so that a peer whose clock is a
+# little behind ours accepts a certificate made a moment ago.
+_CLOCK_SKEW = timedelta(minutes=5)
+
+# What make_dev_pki makes: the server's names, and each client's CN and role.
+_DEV_HOSTNAMES = ("localhost", "127.0.0.1", "::1")
+_DEV_CLIENTS = (
+    ("admin", "admin"),
+    ("alice", "user"),
+    ("bob", "user"),
+    ("viewer", "viewer"),
+)
+
+
+class CredentialError(ValueError):
+    """
+    A certificate or key file cannot be read, or does not hold what it
+    should; the message names the file.
+    """
+
+
+def read_certificates(path: StrPath) -> list[x509.Certificate]:
+    """
+    Read every certificate in a PEM file, in file order: a CA bundle, or a
+    certificate followed by the intermediates that chain it to its CA.
+
+    @raise CredentialError: the file cannot be read or holds no PEM
+        certificate.
+    """
+    path = Path(path)
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as e:
+        raise CredentialError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError:
+        raise CredentialError(f"{path} holds no PEM certificate") from None
+
+
+def read_credentials(
+    cert_path: StrPath, key_path: StrPath
+) -> tuple[list[x509.Certificate], CertificateIssuerPrivateKeyTypes]:
+    """
+    Read a certificate (with any intermediates after it) and its private key,
+    as made by this module or by any other tool (an RSA key from C{openssl}
+    does as well as our ECDSA ones).
+
+    @return: the certificates, the one the key belongs to first, and the key.
+    @raise CredentialError: a file cannot be read or is not PEM of the right
+        kind, the key is encrypted or cannot sign, or the key does not belong
+        to the first certificate.
+    """
+    cert_path, key_path = Path(cert_path), Path(key_path)
+    chain = read_certificates(cert_path)
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except OSError as e:
+        raise CredentialError(f"cannot read {key_path}: {e.strerror}") from None
+    except (ValueError, TypeError) as e:
+        # cryptography raises TypeError for an encrypted key read without a
+        # password; the service has no way to ask for one.
+        raise CredentialError(
+            f"{key_path} holds no unencrypted PEM private key ({e})"
+        ) from None
+    if not isinstance(key, CertificateIssuerPrivateKeyTypes):
+        raise CredentialError(f"{key_path}: a {type(key).__name__} cannot sign")
+    if key.public_key() != chain[0].public_key():
+        raise CredentialError(f"{key_path} is not the private key of {cert_path}")
+    return chain, key
+
+
+def make_ca(
+    directory: Path, name: str = "jobworker dev CA", days: int = 3650
+) -> tuple[Path, Path]:
+    """
+    Make a self-signed certificate authority.
+
+    The CA may sign leaf certificates only (path length 0), which is all the
+    service needs and stops a stolen CA key from minting intermediate CAs.
+
+    @param directory: where to write C{ca.pem} and C{ca.key}; created if
+        missing.
+    @param name: the CA's common name.
+    @param days: validity in days from now.
+    @return: the paths of the certificate and of the key.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    start = datetime.now(timezone.utc) - _CLOCK_SKEW
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            _key_usage(key_cert_sign=True, crl_sign=True),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
+            critical=False,
+        )
+    )
+    return _write_pair(directory, "ca", builder.sign(key, hashes.SHA256()), key)
+
+
+def make_server_cert(
+    directory: Path,
+    ca_cert_path: Path,
+    ca_key_path: Path,
+    name: str = "server",
+    hostnames: Sequence[str] = ("localhost", "127.0.0.1"),
+    days: int = 825,
+) -> tuple[Path, Path]:
+    """
+    Make a server certificate signed by the CA at C{ca_cert_path}.
+
+    Clients check the name they dialled against the subject alternative
+    names, so every name or address clients use must be in C{hostnames}.
+
+    @param hostnames: DNS names and IPv4/IPv6 addresses; at least one.  The
+        first is also the subject's CN, for people reading the certificate.
+    @param days: validity in days from now (825 is the longest that Apple
+        platforms accept for a server certificate).
+    @return: the paths of C{<name>.pem} and C{<name>.key}.
+    @raise ValueError: no hostname, or a name that is not a valid file name.
+    @raise CredentialError: the CA's files cannot be read or do not match.
+    """
+    if not hostnames:
+        raise ValueError("a server certificate needs at least one hostname")
+    alternative_names: list[x509.GeneralName] = []
+    for hostname in hostnames:
+        try:
+            address = ipaddress.ip_address(hostname)
+        except ValueError:
+            alternative_names.append(x509.DNSName(hostname))
+        else:
+            alternative_names.append(x509.IPAddress(address))
+    start = datetime.now(timezone.utc) - _CLOCK_SKEW
+    return _issue(
+        directory,
+        ca_cert_path,
+        ca_key_path,
+        name,
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])]),
+        start,
+        start + timedelta(days=days),
+        [
+            x509.SubjectAlternativeName(alternative_names),
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+        ],
+    )
+
+
+def make_client_cert(
+    directory: Path,
+    ca_cert_path: Path,
+    ca_key_path: Path,
+    common_name: str,
+    role: str | None,
+    name: str | None = None,
+    days: int = 825,
+    not_valid_before: datetime | None = None,
+    not_valid_after: datetime | None = None,
+    extended_key_usage: Sequence[str] = ("clientAuth",),
+) -> tuple[Path, Path]:
+    """
+    Make a client certificate signed by the CA at C{ca_cert_path}.
+
+    @param common_name: who the client is (the subject's CN).
+    @param role: the client's role (the subject's OU), or L{None} for a
+        certificate without an OU, which the service grants no role.
+    @param name: the file name stem; C{common_name} by default.  It must be
+        a plain file name, so a CN cannot steer the files out of
+        C{directory}.
+    @param days: validity in days from C{not_valid_before}; ignored when
+        C{not_valid_after} is given.
+    @param not_valid_before: start of validity (timezone-aware); a few
+        minutes ago by default.
+    @param not_valid_after: end of validity (timezone-aware), for making
+        certificates that have already expired.
+    @param extended_key_usage: C{"clientAuth"} and/or C{"serverAuth"}; an
+        empty sequence leaves the extension out.  The service accepts only
+        certificates with C{"clientAuth"}; the others exist for tests.
+    @return: the paths of C{<name>.pem} and C{<name>.key}.
+    @raise ValueError: an unknown extended key usage, or a name that is not
+        a valid file name.
+    @raise CredentialError: the CA's files cannot be read or do not match.
+    """
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if role is not None:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role))
+    extensions: list[x509.ExtensionType] = []
+    if extended_key_usage:
+        extensions.append(
+            x509.ExtendedKeyUsage(
+                [_extended_key_usage_oid(usage) for usage in extended_key_usage]
+            )
+        )
+    if not_valid_before is None:
+        not_valid_before = datetime.now(timezone.utc) - _CLOCK_SKEW
+    if not_valid_after is None:
+        not_valid_after = not_valid_before + timedelta(days=days)
+    return _issue(
+        directory,
+        ca_cert_path,
+        ca_key_path,
+        common_name if name is None else name,
+        x509.Name(attributes),
+        not_valid_before,
+        not_valid_after,
+        extensions,
+    )
+
+
+def make_dev_pki(directory: Path, *, force: bool = False) -> None:
+    """
+    Make everything a developer needs to run and try the service locally.
+
+    Writes C{ca.pem}/C{ca.key}; C{server.pem}/C{server.key} for
+    C{localhost}, C{127.0.0.1} and C{::1}; and client certificates
+    C{admin} (role admin), C{alice} and C{bob} (role user) and C{viewer}
+    (role viewer), each as C{<cn>.pem}/C{<cn>.key}.  Nothing else is
+    written.
+
+    @param force: replace an existing PKI.  Without it, a C{directory} that
+        already holds C{ca.pem} is left exactly as it is, so a set-up script
+        may call this every time.
+    """
+    directory = Path(directory)
+    if (directory / "ca.pem").exists() and not force:
+        return
+    ca_cert_path, ca_key_path = make_ca(directory)
+    make_server_cert(directory, ca_cert_path, ca_key_path, hostnames=_DEV_HOSTNAMES)
+    for common_name, role in _DEV_CLIENTS:
+        make_client_cert(directory, ca_cert_path, ca_key_path, common_name, role)
+
+
+def _key_usage(
+    *,
+    digital_signature: bool = False,
+    key_cert_sign: bool = False,
+    crl_sign: bool = False,
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _extended_key_usage_oid(usage: str) -> x509.ObjectIdentifier:
+    try:
+        return _EXTENDED_KEY_USAGES[usage]
+    except KeyError:
+        known = ", ".join(sorted(_EXTENDED_KEY_USAGES))
+        raise ValueError(
+            f"unknown extended key usage {usage!r} (known: {known})"
+        ) from None
+
+
+def _issue(
+    directory: Path,
+    ca_cert_path: Path,
+    ca_key_path: Path,
+    name: str,
+    subject: x509.Name,
+    not_valid_before: datetime,
+    not_valid_after: datetime,
+    extensions: Iterable[x509.ExtensionType],
+) -> tuple[Path, Path]:
+    """
+    Make a new key and a leaf certificate for it signed by the CA, with the
+    extensions every leaf gets plus C{extensions}, and write both.
+    """
+    _check_file_stem(name)
+    (ca_cert, *_), ca_key = read_credentials(ca_cert_path, ca_key_path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_valid_before)
+        .not_valid_after(not_valid_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    certificate = builder.sign(ca_key, hashes.SHA256())
+    return _write_pair(directory, name, certificate, key)
+
+
+def _check_file_stem(name: str) -> None:
+    if not name or name in (".", "..") or Path(name).name != name:
+        raise ValueError(f"{name!r} cannot be used as a file name")
+
+
+def _write_pair(
+    directory: Path,
+    name: str,
+    certificate: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+) -> tuple[Path, Path]:
+    """
+    Write C{<name>.pem} and C{<name>.key} into C{directory}, the key readable
+    by its owner only.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path = directory / f"{name}.pem"
+    key_path = directory / f"{name}.key"
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(descriptor, "wb") as key_file:
+        # The mode given to os.open only applies when the file is created; an
+        # existing key file may have been readable by others.
+        os.fchmod(key_file.fileno(), 0o600)
+        key_file.write(key_pem)
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """
+    An argument parser whose usage errors, like every other error of the
+    tool, are one line on standard error and exit status 1.
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="jobworker-pki",
+        description="Make a CA, server and client certificates for jobworker.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dev = commands.add_parser(
+        "dev", help="make a CA, a localhost server and clients admin, alice, bob, viewer"
+    )
+    dev.add_argument("directory", nargs="?", default="certs", type=Path)
+    dev.add_argument("--force", action="store_true", help="replace an existing PKI")
+
+    ca = commands.add_parser("ca", help="make DIR/ca.pem and DIR/ca.key")
+    ca.add_argument("directory", type=Path)
+    ca.add_argument("--force", action="store_true", help="replace existing files")
+
+    server = commands.add_parser(
+        "server", help="make DIR/server.pem and .key, signed by DIR/ca.pem"
+    )
+    server.add_argument("directory", type=Path)
+    server.add_argument(
+        "--hostname",
+        action="append",
+        required=True,
+        help="a DNS name or IP address clients dial (repeatable; the first is the CN)",
+    )
+    server.add_argument("--force", action="store_true", help="replace existing files")
+
+    client = commands.add_parser(
+        "client", help="make DIR/CN.pem and .key, signed by DIR/ca.pem"
+    )
+    client.add_argument("directory", type=Path)
+    client.add_argument("--cn", required=True, help="the client's identity")
+    client.add_argument("--role", required=True, help="admin, user or viewer")
+    client.add_argument("--force", action="store_true", help="replace existing files")
+    return parser
+
+
+def _refuse_to_replace(directory: Path, name: str, force: bool) -> None:
+    if force:
+        return
+    for path in (directory / f"{name}.pem", directory / f"{name}.key"):
+        if path.exists():
+            raise ValueError(f"{path} exists (use --force to replace it)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """
+    Run C{jobworker-pki}.
+
+    @param argv: the arguments after the program name; C{sys.argv[1:]} by
+        default.
+    @return: the exit status: 0, or 1 after an error printed as one line on
+        standard error.
+    """
+    arguments = _parser().parse_args(argv)
+    directory: Path = arguments.directory
+    ca_cert_path, ca_key_path = directory / "ca.pem", directory / "ca.key"
+    try:
+        if arguments.command == "dev":
+            existed = (directory / "ca.pem").exists()
+            make_dev_pki(directory, force=arguments.force)
+            if existed and not arguments.force:
+                print(f"{directory / 'ca.pem'} exists; left {directory} as it is")
+            else:
+                print(f"wrote a development PKI to {directory}")
+        elif arguments.command == "ca":
+            _refuse_to_replace(directory, "ca", arguments.force)
+            print(*make_ca(directory))
+        elif arguments.command == "server":
+            _refuse_to_replace(directory, "server", arguments.force)
+            print(
+                *make_server_cert(
+                    directory, ca_cert_path, ca_key_path, hostnames=arguments.hostname
+                )
+            )
+        else:
+            _refuse_to_replace(directory, arguments.cn, arguments.force)
+            print(
+                *make_client_cert(
+                    directory, ca_cert_path, ca_key_path, arguments.cn, arguments.role
+                )
+            )
+    except (OSError, ValueError) as e:
+        print(f"jobworker-pki: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
