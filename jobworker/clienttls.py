@@ -1,0 +1,89 @@
+"""
+The command-line client's TLS context, made with the standard library alone.
+
+C{jobcli} must start fast, so this module imports nothing outside the
+standard library (no Twisted, pyOpenSSL or cryptography).  Its policy is the
+one L{jobworker.tls} applies on the Twisted side: TLS 1.3 only, the server's
+certificate verified against the given CA file alone (never the system's
+roots) and against the host name or address dialled, and the client's own
+certificate presented.
+"""
+
+from __future__ import annotations
+
+import ssl
+from os import PathLike
+
+__all__ = ["ClientTLSError", "client_ssl_context"]
+
+StrPath = str | PathLike[str]
+
+
+class ClientTLSError(Exception):
+    """
+    A CA, certificate or key file cannot be read or used; the message names
+    the file.
+    """
+
+
+def client_ssl_context(
+    ca_path: StrPath, cert_path: StrPath, key_path: StrPath
+) -> ssl.SSLContext:
+    """
+    Make the context for C{context.wrap_socket(sock, server_hostname=host)},
+    where C{host} is the DNS name or IP address the server's certificate
+    must carry.
+
+    @param ca_path: PEM file of the CA certificates the server's certificate
+        must chain to.
+    @param cert_path: PEM file of the client's certificate, followed by any
+        intermediates.
+    @param key_path: PEM file of the client's unencrypted private key.
+    @raise ClientTLSError: a file cannot be read or does not hold what it
+        should, or the key does not belong to the certificate.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.options |= ssl.OP_NO_TICKET
+    ca_text = _read_pem(ca_path, "CERTIFICATE")
+    try:
+        context.load_verify_locations(cadata=ca_text)
+    except ssl.SSLError as e:
+        raise ClientTLSError(f"{ca_path} holds no usable CA certificate: {e}") from None
+    # load_cert_chain reads the files itself and reports a missing one
+    # without its name, so check first that each can be read.
+    _read_pem(cert_path, "CERTIFICATE")
+    _read_pem(key_path, "PRIVATE KEY")
+
+    def refuse_encrypted_key() -> str:
+        # Without this OpenSSL would prompt on the terminal for a passphrase.
+        raise ClientTLSError(f"{key_path} is encrypted; use an unencrypted key")
+
+    try:
+        context.load_cert_chain(cert_path, key_path, password=refuse_encrypted_key)
+    except ssl.SSLError as e:
+        raise ClientTLSError(
+            f"cannot use certificate {cert_path} with key {key_path}: {e}"
+        ) from None
+    return context
+
+
+def _read_pem(path: StrPath, label: str) -> str:
+    """
+    Read a PEM file that should hold a block such as C{-----BEGIN
+    CERTIFICATE-----} (C{label} C{"CERTIFICATE"}) or C{-----BEGIN EC PRIVATE
+    KEY-----} (C{label} C{"PRIVATE KEY"}).
+    """
+    try:
+        with open(path, encoding="ascii") as file:
+            text = file.read()
+    except OSError as e:
+        raise ClientTLSError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        text = ""
+    if f"{label}-----" not in text:
+        raise ClientTLSError(f"{path} holds no PEM {label.lower()}")
+    return text

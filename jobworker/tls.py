@@ -1,0 +1,244 @@
+"""
+Mutual TLS for the Twisted server and the embeddable Twisted client, and the
+identity a peer's certificate carries.
+
+The policy, on both sides:
+
+  - TLS 1.3 and nothing else.
+  - Trust only the CA certificates in the file given, never the system's
+    roots: the service's CA is private, and a certificate some public CA
+    issued to anybody must not open it.
+  - The server demands a client certificate that chains to that CA, is
+    valid now, and names C{clientAuth} in its extended key usage.  OpenSSL
+    alone accepts a client certificate without any extended key usage
+    extension, so the server checks that itself (L{_verify_client}); a
+    certificate meant for a web server or for e-mail is not a client
+    credential here.  A client refused for that gets an C{internal_error}
+    alert, since pyOpenSSL's verify callback cannot give OpenSSL a reason;
+    the server logs the real one.  In TLS 1.3 the client has finished its
+    handshake by then and sees the alert on its first read.
+  - The server keeps no sessions and issues no stateless session tickets,
+    so every connection is a full handshake that verifies the client
+    certificate afresh.  (OpenSSL still sends TLS 1.3 C{NewSessionTicket}
+    messages holding a session id for its cache; with the cache off they
+    resume nothing.  Stopping them needs C{SSL_CTX_set_num_tickets}, which
+    pyOpenSSL does not offer.)
+  - The client checks that the server's certificate names the host it
+    dialled, a DNS name or an IP address, using C{service_identity}.
+
+Certificates and keys are read once, when the options are made, and any
+problem is raised then as L{CredentialError}, naming the file.  Keys of any
+kind work (RSA from an organisation's own C{openssl} CA as well as the ECDSA
+keys that L{jobworker.pki} makes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+from OpenSSL.crypto import X509
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.internet.ssl import (
+    Certificate,
+    TLSVersion,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from jobworker.pki import (
+    CredentialError,
+    StrPath,
+    read_certificates,
+    read_credentials,
+)
+
+if TYPE_CHECKING:
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+__all__ = [
+    "CredentialError",
+    "server_tls_options",
+    "client_tls_options",
+    "peer_names",
+]
+
+_log = Logger()
+
+
+def server_tls_options(
+    ca_path: StrPath, cert_path: StrPath, key_path: StrPath
+) -> IOpenSSLServerConnectionCreator:
+    """
+    TLS settings for the server, for L{TLSMemoryBIOFactory
+    <twisted.protocols.tls.TLSMemoryBIOFactory>}, C{listenSSL} or an SSL
+    server endpoint.
+
+    @param ca_path: PEM file of the CA certificates that client certificates
+        must chain to.
+    @param cert_path: PEM file of the server's certificate, followed by any
+        intermediates.
+    @param key_path: PEM file of the server's unencrypted private key.
+    @raise CredentialError: a file cannot be read or is not what it should
+        be, or the key does not belong to the certificate.
+    """
+    authorities = read_certificates(ca_path)
+    chain, key = read_credentials(cert_path, key_path)
+
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_3_VERSION)
+    context.set_max_proto_version(SSL.TLS1_3_VERSION)
+    context.set_options(SSL.OP_NO_TICKET)
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    context.use_certificate(chain[0])
+    for intermediate in chain[1:]:
+        context.add_extra_chain_cert(intermediate)
+    context.use_privatekey(key)
+    store = context.get_cert_store()
+    assert store is not None, "a new SSL.Context always has a certificate store"
+    for authority in authorities:
+        store.add_cert(X509.from_cryptography(authority))
+        # Tell clients which CAs we accept, so that one holding several
+        # certificates can pick the right one.
+        context.add_client_ca(authority)
+    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_client)
+    return _ServerTLSOptions(context)
+
+
+def client_tls_options(
+    ca_path: StrPath, cert_path: StrPath, key_path: StrPath, hostname: str
+) -> IOpenSSLClientConnectionCreator:
+    """
+    TLS settings for a Twisted client, for L{wrapClientTLS
+    <twisted.internet.endpoints.wrapClientTLS>}, C{connectSSL} or an SSL
+    client endpoint.
+
+    @param ca_path: PEM file of the CA certificates that the server's
+        certificate must chain to.
+    @param cert_path: PEM file of the client's certificate, followed by any
+        intermediates.
+    @param key_path: PEM file of the client's unencrypted private key.
+    @param hostname: the name the client dialled, a DNS name or an IPv4 or
+        IPv6 address; the server's certificate must carry it as a subject
+        alternative name.  A DNS name is also sent as SNI; an address, as
+        the TLS specification says, is not.
+    @raise CredentialError: a file cannot be read or is not what it should
+        be, or the key does not belong to the certificate.
+    """
+    authorities = read_certificates(ca_path)
+    chain, key = read_credentials(cert_path, key_path)
+    return optionsForClientTLS(
+        hostname,
+        trustRoot=trustRootFromCertificates(
+            [Certificate(X509.from_cryptography(authority)) for authority in authorities]
+        ),
+        extraCertificateOptions={
+            # Given here rather than as clientCertificate, which would hand
+            # pyOpenSSL the X509 and PKey objects it has deprecated; the
+            # context accepts cryptography's objects as they are.
+            "certificate": chain[0],
+            "privateKey": key,
+            "extraCertChain": chain[1:],
+            "raiseMinimumTo": TLSVersion.TLSv1_3,
+            "lowerMaximumSecurityTo": TLSVersion.TLSv1_3,
+        },
+    )
+
+
+def peer_names(
+    certificate: X509 | x509.Certificate | None,
+) -> tuple[str | None, str | None]:
+    """
+    The identity in a peer's certificate: the subject's common name (who)
+    and organizational unit (the role).
+
+    @param certificate: as C{transport.getPeerCertificate()} returns it (a
+        pyOpenSSL L{X509}, or L{None} before or without a handshake), or a
+        C{cryptography} certificate.
+    @return: C{(cn, ou)}.  Either is L{None} when the subject has no such
+        attribute, an empty one, or more than one: a certificate naming two
+        users or two roles names nobody, rather than whichever comes first.
+    """
+    if certificate is None:
+        return None, None
+    if isinstance(certificate, X509):
+        certificate = certificate.to_cryptography()
+    subject = certificate.subject
+    return (
+        _only_value(subject, NameOID.COMMON_NAME),
+        _only_value(subject, NameOID.ORGANIZATIONAL_UNIT_NAME),
+    )
+
+
+def _only_value(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
+    attributes: Sequence[x509.NameAttribute] = name.get_attributes_for_oid(oid)
+    if len(attributes) != 1:
+        return None
+    value = attributes[0].value
+    return value if isinstance(value, str) and value else None
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+class _ServerTLSOptions:
+    """
+    Server connections sharing one context, made once.
+
+    pyOpenSSL forbids changing a context after it has made a connection, so
+    the context is complete before this object exists.
+    """
+
+    def __init__(self, context: SSL.Context) -> None:
+        self._context = context
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+    def getContext(self) -> SSL.Context:
+        # For code that still takes an old-style context factory.
+        return self._context
+
+
+def _verify_client(
+    connection: SSL.Connection, certificate: X509, error: int, depth: int, ok: int
+) -> bool:
+    """
+    OpenSSL's verify callback on the server, called for each certificate of
+    the client's chain with OpenSSL's own verdict in C{ok}.
+
+    Keeps every refusal of OpenSSL's (unknown CA, expired, wrong purpose) and
+    refuses, in addition, a client certificate (depth 0) whose extended key
+    usage does not name C{clientAuth}, including one without the extension,
+    which OpenSSL would accept for any purpose.  C{anyExtendedKeyUsage} is
+    not enough either: a client certificate must say it is one.
+    """
+    if not ok:
+        return False
+    if depth > 0:
+        return True
+    try:
+        leaf = certificate.to_cryptography()
+        try:
+            usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            usages = x509.ExtendedKeyUsage([])
+        if ExtendedKeyUsageOID.CLIENT_AUTH in usages:
+            return True
+        _log.warn(
+            "refused client certificate {subject}: its extended key usage"
+            " does not include clientAuth",
+            subject=leaf.subject.rfc4514_string(),
+        )
+    except Exception:
+        # An exception escaping into OpenSSL would be re-raised later from an
+        # unrelated pyOpenSSL call; a certificate we cannot read is refused.
+        _log.failure("while checking a client certificate's extended key usage")
+    return False
