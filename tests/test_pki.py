@@ -130,12 +130,18 @@ def test_dev_keys_are_p256_and_signatures_sha256(dev: Path, name: str) -> None:
     assert isinstance(chain[0].signature_hash_algorithm, hashes.SHA256)
 
 
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        path.name: (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in directory.iterdir()
+    }
+
+
 def test_dev_pki_is_left_alone_once_made(tmp_path: Path) -> None:
     make_dev_pki(tmp_path)
-    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in tmp_path.iterdir()}
+    before = snapshot(tmp_path)
     make_dev_pki(tmp_path)
-    after = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in tmp_path.iterdir()}
-    assert after == before
+    assert snapshot(tmp_path) == before
 
 
 def test_dev_pki_force_makes_a_new_one(tmp_path: Path) -> None:
@@ -319,7 +325,9 @@ def test_cli_ca_server_client(tmp_path: Path) -> None:
     assert mode(tmp_path / "carol.key") == 0o600
 
 
-def test_cli_will_not_replace_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_will_not_replace_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["ca", str(tmp_path)]) == 0
     ca = (tmp_path / "ca.pem").read_bytes()
     capsys.readouterr()
@@ -334,7 +342,9 @@ def test_cli_will_not_replace_without_force(tmp_path: Path, capsys: pytest.Captu
 def test_cli_error_without_ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["client", str(tmp_path), "--cn", "carol", "--role", "user"]) == 1
     error = capsys.readouterr().err
-    assert error == f"jobworker-pki: error: cannot read {tmp_path}/ca.pem: No such file or directory\n"
+    assert error == (
+        f"jobworker-pki: error: cannot read {tmp_path}/ca.pem: No such file or directory\n"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
