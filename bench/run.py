@@ -69,7 +69,7 @@ class Settings:
     fanout_streams_per_process: int = 10
     fanout_mode: str = "threads"
     stall_bytes: int = GiB
-    stall_runs: int = 3
+    stall_runs: int = 5
     stall_window: int = 64 * KiB
     overhead_jobs: int = 100
     overhead_latency_runs: int = 20
@@ -1133,7 +1133,11 @@ def bench_stalled(ctx: Context) -> tuple[list[Row], dict]:
         document["median_wall_s"][name] = stalled
         document.setdefault("ratio", {})[name] = ratio
         document.setdefault("max_rss_growth_bytes", {})[name] = growth
-        rows.append(Row("stalled", f"{_size_label(size)} job, {goal_name}: job time without / with the follower", ms(stalled), f"{ms(base)} alone", f"{ratio:.2f}", "≥ 0.9", ratio >= 0.9))
+        rows.append(Row("stalled", f"{_size_label(size)} job, {goal_name}: job time without / with the follower (`jobcli start` to `jobcli wait` returning)", ms(stalled), f"{ms(base)} alone", f"{ratio:.2f}", "≥ 0.9", ratio >= 0.9))
+        job_base = median([run["job_s"] for run in runs["no follower"]])
+        job_stalled = median([run["job_s"] for run in runs[name]])
+        document.setdefault("ratio_job_s", {})[name] = job_base / job_stalled
+        rows.append(Row("stalled", f"{goal_name}: the same from the server's record (job started to ended)", ms(job_stalled), f"{ms(job_base)} alone", f"{job_base / job_stalled:.2f}", "(info)"))
         rows.append(Row("stalled", f"{goal_name}: server RSS growth during the job (max of runs)", mib(growth), mib(max(run["rss_growth_bytes"] for run in runs["no follower"])) + " alone", "", "≤ 64 MiB", growth <= 64 * MiB))
     document["median_wall_s"]["no follower"] = base
     return rows, document
