@@ -137,6 +137,10 @@ class BlockingClient:
             try:
                 self._inbox.extend(self.conn.receive_data(data))
             except ProtocolError as exc:
+                try:
+                    self._sock.sendall(self.conn.goaway(exc))
+                except OSError:
+                    pass
                 raise ConnectionFailed(f"the server broke the protocol: {exc.message}") from None
         message = self._inbox.popleft()
         if isinstance(message, m.GoAway):

@@ -741,7 +741,7 @@ class JobManager(Service):
                 raise RequestError("NUL byte in the command, environment or workdir", ErrorCode.BAD_REQUEST)
         for key, _ in request.env:
             if not key or "=" in key:
-                raise RequestError(f"bad environment variable name {key!r}", ErrorCode.BAD_REQUEST)
+                raise RequestError(f"bad environment variable name {key[:64]!r}", ErrorCode.BAD_REQUEST)
         if request.workdir and not request.workdir.startswith("/"):
             raise RequestError("workdir must be an absolute path", ErrorCode.BAD_REQUEST)
 

@@ -39,7 +39,7 @@ from jobworker.jobs import Job, JobManager
 from jobworker.outputlog import GAP_FD
 from jobworker.policy import Identity, Operation, Role
 from jobworker.protocol import messages as m
-from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, Role as WireRole
+from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, FrameTooLarge, Role as WireRole
 
 __all__ = ["ServerProtocol", "ServerFactory", "ServerLimits"]
 
@@ -52,6 +52,9 @@ ABORT_GRACE_S = 5.0
 TURN_BYTES = 1 << 20
 # Bytes the pump sends before yielding the reactor to other work.
 PUMP_BUDGET = 8 << 20
+# Error messages are cut to this many characters: they may quote client
+# input (an environment variable name), and must always fit a frame.
+MAX_ERROR_MESSAGE = 1000
 
 
 class ServerLimits:
@@ -329,7 +332,19 @@ class ServerProtocol(Protocol, TimeoutMixin):
     def _respond(self, response: m.Message) -> None:
         if self.conn.is_closed or not self.connected:
             return
-        self.transport.write(self.conn.send(response))
+        if isinstance(response, m.ErrorResponse) and len(response.message) > MAX_ERROR_MESSAGE:
+            response = m.ErrorResponse(response.request_id, response.code, response.message[:MAX_ERROR_MESSAGE] + "...")
+        try:
+            frame = self.conn.send(response)
+        except FrameTooLarge as exc:
+            log.warn("response too large for {peer}: {error}", peer=self._peer, error=exc)
+            request_id = getattr(response, "request_id", None)
+            if request_id is None:
+                raise
+            frame = self.conn.send(
+                m.ErrorResponse(request_id, int(ErrorCode.BAD_REQUEST), f"the response does not fit your frame size: {exc}")
+            )
+        self.transport.write(frame)
 
     def _start(self, request: m.StartRequest) -> defer.Deferred[m.Message]:
         assert self.identity is not None

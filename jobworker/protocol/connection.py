@@ -43,14 +43,23 @@ from jobworker.protocol.wire import (
     encode_output,
 )
 
-__all__ = ["Role", "Connection", "DEFAULT_MAX_FRAME_SIZE", "MIN_FRAME_SIZE"]
+__all__ = ["Role", "Connection", "FrameTooLarge", "DEFAULT_MAX_FRAME_SIZE", "MIN_FRAME_SIZE"]
 
 # 1 MiB per frame by default: large enough for a 64 KiB output chunk with
 # room to spare and for a list of a few thousand jobs, small enough that a
 # hostile peer cannot make us buffer much.
 DEFAULT_MAX_FRAME_SIZE = 1 << 20
-# A peer announcing less than this could not receive a status response.
+# The least a peer may announce.  A response that does not fit the peer's
+# maximum is refused by send() (FrameTooLarge), and the server answers the
+# request with an error instead; clients should announce 1 MiB.
 MIN_FRAME_SIZE = 16 << 10
+
+
+class FrameTooLarge(ValueError):
+    """
+    A message would not fit in one frame of the peer's maximum size.
+    """
+
 
 
 class Role(Enum):
@@ -112,8 +121,10 @@ class Connection:
         self._receives = _CLIENT_SENDS if role is Role.SERVER else _SERVER_SENDS
         # Request ids awaiting their one response (server: received; client: sent).
         self._pending: dict[int, type[m.Message]] = {}
-        # Follow requests awaiting their answer, request id -> (stream id, window).
-        self._pending_follows: dict[int, tuple[int, int]] = {}
+        # Follow requests awaiting their answer, request id -> [stream id, window].
+        # The window is a list so credit granted before the stream opens
+        # (a WindowUpdate sent right behind its FollowRequest) is kept.
+        self._pending_follows: dict[int, list[int]] = {}
         self._send_windows: dict[int, SendWindow] = {}
         self._receive_windows: dict[int, ReceiveWindow] = {}
         self._request_ids = count(1)
@@ -223,13 +234,18 @@ class Connection:
                 if message.stream_id in self._send_windows or message.stream_id in in_use:
                     raise ProtocolError(f"stream id {message.stream_id} already in use")
                 SendWindow(message.window)  # validates the initial window
-                self._pending_follows[request_id] = (message.stream_id, message.window)
+                self._pending_follows[request_id] = [message.stream_id, message.window]
         elif isinstance(message, m.WindowUpdate):
             window = self._send_windows.get(message.stream_id)
             # An update may cross the stream's end on the wire; that is not
             # an error, only a late message.
             if window is not None:
                 window.grant(message.increment)
+                return
+            for pending in self._pending_follows.values():
+                if pending[0] == message.stream_id:
+                    SendWindow(pending[1]).grant(message.increment)  # validates
+                    pending[1] += message.increment
 
     def _client_received(self, message: m.Message) -> None:
         if isinstance(message, _RESPONSES):
@@ -273,11 +289,18 @@ class Connection:
             self._state = _State.CLOSED
         elif not self.is_open:
             raise ValueError(f"{kind.__name__} before the hello exchange ended")
+        frame = encode_message(message)
+        if len(frame) - 4 > self.peer_max_frame_size and kind not in (m.ServerHello, m.ClientHello):
+            raise FrameTooLarge(
+                f"{kind.__name__} of {len(frame) - 4} bytes exceeds the peer's maximum frame of {self.peer_max_frame_size}"
+            )
+        if kind in (m.ServerHello, m.ClientHello, m.GoAway):
+            pass
         elif self.role is Role.SERVER:
             self._server_sends(message)
         else:
             self._client_sends(message)
-        return encode_message(message)
+        return frame
 
     def _send_hello(self, hello: m.ServerHello | m.ClientHello) -> None:
         if self._hello_sent:
@@ -299,9 +322,12 @@ class Connection:
                 stream_id, window = follow
                 self._send_windows[stream_id] = SendWindow(window)
         elif isinstance(message, m.Output):
-            self._send_windows[message.stream_id].consume(len(message.data))
+            window = self._send_windows.get(message.stream_id)
+            if window is None:
+                raise ValueError(f"stream {message.stream_id} is not open")
             if len(message.data) > self.max_output_chunk():
                 raise ValueError("output chunk larger than the peer's frame size")
+            window.consume(len(message.data))
         elif isinstance(message, m.Gap):
             if message.stream_id not in self._send_windows:
                 raise ValueError(f"stream {message.stream_id} is not open")
@@ -316,18 +342,24 @@ class Connection:
                 raise ValueError(f"request id {request_id} is already pending")
             self._pending[request_id] = type(message)
             if isinstance(message, m.FollowRequest):
-                self._pending_follows[request_id] = (message.stream_id, message.window)
+                self._pending_follows[request_id] = [message.stream_id, message.window]
         elif isinstance(message, m.WindowUpdate):
             window = self._receive_windows.get(message.stream_id)
             if window is not None:
                 window.granted(message.increment)
+            else:
+                for pending in self._pending_follows.values():
+                    if pending[0] == message.stream_id:
+                        pending[1] += message.increment
 
     def send_output(self, stream_id: int, fd: int, offset: int, data: bytes) -> bytes:
         """
         Encode one C{Output} frame: the hot path of the server, which skips
         building a message object.
         """
-        window = self._send_windows[stream_id]
+        window = self._send_windows.get(stream_id)
+        if window is None:
+            raise ValueError(f"stream {stream_id} is not open")
         if len(data) > self.max_output_chunk():
             raise ValueError("output chunk larger than the peer's frame size")
         window.consume(len(data))

@@ -306,6 +306,8 @@ def _decode_output(body: bytes) -> m.Output:
     if len(body) < OUTPUT_HEAD_SIZE:
         raise ProtocolError("malformed Output frame: shorter than its 13-byte head")
     head = _OUTPUT_HEAD.parse(body[:OUTPUT_HEAD_SIZE])
+    if head.fd not in (1, 2):
+        raise ProtocolError(f"malformed Output frame: fd {head.fd} is neither 1 nor 2")
     return m.Output(head.stream_id, head.fd, head.offset, bytes(body[OUTPUT_HEAD_SIZE:]))
 
 
