@@ -30,6 +30,7 @@ from jobworker.records import exit_status, status_to_dict
 __all__ = ["main"]
 
 OWN_ERROR = 125  # run/wait/logs -f: jobcli itself failed
+MAX_TEXT_BYTES = 65535  # one string on the wire (u16 length)
 
 
 class UsageError(Exception):
@@ -154,6 +155,10 @@ def _start_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]
         pids=args.pids,
         timeout_ms=args.timeout,
     )
+    for index, item in enumerate([*argv, *(k for k, _ in env), *(v for _, v in env), args.workdir]):
+        size = len(item.encode("utf-8", "surrogateescape"))
+        if size > MAX_TEXT_BYTES:
+            raise UsageError(f"an argument or environment string of {size} bytes is longer than the protocol's {MAX_TEXT_BYTES}")
     network = m.Network.HOST if args.network == "host" else m.Network.NONE
     return argv, {"env": tuple(env), "workdir": args.workdir, "user": args.user, "network": network, "limits": limits}
 
@@ -319,6 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 127
             if code is not None and code.name == "COMMAND_NOT_EXECUTABLE":
                 return 126
+        return own_error
+    except (ValueError, UnicodeError) as exc:
+        # A message the protocol cannot carry (for instance text that is not
+        # valid UTF-8): say so in one line, never with a traceback.
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        sys.stderr.write(f"jobcli: {first[:300]}\n")
         return own_error
     except KeyboardInterrupt:
         return 130

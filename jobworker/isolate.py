@@ -67,8 +67,8 @@ shares when run from L{compiled_helper}'s bytecode (4.6 MiB from source),
 nearly all of it the Python interpreter's own start-up state
 (C{tests/test_isolate.py} measures it).
 
-Configuration (argv[1], a JSON object)
-======================================
+Configuration (argv[1], a JSON object, or "-" to read it from stdin)
+====================================================================
 
   - C{argv}: non-empty list of str.  argv[0] without a slash is looked up in
     the job's C{PATH} (default C{/bin:/usr/bin}), like execvpe(3), except
@@ -849,6 +849,28 @@ def compiled_helper(directory: str | None = None) -> str:
     return target
 
 
+def read_stdin_config() -> str:
+    """
+    Read the configuration from fd 0 to its end, then put /dev/null there
+    for the command.  The server passes large configurations this way: one
+    argv string may not exceed 128 KiB (MAX_ARG_STRLEN), and a job's own
+    argv and environment may be larger.
+    """
+    chunks = []
+    while True:
+        chunk = posix.read(0, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    null = posix.open("/dev/null", posix.O_RDONLY)
+    posix.dup2(null, 0)
+    posix.close(null)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad_config("configuration on stdin is not UTF-8") from None
+
+
 def main(argv: list[str]) -> None:
     """
     Run the job described by C{argv[1]}; never returns, never prints.
@@ -863,8 +885,8 @@ def main(argv: list[str]) -> None:
         posix._exit(EXIT_SETUP_FAILED)
     try:
         if len(argv) != 2:
-            raise _bad_config("usage: isolate.py CONFIG_JSON")
-        config = parse_config(argv[1])
+            raise _bad_config("usage: isolate.py CONFIG_JSON|-")
+        config = parse_config(read_stdin_config() if argv[1] == "-" else argv[1])
         join_cgroups(config.cgroup_procs)
         die_with_parent()
         new_session()

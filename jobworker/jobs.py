@@ -298,17 +298,20 @@ class Job:
     def spawn(self, reactor: Any, helper_config: dict[str, Any]) -> defer.Deferred[Job]:
         stdout_r, stdout_w = _output_pipe()
         stderr_r, stderr_w = _output_pipe()
-        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         readers = []
         try:
             self.transport = reactor.spawnProcess(
                 _HelperProtocol(self),
                 sys.executable,
-                [sys.executable, "-I", "-S", ISOLATE_SCRIPT, json.dumps(helper_config)],
+                # The configuration goes through stdin (the helper then puts
+                # /dev/null there): argv could not carry a 256 KiB command.
+                [sys.executable, "-I", "-S", ISOLATE_SCRIPT, "-"],
                 env={},
                 path="/",
-                childFDs={0: devnull, 1: stdout_w, 2: stderr_w, 3: "r"},
+                childFDs={0: "w", 1: stdout_w, 2: stderr_w, 3: "r"},
             )
+            self.transport.write(json.dumps(helper_config).encode())
+            self.transport.closeStdin()
             for fd, read_end in ((1, stdout_r), (2, stderr_r)):
                 reader = _PipeReader(reactor, read_end, lambda data, fd=fd: self._output_received(fd, data), self._pipe_closed)
                 readers.append(reader)
@@ -317,7 +320,7 @@ class Job:
                 os.close(fd)
             raise
         finally:
-            for fd in (stdout_w, stderr_w, devnull):
+            for fd in (stdout_w, stderr_w):
                 os.close(fd)
         self._open_pipes = 2
         self._readers = readers

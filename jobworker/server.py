@@ -170,6 +170,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.pump = _StreamPump(self)
         self._waits: set[defer.Deferred[Any]] = set()
         self._abort_call: Any = None
+        self._goaway_sent = False
         self._peer = "?"
         self._subscriptions: dict[int, Callable[[], None]] = {}
 
@@ -230,12 +231,21 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self._dispatch(message)
 
     def _fail(self, error: ProtocolError) -> None:
-        if not self.conn.is_closed:
+        if self.identity is None:
+            # TLS never completed: nothing can be said to this peer.
+            self.setTimeout(None)
+            self.transport.abortConnection()
+            return
+        if not self._goaway_sent:
+            self._goaway_sent = True
             self.transport.write(self.conn.goaway(error))
         self._close()
 
     def _close(self) -> None:
         self.setTimeout(None)
+        # The TLS layer shuts down only once no producer is registered.
+        self.pump.stopProducing()
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         if self._abort_call is None:
             self._abort_call = self.reactor.callLater(ABORT_GRACE_S, self.transport.abortConnection)
