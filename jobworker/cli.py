@@ -171,14 +171,25 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _stream(client: BlockingClient, job_id: uuid.UUID, offset: int, follow: bool) -> m.JobStatus:
     status = None
+    gaps = dropped = 0
     for message in client.follow(job_id, offset=offset, follow=follow):
         if isinstance(message, m.Output):
             _write_all(message.fd, message.data)
         elif isinstance(message, m.Gap):
-            sys.stderr.write(f"jobcli: {message.length} bytes of output at offset {message.offset} were dropped by the server's retention limit\n")
-            sys.stderr.flush()
+            # The first gap is reported when it happens; the rest in one
+            # total at the end, so a long lagging follow does not flood.
+            if not gaps:
+                sys.stderr.write(
+                    f"jobcli: {message.length} bytes of output at offset {message.offset} "
+                    "were dropped by the server's retention limit\n"
+                )
+                sys.stderr.flush()
+            gaps += 1
+            dropped += message.length
         else:
             status = message.status
+    if gaps > 1:
+        sys.stderr.write(f"jobcli: in all, {dropped} bytes of output in {gaps} gaps were dropped by the server's retention limit\n")
     assert status is not None
     return status
 

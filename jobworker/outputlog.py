@@ -53,7 +53,7 @@ __all__ = [
 
 RECORD_HEADER_SIZE = 9
 GAP_FD = 0
-DEFAULT_RING_SIZE = 1 << 20  # 1 MiB
+DEFAULT_RING_SIZE = 4 << 20  # 4 MiB: a live follower at hundreds of MB/s stays inside it
 DEFAULT_RETENTION = 1 << 30  # 1 GiB
 INDEX_EVERY = 64 << 10  # one index entry per 64 KiB of spooled output
 _SPOOL_READ_BLOCK = 256 << 10

@@ -47,9 +47,11 @@ log = Logger()
 
 # Time to drain a GOAWAY before the connection is aborted.
 ABORT_GRACE_S = 5.0
-# Bytes one stream may send per turn of the pump; a fair share that still
-# fills a 1 MiB frame when only one stream is busy.
-TURN_BYTES = 1 << 20
+# Bytes one stream may send per turn of the pump, as one frame: a fair
+# share, and small enough (below glibc's 128 KiB mmap threshold) that the
+# buffers behind each frame, on both ends, are reused rather than mapped and
+# faulted in afresh.
+TURN_BYTES = 64 << 10
 # Bytes the pump sends before yielding the reactor to other work.
 PUMP_BUDGET = 8 << 20
 # Error messages are cut to this many characters: they may quote client

@@ -8,6 +8,7 @@ The C{twistd jobworker} service: options and the service tree.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -48,10 +49,10 @@ class Options(usage.Options):
         ["key", None, "certs/server.key", "Server private key (PEM)."],
         ["state-dir", None, None, "Job records and output spools (default /var/lib/jobworker as root, else ./state)."],
         ["retention", None, "1G", "Output kept on disk per job; beyond it, followers see an explicit gap."],
-        ["ring-size", None, "1M", "Recent output kept in memory per running job."],
+        ["ring-size", None, "4M", "Recent output kept in memory per running job."],
         ["job-user", None, "nobody", "User that jobs run as unless an admin asks for another."],
         ["cgroups", None, "auto", "cgroup driver: auto, v1, v2 or none (no resource limits)."],
-        ["cgroup-prefix", None, "jobworker", "Directory, below the server's own cgroup, that holds the job cgroups (one per server instance)."],
+        ["cgroup-prefix", None, None, "Directory, below the server's own cgroup, for the job cgroups (default: jobworker-<hash of the state dir>, one per server)."],
         ["grace", None, "10", "Seconds between SIGTERM and SIGKILL when the server stops jobs."],
         ["max-jobs-per-identity", None, "256", "Running jobs one identity may have at once."],
         ["max-finished-jobs", None, "1000", "Finished jobs kept; the oldest beyond this are removed."],
@@ -92,6 +93,13 @@ class Options(usage.Options):
             raise usage.UsageError("--cgroups must be auto, v1, v2 or none")
         if self["state-dir"] is None:
             self["state-dir"] = "/var/lib/jobworker" if os.geteuid() == 0 else os.path.abspath("state")
+        if self["cgroup-prefix"] is None:
+            # Two servers started in one cgroup must never share a subtree:
+            # each one's start-up clean-up would kill the other's jobs.  The
+            # state dir already names one server (it is locked), so the
+            # prefix follows it.
+            digest = hashlib.sha256(os.path.realpath(self["state-dir"]).encode()).hexdigest()[:10]
+            self["cgroup-prefix"] = f"jobworker-{digest}"
 
     def _limits(self, prefix: str) -> Limits:
         values = {}
@@ -147,8 +155,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     driver = _cgroup_driver(options["cgroups"], options["cgroup-prefix"]) if privileged else None
     if driver is not None:
         log.info(
-            "cgroup {name} driver, controllers: {controllers}",
+            "cgroup {name} driver, controllers: {controllers}, job cgroups under {base}",
             name=driver.name,
+            base=driver.base_description,
             controllers=",".join(sorted(driver.controllers)),
         )
     else:

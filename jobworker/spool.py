@@ -72,6 +72,7 @@ class FileSpool:
         self.path = path
         self.on_drained: Callable[[], None] | None = None
         self._fd: int | None = None
+        self._read_fd: int | None = None
         self._lock = threading.Lock()
         self._pending: deque[bytes] = deque()
         self._pending_bytes = 0
@@ -151,11 +152,7 @@ class FileSpool:
             pending = list(self._pending) if position + size > written else []
         pieces = []
         if position < written:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                pieces.append(os.pread(fd, min(size, written - position), position))
-            finally:
-                os.close(fd)
+            pieces.append(self._pread_file(position, min(size, written - position)))
         got = sum(map(len, pieces))
         cursor = written
         for data in pending:
@@ -171,12 +168,28 @@ class FileSpool:
             cursor = end
         return b"".join(pieces)
 
+    def _pread_file(self, position: int, size: int) -> bytes:
+        # While the job runs its followers read often: keep one descriptor.
+        # A sealed spool opens per read, so finished jobs hold none.
+        if not self._sealed:
+            if self._read_fd is None:
+                self._read_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            return os.pread(self._read_fd, size, position)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, size, position)
+        finally:
+            os.close(fd)
+
     def seal(self) -> None:
         """
         No more appends; the file is closed once the queue is written.
         """
         if not self._sealed:
             self._sealed = True
+            if self._read_fd is not None:
+                os.close(self._read_fd)
+                self._read_fd = None
             _Writer.get().submit(self, None)
 
     def flush(self, timeout: float | None = None) -> bool:

@@ -12,6 +12,7 @@ a crash leaves either the old record or the new one, never a torn one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import uuid
@@ -21,7 +22,13 @@ from twisted.logger import Logger
 
 from jobworker.records import status_from_dict, status_to_dict
 
-__all__ = ["JobStore"]
+__all__ = ["JobStore", "StateDirLocked"]
+
+
+class StateDirLocked(Exception):
+    """
+    Another server holds the state directory.
+    """
 
 log = Logger()
 
@@ -32,7 +39,24 @@ class JobStore:
         self.jobs_dir = os.path.join(state_dir, "jobs")
 
     def open(self) -> None:
+        """
+        Make the directories and lock the state dir for this process.
+
+        @raise StateDirLocked: another server is using it.
+        """
         os.makedirs(self.jobs_dir, mode=0o700, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(self.state_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StateDirLocked(f"another jobworker server is using the state directory {self.state_dir}") from None
+
+    def close(self) -> None:
+        if getattr(self, "_lock_fd", None) is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def spool_path(self, job_id: uuid.UUID) -> str:
         return os.path.join(self.jobs_dir, f"{job_id}.out")

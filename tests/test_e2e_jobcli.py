@@ -306,7 +306,7 @@ def test_logs_since_offset_resumes(server):
 
 
 def test_wait_exits_with_the_jobs_code(server):
-    exited = start(server, "sh", "-c", "sleep 0.5; exit 7")
+    exited = start(server, "sh", "-c", "sleep 2; exit 7")
     signaled = start(server, "sh", "-c", "sleep 0.5; kill -TERM $$")
     began = time.monotonic()
     result = server.jobcli("wait", exited)

@@ -50,7 +50,10 @@ class FrameBuffer:
             frame_end = position + HEADER_SIZE + length
             if frame_end > end:
                 break
-            frames.append((buffer[position + HEADER_SIZE], bytes(buffer[position + HEADER_SIZE + 1 : frame_end])))
+            # One copy, straight from the buffer into the body's bytes.
+            with memoryview(buffer) as view:
+                body = bytes(view[position + HEADER_SIZE + 1 : frame_end])
+            frames.append((buffer[position + HEADER_SIZE], body))
             position = frame_end
         if position:
             del buffer[:position]
