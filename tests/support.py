@@ -148,10 +148,11 @@ def start_server(certs: Path, state_dir: Path, *args: str, port: int | None = No
         str(BIN / "twistd"), "-n", "--pidfile=", "jobworker",
         "--listen", f"tcp:{port}:interface=127.0.0.1",
         "--ca", str(certs / "ca.pem"), "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
-        "--state-dir", str(state_dir), "--grace", "3",
-        # Servers of one test run share a cgroup: each gets its own subtree,
-        # so one's start-up clean-up never touches another's jobs.
-        "--cgroup-prefix", f"jobworker-test-{port}", *args,
+        # Each state dir gets its own cgroup subtree (the server derives the
+        # prefix from it), so servers of one test run never touch each
+        # other's jobs, and a restart on the same state dir cleans up what
+        # a killed server left.
+        "--state-dir", str(state_dir), "--grace", "3", *args,
     ]
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(REPO))
