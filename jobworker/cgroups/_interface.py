@@ -4,9 +4,10 @@ What the job manager sees of a cgroup driver, whichever version is below.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Iterable, Protocol
 
 from jobworker.errors import ErrorCode, JobworkerError, RequestError
 from jobworker.limits import Limits
@@ -217,3 +218,36 @@ def check_supported(limits: Limits, controllers: frozenset[str], driver: str) ->
             f"available: {', '.join(sorted(controllers)) or 'none'})",
             ErrorCode.UNSUPPORTED_LIMIT,
         )
+
+
+def stale_job_names(base: str) -> set[str]:
+    """
+    The job directories in C{base} (none if C{base} does not exist).
+    """
+    try:
+        entries = os.listdir(base)
+    except FileNotFoundError:
+        return set()
+    return {n for n in entries if n.startswith(JOB_DIRECTORY_PREFIX) and os.path.isdir(os.path.join(base, n))}
+
+
+def remove_each(names: Iterable[str], job: Callable[[str], JobCgroup]) -> list[str]:
+    """
+    Remove the job cgroup of every name, going on past failures.
+
+    @return: the names removed.
+    @raise CgroupError: naming every cgroup that could not be removed,
+        after trying them all.
+    """
+    removed = []
+    failures = []
+    for name in sorted(names):
+        try:
+            job(name).remove()
+        except CgroupError as e:
+            failures.append(e.message)
+        else:
+            removed.append(name)
+    if failures:
+        raise CgroupError("; ".join(failures))
+    return removed

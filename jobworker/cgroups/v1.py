@@ -71,11 +71,12 @@ from jobworker.cgroups._host import (
     write_limit,
 )
 from jobworker.cgroups._interface import (
-    JOB_DIRECTORY_PREFIX,
     CgroupError,
     Usage,
     check_supported,
     job_directory_name,
+    remove_each,
+    stale_job_names,
 )
 from jobworker.cgroups._limits import cpu_bandwidth
 from jobworker.errors import ErrorCode, RequestError
@@ -363,27 +364,8 @@ class CgroupV1Driver:
     def cleanup_stale(self) -> list[str]:
         names: set[str] = set()
         for base in self.bases:
-            try:
-                entries = os.listdir(base)
-            except FileNotFoundError:
-                continue
-            names.update(
-                n
-                for n in entries
-                if n.startswith(JOB_DIRECTORY_PREFIX) and os.path.isdir(os.path.join(base, n))
-            )
-        removed = []
-        failures = []
-        for name in sorted(names):
-            try:
-                self._job(name).remove()
-            except CgroupError as e:
-                failures.append(e.message)
-            else:
-                removed.append(name)
-        if failures:
-            raise CgroupError("; ".join(failures))
-        return removed
+            names |= stale_job_names(base)
+        return remove_each(names, self._job)
 
     def usage_supported(self) -> frozenset[str]:
         supported = set()

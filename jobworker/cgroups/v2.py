@@ -74,12 +74,13 @@ from jobworker.cgroups._host import (
     write_limit,
 )
 from jobworker.cgroups._interface import (
-    JOB_DIRECTORY_PREFIX,
     SERVICE_LEAF,
     CgroupError,
     Usage,
     check_supported,
     job_directory_name,
+    remove_each,
+    stale_job_names,
 )
 from jobworker.cgroups._limits import cpu_bandwidth
 from jobworker.errors import ErrorCode, RequestError
@@ -427,28 +428,10 @@ class CgroupV2Driver:
                 )
 
     def cleanup_stale(self) -> list[str]:
-        try:
-            names = sorted(
-                n
-                for n in os.listdir(self.base)
-                if n.startswith(JOB_DIRECTORY_PREFIX) and os.path.isdir(os.path.join(self.base, n))
-            )
-        except FileNotFoundError:
-            return []
-        removed = []
-        failures = []
-        for name in names:
-            try:
-                CgroupV2Job(
-                    os.path.join(self.base, name), self._calls, use_cgroup_kill=self._use_cgroup_kill
-                ).remove()
-            except CgroupError as e:
-                failures.append(e.message)
-            else:
-                removed.append(name)
-        if failures:
-            raise CgroupError("; ".join(failures))
-        return removed
+        return remove_each(
+            stale_job_names(self.base),
+            lambda name: CgroupV2Job(os.path.join(self.base, name), self._calls, use_cgroup_kill=self._use_cgroup_kill),
+        )
 
     def usage_supported(self) -> frozenset[str]:
         # cpu.stat's usage_usec is core cgroup v2, there without the cpu
