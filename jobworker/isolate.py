@@ -6,8 +6,9 @@ The server runs it by path, never imports it for this::
 
     python -I -S /path/to/jobworker/isolate.py CONFIG_JSON
 
-or, faster, runs the bytecode that L{compiled_helper} returns the same way,
-with fd 0, 1 and 2 connected to the job's stdin, stdout and stderr, and the
+(or with C{-} for CONFIG_JSON and the configuration written to stdin) or,
+faster, runs the bytecode that L{compiled_helper} returns the same way, with
+fd 0, 1 and 2 connected to the job's stdin, stdout and stderr, and the
 write end of a status pipe inherited as fd 3.  The server must spawn it from a
 long-lived thread (the reactor thread): the helper asks the kernel to kill it
 with SIGKILL when the spawning *thread* exits.
@@ -873,7 +874,8 @@ def read_stdin_config() -> str:
 
 def main(argv: list[str]) -> None:
     """
-    Run the job described by C{argv[1]}; never returns, never prints.
+    Run the job described by C{argv[1]} (or stdin, for C{-}); never
+    returns, never prints.
     """
     gc.disable()
     try:

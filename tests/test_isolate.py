@@ -645,6 +645,29 @@ def test_command_inherits_only_stdio(isolated: bool) -> None:
     assert job.stdout_lines() == ["2 open", "3 closed", f"{fd} closed"]
 
 
+def test_config_on_stdin_may_exceed_one_argument() -> None:
+    """
+    With C{-} the configuration comes on stdin, so it may be larger than
+    the 128 KiB one argv string can hold; the command then gets /dev/null
+    as its stdin.
+    """
+    words = ["y" * 1000] * 200
+    job = config(["sh", "-c", "echo $#; cat", "sh", *words], isolate=False)
+    raw = json.dumps(job).encode()
+    assert len(raw) > 128 * 1024
+    helper = subprocess.run(
+        [PYTHON, "-I", "-S", isolate.__file__, "-"],
+        input=raw,
+        capture_output=True,
+        preexec_fn=lambda: os.dup2(1, isolate.STATUS_FD),
+        close_fds=False,
+        timeout=TIMEOUT,
+    )
+    assert helper.stderr == b""
+    assert helper.stdout == b"200\n"
+    assert helper.returncode == 0
+
+
 def test_environment_is_exactly_the_given_one() -> None:
     job = run({"argv": ["/usr/bin/env"], "env": {"ONLY": "this"}, "isolate": False})
     assert job.stdout == b"ONLY=this\n"
