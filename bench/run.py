@@ -519,11 +519,6 @@ class JobworkerServer:
             "--key", os.path.join(certs, "server.key"),
             "--state-dir", self.state_dir,
             "--grace", "3",
-            # Few finished jobs are kept, so their spools are deleted and the
-            # page cache they held is reused: on this VM the first touch of
-            # fresh guest memory costs seconds per GiB, which a long-running
-            # host never pays again and which would otherwise be measured.
-            "--max-finished-jobs", "4",
             *extra,
         ]  # fmt: skip
         self.args = command
