@@ -355,6 +355,16 @@ class JobworkerClientProtocol(Protocol):
 
     # -- Twisted's side ------------------------------------------------------------
 
+    def connectionMade(self) -> None:
+        # Requests are small and each one waits for its answer: without
+        # TCP_NODELAY, Nagle's algorithm holds them for a delayed ACK.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except (OSError, AttributeError):
+                pass
+
     def dataReceived(self, data: bytes) -> None:
         if self._lost is not None:
             return

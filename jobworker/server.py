@@ -186,6 +186,15 @@ class ServerProtocol(Protocol, TimeoutMixin):
         peer = self.transport.getPeer()
         self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         self.setTimeout(self.limits.handshake_timeout_s)
+        # Responses are small and each one ends a round trip: without
+        # TCP_NODELAY, Nagle's algorithm holds them for the client's delayed
+        # ACK, 40 ms per request.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass  # not a TCP socket (a UNIX endpoint)
         self.transport.registerProducer(self.pump, True)
 
     def handshakeCompleted(self) -> None:
