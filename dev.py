@@ -70,7 +70,11 @@ def serve(arguments: list[str]) -> int:
         subprocess.run([os.path.join(BIN, "jobworker-pki"), "dev", certs], check=True)
     command = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "jobworker"]
     command += ["--ca", os.path.join(certs, "ca.pem"), "--cert", os.path.join(certs, "server.pem")]
-    command += ["--key", os.path.join(certs, "server.key")] + arguments
+    command += ["--key", os.path.join(certs, "server.key")]
+    if not any(argument.startswith("--state-dir") for argument in arguments):
+        # A development server keeps its jobs in the checkout, not in /var/lib.
+        command += ["--state-dir", os.path.join(ROOT, "state")]
+    command += arguments
     os.chdir(ROOT)
     os.execv(command[0], command)
 
