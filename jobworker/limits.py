@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 from dataclasses import dataclass, fields, replace
 
 __all__ = [
@@ -42,10 +43,11 @@ MAX_BYTES = 2**62
 MAX_DURATION_MS = 365 * 24 * 3600 * 1000  # one year
 MAX_PIDS = 4_194_304  # the kernel's PID_MAX_LIMIT
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+# ASCII only: with Unicode case folding "ſ" would match "s" and "K" (Kelvin) "k".
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgtp])(i?b?)|(b?))\s*$", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?", re.IGNORECASE)
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?", re.IGNORECASE | re.ASCII)
 _DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
@@ -61,9 +63,10 @@ def parse_size(text: str, *, what: str = "size") -> int:
     match = _SIZE_RE.match(text)
     if match is None:
         raise LimitError(f"{what}: {text!r} is not a size (examples: 512K, 256M, 1G)")
-    number, unit, _ = match.groups()
-    value = float(number) * _SIZE_UNITS[unit.lower()]
-    if not math.isfinite(value) or value < 1 or value > MAX_BYTES:
+    number, unit, _, _ = match.groups()
+    # Exact arithmetic: a float would round byte counts above 2**53.
+    value = Fraction(number) * _SIZE_UNITS[(unit or "").lower()]
+    if value < 1 or value > MAX_BYTES:
         raise LimitError(f"{what}: {text!r} is out of range (1 byte to 4 EiB)")
     return int(value)
 

@@ -180,7 +180,7 @@ class OutputLog:
             self._spool_record(fd, offset, head)
         self._ring.append((offset, fd, data))
         self._ring_bytes += len(data)
-        while self._ring_bytes - len(self._ring[0][2]) >= self.ring_size:
+        while self._ring and self._ring_bytes - len(self._ring[0][2]) >= self.ring_size:
             self._ring_bytes -= len(self._ring.popleft()[2])
         self._notify()
 

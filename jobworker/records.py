@@ -57,6 +57,15 @@ def status_from_dict(data: dict[str, Any]) -> JobStatus:
 
     @raise KeyError, ValueError, TypeError: C{data} is not such a dictionary.
     """
+    try:
+        return _status_from_dict(data)
+    except (AttributeError, OverflowError) as exc:
+        # A damaged record (a number where text belongs, an infinite time):
+        # reported like any other malformed value.
+        raise ValueError(f"malformed job record: {exc}") from exc
+
+
+def _status_from_dict(data: dict[str, Any]) -> JobStatus:
     limit_names = {f.name for f in fields(Limits)}
     usage_names = {f.name for f in fields(JobUsage)}
     return JobStatus(

@@ -124,16 +124,19 @@ class FileSpool:
                 self._fd = None
             self._done.set()
             return
-        if self._fd is not None and self.error is None:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-            except OSError as exc:
-                # A full disk must not lose the bytes for readers: they stay
-                # queued in memory, and the owner sees the error.
-                self.error = exc
-                return
+        if self.error is not None:
+            return  # an earlier write failed: everything from it stays queued
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            # A full disk must not lose the bytes for readers: this piece
+            # and every later one stay queued in memory (pread serves them),
+            # the backlog makes the owner stop reading the job, and the
+            # owner sees the error.
+            self.error = exc
+            return
         with self._lock:
             self._pending.popleft()
             self._pending_bytes -= len(data)

@@ -806,6 +806,19 @@ class Conversation:
             elif isinstance(message, m.EndOfStream):
                 self.unprocessed.pop(message.stream_id, None)
 
+    def client_view(self, stream_id: int) -> int:
+        """
+        The window as the client sees it.  It cannot see bytes in flight, so
+        its view is at least the server's; it refuses updates that would take
+        its own view past the maximum, and the model grants within that.
+        """
+        window = self.client._receive_windows.get(stream_id)
+        views = [self.windows[stream_id]]
+        if window is not None:
+            views.append(window.outstanding)
+        views += [credit for stream, credit in self.client._pending_follows.values() if stream == stream_id]
+        return max(views)
+
     def step(self) -> None:
         draw = self.data.draw
         # Only actions possible now, weighted towards the stream traffic
@@ -817,7 +830,7 @@ class Conversation:
             actions += ["output"] * 4 + ["gap", "end"]
         if any(self.unprocessed.values()):
             actions += ["consume"] * 6
-        if any(credit < MAX_WINDOW for credit in self.windows.values()):
+        if any(self.client_view(stream_id) < MAX_WINDOW for stream_id in self.windows):
             actions.append("grant")
         action = draw(st.sampled_from(actions))
         if action == "request":
@@ -897,8 +910,8 @@ class Conversation:
                     self.windows[stream_id] += grant.increment
         elif action == "grant":
             # An explicit update, possibly before the stream has opened.
-            stream_id = draw(st.sampled_from(sorted(s for s, c in self.windows.items() if c < MAX_WINDOW)))
-            increment = draw(st.integers(1, min(5000, MAX_WINDOW - self.windows[stream_id])))
+            stream_id = draw(st.sampled_from(sorted(s for s in self.windows if self.client_view(s) < MAX_WINDOW)))
+            increment = draw(st.integers(1, min(5000, MAX_WINDOW - self.client_view(stream_id))))
             self.client_sends(m.WindowUpdate(stream_id, increment))
             self.windows[stream_id] += increment
         else:

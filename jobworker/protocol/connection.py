@@ -33,7 +33,7 @@ from itertools import count
 
 from jobworker.errors import ErrorCode, ProtocolError
 from jobworker.protocol import messages as m
-from jobworker.protocol.flow import ReceiveWindow, SendWindow
+from jobworker.protocol.flow import MAX_WINDOW, ReceiveWindow, SendWindow
 from jobworker.protocol.framing import FrameBuffer
 from jobworker.protocol.wire import (
     MAX_FRAME_LIMIT,
@@ -342,15 +342,21 @@ class Connection:
                 raise ValueError(f"request id {request_id} is already pending")
             self._pending[request_id] = type(message)
             if isinstance(message, m.FollowRequest):
+                in_use = {stream for stream, _ in self._pending_follows.values()}
+                if message.stream_id in self._receive_windows or message.stream_id in in_use:
+                    del self._pending[request_id]
+                    raise ValueError(f"stream id {message.stream_id} is already in use")
                 self._pending_follows[request_id] = [message.stream_id, message.window]
         elif isinstance(message, m.WindowUpdate):
             window = self._receive_windows.get(message.stream_id)
+            pending = next((p for p in self._pending_follows.values() if p[0] == message.stream_id), None)
+            current = window.outstanding if window is not None else pending[1] if pending is not None else 0
+            if message.increment <= 0 or current + message.increment > MAX_WINDOW:
+                raise ValueError(f"a window update of {message.increment} would leave the window out of range")
             if window is not None:
                 window.granted(message.increment)
-            else:
-                for pending in self._pending_follows.values():
-                    if pending[0] == message.stream_id:
-                        pending[1] += message.increment
+            elif pending is not None:
+                pending[1] += message.increment
 
     def send_output(self, stream_id: int, fd: int, offset: int, data: bytes) -> bytes:
         """
