@@ -261,6 +261,9 @@ class Job:
         self._stop_reason: JobState | None = None
         self._timers: dict[str, Any] = {}
         self._finishing = False
+        self._readers: list[_PipeReader] = []
+        self._reading = False
+        self._last_oom = False  # from the last usage read of the cgroup
 
     # -- queries ---------------------------------------------------------------
 
@@ -338,7 +341,6 @@ class Job:
             self.spool.on_drained = lambda: reactor.callFromThread(self._resume_reading)
         for reader in readers:
             reactor.addReader(reader)
-        self.pid = self.transport.pid
         assert self._started is not None
         return self._started
 
@@ -468,7 +470,7 @@ class Job:
 
     def _close_pipes(self) -> None:
         self._timers.pop("eof", None)
-        for reader in list(getattr(self, "_readers", ())):
+        for reader in list(self._readers):
             reader.close()
 
     def _pipe_closed(self) -> None:
@@ -544,8 +546,6 @@ class Job:
         waiters, self._ended_waiters = self._ended_waiters, []
         for waiter in waiters:
             waiter.callback(final)
-
-    _last_oom = False
 
     def _read_usage(self) -> JobUsage:
         try:

@@ -39,6 +39,7 @@ from jobworker.jobs import Job, JobManager
 from jobworker.outputlog import GAP_FD
 from jobworker.policy import Identity, Operation, Role
 from jobworker.protocol import messages as m
+from jobworker.tls import peer_names
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, FrameTooLarge, Role as WireRole
 
 __all__ = ["ServerProtocol", "ServerFactory", "ServerLimits"]
@@ -198,8 +199,6 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.transport.registerProducer(self.pump, True)
 
     def handshakeCompleted(self) -> None:
-        from jobworker.tls import peer_names
-
         certificate = self.transport.getPeerCertificate()
         name, unit = peer_names(certificate) if certificate is not None else (None, None)
         self.identity = Identity(name or "", Role.from_ou(unit))
