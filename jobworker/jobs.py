@@ -264,6 +264,7 @@ class Job:
         self._readers: list[_PipeReader] = []
         self._reading = False
         self._last_oom = False  # from the last usage read of the cgroup
+        self._spool_error_logged = False
 
     # -- queries ---------------------------------------------------------------
 
@@ -346,6 +347,17 @@ class Job:
 
     def _output_received(self, fd: int, data: bytes) -> None:
         self.output.append(fd, data)
+        if self.spool is not None and self.spool.error is not None and not self._spool_error_logged:
+            # Nothing is lost: the bytes stay in memory (readers still get
+            # them), and past the backlog limit the job waits on its pipe
+            # until someone stops it.  Say so, once.
+            self._spool_error_logged = True
+            log.error(
+                "job {job_id}: cannot write its output to {path}: {error}; its output is kept in memory and the job will wait once 32 MiB are held",
+                job_id=self.job_id,
+                path=self.spool.path,
+                error=self.spool.error,
+            )
         if self.spool is not None and self.spool.congested and self._reading:
             # The disk is behind by HIGH_WATER bytes: let the job wait on its
             # pipe rather than let the backlog grow our memory.
