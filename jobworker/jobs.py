@@ -50,7 +50,7 @@ from jobworker.isolate import compiled_helper
 from jobworker.limits import Limits
 from jobworker.outputlog import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpool, OutputLog
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
-from jobworker.protocol.messages import JobState, JobStatus, JobUsage, Network, StartRequest
+from jobworker.protocol.messages import InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
 from jobworker.spool import FileSpool
 from jobworker.store import JobStore, StateDirLocked
 
@@ -658,6 +658,8 @@ class JobManager(Service):
         if self._shutting_down:
             raise RequestError("the server is shutting down", ErrorCode.SHUTTING_DOWN)
         self._check_verdict(authorize(identity, Operation.START))
+        if isinstance(request.limits, InvalidLimits):
+            raise RequestError(f"invalid limits: {request.limits.reason}", ErrorCode.INVALID_LIMITS)
         is_admin = identity.role is Role.ADMIN
         self._check_request(request)
         limits = self._limits_for(request.limits, is_admin)

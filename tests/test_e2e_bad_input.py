@@ -497,3 +497,34 @@ def test_client_that_never_sends_its_hello_is_dropped_after_the_handshake_timeou
     finally:
         connection.close()
     assert_still_serving(impatient_server)
+
+
+def test_limits_out_of_range_are_that_requests_error(server):
+    """
+    A start request whose limits no parser would accept (a CPU limit of
+    4 294 967 cores) is answered INVALID_LIMITS; the connection and a wait
+    pending on it go on.
+    """
+    client = server.client("admin")
+    try:
+        job_id = client.start(["sleep", "0.5"])
+        waiting = client.conn.next_request_id()
+        client._write(client.conn.send(m.WaitRequest(waiting, job_id)))
+        request_id = client.conn.next_request_id()
+        frame = bytearray(client.conn.send(m.StartRequest(request_id, ("true",))))
+        # header (5), request id (4), argv (2 + 2 + 4), env (2), workdir (2),
+        # user (2), network (1): then the u32 cpu_millicores.
+        at = 5 + 4 + 8 + 2 + 2 + 2 + 1
+        assert frame[at : at + 4] == b"\0\0\0\0"
+        frame[at : at + 4] = b"\xff\xff\xff\xff"
+        client._write(bytes(frame))
+        with pytest.raises(RequestError) as caught:
+            client._await_response(request_id)
+        assert caught.value.code is ErrorCode.INVALID_LIMITS
+        assert "cpu_millicores" in caught.value.message
+        # The wait sent before the bad request is answered on the same connection.
+        status = client._await_response(waiting).status
+        assert status.state is m.JobState.EXITED
+    finally:
+        client.close()
+    assert_still_serving(server)

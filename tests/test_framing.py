@@ -283,18 +283,33 @@ def test_unknown_enum_codes_are_protocol_errors() -> None:
         decode_body(kind, _with_byte(body, 4 + 1 + 16 + 3 + 2, 0))
 
 
-def test_limit_out_of_range_is_a_protocol_error() -> None:
+def test_limit_out_of_range_is_the_requests_error() -> None:
     """
-    A limit no correct encoder could produce is the peer's fault: a
-    ProtocolError, never a LimitError escaping the decoder.
+    A limit out of range in a well-formed start request is that request's
+    error: it decodes to InvalidLimits with the reason (answered
+    INVALID_LIMITS), never a LimitError escaping the decoder, and the
+    connection goes on.
     """
     kind, body = split_frame(encode_message(m.StartRequest(1, ("true",))))
     # request id (4), argv [u16 count, "true"] (2 + 2 + 4), env count (2),
     # workdir (2), user (2), network (1): then cpu_millicores, a u32.
     at = 4 + 8 + 2 + 2 + 2 + 1
     assert body[at : at + 4] == b"\x00\x00\x00\x00"
+    decoded = decode_body(kind, body[:at] + b"\xff\xff\xff\xff" + body[at + 4 :])
+    assert isinstance(decoded, m.StartRequest)
+    assert isinstance(decoded.limits, m.InvalidLimits)
+    assert "cpu_millicores" in decoded.limits.reason
+    # Limits in a status the server sends stay strict: no correct server
+    # produces them, so they are the peer's fault.
+    # Non-zero times and texts, so the first run of 40 zero bytes is the limits.
+    status = m.JobStatus(
+        uuid.UUID(int=1), "a", ("x",), m.JobState.RUNNING,
+        created_at=1, started_at=1, ended_at=1, error="e", stopped_by="s",
+    )
+    kind, body = split_frame(encode_message(m.StatusResponse(1, status)))
+    limits_at = body.index(b"\x00" * 40)
     with pytest.raises(ProtocolError):
-        decode_body(kind, body[:at] + b"\xff\xff\xff\xff" + body[at + 4 :])
+        decode_body(kind, body[:limits_at] + b"\xff\xff\xff\xff" + body[limits_at + 4 :])
 
 
 def test_invalid_utf8_in_a_string_is_a_protocol_error() -> None:

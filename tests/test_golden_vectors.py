@@ -19,6 +19,7 @@ import enum
 import json
 import re
 import struct
+import types
 import typing
 import uuid
 from pathlib import Path
@@ -70,6 +71,11 @@ def from_json(hint: Any, value: Any) -> Any:
     anything the JSON conventions of the README do not allow.
     """
     origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        # StartRequest.limits is Limits | InvalidLimits: the wire and the
+        # vectors carry Limits; InvalidLimits only stands in, after decoding,
+        # for values out of range.
+        return from_json(typing.get_args(hint)[0], value)
     if origin is tuple:
         assert isinstance(value, list), value
         args = typing.get_args(hint)

@@ -26,6 +26,7 @@ __all__ = [
     "JobState",
     "Network",
     "EndReason",
+    "InvalidLimits",
     "JobUsage",
     "JobStatus",
     "Message",
@@ -97,6 +98,19 @@ class EndReason(IntEnum):
     CAUGHT_UP = 1  # a non-follow read reached the end of what exists now
     CANCELLED = 2  # the client cancelled the stream
     REMOVED = 3  # the job was removed while followed
+
+
+@dataclass(frozen=True)
+class InvalidLimits:
+    """
+    Limits a client sent that are out of range, in place of a L{Limits}.
+
+    The frame itself was well formed, so this is one request's error
+    (C{INVALID_LIMITS}), not the connection's: the decoder keeps the reason
+    and the server answers the request with it.
+    """
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -196,7 +210,7 @@ class StartRequest(Message):
     workdir: str = ""  # "" = the server's default
     user: str = ""  # "" = the server's default job user
     network: Network = Network.NONE
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits | InvalidLimits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)

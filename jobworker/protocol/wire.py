@@ -135,17 +135,37 @@ JobId = _Uuid(Bytes(16))
 RequestId = Int32ub
 StreamId = Int32ub
 
-LimitsSchema = _Record(
-    Struct(
-        "cpu_millicores" / Int32ub,
-        "memory_bytes" / Int64ub,
-        "io_read_bps" / Int64ub,
-        "io_write_bps" / Int64ub,
-        "pids" / Int32ub,
-        "timeout_ms" / Int64ub,
-    ),
-    Limits,
+_LIMITS = Struct(
+    "cpu_millicores" / Int32ub,
+    "memory_bytes" / Int64ub,
+    "io_read_bps" / Int64ub,
+    "io_write_bps" / Int64ub,
+    "pids" / Int32ub,
+    "timeout_ms" / Int64ub,
 )
+LimitsSchema = _Record(_LIMITS, Limits)
+
+
+class _RequestLimits(Adapter):
+    """
+    The limits of a start request: the same bytes as L{LimitsSchema}, but a
+    value out of range becomes L{m.InvalidLimits}, answered as that one
+    request's error, instead of failing the whole frame.
+    """
+
+    def _decode(self, obj: Any, context: Any, path: Any) -> Limits | m.InvalidLimits:
+        try:
+            return Limits(**{name: obj[name] for name in _LIMIT_FIELDS})
+        except LimitError as exc:
+            return m.InvalidLimits(str(exc))
+
+    def _encode(self, obj: Any, context: Any, path: Any) -> dict[str, int]:
+        if isinstance(obj, m.InvalidLimits):
+            raise ValueError(f"cannot encode invalid limits: {obj.reason}")
+        return {name: getattr(obj, name) for name in _LIMIT_FIELDS}
+
+
+_LIMIT_FIELDS = [f.name for f in fields(Limits)]
 
 UsageSchema = _Record(
     Struct(
@@ -199,7 +219,7 @@ SCHEMAS: dict[type[m.Message], Any] = {
         "workdir" / Text,
         "user" / Text,
         "network" / Int8ub,
-        "limits" / LimitsSchema,
+        "limits" / _RequestLimits(_LIMITS),
     ),
     m.StopRequest: Struct(
         "request_id" / RequestId, "job_id" / JobId, "grace_ms" / Int32ub, "force" / Flag
