@@ -55,6 +55,9 @@ ABORT_GRACE_S = 5.0
 TURN_BYTES = 64 << 10
 # Bytes the pump sends before yielding the reactor to other work.
 PUMP_BUDGET = 8 << 20
+# Bytes of encrypted output one connection may hold in user space before
+# the pump is paused.
+WRITE_BUFFER = 512 << 10
 # Error messages are cut to this many characters: they may quote client
 # input (an environment variable name), and must always fit a frame.
 MAX_ERROR_MESSAGE = 1000
@@ -196,6 +199,14 @@ class ServerProtocol(Protocol, TimeoutMixin):
                 set_no_delay(True)
             except OSError:
                 pass  # not a TCP socket (a UNIX endpoint)
+        # Let the TCP transport hold WRITE_BUFFER bytes before it pauses us
+        # (Twisted's default is 64 KiB): the pump then sends several frames
+        # per turn of the reactor instead of one, and a live follower keeps
+        # up with the job's output in memory instead of reading it back from
+        # the spool.  Bounded per connection.
+        tcp = getattr(self.transport, "transport", None)
+        if tcp is not None and hasattr(tcp, "bufferSize"):
+            tcp.bufferSize = WRITE_BUFFER
         self.transport.registerProducer(self.pump, True)
 
     def handshakeCompleted(self) -> None:
