@@ -170,6 +170,21 @@ def walk_up(top: str) -> list[str]:
     return [directory for directory, _, _ in os.walk(top, topdown=False)]
 
 
+def pids_below(tops: Iterable[str]) -> list[int]:
+    """
+    Every pid in the cgroups C{tops} and their descendants, sorted; a cgroup
+    that vanishes meanwhile counts as empty.
+    """
+    found: set[int] = set()
+    for top in tops:
+        for directory in walk_up(top):
+            try:
+                found.update(read_pids(os.path.join(directory, "cgroup.procs")))
+            except FileNotFoundError:
+                pass
+    return sorted(found)
+
+
 def remove_directories(
     calls: HostCalls,
     tops: Iterable[str],

@@ -64,10 +64,9 @@ from jobworker.cgroups._host import (
     optional_int,
     optional_keyed,
     poll,
-    read_pids,
+    pids_below,
     read_text,
     remove_directories,
-    walk_up,
     write_limit,
 )
 from jobworker.cgroups._interface import (
@@ -187,14 +186,7 @@ class CgroupV1Job:
     def pids(self) -> list[int]:
         # A process could have moved itself out of the job in one
         # hierarchy (a root job can write cgroup.procs), so all count.
-        found: set[int] = set()
-        for top in self._tops:
-            for directory in walk_up(top):
-                try:
-                    found.update(read_pids(os.path.join(directory, "cgroup.procs")))
-                except FileNotFoundError:
-                    pass
-        return sorted(found)
+        return pids_below(self._tops)
 
     def kill(self) -> None:
         calls = self._calls

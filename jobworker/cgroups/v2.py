@@ -67,10 +67,10 @@ from jobworker.cgroups._host import (
     optional_keyed,
     poll,
     read_keyed,
+    pids_below,
     read_pids,
     read_text,
     remove_directories,
-    walk_up,
     write_limit,
 )
 from jobworker.cgroups._interface import (
@@ -176,13 +176,7 @@ class CgroupV2Job:
         return self._last
 
     def pids(self) -> list[int]:
-        found: set[int] = set()
-        for directory in walk_up(self.path):
-            try:
-                found.update(read_pids(os.path.join(directory, "cgroup.procs")))
-            except FileNotFoundError:
-                pass
-        return sorted(found)
+        return pids_below([self.path])
 
     def kill(self) -> None:
         kill_file = self._file("cgroup.kill")

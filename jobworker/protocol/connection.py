@@ -225,16 +225,9 @@ class Connection:
 
     def _server_received(self, message: m.Message) -> None:
         if isinstance(message, m.REQUEST_TYPES):
-            request_id = message.request_id  # type: ignore[attr-defined]
-            if request_id in self._pending:
-                raise ProtocolError(f"request id {request_id} reused while pending")
-            self._pending[request_id] = type(message)
             if isinstance(message, m.FollowRequest):
-                in_use = {stream for stream, _ in self._pending_follows.values()}
-                if message.stream_id in self._send_windows or message.stream_id in in_use:
-                    raise ProtocolError(f"stream id {message.stream_id} already in use")
                 SendWindow(message.window)  # validates the initial window
-                self._pending_follows[request_id] = [message.stream_id, message.window]
+            self._track_request(message, ProtocolError)
         elif isinstance(message, m.WindowUpdate):
             window = self._send_windows.get(message.stream_id)
             # An update may cross the stream's end on the wire; that is not
@@ -265,6 +258,24 @@ class Connection:
         elif isinstance(message, m.EndOfStream):
             if self._receive_windows.pop(message.stream_id, None) is None:
                 raise ProtocolError(f"end of stream {message.stream_id}, which is not open")
+
+    def _track_request(self, message: m.Message, error: type[Exception]) -> None:
+        """
+        Record a request (received by a server, sent by a client) as pending,
+        and a follow's stream as pending too.  A reused request id or stream
+        id raises C{error}: L{ProtocolError} for the peer's, L{ValueError}
+        for our own.
+        """
+        request_id = message.request_id  # type: ignore[attr-defined]
+        if request_id in self._pending:
+            raise error(f"request id {request_id} reused while pending")
+        if isinstance(message, m.FollowRequest):
+            open_streams = self._send_windows if self.role is Role.SERVER else self._receive_windows
+            pending_streams = {stream for stream, _ in self._pending_follows.values()}
+            if message.stream_id in open_streams or message.stream_id in pending_streams:
+                raise error(f"stream id {message.stream_id} already in use")
+            self._pending_follows[request_id] = [message.stream_id, message.window]
+        self._pending[request_id] = type(message)
 
     def _peer_role(self) -> str:
         return "client" if self.role is Role.SERVER else "server"
@@ -337,16 +348,7 @@ class Connection:
 
     def _client_sends(self, message: m.Message) -> None:
         if isinstance(message, m.REQUEST_TYPES):
-            request_id = message.request_id  # type: ignore[attr-defined]
-            if request_id in self._pending:
-                raise ValueError(f"request id {request_id} is already pending")
-            self._pending[request_id] = type(message)
-            if isinstance(message, m.FollowRequest):
-                in_use = {stream for stream, _ in self._pending_follows.values()}
-                if message.stream_id in self._receive_windows or message.stream_id in in_use:
-                    del self._pending[request_id]
-                    raise ValueError(f"stream id {message.stream_id} is already in use")
-                self._pending_follows[request_id] = [message.stream_id, message.window]
+            self._track_request(message, ValueError)
         elif isinstance(message, m.WindowUpdate):
             window = self._receive_windows.get(message.stream_id)
             pending = next((p for p in self._pending_follows.values() if p[0] == message.stream_id), None)
