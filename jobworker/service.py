@@ -16,7 +16,6 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from jobworker.jobs import JobManager, JobManagerConfig
@@ -133,7 +132,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    from jobworker.tls import server_tls_options
+    from jobworker.tls import BulkTLSMemoryBIOFactory, server_tls_options
 
     privileged = os.geteuid() == 0
     isolate = not options["no-isolation"]
@@ -174,7 +173,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top = MultiService()
     manager.setServiceParent(top)
     endpoint = serverFromString(reactor, options["listen"])
-    listener = StreamServerEndpointService(endpoint, TLSMemoryBIOFactory(tls, False, factory))
+    listener = StreamServerEndpointService(endpoint, BulkTLSMemoryBIOFactory(tls, False, factory))
     listener._raiseSynchronously = True
     listener.setServiceParent(top)
     return top

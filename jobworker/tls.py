@@ -53,6 +53,8 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from jobworker.pki import (
@@ -62,10 +64,8 @@ from jobworker.pki import (
     read_credentials,
 )
 
-if TYPE_CHECKING:
-    from twisted.protocols.tls import TLSMemoryBIOProtocol
-
 __all__ = [
+    "BulkTLSMemoryBIOFactory",
     "CredentialError",
     "server_tls_options",
     "client_tls_options",
@@ -73,6 +73,58 @@ __all__ = [
 ]
 
 _log = Logger()
+
+
+class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
+    """
+    Twisted's TLS protocol with one C{SSL_write} per write instead of one
+    per 16 KiB record.
+
+    Twisted cuts every write into 16 KiB slices and, after each, reads up to
+    32 KiB of ciphertext out of the memory BIO: for a server streaming
+    hundreds of MB/s that is four round trips through Python per 64 KiB
+    frame, each with a copy of its slice.  OpenSSL cuts the records itself,
+    and a memory BIO never refuses a write, so one C{SSL_write} takes the
+    whole buffer (once the server's context allows whole writes, see
+    L{_write_whole_buffers}); the ciphertext then comes out in one read.
+
+    Everything else, errors included, is Twisted's: the two methods below
+    keep the contract of the ones they replace (C{WantReadError} buffers
+    the rest until the peer speaks, any other error ends the connection).
+    """
+
+    def _write(self, data: bytes) -> None:
+        if self._lostTLSConnection:
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self._tlsConnection.send(view)
+            except SSL.WantReadError:
+                self._bufferedWrite(bytes(view))
+                break
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+                break
+            view = view[sent:]
+            self._flushSendBIO(len(data))
+
+    def _flushSendBIO(self, hint: int = 0) -> None:
+        # Ciphertext is the plaintext plus 22 bytes per record of at most
+        # 16 KiB; read it all, however much the last write made.
+        size = hint + (hint >> 14) * 22 + 4096 if hint else 2**15
+        while True:
+            try:
+                data = self._tlsConnection.bio_read(size)
+            except SSL.WantReadError:
+                return  # the BIO is empty
+            self.transport.write(data)
+            if len(data) < size:
+                return
+
+
+class BulkTLSMemoryBIOFactory(TLSMemoryBIOFactory):
+    protocol = BulkTLSMemoryBIOProtocol
 
 
 def server_tls_options(
@@ -111,7 +163,29 @@ def server_tls_options(
         # certificates can pick the right one.
         context.add_client_ca(authority)
     context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_client)
+    _write_whole_buffers(context)
     return _ServerTLSOptions(context)
+
+
+def _write_whole_buffers(context: SSL.Context) -> None:
+    """
+    Let one C{SSL_write} encrypt a whole buffer, as L{BulkTLSMemoryBIOProtocol}
+    expects.
+
+    pyOpenSSL turns on C{SSL_MODE_ENABLE_PARTIAL_WRITE} for every context,
+    which makes C{SSL_write} stop after each 16 KiB record, and it offers no
+    way to turn a mode off; so this goes through the OpenSSL binding that
+    pyOpenSSL itself uses.  Partial writes only matter to a socket BIO that
+    can refuse bytes; a memory BIO never does.  Should a later pyOpenSSL
+    move these names, this does nothing and writes are simply cut per record
+    again (the test suite notices).
+    """
+    try:
+        from OpenSSL._util import lib
+
+        lib.SSL_CTX_clear_mode(context._context, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    except (ImportError, AttributeError) as exc:  # pragma: no cover - depends on pyOpenSSL
+        _log.warn("TLS writes are cut per record: {error}", error=repr(exc))
 
 
 def client_tls_options(

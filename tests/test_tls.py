@@ -57,6 +57,7 @@ from zope.interface import implementer
 from jobworker.clienttls import ClientTLSError, client_ssl_context
 from jobworker.pki import make_ca, make_client_cert, make_dev_pki
 from jobworker.tls import (
+    BulkTLSMemoryBIOFactory,
     CredentialError,
     client_tls_options,
     peer_names,
@@ -181,6 +182,45 @@ def connect_in_memory(
     client.transport.write(b"hello")
     pump.flush()
     return client, server, pump
+
+
+@pytest.mark.parametrize("size", [1, 16 << 10, (1 << 20) + 7])
+def test_bulk_tls_sends_a_write_whole_and_at_once(pki: PKI, size: int) -> None:
+    """
+    The server's TLS layer takes a write in one C{SSL_write} and hands all
+    of its ciphertext to the transport straight away: the peer gets every
+    byte, in order, and the transport sees one write, not one per record.
+    Stock Twisted would make 64 writes of a MiB; a flush that read the
+    ciphertext only once would leave most of it stuck in the BIO.
+    """
+    clock = Clock()
+    server_factory = BulkTLSMemoryBIOFactory(pki.server_options(), False, Factory.forProtocol(Peer), clock)
+    client_factory = TLSMemoryBIOFactory(pki.client_options("viewer"), True, Factory.forProtocol(Peer), clock)
+    client_tls, server_tls, pump = connectedServerAndClient(
+        lambda: server_factory.buildProtocol(None),
+        lambda: client_factory.buildProtocol(None),
+        clock=clock,
+        greet=False,
+    )
+    client, server = client_tls.wrappedProtocol, server_tls.wrappedProtocol
+    client.transport.write(b"hello")
+    pump.flush()
+    assert server.handshake_done and server.received == b"hello"
+    writes: list[int] = []
+    transport_write = server_tls.transport.write
+
+    def counting_write(data: bytes) -> None:
+        writes.append(len(data))
+        transport_write(data)
+
+    server_tls.transport.write = counting_write
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    server.transport.write(payload)
+    assert len(writes) == 1
+    records = -(-size // (16 << 10))
+    assert writes[0] == size + 22 * records  # 5-byte header, type byte, 16-byte tag
+    pump.flush()
+    assert client.received == payload
 
 
 def assert_refused(client: Peer, server: Peer) -> None:
