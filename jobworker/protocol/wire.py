@@ -20,6 +20,7 @@ and knows nothing of connections or state.
 
 from __future__ import annotations
 
+import struct
 import uuid
 from dataclasses import fields
 from typing import Any
@@ -260,12 +261,16 @@ _PARSERS = {
 _FRAME_HEADER = Struct("length" / Int32ub, "type" / Int8ub).compile()
 
 # Output frames carry nearly every byte the service sends, so they have a
-# fast path: a compiled schema for the fixed 13-byte head, and the data taken
-# as the rest of the frame without copying it through construct's streams
-# (which costs ~200 us per 64 KiB).  It yields exactly the bytes of
-# SCHEMAS[Output]; the test suite checks that both agree.
-_OUTPUT_HEAD = Struct("stream_id" / StreamId, "fd" / Int8ub, "offset" / Int64ub).compile()
+# fast path: the frame header and the fixed 13-byte head packed by one
+# struct (a compiled construct schema costs 5 us more per frame, a tenth of
+# the server's time per 64 KiB frame), and the data taken as the rest of the
+# frame without copying it through construct's streams (which costs ~200 us
+# per 64 KiB).  It yields exactly the bytes of SCHEMAS[Output]; the test
+# suite checks that both agree.
 OUTPUT_HEAD_SIZE = 13
+_OUTPUT_PREFIX = struct.Struct(">IBIBQ")  # length, type, stream_id, fd, offset
+_OUTPUT_HEAD = struct.Struct(">IBQ")  # stream_id, fd, offset
+assert _OUTPUT_HEAD.size == OUTPUT_HEAD_SIZE
 
 
 def frame_header(length: int, message_type: int) -> bytes:
@@ -290,7 +295,7 @@ def encode_message(message: m.Message) -> bytes:
     return frame_header(len(body) + 1, message.TYPE) + body
 
 
-def decode_body(message_type: int, body: bytes) -> m.Message:
+def decode_body(message_type: int, body: bytes | memoryview) -> m.Message:
     """
     Decode one frame's body given its type byte.
 
@@ -306,7 +311,7 @@ def decode_body(message_type: int, body: bytes) -> m.Message:
         )
     cls, parser = entry
     try:
-        parsed = parser.parse(body)
+        parsed = parser.parse(bytes(body))
     except ProtocolError:
         raise
     except (ConstructError, UnicodeDecodeError, ValueError) as exc:
@@ -314,21 +319,23 @@ def decode_body(message_type: int, body: bytes) -> m.Message:
     return parsed if cls is m.Output else parsed.value
 
 
-def encode_output(stream_id: int, fd: int, offset: int, data: bytes) -> bytes:
+def encode_output(stream_id: int, fd: int, offset: int, data: bytes | memoryview) -> bytes:
     """
     Encode an L{m.Output} frame without building the message object first.
     """
-    head = _OUTPUT_HEAD.build({"stream_id": stream_id, "fd": fd, "offset": offset})
-    return frame_header(len(data) + OUTPUT_HEAD_SIZE + 1, m.Output.TYPE) + head + data
+    if not (0 <= stream_id < 1 << 32 and 0 <= fd < 256 and 0 <= offset < 1 << 64):
+        raise ValueError(f"cannot encode Output({stream_id}, {fd}, {offset}): a field is out of range")
+    length = len(data) + OUTPUT_HEAD_SIZE + 1
+    return _OUTPUT_PREFIX.pack(length, m.Output.TYPE, stream_id, fd, offset) + data
 
 
-def _decode_output(body: bytes) -> m.Output:
+def _decode_output(body: bytes | memoryview) -> m.Output:
     if len(body) < OUTPUT_HEAD_SIZE:
         raise ProtocolError("malformed Output frame: shorter than its 13-byte head")
-    head = _OUTPUT_HEAD.parse(body[:OUTPUT_HEAD_SIZE])
-    if head.fd not in (1, 2):
-        raise ProtocolError(f"malformed Output frame: fd {head.fd} is neither 1 nor 2")
-    return m.Output(head.stream_id, head.fd, head.offset, bytes(body[OUTPUT_HEAD_SIZE:]))
+    stream_id, fd, offset = _OUTPUT_HEAD.unpack_from(body)
+    if fd not in (1, 2):
+        raise ProtocolError(f"malformed Output frame: fd {fd} is neither 1 nor 2")
+    return m.Output(stream_id, fd, offset, bytes(body[OUTPUT_HEAD_SIZE:]))
 
 
 def _first_line(exc: Exception) -> str:
