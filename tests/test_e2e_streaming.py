@@ -16,7 +16,7 @@ import pytest
 
 from jobworker.clienttls import client_ssl_context
 from jobworker.protocol import messages as m
-from jobworker.protocol.connection import Connection, Role
+from jobworker.protocol.connection import MIN_FRAME_SIZE, Connection, Role
 from tests.support import start_server
 
 # A job that writes SIZE bytes of pseudo-random data (seeded, so the test
@@ -145,10 +145,10 @@ class RawFollower:
     decide exactly when to grant window credit on each stream.
     """
 
-    def __init__(self, server, identity: str = "admin") -> None:
+    def __init__(self, server, identity: str = "admin", max_frame_size: int | None = None) -> None:
         context = client_ssl_context(server.certs / "ca.pem", server.certs / f"{identity}.pem", server.certs / f"{identity}.key")
         self.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port)), server_hostname="127.0.0.1")
-        self.conn = Connection(Role.CLIENT)
+        self.conn = Connection(Role.CLIENT) if max_frame_size is None else Connection(Role.CLIENT, max_frame_size=max_frame_size)
         self.inbox: list = []
         self.read_until(lambda msg: isinstance(msg, m.ServerHello))
         self.sock.sendall(self.conn.send(m.ClientHello(m.PROTOCOL_VERSION, self.conn.max_frame_size)))
@@ -173,6 +173,42 @@ class RawFollower:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def test_output_frames_fit_the_smallest_frame_size_a_client_may_announce(server):
+    """
+    The server cuts output into frames of at most the client's announced
+    size, however large the pieces it read from the job; the bytes and
+    their offsets come through unchanged.
+    """
+    size, seed = 1 << 20, 7
+    with server.client() as client:
+        job_id = client.start(writer_argv(size, seed))
+        client.wait(job_id)
+    whole = collect(server, job_id)
+    raw = RawFollower(server, max_frame_size=MIN_FRAME_SIZE)
+    try:
+        stream_id = raw.follow(job_id, 8 << 20)
+        out = {1: bytearray(), 2: bytearray()}
+        sizes = []
+        expected_offset = 0
+        while True:
+            message = raw.read_until(lambda msg: getattr(msg, "stream_id", None) == stream_id)
+            if isinstance(message, m.EndOfStream):
+                break
+            assert isinstance(message, m.Output)
+            assert message.offset == expected_offset
+            expected_offset += len(message.data)
+            sizes.append(len(message.data))
+            out[message.fd] += message.data
+    finally:
+        raw.close()
+    assert expected_offset == size
+    # A frame's size counts its type byte and body: a 16 KiB frame holds
+    # the 13-byte head and the data, and full ones are sent while there is
+    # enough.
+    assert max(sizes) == MIN_FRAME_SIZE - 1 - 13
+    assert bytes(out[1]) == whole["out"] and bytes(out[2]) == whole["err"]
 
 
 def test_stalled_stream_does_not_hold_up_another_on_the_same_connection(server):
