@@ -76,7 +76,7 @@ class Chunk(NamedTuple):
 
 
 class Spool(Protocol):
-    def append(self, data: bytes) -> None: ...
+    def append(self, *pieces: bytes) -> None: ...
 
     def pread(self, position: int, size: int) -> bytes: ...
 
@@ -92,8 +92,9 @@ class MemorySpool:
     def __init__(self, content: bytes = b"") -> None:
         self._data = bytearray(content)
 
-    def append(self, data: bytes) -> None:
-        self._data += data
+    def append(self, *pieces: bytes) -> None:
+        for piece in pieces:
+            self._data += piece
 
     def pread(self, position: int, size: int) -> bytes:
         return bytes(self._data[position : position + size])
@@ -208,7 +209,7 @@ class OutputLog:
     def _spool_record(self, fd: int, offset: int, data: bytes, gap: int = 0) -> None:
         length = gap if fd == GAP_FD else len(data)
         self._note_record(offset, self._spool_records)
-        self._spool.append(_header(fd, length) + data)
+        self._spool.append(_header(fd, length), data)
         self._spool_records += RECORD_HEADER_SIZE + len(data)
         self._spooled_end = offset + length
 

@@ -29,6 +29,19 @@ HIGH_WATER = 32 << 20
 LOW_WATER = 8 << 20
 
 
+def _after(pieces: list[bytes | memoryview], skip: int) -> list[bytes | memoryview]:
+    """
+    C{pieces} without their first C{skip} bytes (after a short write).
+    """
+    if not skip:
+        return pieces
+    for index, piece in enumerate(pieces):
+        if skip < len(piece):
+            return [memoryview(piece)[skip:], *pieces[index + 1 :]]
+        skip -= len(piece)
+    return []
+
+
 class _Writer:
     """
     The one thread that writes every spool's queued bytes, in order.
@@ -38,7 +51,7 @@ class _Writer:
     _instance_lock = threading.Lock()
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[FileSpool, bytes | None]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[FileSpool, int]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="jobworker-spool-writer", daemon=True)
         self._thread.start()
 
@@ -49,13 +62,16 @@ class _Writer:
                 cls._instance = cls()
             return cls._instance
 
-    def submit(self, spool: FileSpool, data: bytes | None) -> None:
-        self._queue.put((spool, data))
+    def submit(self, spool: FileSpool, pieces: int) -> None:
+        """
+        Write the spool's next C{pieces} queued pieces; 0 closes it.
+        """
+        self._queue.put((spool, pieces))
 
     def _run(self) -> None:
         while True:
-            spool, data = self._queue.get()
-            spool._write_now(data)
+            spool, pieces = self._queue.get()
+            spool._write_now(pieces)
 
 
 class FileSpool:
@@ -74,7 +90,7 @@ class FileSpool:
         self._fd: int | None = None
         self._read_fd: int | None = None
         self._lock = threading.Lock()
-        self._pending: deque[bytes] = deque()
+        self._pending: deque[bytes | memoryview] = deque()
         self._pending_bytes = 0
         self._sealed = not create
         self._congested_seen = False
@@ -103,22 +119,27 @@ class FileSpool:
     def congested(self) -> bool:
         return self._pending_bytes > HIGH_WATER
 
-    def append(self, data: bytes) -> None:
+    def append(self, *pieces: bytes) -> None:
+        """
+        Queue C{pieces} (a record's header and its data, say), to be written
+        in order with one C{writev}, so they are never joined in memory.
+        """
         if self._sealed:
             raise ValueError(f"spool {self.path} is sealed")
+        size = sum(map(len, pieces))
         with self._lock:
-            self._pending.append(data)
-            self._pending_bytes += len(data)
-            self._size += len(data)
+            self._pending.extend(pieces)
+            self._pending_bytes += size
+            self._size += size
             if self._pending_bytes > HIGH_WATER:
                 self._congested_seen = True
-        _Writer.get().submit(self, data)
+        _Writer.get().submit(self, len(pieces))
 
-    def _write_now(self, data: bytes | None) -> None:
+    def _write_now(self, count: int) -> None:
         """
-        Writer thread: write one queued piece, or close on C{None}.
+        Writer thread: write the next C{count} queued pieces, or close on 0.
         """
-        if data is None:
+        if not count:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -126,10 +147,13 @@ class FileSpool:
             return
         if self.error is not None:
             return  # an earlier write failed: everything from it stays queued
+        with self._lock:
+            pieces = [self._pending[index] for index in range(count)]
+        size = sum(map(len, pieces))
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            written = 0
+            while written < size:
+                written += os.writev(self._fd, _after(pieces, written))
         except OSError as exc:
             # A full disk must not lose the bytes for readers: this piece
             # and every later one stay queued in memory (pread serves them),
@@ -138,9 +162,10 @@ class FileSpool:
             self.error = exc
             return
         with self._lock:
-            self._pending.popleft()
-            self._pending_bytes -= len(data)
-            self._written += len(data)
+            for _ in range(count):
+                self._pending.popleft()
+            self._pending_bytes -= size
+            self._written += size
             drained = self._congested_seen and self._pending_bytes < LOW_WATER
             if drained:
                 self._congested_seen = False
@@ -193,7 +218,7 @@ class FileSpool:
             if self._read_fd is not None:
                 os.close(self._read_fd)
                 self._read_fd = None
-            _Writer.get().submit(self, None)
+            _Writer.get().submit(self, 0)
 
     def flush(self, timeout: float | None = None) -> bool:
         """
