@@ -4,7 +4,8 @@ identity a peer's certificate carries.
 
 The policy, on both sides:
 
-  - TLS 1.3 and nothing else.
+  - TLS 1.3 and nothing else; the server prefers AES-128-GCM (see
+    L{TLS13_CIPHERSUITES}).
   - Trust only the CA certificates in the file given, never the system's
     roots: the service's CA is private, and a certificate some public CA
     issued to anybody must not open it.
@@ -73,6 +74,13 @@ __all__ = [
 ]
 
 _log = Logger()
+
+# The server's order of preference.  All three are TLS 1.3's standard
+# suites; AES-128-GCM comes first because with AES instructions it costs
+# both ends the least per byte (ten AES rounds to AES-256's fourteen), which
+# matters to a service that streams output at hundreds of MB/s; Go's TLS
+# stack makes the same choice.
+TLS13_CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 
 class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
@@ -149,7 +157,8 @@ def server_tls_options(
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(SSL.TLS1_3_VERSION)
     context.set_max_proto_version(SSL.TLS1_3_VERSION)
-    context.set_options(SSL.OP_NO_TICKET)
+    context.set_options(SSL.OP_NO_TICKET | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    context.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.use_certificate(chain[0])
     for intermediate in chain[1:]:

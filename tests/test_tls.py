@@ -602,6 +602,7 @@ async def listen(options: object) -> tuple[IListeningPort, list[Peer]]:
 class StdlibExchange:
     echoed: bytes
     version: str | None
+    cipher: str | None
     session: ssl.SSLSession | None
     session_reused: bool
 
@@ -622,7 +623,8 @@ def stdlib_exchange(
         with context.wrap_socket(raw, server_hostname=hostname, session=session) as tls:
             tls.sendall(b"ping")
             echoed = tls.recv(4)
-            return StdlibExchange(echoed, tls.version(), tls.session, tls.session_reused)
+            cipher = tls.cipher()
+            return StdlibExchange(echoed, tls.version(), cipher and cipher[0], tls.session, tls.session_reused)
 
 
 @pytest_twisted.ensureDeferred
@@ -641,6 +643,9 @@ async def test_stdlib_client_over_loopback(pki: PKI) -> None:
         await port.stopListening()
     assert result.echoed == b"ping"
     assert result.version == "TLSv1.3"
+    # The standard library's client lists AES-256 first: the server's own
+    # preference decides.
+    assert result.cipher == "TLS_AES_128_GCM_SHA256"
     assert [peer.names for peer in peers] == [("bob", "user")]
 
 
