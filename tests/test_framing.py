@@ -434,3 +434,153 @@ def test_messages_survive_arbitrary_chunking(messages: list[m.Message], cuts: li
         received.extend(buffer.receive(piece))
     assert [decode_body(kind, body) for kind, body in received] == messages
     assert len(buffer) == 0
+
+
+# -- FrameBuffer: frames handed out as views of a reused receive buffer ----------
+
+
+def _receive_through_one_buffer(pieces: list[bytes], maximum: int = 1 << 20) -> tuple[list[m.Message], FrameBuffer]:
+    """
+    Feed C{pieces} the way a client reading with C{recv_into} does: each one
+    lands in the same bytearray, which is first scribbled over with junk,
+    and C{FrameBuffer} sees a view of just the bytes read.  Every frame is
+    decoded before the next piece overwrites the buffer.
+    """
+    frames = FrameBuffer(maximum)
+    buffer = bytearray(max((len(piece) for piece in pieces), default=0))
+    decoded: list[m.Message] = []
+    for piece in pieces:
+        buffer[:] = b"\xee" * len(buffer)
+        buffer[: len(piece)] = piece
+        decoded.extend(
+            decode_body(kind, body) for kind, body in frames.receive(memoryview(buffer)[: len(piece)])
+        )
+    return decoded, frames
+
+
+@SETTINGS
+@given(
+    messages=st.lists(any_message, min_size=1, max_size=8),
+    cuts=st.lists(st.integers(0, 10**6), max_size=30),
+)
+def test_messages_survive_a_reused_receive_buffer(messages: list[m.Message], cuts: list[int]) -> None:
+    """
+    Frames handed out as views of the caller's buffer, and the incomplete
+    tail kept from it, stay right when the caller reuses that buffer for its
+    next read.  Catches a tail kept as a view of the caller's bytes instead
+    of copied (it changes under us on the next read), a tail dropped, or a
+    body view taken from the wrong place.
+    """
+    stream = b"".join(encode_message(message) for message in messages)
+    decoded, frames = _receive_through_one_buffer(split_at(stream, cuts))
+    assert decoded == messages
+    assert len(frames) == 0
+
+
+@SETTINGS
+@given(
+    messages=st.lists(any_message, min_size=2, max_size=6),
+    data=st.data(),
+)
+def test_reused_buffer_with_every_frame_split_near_its_header(messages: list[m.Message], data: st.DataObject) -> None:
+    """
+    Every read ends a few bytes either side of a frame boundary, so reads
+    alternate between the fast path (nothing pending: views of the caller's
+    bytes, tail copied) and the slow path (a partial frame pending: append
+    and copy), with the header itself cut at every position.
+    """
+    encoded = [encode_message(message) for message in messages]
+    stream = b"".join(encoded)
+    cuts = []
+    boundary = 0
+    for frame in encoded:
+        boundary += len(frame)
+        cuts.append(boundary + data.draw(st.integers(-HEADER_SIZE - 1, HEADER_SIZE + 1), label="shift"))
+    decoded, frames = _receive_through_one_buffer(split_at(stream, [cut for cut in cuts if cut >= 0]))
+    assert decoded == messages
+    assert len(frames) == 0
+
+
+def test_whole_frames_are_views_of_the_callers_bytes() -> None:
+    """
+    With nothing pending, a read holding whole frames is not copied at all:
+    the bodies are views into the caller's buffer and nothing is kept.  A
+    regression to copying every frame would double the bytes touched on the
+    client's hot path.
+    """
+    first = encode_output(1, 1, 0, b"abc")
+    second = encode_message(m.OkResponse(9))
+    buffer = bytearray(first + second)
+    frames = FrameBuffer(100)
+    received = frames.receive(memoryview(buffer))
+    assert [kind for kind, _ in received] == [m.Output.TYPE, m.OkResponse.TYPE]
+    for _, body in received:
+        assert isinstance(body, memoryview)
+        assert body.obj is buffer
+    assert [decode_body(kind, body) for kind, body in received] == [m.Output(1, 1, 0, b"abc"), m.OkResponse(9)]
+    assert len(frames) == 0
+
+
+def test_frames_completed_from_a_pending_tail_are_copies() -> None:
+    """
+    After a read that ends mid-frame, the tail is copied (the caller may
+    overwrite its buffer at once), and the frames completed from it are
+    copies of our own buffer, which must not change when later reads move
+    that buffer on.
+    """
+    frame = encode_output(4, 2, 7, bytes(range(50)))
+    after = encode_message(m.OkResponse(3))
+    buffer = bytearray(frame + after[:6])
+    frames = FrameBuffer(100)
+    # One whole frame, then the start of the next: the tail is copied.
+    (whole,) = frames.receive(memoryview(buffer)[: len(frame) + 2])
+    assert decode_body(*whole) == m.Output(4, 2, 7, bytes(range(50)))
+    assert len(frames) == 2
+    buffer[:] = b"\xee" * len(buffer)
+    buffer[:4] = after[2:6]
+    assert frames.receive(memoryview(buffer)[:4]) == []
+    buffer[:] = b"\xee" * len(buffer)
+    buffer[: len(after) - 6] = after[6:]
+    (completed,) = frames.receive(memoryview(buffer)[: len(after) - 6])
+    kind, body = completed
+    assert isinstance(body, bytes)
+    # A later read that leaves a partial frame in our buffer again.
+    assert frames.receive(frame[:10]) == []
+    assert decode_body(kind, body) == m.OkResponse(3)
+    assert len(frames) == 10
+
+
+def test_oversized_frame_refused_on_its_header_in_the_fast_path() -> None:
+    """
+    With nothing pending, a read holding a good frame and then a header
+    announcing more than the maximum is refused as soon as the header is
+    read, with no body byte present, and nothing is kept.
+    """
+    good = encode_message(m.OkResponse(1))
+    buffer = bytearray(good + (1 << 31).to_bytes(4, "big"))
+    frames = FrameBuffer(100)
+    with pytest.raises(ProtocolError) as caught:
+        frames.receive(memoryview(buffer))
+    assert caught.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert len(frames) == 0
+
+
+@SETTINGS
+@given(maximum=st.integers(1, 1 << 20), excess=st.integers(1, 2**32 - 1), lead=st.integers(0, 3))
+def test_oversized_header_split_from_a_view_is_refused(maximum: int, excess: int, lead: int) -> None:
+    """
+    A header whose first bytes ended a read (copied out of the caller's
+    buffer as the tail) and whose rest starts the next is still refused on
+    the header alone, whatever the caller wrote over its buffer in between.
+    """
+    header = min(maximum + excess, 2**32 - 1).to_bytes(4, "big")
+    buffer = bytearray(8)
+    frames = FrameBuffer(maximum)
+    buffer[:lead] = header[:lead]
+    assert frames.receive(memoryview(buffer)[:lead]) == []
+    buffer[:] = b"\xee" * len(buffer)
+    buffer[: HEADER_SIZE - lead] = header[lead:]
+    with pytest.raises(ProtocolError) as caught:
+        frames.receive(memoryview(buffer)[: HEADER_SIZE - lead])
+    assert caught.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert len(frames) <= HEADER_SIZE
