@@ -67,7 +67,7 @@ class Chunk(NamedTuple):
 
     fd: int
     offset: int
-    data: bytes
+    data: bytes | memoryview
     gap: int = 0
 
     @property
@@ -230,6 +230,12 @@ class OutputLog:
         Adjacent bytes of the same stream come as one chunk; a range nobody
         holds comes as a gap chunk (which does not count against C{limit}).
         Returns C{[]} at the end of what exists now.
+
+        A read cuts a record only when the record alone is larger than
+        C{limit}; otherwise it stops before a record that would not fit
+        whole, so that a follower's reads stay on record boundaries and hand
+        out the records themselves, never copies joined from two of them.
+        Chunk data is bytes-like: C{bytes}, or a read-only view.
         """
         if offset < 0:
             raise ValueError("offset must not be negative")
@@ -256,7 +262,13 @@ class OutputLog:
             if record_end <= offset:
                 continue
             skip = max(0, offset - record_offset)
-            piece = data[skip : skip + (limit - taken)] if skip or len(data) > limit - taken else data
+            room = limit - taken
+            if len(data) - skip > room:
+                if taken:
+                    break  # the record goes whole in the next read; see read()
+                piece = data[skip : skip + room]
+            else:
+                piece = data[skip:] if skip else data
             if fd != current_fd and pieces:
                 chunks.append(Chunk(current_fd, start, b"".join(pieces)))
                 start += sum(map(len, pieces))
@@ -295,15 +307,18 @@ class OutputLog:
                     if chunks:
                         break  # hand data out first; the gap comes on the next read
                     return [Chunk(GAP_FD, record_offset + skip, b"", length - skip)]
+                if taken and length - skip > limit - taken:
+                    break  # the record goes whole in the next read; see read()
                 want = min(length - skip, limit - taken)
                 data_at = position + RECORD_HEADER_SIZE + skip
                 if data_at - block_start + want <= len(block):
-                    data = block[data_at - block_start : data_at - block_start + want]
+                    # A view, not a copy: the block is ours alone.
+                    data = memoryview(block)[data_at - block_start : data_at - block_start + want]
                 else:
                     data = self._spool.pread(data_at, want)
                 if chunks and chunks[-1].fd == fd:
                     last = chunks.pop()
-                    data = last.data + data
+                    data = b"".join((last.data, data))
                     chunks.append(Chunk(fd, last.offset, data))
                 else:
                     chunks.append(Chunk(fd, record_offset + skip, data))

@@ -132,7 +132,7 @@ def normalized(chunks: list[Chunk]) -> list[tuple[int, int, bytes, int]]:
             fd, offset, data, gap = out.pop()
             out.append((fd, offset, data + chunk.data, gap + chunk.gap))
         else:
-            out.append((chunk.fd, chunk.offset, chunk.data, chunk.gap))
+            out.append((chunk.fd, chunk.offset, bytes(chunk.data), chunk.gap))
     return out
 
 
@@ -287,6 +287,37 @@ def test_read_limit_cuts_inside_a_record() -> None:
     log.append(1, b"abcdef")
     assert log.read(0, 3) == [Chunk(1, 0, b"abc")]
     assert log.read(3, 3) == [Chunk(1, 3, b"def")]
+
+
+def test_reads_stay_on_record_boundaries() -> None:
+    """
+    A read stops before a record that would not fit whole, so the next
+    read starts on a boundary and hands out the record itself, not a copy;
+    only a record larger than the limit is cut.
+    """
+    first, second, third = b"a" * 10, b"b" * 10, b"c" * 10
+    log = OutputLog(MemorySpool(), ring_size=100)
+    for record in (first, second, third):
+        log.append(1, record)
+    assert log.read(5, 12) == [Chunk(1, 5, b"a" * 5)]  # not 5 + 7
+    [chunk] = log.read(10, 12)
+    assert chunk == Chunk(1, 10, second) and chunk.data is second
+    assert log.read(0, 25) == [Chunk(1, 0, first + second)]
+    assert log.read(0, 4) == [Chunk(1, 0, b"aaaa")]  # cut: larger than the limit
+
+
+def test_spool_reads_stay_on_record_boundaries() -> None:
+    """
+    The same from the spool, once the ring has moved on: and the data comes
+    as a view of what was read from the spool, with no slice copied out.
+    """
+    log = OutputLog(MemorySpool(), ring_size=10, retention=1 << 20)
+    for index in range(6):
+        log.append(1, bytes([65 + index]) * 10)
+    assert log.read(5, 12) == [Chunk(1, 5, b"A" * 5)]
+    [chunk] = log.read(10, 12)
+    assert chunk == Chunk(1, 10, b"B" * 10) and isinstance(chunk.data, memoryview)
+    assert [bytes(c.data) for c in log.read(0, 25)] == [b"A" * 10 + b"B" * 10]
 
 
 def test_gap_past_retention_has_the_dropped_size() -> None:
