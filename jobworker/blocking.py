@@ -82,6 +82,7 @@ class BlockingClient:
         self._receive_buffer = bytearray(HEADER_SIZE + self.conn.max_frame_size)
         self._receive_view = memoryview(self._receive_buffer)
         self._filled = 0
+        self._need = HEADER_SIZE
 
     def connect(self) -> m.ServerHello:
         host, port = self.address
@@ -150,7 +151,12 @@ class BlockingClient:
         assert self._sock is not None
         view = self._receive_view
         filled = self._filled
+        need = self._need  # no whole frame can be here before this many bytes
         while True:
+            if filled >= need:
+                boundary, need = self._whole_frames(filled)
+                if boundary:
+                    break
             try:
                 size = self._sock.recv_into(view[filled:])
             except ssl.SSLError as exc:
@@ -162,9 +168,6 @@ class BlockingClient:
             if not size:
                 raise ConnectionFailed("the server closed the connection")
             filled += size
-            boundary = self._whole_frames(filled)
-            if boundary:
-                break
         try:
             self._inbox.extend(self.conn.receive_data(view[:boundary]))
         except ProtocolError as exc:
@@ -177,23 +180,25 @@ class BlockingClient:
         if rest:
             self._receive_buffer[:rest] = self._receive_buffer[boundary:filled]
         self._filled = rest
+        self._need = need - boundary
 
-    def _whole_frames(self, filled: int) -> int:
+    def _whole_frames(self, filled: int) -> tuple[int, int]:
         """
-        Where the whole frames among the first C{filled} bytes end; all of
-        them when a length is one the protocol core must refuse.
+        Where the whole frames among the first C{filled} bytes end (all of
+        them when a length is one the protocol core must refuse), and how
+        many bytes the buffer must hold before the next frame is whole.
         """
         buffer = self._receive_buffer
         position = 0
         while filled - position >= HEADER_SIZE:
             length = int.from_bytes(buffer[position : position + HEADER_SIZE], "big")
             if not 0 < length <= self.conn.max_frame_size:
-                return filled  # let the connection raise its ProtocolError
+                return filled, filled  # let the connection raise its ProtocolError
             end = position + HEADER_SIZE + length
             if end > filled:
-                break
+                return position, end
             position = end
-        return position
+        return position, position + HEADER_SIZE
 
     def _await_response(self, request_id: int) -> m.Message:
         while True:
