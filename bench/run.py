@@ -63,7 +63,7 @@ class Settings:
     quick: bool = False
     latency_runs: int = 20
     throughput_bytes: int = GiB
-    throughput_runs: int = 3
+    throughput_runs: int = 5
     fanout_bytes: int = 100 * MiB
     fanout_followers: int = 100
     fanout_streams_per_process: int = 10
