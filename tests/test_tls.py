@@ -155,6 +155,7 @@ class Echo(Peer):
 def connect_in_memory(
     server_options: IOpenSSLServerConnectionCreator,
     client_options: IOpenSSLClientConnectionCreator,
+    server_factory_type: type[TLSMemoryBIOFactory] = TLSMemoryBIOFactory,
 ) -> tuple[Peer, Peer, IOPump]:
     """
     Connect a client and a server through TLS in memory and run the
@@ -166,7 +167,7 @@ def connect_in_memory(
     # TLS transports gather small writes and send them a moment later, on
     # this clock, which the pump advances.
     clock = Clock()
-    server_factory = TLSMemoryBIOFactory(
+    server_factory = server_factory_type(
         server_options, False, Factory.forProtocol(Peer), clock
     )
     client_factory = TLSMemoryBIOFactory(
@@ -193,27 +194,19 @@ def test_bulk_tls_sends_a_write_whole_and_at_once(pki: PKI, size: int) -> None:
     Stock Twisted would make 64 writes of a MiB; a flush that read the
     ciphertext only once would leave most of it stuck in the BIO.
     """
-    clock = Clock()
-    server_factory = BulkTLSMemoryBIOFactory(pki.server_options(), False, Factory.forProtocol(Peer), clock)
-    client_factory = TLSMemoryBIOFactory(pki.client_options("viewer"), True, Factory.forProtocol(Peer), clock)
-    client_tls, server_tls, pump = connectedServerAndClient(
-        lambda: server_factory.buildProtocol(None),
-        lambda: client_factory.buildProtocol(None),
-        clock=clock,
-        greet=False,
+    client, server, pump = connect_in_memory(
+        pki.server_options(), pki.client_options("viewer"), BulkTLSMemoryBIOFactory
     )
-    client, server = client_tls.wrappedProtocol, server_tls.wrappedProtocol
-    client.transport.write(b"hello")
-    pump.flush()
     assert server.handshake_done and server.received == b"hello"
+    tcp = server.transport.transport  # under the server's TLS layer
     writes: list[int] = []
-    transport_write = server_tls.transport.write
+    transport_write = tcp.write
 
     def counting_write(data: bytes) -> None:
         writes.append(len(data))
         transport_write(data)
 
-    server_tls.transport.write = counting_write
+    tcp.write = counting_write
     payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
     server.transport.write(payload)
     assert len(writes) == 1
