@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 from jobworker.errors import ErrorCode, JobworkerError, RequestError
 from jobworker.limits import Limits
@@ -199,10 +199,11 @@ def job_directory_name(job_id: str) -> str:
     return JOB_DIRECTORY_PREFIX + job_id
 
 
-def check_supported(limits: Limits, controllers: frozenset[str], driver: str) -> None:
+def check_supported(limits: Limits, controllers: frozenset[str], driver: str, io_devices: Sequence[object]) -> None:
     """
     Refuse C{limits} if a non-zero limit needs a controller not in
-    C{controllers}.
+    C{controllers}, or an io limit has no block device (C{io_devices}) to
+    throttle.
 
     @raise RequestError: L{ErrorCode.UNSUPPORTED_LIMIT}, naming every such
         limit and its controller.
@@ -216,6 +217,11 @@ def check_supported(limits: Limits, controllers: frozenset[str], driver: str) ->
         raise RequestError(
             f"cannot enforce {', '.join(missing)} on this host (cgroup {driver}; "
             f"available: {', '.join(sorted(controllers)) or 'none'})",
+            ErrorCode.UNSUPPORTED_LIMIT,
+        )
+    if (limits.io_read_bps or limits.io_write_bps) and not io_devices:
+        raise RequestError(
+            "cannot enforce an io limit on this host: it has no block device to throttle",
             ErrorCode.UNSUPPORTED_LIMIT,
         )
 

@@ -286,12 +286,7 @@ class CgroupV1Driver:
 
     def create(self, job_id: str, limits: Limits) -> CgroupV1Job:
         name = job_directory_name(job_id)
-        check_supported(limits, self.controllers, self.name)
-        if (limits.io_read_bps or limits.io_write_bps) and not self.io_devices:
-            raise RequestError(
-                "cannot enforce an io limit on this host: it has no block device to throttle",
-                ErrorCode.UNSUPPORTED_LIMIT,
-            )
+        check_supported(limits, self.controllers, self.name, self.io_devices)
         job = self._job(name)
         made = []
         try:

@@ -363,12 +363,7 @@ class CgroupV2Driver:
 
     def create(self, job_id: str, limits: Limits) -> CgroupV2Job:
         name = job_directory_name(job_id)
-        check_supported(limits, self.controllers, self.name)
-        if (limits.io_read_bps or limits.io_write_bps) and not self.io_devices:
-            raise RequestError(
-                "cannot enforce an io limit on this host: it has no block device to throttle",
-                ErrorCode.UNSUPPORTED_LIMIT,
-            )
+        check_supported(limits, self.controllers, self.name, self.io_devices)
         path = os.path.join(self.base, name)
         try:
             self._calls.mkdir(path)
