@@ -12,14 +12,21 @@ client sends.
 from __future__ import annotations
 
 import random
+import socket
 import ssl
+import threading
 import uuid
+import contextlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobworker.blocking import BlockingClient, ConnectionFailed
+from jobworker.blocking import CIPHER_READ, BlockingClient, ConnectionFailed, _TLSChannel
+from jobworker.clienttls import client_ssl_context
 from jobworker.errors import ErrorCode
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE
@@ -27,6 +34,7 @@ from jobworker.protocol.flow import MAX_WINDOW
 from jobworker.protocol.framing import FrameBuffer
 from jobworker.protocol.wire import HEADER_SIZE, OUTPUT_HEAD_SIZE, decode_body, encode_message
 from tests.test_framing import SETTINGS, split_at
+from tests.test_tls import PKI, pki  # noqa: F401 - the fixture
 
 # The client never handshakes here; one context serves every test.
 CONTEXT = ssl.create_default_context()
@@ -38,7 +46,7 @@ RECORD = 16 << 10
 
 class ScriptedSocket:
     """
-    Stands in for the client's C{ssl.SSLSocket}: C{recv_into} hands out the
+    Stands in for the client's L{_TLSChannel}: C{recv_into} hands out the
     scripted pieces in order (a piece larger than the room it is offered is
     split, as a socket would), then 0 for end of file.
     """
@@ -358,3 +366,157 @@ def test_server_closing_before_the_hello_fails() -> None:
     client._sock = ScriptedSocket([encode_message(HELLO)[:5]])  # type: ignore[assignment]
     with pytest.raises(ConnectionFailed):
         client._next_message()
+
+
+# -- the TLS channel over a real socket ---------------------------------------------
+#
+# _TLSChannel against a standard-library TLS server on loopback: the bytes and
+# the ends of the stream must be SSLSocket's, in far fewer system calls.
+
+
+class CountingSocket(socket.socket):
+    """
+    A socket that counts the C{recv_into} calls made on it.
+    """
+
+    reads = 0
+
+    def recv_into(self, buffer, nbytes=0, flags=0):  # type: ignore[no-untyped-def, override]
+        self.reads += 1
+        return super().recv_into(buffer, nbytes, flags)
+
+
+@contextmanager
+def tls_server(pki: PKI, serve: Callable[[ssl.SSLSocket], None], *, client_ca: Path | None = None) -> Iterator[tuple[_TLSChannel, threading.Event]]:
+    """
+    A one-connection TLS 1.3 server thread running C{serve}, and a channel
+    connected to it and past its handshake.  C{client_ca}: the server asks
+    for a client certificate from that CA.  The event is set once C{serve}
+    returns.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(*pki.pair("server"))
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(client_ca)
+    listener = socket.create_server(("127.0.0.1", 0))
+    served = threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            connection, _ = listener.accept()
+            with connection:
+                try:
+                    tls = context.wrap_socket(connection, server_side=True)
+                except ssl.SSLError:
+                    return  # the handshake failed: the test sees that side
+                serve(tls)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failures.append(exc)
+        finally:
+            served.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    raw = CountingSocket(socket.AF_INET, socket.SOCK_STREAM)
+    # Room in the kernel for all a test sends before the channel reads.
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    raw.settimeout(10)
+    try:
+        raw.connect(listener.getsockname())
+        channel = _TLSChannel(raw, client_ssl_context(pki.ca(), *pki.pair("alice")), "localhost")
+        channel.handshake()
+        yield channel, served
+    finally:
+        raw.close()
+        thread.join(10)
+        listener.close()
+    assert not failures, failures
+
+
+def receive_all(channel: _TLSChannel) -> bytes:
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    received = bytearray()
+    while size := channel.recv_into(view):
+        assert size <= 16 << 10  # one record at most
+        received += view[:size]
+    return bytes(received)
+
+
+@pytest.mark.parametrize("close_notify", [True, False], ids=["close_notify", "abrupt"])
+def test_channel_reads_many_records_per_system_call(pki: PKI, close_notify: bool) -> None:
+    """
+    1 MiB sent in 64 records reaches the channel whole, in a handful of
+    C{recv} calls (an SSLSocket makes two per record), and the end of the
+    stream reads as 0 whether the server sent close_notify or just closed.
+    """
+    payload = random.Random(7).randbytes(1 << 20)
+
+    def serve(tls: ssl.SSLSocket) -> None:
+        tls.sendall(payload)
+        if close_notify:
+            # Send close_notify; do not wait for the client's.
+            tls.setblocking(False)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                tls.unwrap()
+
+    with tls_server(pki, serve) as (channel, served):
+        assert served.wait(10)
+        before = channel.socket.reads
+        assert receive_all(channel) == payload
+        reads = channel.socket.reads - before
+    assert reads <= len(payload) // CIPHER_READ + 3, reads
+
+
+def test_channel_sends_large_writes_whole(pki: PKI) -> None:
+    payload = random.Random(8).randbytes(300_000)
+    echoed = []
+
+    def serve(tls: ssl.SSLSocket) -> None:
+        received = b""
+        while len(received) < len(payload):
+            received += tls.recv(1 << 16)
+        echoed.append(received)
+
+    with tls_server(pki, serve) as (channel, served):
+        channel.sendall(payload)
+        assert served.wait(10)
+    assert echoed == [payload]
+
+
+def test_channel_reports_the_server_refusing_the_client(pki: PKI) -> None:
+    """
+    A server refusing the client's certificate says so with an alert after
+    the client's side of the TLS 1.3 handshake is done: the first read
+    raises C{ssl.SSLError}, it does not read as a clean end of stream.
+    """
+    with tls_server(pki, lambda tls: None, client_ca=pki.other_ca) as (channel, served):
+        assert served.wait(10)
+        with pytest.raises(ssl.SSLError):
+            receive_all(channel)
+
+
+def test_channel_reports_a_server_of_another_name(pki: PKI) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*pki.pair("server"))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        thread = threading.Thread(target=lambda: _accept_and_handshake(listener, context), daemon=True)
+        thread.start()
+        raw = socket.create_connection(listener.getsockname(), timeout=10)
+        with raw:
+            channel = _TLSChannel(raw, client_ssl_context(pki.ca(), *pki.pair("alice")), "not-the-server.example")
+            with pytest.raises(ssl.SSLCertVerificationError):
+                channel.handshake()
+        thread.join(10)
+
+
+def _accept_and_handshake(listener: socket.socket, context: ssl.SSLContext) -> None:
+    connection, _ = listener.accept()
+    with connection:
+        try:
+            context.wrap_socket(connection, server_side=True)
+        except (ssl.SSLError, OSError):
+            pass

@@ -440,7 +440,7 @@ def test_follower_that_disconnects_mid_stream(server):
             if received.count(b"\n") >= 3:
                 break
         # Leave mid-stream, without cancelling or a TLS close.
-        leaver._sock.shutdown(socket.SHUT_RDWR)
+        leaver._sock.socket.shutdown(socket.SHUT_RDWR)
         leaver.close()
         assert expected.startswith(received)
         out, err = other.communicate(timeout=30)
