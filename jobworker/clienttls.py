@@ -30,9 +30,10 @@ def client_ssl_context(
     ca_path: StrPath, cert_path: StrPath, key_path: StrPath
 ) -> ssl.SSLContext:
     """
-    Make the context for C{context.wrap_socket(sock, server_hostname=host)},
-    where C{host} is the DNS name or IP address the server's certificate
-    must carry.
+    Make the context for C{context.wrap_socket(sock, server_hostname=host)}
+    or C{context.wrap_bio(incoming, outgoing, server_hostname=host)} (as
+    C{jobcli} does), where C{host} is the DNS name or IP address the server's
+    certificate must carry.
 
     @param ca_path: PEM file of the CA certificates the server's certificate
         must chain to.
