@@ -469,17 +469,23 @@ class ServerProtocol(Protocol, TimeoutMixin):
         frame = min(FRAME_DATA, self.conn.max_output_chunk())
         sent = 0
         if stream.offset < output.end and limit > 0:
+            # The turn's frames go out as one write: one copy of the data
+            # (the join), one SSL_write, whose TLS records are all full
+            # (frame by frame, each 64 KiB frame would end in a record of 22
+            # bytes), and one read of the ciphertext.
+            pieces: list[bytes | memoryview] = []
             for chunk in output.read(stream.offset, limit):
                 if chunk.fd == GAP_FD:
-                    self.transport.write(self.conn.send(m.Gap(stream.stream_id, chunk.offset, chunk.gap)))
+                    pieces.append(self.conn.send(m.Gap(stream.stream_id, chunk.offset, chunk.gap)))
                 else:
                     data = memoryview(chunk.data)
                     for at in range(0, len(data), frame):
-                        self.transport.write(
-                            self.conn.send_output(stream.stream_id, chunk.fd, chunk.offset + at, data[at : at + frame])
-                        )
+                        piece = data[at : at + frame]
+                        pieces.append(self.conn.send_output_head(stream.stream_id, chunk.fd, chunk.offset + at, len(piece)))
+                        pieces.append(piece)
                     sent += len(data)
                 stream.offset = chunk.offset + chunk.size
+            self.transport.write(b"".join(pieces))
             return max(sent, 1)
         if stream.offset >= output.end:
             if output.closed and job.is_final:

@@ -211,6 +211,42 @@ def test_output_frames_fit_the_smallest_frame_size_a_client_may_announce(server)
     assert bytes(out[1]) == whole["out"] and bytes(out[2]) == whole["err"]
 
 
+def test_output_arrives_in_full_tls_records(server):
+    """
+    The server hands TLS a turn's frames in one write, so the records it
+    sends are full (16 KiB) but for one at the end of each turn.  Written
+    frame by frame, every 64 KiB frame would end in a record of 22 bytes:
+    a fifth of all records, each one more read for the client.
+    """
+    size, seed = 4 << 20, 11
+    with server.client() as client:
+        job_id = client.start(writer_argv(size, seed))
+        client.wait(job_id)
+    expected = expected_streams(size, seed)
+    client = server.client()
+    try:
+        channel = client._sock
+        reads = []
+
+        def recv_into(view):
+            got = channel_recv_into(view)
+            reads.append(got)
+            return got
+
+        channel_recv_into = channel.recv_into
+        channel.recv_into = recv_into
+        out = {1: bytearray(), 2: bytearray()}
+        for message in client.follow(job_id, window=8 << 20):
+            if isinstance(message, m.Output):
+                out[message.fd] += message.data
+    finally:
+        client.close()
+    assert (bytes(out[1]), bytes(out[2])) == expected
+    short = [got for got in reads if got < 16 << 10]
+    assert len(reads) > size // (16 << 10)
+    assert len(short) <= len(reads) // 10, (len(short), len(reads))
+
+
 def test_stalled_stream_does_not_hold_up_another_on_the_same_connection(server):
     size, seed = 4 << 20, 5
     with server.client() as client:

@@ -396,7 +396,24 @@ def test_output_within_the_window() -> None:
     assert server.send_window(7) == 0
 
 
-@pytest.mark.parametrize("path", ["send", "send_output"])
+def test_output_heads_and_data_side_by_side() -> None:
+    """
+    Heads from send_output_head, each followed by its data, in one buffer
+    (as the server sends a turn's frames) are the same frames, and use the
+    window as send_output does.
+    """
+    server, client = open_pair()
+    open_stream(server, client, window=100)
+    pieces = [
+        server.send_output_head(7, 1, 0, 60), b"a" * 60,
+        server.send_output_head(7, 2, 60, 30), memoryview(b"\x00" * 30),
+    ]
+    assert server.send_window(7) == 10
+    assert client.receive_data(b"".join(pieces)) == [m.Output(7, 1, 0, b"a" * 60), m.Output(7, 2, 60, b"\x00" * 30)]
+    assert server.send_output_head(7, 1, 90, 10) + b"z" * 10 == encode_output(7, 1, 90, b"z" * 10)
+
+
+@pytest.mark.parametrize("path", ["send", "send_output", "send_output_head"])
 def test_server_refuses_output_beyond_the_window(path: str) -> None:
     server, client = open_pair()
     open_stream(server, client, window=100)
@@ -404,10 +421,22 @@ def test_server_refuses_output_beyond_the_window(path: str) -> None:
     with pytest.raises(ValueError):
         if path == "send":
             server.send(m.Output(7, 1, 90, b"b" * 11))
-        else:
+        elif path == "send_output":
             server.send_output(7, 1, 90, b"b" * 11)
+        else:
+            server.send_output_head(7, 1, 90, 11)
     assert server.send_window(7) == 10
     assert server.is_open
+
+
+def test_output_head_for_a_stream_not_open_or_too_large() -> None:
+    server, client = open_pair()
+    with pytest.raises(ValueError):
+        server.send_output_head(7, 1, 0, 1)
+    open_stream(server, client, window=1 << 30)
+    with pytest.raises(ValueError):
+        server.send_output_head(7, 1, 0, server.max_output_chunk() + 1)
+    assert server.send_window(7) == 1 << 30
 
 
 def test_client_refuses_output_beyond_the_window() -> None:

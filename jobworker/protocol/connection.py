@@ -40,7 +40,7 @@ from jobworker.protocol.wire import (
     OUTPUT_HEAD_SIZE,
     decode_body,
     encode_message,
-    encode_output,
+    encode_output_head,
 )
 
 __all__ = ["Role", "Connection", "FrameTooLarge", "DEFAULT_MAX_FRAME_SIZE", "MIN_FRAME_SIZE"]
@@ -360,18 +360,25 @@ class Connection:
             elif pending is not None:
                 pending[1] += message.increment
 
-    def send_output(self, stream_id: int, fd: int, offset: int, data: bytes) -> bytes:
+    def send_output(self, stream_id: int, fd: int, offset: int, data: bytes | memoryview) -> bytes:
         """
         Encode one C{Output} frame: the hot path of the server, which skips
         building a message object.
         """
+        return self.send_output_head(stream_id, fd, offset, len(data)) + data
+
+    def send_output_head(self, stream_id: int, fd: int, offset: int, size: int) -> bytes:
+        """
+        As L{send_output}, for C{size} data bytes that the caller sends right
+        after the returned head.
+        """
         window = self._send_windows.get(stream_id)
         if window is None:
             raise ValueError(f"stream {stream_id} is not open")
-        if len(data) > self.max_output_chunk():
+        if size > self.max_output_chunk():
             raise ValueError("output chunk larger than the peer's frame size")
-        window.consume(len(data))
-        return encode_output(stream_id, fd, offset, data)
+        window.consume(size)
+        return encode_output_head(stream_id, fd, offset, size)
 
     def consumed(self, stream_id: int, size: int) -> bytes:
         """

@@ -53,6 +53,7 @@ __all__ = [
     "decode_body",
     "frame_header",
     "encode_output",
+    "encode_output_head",
 ]
 
 HEADER_SIZE = 4
@@ -323,10 +324,18 @@ def encode_output(stream_id: int, fd: int, offset: int, data: bytes | memoryview
     """
     Encode an L{m.Output} frame without building the message object first.
     """
+    return encode_output_head(stream_id, fd, offset, len(data)) + data
+
+
+def encode_output_head(stream_id: int, fd: int, offset: int, size: int) -> bytes:
+    """
+    The bytes of an L{m.Output} frame of C{size} data bytes that come before
+    the data: so a sender can put head and data side by side in a larger
+    buffer and copy the data only once.
+    """
     if not (0 <= stream_id < 1 << 32 and 0 <= fd < 256 and 0 <= offset < 1 << 64):
         raise ValueError(f"cannot encode Output({stream_id}, {fd}, {offset}): a field is out of range")
-    length = len(data) + OUTPUT_HEAD_SIZE + 1
-    return _OUTPUT_PREFIX.pack(length, m.Output.TYPE, stream_id, fd, offset) + data
+    return _OUTPUT_PREFIX.pack(size + OUTPUT_HEAD_SIZE + 1, m.Output.TYPE, stream_id, fd, offset)
 
 
 def _decode_output(body: bytes | memoryview) -> m.Output:
