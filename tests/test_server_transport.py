@@ -1,7 +1,7 @@
 """
-Tests for L{jobworker.server.tune_transport}: how a client connection's
-transport is set up for streaming, checked on a real loopback connection
-under Twisted's reactor.
+Tests for L{jobworker.server.tune_transport} and L{jobworker.tls.write_through}:
+how the server's output reaches the socket, checked on real loopback
+connections under Twisted's reactor.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import WrappingFactory
 
 from jobworker.server import WRITE_BUFFER, tune_transport
+from jobworker.tls import write_through
 
 
 class SendRecorder:
@@ -94,3 +96,107 @@ async def test_a_full_write_buffer_goes_to_one_send(wrapped: bool) -> None:
         if sink.transport is not None:
             sink.transport.loseConnection()
         await port.stopListening()
+
+
+# -- write_through ----------------------------------------------------------------
+
+
+async def connected_pair(size: int) -> tuple[Any, Sink, Any]:
+    """
+    A loopback TCP connection: the server side's transport, the client's
+    sink (done after C{size} bytes) and the listening port.
+    """
+    made: Deferred[Source] = Deferred()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: Source(made)), interface="127.0.0.1")  # type: ignore[attr-defined]
+    sink = Sink(size)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), sink)
+    source = await made
+    sink.done.addTimeout(10, reactor)
+    return source.transport, sink, port
+
+
+async def close(sink: Sink, port: Any) -> None:
+    if sink.transport is not None:
+        sink.transport.loseConnection()
+    await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_through_sends_at_once_on_an_idle_transport() -> None:
+    """
+    On a transport that holds nothing, the bytes are offered to the socket
+    within the call (no turn of the reactor in between), and they arrive.
+    """
+    payload = random.Random(4).randbytes(200_000)
+    tcp, sink, port = await connected_pair(len(payload))
+    try:
+        tune_transport(tcp)
+        sizes: list[int] = []
+        tcp.socket = SendRecorder(tcp.socket, sizes)
+        write_through(tcp, payload)
+        assert sizes == [len(payload)]
+        await sink.done
+        assert bytes(sink.received) == payload
+    finally:
+        await close(sink, port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_through_queues_behind_buffered_bytes() -> None:
+    """
+    While the transport holds bytes, nothing jumps the queue: the write
+    waits for the reactor like the ones before it, and the peer gets the
+    bytes in the order written.
+    """
+    first, second = b"first " * 1000, b"second" * 1000
+    tcp, sink, port = await connected_pair(len(first) + len(second))
+    try:
+        sizes: list[int] = []
+        tcp.socket = SendRecorder(tcp.socket, sizes)
+        tcp.write(first)  # buffered until the next turn of the reactor
+        write_through(tcp, second)
+        assert sizes == []
+        await sink.done
+        assert bytes(sink.received) == first + second
+    finally:
+        await close(sink, port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_through_leaves_a_closing_transport_to_twisted() -> None:
+    """
+    After loseConnection the transport decides: nothing is sent from here,
+    and nothing is raised.
+    """
+    tcp, sink, port = await connected_pair(1)
+    try:
+        sizes: list[int] = []
+        tcp.socket = SendRecorder(tcp.socket, sizes)
+        tcp.loseConnection()
+        write_through(tcp, b"late")
+        assert sizes == []
+    finally:
+        await close(sink, port)
+
+
+def test_write_through_on_a_transport_without_twisted_buffers() -> None:
+    """
+    A transport that is not a Twisted TCP connection (here an in-memory
+    one) just gets C{write}.
+    """
+    transport = StringTransport()
+    write_through(transport, b"abc")
+    assert transport.value() == b"abc"
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_through_sends_nothing_after_an_abort() -> None:
+    tcp, sink, port = await connected_pair(1)
+    try:
+        sizes: list[int] = []
+        tcp.socket = SendRecorder(tcp.socket, sizes)
+        tcp.abortConnection()
+        write_through(tcp, b"late")
+        assert sizes == []
+    finally:
+        await close(sink, port)
