@@ -877,6 +877,8 @@ def bench_throughput(ctx: Context) -> tuple[list[Row], dict]:
     label = f"{_size_label(size)} of stdout"
     cipher = ctx.environment.get("ssh_cipher", "?")
 
+    logs_ratio = medians["jobcli start + logs -f"] / medians["ssh"]
+
     def vs(name: str, reference: str, measure: str) -> Row:
         return Row("throughput", f"{label}: {measure}, MB/s", f"{medians[name]:.0f}", f"{medians[reference]:.0f}", f"{medians[name] / medians[reference]:.2f}", "(info)")
 
@@ -893,7 +895,9 @@ def bench_throughput(ctx: Context) -> tuple[list[Row], dict]:
 
     rows = [
         Row("throughput", f"{label}: `jobcli run` vs `ssh` ({cipher}), MB/s", f"{medians['jobcli run']:.0f}", f"{medians['ssh']:.0f}", f"{ratio:.2f}", "≥ 1.5", ratio >= 1.5),
-        vs("jobcli start + logs -f", "ssh", "`jobcli start` + `logs -f` vs `ssh`"),
+        # The issue's own wording: the output received by `jobcli logs -f`.
+        # Both rows carry the goal; `jobcli run` is the stricter (one process).
+        Row("throughput", f"{label}: `jobcli start` + `logs -f` vs `ssh`, MB/s", f"{medians['jobcli start + logs -f']:.0f}", f"{medians['ssh']:.0f}", f"{logs_ratio:.2f}", "≥ 1.5", logs_ratio >= 1.5),
     ]
     if "jobcli run, state on tmpfs" in medians:
         rows.append(vs("jobcli run, state on tmpfs", "ssh", "`jobcli run`, server's state dir on tmpfs, vs `ssh`"))
