@@ -7,13 +7,14 @@ connections under Twisted's reactor.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import WrappingFactory
@@ -101,15 +102,22 @@ async def test_a_full_write_buffer_goes_to_one_send(wrapped: bool) -> None:
 # -- write_through ----------------------------------------------------------------
 
 
-async def connected_pair(size: int) -> tuple[Any, Sink, Any]:
+async def connected_pair(size: int, unix_path: str | None = None) -> tuple[Any, Sink, Any]:
     """
-    A loopback TCP connection: the server side's transport, the client's
-    sink (done after C{size} bytes) and the listening port.
+    A loopback TCP connection (or a UNIX socket one, at C{unix_path}): the
+    server side's transport, the client's sink (done after C{size} bytes)
+    and the listening port.
     """
     made: Deferred[Source] = Deferred()
-    port = reactor.listenTCP(0, Factory.forProtocol(lambda: Source(made)), interface="127.0.0.1")  # type: ignore[attr-defined]
+    factory = Factory.forProtocol(lambda: Source(made))
     sink = Sink(size)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), sink)
+    if unix_path is None:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    else:
+        port = reactor.listenUNIX(unix_path, factory)  # type: ignore[attr-defined]
+        endpoint = UNIXClientEndpoint(reactor, unix_path)
+    await connectProtocol(endpoint, sink)
     source = await made
     sink.done.addTimeout(10, reactor)
     return source.transport, sink, port
@@ -121,14 +129,16 @@ async def close(sink: Sink, port: Any) -> None:
     await port.stopListening()
 
 
+@pytest.mark.parametrize("family", ["tcp", "unix"])
 @pytest_twisted.ensureDeferred
-async def test_write_through_sends_at_once_on_an_idle_transport() -> None:
+async def test_write_through_sends_at_once_on_an_idle_transport(family: str, tmp_path: Path) -> None:
     """
     On a transport that holds nothing, the bytes are offered to the socket
-    within the call (no turn of the reactor in between), and they arrive.
+    within the call (no turn of the reactor in between), and they arrive;
+    over TCP and over a UNIX socket (C{--listen unix:PATH}).
     """
     payload = random.Random(4).randbytes(200_000)
-    tcp, sink, port = await connected_pair(len(payload))
+    tcp, sink, port = await connected_pair(len(payload), str(tmp_path / "s") if family == "unix" else None)
     try:
         tune_transport(tcp)
         sizes: list[int] = []
