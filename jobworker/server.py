@@ -53,7 +53,7 @@ TURN_BYTES = 256 << 10
 # Data bytes per Output frame.  Small enough (below glibc's 128 KiB mmap
 # threshold) that the client's buffer for each frame is reused rather than
 # mapped and faulted in afresh; large enough that the Python work per frame
-# (encoding, one SSL_write, one transport write) is a small share.
+# (its head, and its decoding on the client) is a small share.
 FRAME_DATA = 64 << 10
 # Bytes the pump sends before yielding the reactor to other work.
 PUMP_BUDGET = 8 << 20

@@ -61,55 +61,17 @@ class Sink(Protocol):
             self.done.callback(None)
 
 
-@pytest.mark.parametrize("wrapped", [False, True], ids=["tcp", "wrapped like TLS"])
-@pytest_twisted.ensureDeferred
-async def test_a_full_write_buffer_goes_to_one_send(wrapped: bool) -> None:
+async def connected_pair(size: int, unix_path: str | None = None, *, wrapped: bool = False) -> tuple[Any, Sink, Any]:
     """
-    After tuning, WRITE_BUFFER bytes written to the transport are offered to
-    the kernel in one C{send} (Twisted's own limit is 128 KiB per call, one
-    call per turn of the reactor), arrive intact, and TCP_NODELAY is on.
-    Under TLS the protocol's transport is a wrapper; the tuning must reach
-    the TCP connection beneath it.
+    A loopback TCP connection (or a UNIX socket one, at C{unix_path}): the
+    server side's transport (a L{WrappingFactory}'s wrapper around it, as
+    TLS wraps it, if C{wrapped}), the client's sink (done after C{size}
+    bytes) and the listening port.
     """
     made: Deferred[Source] = Deferred()
     factory: Factory = Factory.forProtocol(lambda: Source(made))
     if wrapped:
         factory = WrappingFactory(factory)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
-    sink = Sink(WRITE_BUFFER)
-    try:
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), sink)
-        source = await made
-        transport = source.transport
-        tune_transport(transport)
-        tcp = transport.transport if wrapped else transport  # type: ignore[union-attr]
-        sizes: list[int] = []
-        tcp.socket = SendRecorder(tcp.socket, sizes)
-        payload = random.Random(3).randbytes(WRITE_BUFFER)
-        transport.write(payload)  # type: ignore[union-attr]
-        sink.done.addTimeout(10, reactor)
-        await sink.done
-        assert bytes(sink.received) == payload
-        assert sizes[0] == WRITE_BUFFER, sizes
-        assert tcp.getTcpNoDelay()
-        assert tcp.bufferSize == WRITE_BUFFER
-    finally:
-        if sink.transport is not None:
-            sink.transport.loseConnection()
-        await port.stopListening()
-
-
-# -- write_through ----------------------------------------------------------------
-
-
-async def connected_pair(size: int, unix_path: str | None = None) -> tuple[Any, Sink, Any]:
-    """
-    A loopback TCP connection (or a UNIX socket one, at C{unix_path}): the
-    server side's transport, the client's sink (done after C{size} bytes)
-    and the listening port.
-    """
-    made: Deferred[Source] = Deferred()
-    factory = Factory.forProtocol(lambda: Source(made))
     sink = Sink(size)
     if unix_path is None:
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
@@ -127,6 +89,36 @@ async def close(sink: Sink, port: Any) -> None:
     if sink.transport is not None:
         sink.transport.loseConnection()
     await port.stopListening()
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["tcp", "wrapped like TLS"])
+@pytest_twisted.ensureDeferred
+async def test_a_full_write_buffer_goes_to_one_send(wrapped: bool) -> None:
+    """
+    After tuning, WRITE_BUFFER bytes written to the transport are offered to
+    the kernel in one C{send} (Twisted's own limit is 128 KiB per call, one
+    call per turn of the reactor), arrive intact, and TCP_NODELAY is on.
+    Under TLS the protocol's transport is a wrapper; the tuning must reach
+    the TCP connection beneath it.
+    """
+    transport, sink, port = await connected_pair(WRITE_BUFFER, wrapped=wrapped)
+    try:
+        tune_transport(transport)
+        tcp = transport.transport if wrapped else transport
+        sizes: list[int] = []
+        tcp.socket = SendRecorder(tcp.socket, sizes)
+        payload = random.Random(3).randbytes(WRITE_BUFFER)
+        transport.write(payload)
+        await sink.done
+        assert bytes(sink.received) == payload
+        assert sizes[0] == WRITE_BUFFER, sizes
+        assert tcp.getTcpNoDelay()
+        assert tcp.bufferSize == WRITE_BUFFER
+    finally:
+        await close(sink, port)
+
+
+# -- write_through ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", ["tcp", "unix"])

@@ -31,7 +31,9 @@ __all__ = [
     "kill_each",
     "walk_up",
     "write_limit",
+    "make_each",
     "remove_directories",
+    "remove_empty",
     "UNSUPPORTED",
     "POLL_INTERVAL",
     "KILL_TIMEOUT",
@@ -183,6 +185,37 @@ def pids_below(tops: Iterable[str]) -> list[int]:
             except FileNotFoundError:
                 pass
     return sorted(found)
+
+
+def make_each(calls: HostCalls, directories: Iterable[str]) -> None:
+    """
+    Make each cgroup directory, in order, unless it is already there.
+
+    @raise CgroupError: naming the first that could not be made.
+    """
+    for directory in directories:
+        try:
+            calls.mkdir(directory)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise CgroupError(f"cannot make cgroup {directory}: {e.strerror}") from e
+
+
+def remove_empty(calls: HostCalls, directories: Iterable[str]) -> None:
+    """
+    Remove each empty cgroup directory, in order, unless it is already gone
+    (L{remove_directories} is for ones that may hold processes).
+
+    @raise CgroupError: naming the first that could not be removed.
+    """
+    for directory in directories:
+        try:
+            calls.rmdir(directory)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise CgroupError(f"cannot remove cgroup {directory}: {e.strerror}") from e
 
 
 def remove_directories(

@@ -226,6 +226,22 @@ def check_supported(limits: Limits, controllers: frozenset[str], driver: str, io
         )
 
 
+def usage_fields(controllers: frozenset[str], *, cpu: bool) -> frozenset[str]:
+    """
+    The L{Usage} fields a driver measures: C{cpu_usec} where C{cpu} says the
+    CPU time can be read, the others by the controller (of C{controllers})
+    that counts them.
+    """
+    supported = {"cpu_usec"} if cpu else set()
+    if "memory" in controllers:
+        supported |= {"memory_peak_bytes", "oom_killed"}
+    if "io" in controllers:
+        supported |= {"io_read_bytes", "io_write_bytes"}
+    if "pids" in controllers:
+        supported.add("pids_peak")
+    return frozenset(supported)
+
+
 def stale_job_names(base: str) -> set[str]:
     """
     The job directories in C{base} (none if C{base} does not exist).

@@ -61,12 +61,14 @@ from jobworker.cgroups._host import (
     KILL_TIMEOUT,
     HostCalls,
     kill_each,
+    make_each,
     optional_int,
     optional_keyed,
     poll,
     pids_below,
     read_text,
     remove_directories,
+    remove_empty,
     write_limit,
 )
 from jobworker.cgroups._interface import (
@@ -76,6 +78,7 @@ from jobworker.cgroups._interface import (
     job_directory_name,
     remove_each,
     stale_job_names,
+    usage_fields,
 )
 from jobworker.cgroups._limits import cpu_bandwidth
 from jobworker.errors import ErrorCode, RequestError
@@ -264,22 +267,10 @@ class CgroupV1Driver:
         return f"<CgroupV1Driver {self.base_description}>"
 
     def prepare(self) -> None:
-        for base in self.bases:
-            try:
-                self._calls.mkdir(base)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise CgroupError(f"cannot make cgroup {base}: {e.strerror}") from e
+        make_each(self._calls, self.bases)
 
     def release(self) -> None:
-        for base in self.bases:
-            try:
-                self._calls.rmdir(base)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise CgroupError(f"cannot remove cgroup {base}: {e.strerror}") from e
+        remove_empty(self._calls, self.bases)
 
     def _job(self, name: str) -> CgroupV1Job:
         return CgroupV1Job({c: os.path.join(base, name) for c, base in self._base_of.items()}, self._calls)
@@ -355,13 +346,4 @@ class CgroupV1Driver:
         return remove_each(names, self._job)
 
     def usage_supported(self) -> frozenset[str]:
-        supported = set()
-        if "cpuacct" in self._base_of:
-            supported.add("cpu_usec")
-        if "memory" in self._base_of:
-            supported |= {"memory_peak_bytes", "oom_killed"}
-        if "blkio" in self._base_of:
-            supported |= {"io_read_bytes", "io_write_bytes"}
-        if "pids" in self._base_of:
-            supported.add("pids_peak")
-        return frozenset(supported)
+        return usage_fields(self.controllers, cpu="cpuacct" in self._base_of)

@@ -63,6 +63,7 @@ from jobworker.cgroups._host import (
     UNSUPPORTED,
     HostCalls,
     kill_each,
+    make_each,
     optional_int,
     optional_keyed,
     poll,
@@ -71,6 +72,7 @@ from jobworker.cgroups._host import (
     read_pids,
     read_text,
     remove_directories,
+    remove_empty,
     write_limit,
 )
 from jobworker.cgroups._interface import (
@@ -81,6 +83,7 @@ from jobworker.cgroups._interface import (
     job_directory_name,
     remove_each,
     stale_job_names,
+    usage_fields,
 )
 from jobworker.cgroups._limits import cpu_bandwidth
 from jobworker.errors import ErrorCode, RequestError
@@ -286,13 +289,7 @@ class CgroupV2Driver:
 
     def prepare(self) -> None:
         calls = self._calls
-        for directory in (self.base, self.service_leaf):
-            try:
-                calls.mkdir(directory)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise CgroupError(f"cannot make cgroup {directory}: {e.strerror}") from e
+        make_each(calls, (self.base, self.service_leaf))
         pid = calls.getpid()
         try:
             calls.write(os.path.join(self.service_leaf, "cgroup.procs"), str(pid))
@@ -353,13 +350,7 @@ class CgroupV2Driver:
             calls.write(os.path.join(self.own, "cgroup.procs"), str(calls.getpid()))
         except OSError as e:
             raise CgroupError(f"cannot move the service back into cgroup {self.own}: {e.strerror}") from e
-        for directory in (self.service_leaf, self.base):
-            try:
-                calls.rmdir(directory)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise CgroupError(f"cannot remove cgroup {directory}: {e.strerror}") from e
+        remove_empty(calls, (self.service_leaf, self.base))
 
     def create(self, job_id: str, limits: Limits) -> CgroupV2Job:
         name = job_directory_name(job_id)
@@ -425,11 +416,4 @@ class CgroupV2Driver:
     def usage_supported(self) -> frozenset[str]:
         # cpu.stat's usage_usec is core cgroup v2, there without the cpu
         # controller.
-        supported = {"cpu_usec"}
-        if "memory" in self.controllers:
-            supported |= {"memory_peak_bytes", "oom_killed"}
-        if "io" in self.controllers:
-            supported |= {"io_read_bytes", "io_write_bytes"}
-        if "pids" in self.controllers:
-            supported.add("pids_peak")
-        return frozenset(supported)
+        return usage_fields(self.controllers, cpu=True)
