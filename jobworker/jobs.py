@@ -254,6 +254,10 @@ class Job:
         self.usage = JobUsage()
         self.cgroup: Any = None
         self.transport: Any = None
+        # The helper's pid, kept: Twisted sets transport.pid to None once it
+        # has reaped the helper, and without namespaces the pid is also the
+        # job's process group, which may outlive the helper.
+        self.pid: int | None = None
         self._started: defer.Deferred[Job] | None = defer.Deferred()
         self._ended_waiters: list[defer.Deferred[JobStatus]] = []
         self._status_final: tuple[str, int] | None = None  # ("exit"|"signal", n) from the helper
@@ -325,6 +329,7 @@ class Job:
                 path="/",
                 childFDs={0: "w", 1: stdout_w, 2: stderr_w, 3: "r"},
             )
+            self.pid = self.transport.pid
             self.transport.write(json.dumps(helper_config).encode())
             self.transport.closeStdin()
             for fd, read_end in ((1, stdout_r), (2, stderr_r)):
@@ -448,8 +453,8 @@ class Job:
             if self.manager.config.isolate:
                 # The helper forwards it to the command's process group.
                 self.transport.signalProcess(signum)
-            else:
-                os.killpg(self.transport.pid, signum)
+            elif self.pid is not None:
+                os.killpg(self.pid, signum)
         except (OSError, twisted_error.ProcessExitedAlready):
             pass
 
@@ -473,9 +478,12 @@ class Job:
                 self.cgroup.kill()
             except OSError:
                 pass
-        elif not self.manager.config.isolate and self.transport is not None:
+        elif not self.manager.config.isolate and self.pid is not None:
+            # The group outlives its leader while a member lives, and its
+            # id is not reused while it does; once it is empty the id is
+            # free, but this runs in the callback of the reaping itself.
             try:
-                os.killpg(self.transport.pid, signal.SIGKILL)
+                os.killpg(self.pid, signal.SIGKILL)
             except OSError:
                 pass
         if self._open_pipes:
