@@ -29,7 +29,7 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from jobworker.logs import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
