@@ -219,7 +219,8 @@ class Options(usage.Options):
                 continue
             values = value if key in self.repeatable and isinstance(value, list) else [value]
             for item in values:
-                if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                allowed = (str,) if key in self.repeatable else (str, int, float)
+                if isinstance(item, bool) or not isinstance(item, allowed):
                     kind = "a list of texts" if key in self.repeatable else "a text or a number"
                     raise StartupError(f"{where}: {item!r} is not {kind}")
                 handler = self._dispatch[key]
@@ -227,7 +228,7 @@ class Options(usage.Options):
                     if isinstance(handler, usage.CoerceParameter):
                         handler.dispatch(key, str(item))
                     else:
-                        handler(str(item))
+                        handler(key, str(item))
                 except usage.UsageError as exc:
                     raise StartupError(f"{where}: {exc}") from None
 
