@@ -66,8 +66,10 @@ def json_observer(stream: IO[str] | None = None) -> ILogObserver:
     C{jq --seq} and Twisted's C{eventsFromJSONLogFile} read them).
 
     Events from Twisted itself carry objects (a factory, a port) that JSON
-    cannot hold; those fields are written as text here as well, so every
-    field of every line is a JSON value.
+    cannot hold; those fields are written as text here as well, the
+    event's source as text and its C{log_logger} (the L{Logger} object, whose
+    name is in C{log_namespace}) not at all, so every field of every line is
+    a JSON value.
 
     @param stream: a text file; standard output by default (where systemd's
         journal and container runtimes collect a service's log).
@@ -76,6 +78,15 @@ def json_observer(stream: IO[str] | None = None) -> ILogObserver:
 
     @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
-        inner({key: value if key.startswith("log_") else json_value(value) for key, value in event.items()})
+        fields = {}
+        for key, value in event.items():
+            if key == "log_logger":
+                continue  # the Logger object; its namespace is log_namespace
+            if key == "log_source" and value is not None:
+                value = str(value)
+            elif not key.startswith("log_"):
+                value = json_value(value)
+            fields[key] = value
+        inner(fields)
 
     return observe  # type: ignore[no-any-return]

@@ -46,6 +46,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from jobworker import __version__
+
 __all__ = [
     "CredentialError",
     "read_certificates",
@@ -432,6 +434,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="jobworker-pki",
         description="Make a CA, server and client certificates for jobworker.",
     )
+    parser.add_argument("--version", action="version", version=f"jobworker-pki {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     dev = commands.add_parser(

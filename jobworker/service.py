@@ -497,6 +497,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     factory = ServerFactory(
         manager, reactor, server_name=options["server-name"] or os.uname().nodename, limits=limits
     )
+    # Its "Starting factory <object>" lines say nothing an operator can use
+    # (the listeners are logged above) and carry an object no JSON holds.
+    factory.noisy = False
     twistd = getattr(options, "parent", None)
     log_file = twistd.get("logfile") if twistd is not None else None
     if twistd is not None and not log_file and not twistd.get("nodaemon"):
