@@ -509,7 +509,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     for description in options["listen"]:
         try:
             endpoint = serverFromString(reactor, description)
-        except (ValueError, TypeError, KeyError) as exc:
+        except (IndexError, KeyError) as exc:
+            if description.startswith("systemd:"):
+                raise StartupError(
+                    f"--listen {description}: systemd passed no such socket (LISTEN_FDS, LISTEN_FDNAMES; "
+                    "start the server through its .socket unit)"
+                ) from None
+            raise StartupError(f"--listen {description}: not an endpoint: {exc!r}") from None
+        except (ValueError, TypeError) as exc:
             raise StartupError(f"--listen {description}: not an endpoint: {exc}") from None
         _Listener(description, endpoint, BulkTLSMemoryBIOFactory(tls, False, factory)).setServiceParent(top)
     return top

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import jobworker
-from tests.support import BIN, REPO, free_port, need_root
+from tests.support import BIN, REPO, free_port, need, need_root
 
 
 def _tls_args(certs: Path) -> list[str]:
@@ -362,3 +363,108 @@ def test_the_package_version_is_the_metadata_version():
     from importlib.metadata import version
 
     assert version("jobworker") == jobworker.__version__
+
+
+# -- systemd ------------------------------------------------------------------------
+
+UNITS = REPO / "contrib" / "systemd"
+
+
+def _need_systemd_tool(name: str) -> str:
+    """
+    The path of a tool of Debian's C{systemd} package, installed (as root,
+    with apt-get) if missing; on CI a tool that cannot be had is a failure.
+    """
+    found = shutil.which(name)
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "systemd"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+        found = shutil.which(name)
+    need(found is not None, f"needs {name} (Debian package systemd)")
+    return found
+
+
+def _unit_for_this_checkout(directory: Path) -> Path:
+    """
+    The shipped units, with ExecStart pointing at this checkout's twistd, so
+    that verify also checks the command exists.
+    """
+    for name in ("jobworker.service", "jobworker.socket"):
+        text = (UNITS / name).read_text().replace("/opt/jobworker/bin/twistd", str(BIN / "twistd"))
+        (directory / name).write_text(text)
+    return directory / "jobworker.service"
+
+
+def test_systemd_units_verify(tmp_path):
+    analyze = _need_systemd_tool("systemd-analyze")
+    service = _unit_for_this_checkout(tmp_path)
+    result = subprocess.run([analyze, "verify", "--man=no", str(service), str(tmp_path / "jobworker.socket")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    # verify exits 0 on a misspelt key or a bad value and only warns: any
+    # output at all is a defect of the unit.
+    assert (result.returncode, result.stdout + result.stderr) == (0, ""), result.stdout + result.stderr
+    # It can fail: a misspelt key is reported.
+    broken = tmp_path / "broken.service"
+    broken.write_text(service.read_text().replace("Delegate=yes", "Delegat=yes"))
+    result = subprocess.run([analyze, "verify", "--man=no", str(broken)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert "Unknown key 'Delegat'" in result.stderr
+
+
+def _unit_settings(path: Path) -> dict[str, str]:
+    settings = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def test_systemd_unit_matches_what_the_service_does(tmp_path):
+    settings = _unit_settings(UNITS / "jobworker.service")
+    assert settings["Delegate"] == "yes"
+    # The server stops every job itself on SIGTERM: systemd signals it alone.
+    assert settings["KillMode"] == "mixed"
+    from jobworker.service import Options
+
+    grace = float(Options().defaults["grace"])
+    assert float(settings["TimeoutStopSec"]) > grace + 5
+    # Its command line is one the server accepts, and the config it names is
+    # the documented default.
+    command = settings["ExecStart"].split()
+    assert command[1:5] == ["--nodaemon", "--pidfile=", "jobworker", "--config"]
+    from jobworker.service import CONFIG_PATH
+
+    assert command[5] == CONFIG_PATH
+    # Every left-out option is named with its reason.
+    text = (UNITS / "jobworker.service").read_text()
+    for option in ("ProtectSystem", "NoNewPrivileges", "CapabilityBoundingSet", "SystemCallFilter",
+                   "RestrictNamespaces", "PrivateDevices", "ProtectControlGroups", "MemoryDenyWriteExecute"):
+        assert f"# {option}=" in text, option
+
+
+def test_socket_activation(certs, tmp_path):
+    """
+    The server on a socket systemd passes it (systemd-socket-activate does
+    what a .socket unit does: bind, then start the server on the first
+    connection with LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES set).
+    """
+    activate = _need_systemd_tool("systemd-socket-activate")
+    port = free_port()
+    command = [activate, "-l", f"127.0.0.1:{port}", "--fdname=jobworker", *twistd(
+        *_tls_args(certs), "--state-dir", str(tmp_path / "state"), "--listen", "systemd:domain=INET:name=jobworker")]
+    log_path = tmp_path / "server.log"
+    server = Server(command, log_path, [f"127.0.0.1:{port}"])
+    try:
+        # The first connection is the one that starts the server.
+        first = jobcli(certs, f"127.0.0.1:{port}", "run", "--", "echo", "activated")
+        assert (first.returncode, first.stdout) == (0, "activated\n"), first.stderr + server.log()
+        assert jobcli(certs, f"127.0.0.1:{port}", "whoami").returncode == 0
+        assert "listening on systemd:domain=INET:name=jobworker" in server.log()
+    finally:
+        server.stop()
+
+
+def test_systemd_endpoint_without_systemd_is_one_line(certs, tmp_path):
+    result = _refused(_base(certs, tmp_path, listen="systemd:domain=INET:index=0"))
+    assert "systemd passed no such socket" in result.stderr
