@@ -319,7 +319,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if command == "whoami":
             hello = client.hello
             assert hello is not None
-            print(f"{hello.identity} ({hello.role or 'no role'}) on {hello.server_name}")
+            print(f"{hello.identity} ({hello.role or 'no role'}) on {hello.server_name}" + (f" ({hello.server_version})" if hello.server_version else ""))
             return 0
     raise UsageError(f"unknown command {command}")
 

@@ -34,6 +34,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from jobworker import __version__
 from jobworker.errors import ErrorCode, ProtocolError, RequestError
 from jobworker.jobs import Job, JobManager
 from jobworker.outputlog import GAP_FD
@@ -235,6 +236,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self.factory.server_name,
             self.identity.name,
             unit or "",
+            self.factory.server_version,
         )
         self.transport.write(self.conn.send(hello))
 
@@ -532,6 +534,7 @@ class ServerFactory(Factory):
         self.manager = manager
         self.reactor = reactor
         self.server_name = server_name
+        self.server_version = f"jobworker {__version__}"
         self.limits = limits or ServerLimits()
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:

@@ -112,7 +112,8 @@ def test_server_from_a_config_file_alone_serves_every_listener_it_names(certs, t
         for address in (f"127.0.0.1:{v4}", f"[::1]:{v6}", f"unix:{sock}"):
             result = jobcli(certs, address, "whoami", identity="alice")
             assert result.returncode == 0, (address, result.stderr)
-            assert "alice (user) on from-the-config" in result.stdout, result.stdout
+            # whoami shows the server's version, from its ServerHello.
+            assert result.stdout == f"alice (user) on from-the-config (jobworker {jobworker.__version__})\n", result.stdout
         # A job started over one listener is seen over the others.
         started = jobcli(certs, f"unix:{sock}", "run", "--", "echo", "over a unix socket")
         assert started.returncode == 0, started.stderr
