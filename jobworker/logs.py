@@ -61,9 +61,10 @@ class Logger(_TwistedLogger):
 
 def json_observer(stream: IO[str] | None = None) -> ILogObserver:
     """
-    An observer that writes each event as one JSON object per line (record
-    separator first, as C{twist --log-format=json} writes them, so
-    C{jq --seq} and Twisted's C{eventsFromJSONLogFile} read them).
+    An observer that writes each event as one JSON object per line (JSON
+    Lines, as log shippers and C{jq} read them; Twisted's
+    C{eventsFromJSONLogFile} reads them too).  C{twist --log-format=json}
+    starts each line with an ASCII record separator instead (C{jq --seq}).
 
     Events from Twisted itself carry objects (a factory, a port) that JSON
     cannot hold; those fields are written as text here as well, the
@@ -74,7 +75,7 @@ def json_observer(stream: IO[str] | None = None) -> ILogObserver:
     @param stream: a text file; standard output by default (where systemd's
         journal and container runtimes collect a service's log).
     """
-    inner = jsonFileLogObserver(stream if stream is not None else sys.stdout)
+    inner = jsonFileLogObserver(stream if stream is not None else sys.stdout, recordSeparator="")
 
     @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:

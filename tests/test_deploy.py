@@ -303,12 +303,11 @@ def test_startup_error_missing_cgroup_controller_on_this_host(certs, tmp_path):
 
 
 def _json_events(text: str) -> list[dict]:
-    events = []
-    for line in text.split("\x1e"):
-        line = line.strip()
-        if line:
-            events.append(json.loads(line))
-    return events
+    """
+    Every line must be one JSON object (twist starts each with a record
+    separator, twistd --log-format json writes plain JSON Lines).
+    """
+    return [json.loads(line.lstrip("\x1e")) for line in text.splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("runner", ["twistd", "twist"])
