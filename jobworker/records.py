@@ -12,7 +12,7 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from jobworker.limits import Limits
-from jobworker.protocol.messages import JobState, JobStatus, JobUsage, Network
+from jobworker.protocol.messages import UID_UNKNOWN, JobState, JobStatus, JobUsage, Network
 
 __all__ = ["status_to_dict", "status_from_dict", "exit_status"]
 
@@ -44,6 +44,7 @@ def status_to_dict(status: JobStatus) -> dict[str, Any]:
         "stopped_by": status.stopped_by or None,
         "workdir": status.workdir,
         "user": status.user,
+        "uid": status.uid if status.uid != UID_UNKNOWN else None,
         "network": status.network.name.lower(),
         "limits": asdict(status.limits),
         "usage": asdict(status.usage),
@@ -82,6 +83,7 @@ def _status_from_dict(data: dict[str, Any]) -> JobStatus:
         stopped_by=data["stopped_by"] or "",
         workdir=data.get("workdir", ""),
         user=data.get("user", ""),
+        uid=data["uid"] if data.get("uid") is not None else UID_UNKNOWN,
         network=Network[data.get("network", "none").upper()],
         limits=Limits(**{k: v for k, v in data.get("limits", {}).items() if k in limit_names}),
         usage=JobUsage(**{k: v for k, v in data.get("usage", {}).items() if k in usage_names}),
