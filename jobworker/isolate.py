@@ -111,9 +111,9 @@ Configuration (argv[1], a JSON object, or "-" to read it from stdin)
     C{InaccessiblePaths=} does: a directory is covered by an empty
     read-only tmpfs of mode 000, a file by a bind mount of
     C{inaccessible_file}.  A path that does not exist is skipped.
-  - C{inaccessible_file}: str or null: an empty file of mode 000 owned by
-    root, the source of the bind mounts over hidden files; needed only when
-    C{hide} names a file.
+  - C{inaccessible_file}: str or null: an empty regular file owned by root,
+    the source of the bind mounts over hidden files (its mode is set to 000
+    before each use); needed only when C{hide} names a file.
 
 Unknown keys are refused, so that a misspelt option is not silently lost.
 
@@ -615,12 +615,31 @@ def hide_paths(paths: list[str], inaccessible_file: str | None) -> None:
     for path, is_directory in kinds:
         if is_directory is False:
             if inaccessible_file is None:
-                raise StartError("setup", errno.EINVAL, f"bad config: no inaccessible_file to hide {path}")
+                raise StartError("setup", errno.EINVAL, "bad config: no inaccessible_file to hide files with")
             _mount(inaccessible_file.encode(), path, None, MS_BIND, None, "hide")
             _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None, "hide")
     for path, is_directory in kinds:
         if is_directory:
             _mount(b"tmpfs", path, b"tmpfs", MS_RDONLY | flags, b"mode=000,size=4k,nr_inodes=16", "hide")
+
+
+def _check_inaccessible_file(path: str | None) -> None:
+    """
+    Make sure the source of the bind mounts over hidden files is an empty
+    regular file of root's with mode 000, and make its mode so if someone
+    loosened it (a C{chmod -R} of the state dir): its mode is what a job
+    sees in place of the hidden file's.
+    """
+    if path is None:
+        return
+    try:
+        info = posix.stat(path, follow_symlinks=False)
+        if (info.st_mode & 0o170000) != 0o100000 or info.st_uid != 0 or info.st_size != 0:
+            raise StartError("setup", errno.EINVAL, f"{path} is not an empty regular file of root's")
+        if info.st_mode & 0o7777:
+            posix.chmod(path, 0)
+    except OSError as e:
+        raise StartError.from_os_error("setup", f"inaccessible file {path}", e) from None
 
 
 def mount_proc() -> None:
@@ -926,6 +945,9 @@ def run_outer(config: JobConfig) -> None:
     Unshare, fork init, then wait for it and exit as it did; never returns.
     """
     global _forward_target
+    if config.hide:
+        # While the host's file system is still writable to us.
+        _check_inaccessible_file(config.inaccessible_file)
     unshare(config.network)
     # Outer is in the new mount and network namespaces already.  Whatever
     # can be done here rather than in init is done before the fork, while

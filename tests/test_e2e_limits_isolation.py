@@ -183,7 +183,7 @@ def test_pid_namespace(server):
 def test_mounts_do_not_reach_the_host(server):
     need_root()
     # Not under /tmp: a job has its own.
-    target = tempfile.mkdtemp(prefix="jobworker-test-", dir="/mnt")
+    target = tempfile.mkdtemp(prefix="jobworker-test-", dir="/srv")
     try:
         result = server.jobcli(
             "run", "--user", "root", "--", "sh", "-c", f"mount -t tmpfs jobworker-test-tmpfs {target} && grep -c jobworker-test-tmpfs /proc/self/mountinfo"
