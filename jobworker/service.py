@@ -49,6 +49,29 @@ _CAP_DEFAULTS = {
 TMP_SIZE_FRACTION = 10
 
 
+# Directories too widely used to hide from jobs, even when the server's key
+# lies in one: then only the key file itself is hidden.
+SHARED_DIRECTORIES = frozenset(
+    ["/", "/etc", "/etc/ssl", "/etc/pki", "/usr", "/usr/local", "/var", "/var/lib", "/opt", "/srv",
+     "/home", "/run", "/tmp", "/var/tmp", "/mnt", "/media"]
+)
+
+
+def secret_paths(key: str, extra: list[str]) -> tuple[str, ...]:
+    """
+    What jobs must not reach besides the state dir: the TLS key, the
+    directory it lies in (a development PKI keeps the CA's and the clients'
+    keys beside it) unless that is one of L{SHARED_DIRECTORIES}, and the
+    operator's C{--hide-path}s.
+    """
+    key = os.path.realpath(key)
+    paths = [key]
+    directory = os.path.dirname(key)
+    if directory not in SHARED_DIRECTORIES:
+        paths.append(directory)
+    return tuple(dict.fromkeys([*paths, *(os.path.realpath(p) for p in extra)]))
+
+
 def host_memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
@@ -99,8 +122,8 @@ class Options(usage.Options):
 
     def opt_hide_path(self, path: str) -> None:
         """
-        A path jobs must not reach (repeatable), besides the state dir and
-        the TLS key, which are always hidden.
+        A path jobs must not reach (repeatable), besides the state dir, the
+        TLS key and its directory, which are always hidden.
         """
         self["hide-paths"].append(os.path.abspath(path))
 
@@ -205,7 +228,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         job_uids=options["job-uid-range"] if privileged else None,
         scratch_bytes=options["tmp-bytes"],
         private_sys=not options["no-private-sys"],
-        hidden_paths=(os.path.abspath(options["key"]), *options["hide-paths"]),
+        hidden_paths=secret_paths(options["key"], options["hide-paths"]),
         default_limits=options["default-limits"],
         caps=options["caps"],
         default_grace_s=options["grace"],

@@ -427,7 +427,7 @@ def test_state_dir_and_key_are_out_of_reach_even_world_readable(exposed):
     # From the host, the key and the spool are readable by anyone now.
     assert as_uid(65534, lambda: try_read(str(key))) == "ok"
     assert as_uid(65534, lambda: try_read(str(spools[0]))) == "ok"
-    targets = [str(state), str(spools[0]), str(key), str(root / "certs")]
+    targets = [str(state), str(spools[0]), str(key), str(root / "certs"), str(root / "certs" / "ca.key")]
     for identity, options in (("bob", {}), ("admin", {"user": "nobody"}), ("admin", {"user": "root"})):
         final, out, err = run(server, ["python3", "-c", SNOOP, *targets], identity, **options)
         assert final.state is m.JobState.EXITED, (final, err)
@@ -435,16 +435,18 @@ def test_state_dir_and_key_are_out_of_reach_even_world_readable(exposed):
         assert secret not in text
         lines = dict(line.split(" ", 1) for line in text.splitlines())
         if options.get("user") == "root":
-            # Root passes every permission check, and finds nothing: an
-            # empty directory and an empty key.
+            # Root passes every permission check, and finds nothing: empty
+            # directories, no key.
             assert lines[str(state)] == "list []", text
-            assert lines[str(key)] == "read 0", text
+            assert lines[str(key)] in ("read 0", "error No such file or directory"), text
         else:
             assert lines[str(state)] == "error Permission denied", text
             assert lines[str(key)] == "error Permission denied", text
         assert lines[str(spools[0])] in ("error No such file or directory", "error Permission denied"), text
-        # The certificates beside the key are public and stay readable.
-        assert "server.pem" in lines[str(root / "certs")], text
+        assert lines[str(root / "certs" / "ca.key")] in ("error No such file or directory", "error Permission denied"), text
+        # The key's directory goes too: a development PKI keeps the CA's key
+        # and the clients' keys beside the server's.
+        assert lines[str(root / "certs")] in ("list []", "error Permission denied"), text
     assert server.alive()
 
 

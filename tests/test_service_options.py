@@ -50,3 +50,10 @@ def test_job_uids():
 def test_hide_path_is_repeatable_and_absolute():
     parsed = options("--hide-path", "/etc/secret", "--hide-path", "relative/dir")
     assert parsed["hide-paths"] == ["/etc/secret", os.path.abspath("relative/dir")]
+
+
+def test_secret_paths_are_the_key_its_directory_and_the_extras(tmp_path):
+    key = tmp_path / "pki" / "server.key"
+    assert service.secret_paths(str(key), ["/etc/shadow"]) == (str(key), str(key.parent), "/etc/shadow")
+    # A key in a directory every job needs: only the key itself.
+    assert service.secret_paths("/etc/server.key", []) == ("/etc/server.key",)
