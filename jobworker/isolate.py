@@ -30,6 +30,12 @@ Process tree of an isolated job (C{"isolate": true})::
     SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to init and exits with init's
     exit code.  It closes fd 3 at once, so the status pipe reaches EOF exactly
     when init (the only writer) is gone.
+    Outer also does the namespace set-up that needs no PID namespace, before
+    it forks: the mounts (a read-only host for a uid of its own, the hidden
+    paths, the private C{/tmp}, C{/var/tmp} and C{/dev/shm}, a fresh
+    C{/sys}; all in the job's mount namespace, made private first, so none
+    ever appears in the host's and all go when the namespace's last process
+    ends) and loopback.
   - B{init} must be a process of its own because PID 1 of a namespace has
     duties no ordinary command fulfils: orphans are reparented to it and it
     must reap them, and the kernel drops signals to it that it has no handler
