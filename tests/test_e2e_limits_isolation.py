@@ -17,6 +17,10 @@ import pytest
 from tests.support import need, need_root, start_server
 
 
+# A place for test directories outside /tmp, which a job has its own of.
+OUTSIDE_TMP = "/srv" if os.path.isdir("/srv") else "/var/lib"
+
+
 def _driver():
     from jobworker.cgroups import detect
 
@@ -183,7 +187,7 @@ def test_pid_namespace(server):
 def test_mounts_do_not_reach_the_host(server):
     need_root()
     # Not under /tmp: a job has its own.
-    target = tempfile.mkdtemp(prefix="jobworker-test-", dir="/srv")
+    target = tempfile.mkdtemp(prefix="jobworker-test-", dir=OUTSIDE_TMP)
     try:
         result = server.jobcli(
             "run", "--user", "root", "--", "sh", "-c", f"mount -t tmpfs jobworker-test-tmpfs {target} && grep -c jobworker-test-tmpfs /proc/self/mountinfo"

@@ -33,6 +33,10 @@ from tests.support import need, need_root, start_server
 SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")
 
 
+# A place for test directories outside /tmp, which a job has its own of.
+OUTSIDE_TMP = "/srv" if os.path.isdir("/srv") else "/var/lib"
+
+
 def marker() -> str:
     return f"jw-{uuid.uuid4().hex[:12]}"
 
@@ -395,7 +399,7 @@ def exposed(certs):
     /tmp would hide them anyway), to be made world-readable on purpose.
     """
     need_root()
-    root = Path(tempfile.mkdtemp(prefix="jobworker-test-", dir="/srv"))
+    root = Path(tempfile.mkdtemp(prefix="jobworker-test-", dir=OUTSIDE_TMP))
     try:
         os.chmod(root, 0o755)
         keys = root / "certs"

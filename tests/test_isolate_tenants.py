@@ -21,6 +21,9 @@ from tests.test_isolate import PYTHON, TIMEOUT, need_namespaces, run, shell
 
 UID = 2**31 - 7  # a uid no one has; the helper needs none to exist
 
+# A place for test directories outside /tmp, which a job has its own of.
+OUTSIDE_TMP = "/srv" if os.path.isdir("/srv") else "/var/lib"
+
 
 @pytest.fixture
 def outside_tmp() -> Path:
@@ -28,7 +31,7 @@ def outside_tmp() -> Path:
     A world-readable directory outside /tmp (a job's /tmp is its own).
     """
     need_root()
-    directory = Path(tempfile.mkdtemp(prefix="jobworker-test-", dir="/srv"))
+    directory = Path(tempfile.mkdtemp(prefix="jobworker-test-", dir=OUTSIDE_TMP))
     os.chmod(directory, 0o755)
     yield directory
     shutil.rmtree(directory)
