@@ -611,6 +611,7 @@ class JobManager(Service):
         # The helper's source until start-up compiles it (see startService).
         self.helper_path = ISOLATE_SCRIPT
         self.uids: UidAllocator | None = None
+        self._hidden: list[str] | None = None
         if config.job_user is None and config.job_uids is not None:
             self.uids = UidAllocator(config.job_uids, is_taken=host_has_id, live_uids=host_live_uids)
         # Bound over every hidden file in a job (see _hide_paths).
@@ -960,8 +961,11 @@ class JobManager(Service):
         The state dir (every job's records and output, the helper) and the
         configured paths, resolved: a mount follows symbolic links.
         """
-        paths = [self.store.state_dir, *self.config.hidden_paths]
-        return list(dict.fromkeys(os.path.realpath(path) for path in paths))
+        if self._hidden is None:
+            # Resolved once: the paths are the server's own, and stay put.
+            paths = [self.store.state_dir, *self.config.hidden_paths]
+            self._hidden = list(dict.fromkeys(os.path.realpath(path) for path in paths))
+        return self._hidden
 
     def _remove_cgroup(self, cgroup: Any) -> defer.Deferred[None]:
         removal = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), cgroup.remove)
