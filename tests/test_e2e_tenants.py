@@ -204,6 +204,17 @@ def try_kill(pid: int) -> str:
         return errno.errorcode[exc.errno]
 
 
+def try_ptrace(pid: int) -> str:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    PTRACE_ATTACH, PTRACE_DETACH = 16, 17
+    if libc.ptrace(PTRACE_ATTACH, pid, None, None) == 0:
+        libc.ptrace(PTRACE_DETACH, pid, None, None)
+        return "ok"
+    return errno.errorcode[ctypes.get_errno()]
+
+
 def try_read(path: str) -> str:
     try:
         with open(path, "rb") as handle:
@@ -248,7 +259,11 @@ def test_two_owners_jobs_cannot_see_or_signal_each_other(tenants):
         # file that ptrace rules guard, to her job or the server.
         assert as_uid(bob_uid, lambda: try_kill(alice_pid)) == "EPERM"
         assert as_uid(bob_uid, lambda: try_read(f"/proc/{alice_pid}/environ")) == "EACCES"
+        assert as_uid(bob_uid, lambda: try_ptrace(alice_pid)) == "EPERM"
         assert as_uid(bob_uid, lambda: try_kill(tenants.process.pid)) == "EPERM"
+        assert as_uid(bob_uid, lambda: try_ptrace(tenants.process.pid)) == "EPERM"
+        # The test can tell: alice's own uid may trace her process.
+        assert as_uid(int(alice_uid), lambda: try_read(f"/proc/{alice_pid}/environ")) == "ok"
         assert status(tenants, alice).state is m.JobState.RUNNING
     finally:
         stop(tenants, alice)
