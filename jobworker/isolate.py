@@ -97,12 +97,12 @@ Configuration (argv[1], a JSON object, or "-" to read it from stdin)
     must honour a client's C{"none"} has to refuse such a job itself.
   - C{no_new_privs}: bool (default true): set PR_SET_NO_NEW_PRIVS for the
     command.
-  - C{scratch_bytes}: int (default 0: none): isolated jobs only: mount a
-    fresh tmpfs of at most this many bytes (mode 1777, nosuid, nodev) on
-    each of C{/tmp}, C{/var/tmp} and C{/dev/shm} that exists, so the job's
-    scratch files are its own and go with its mount namespace.  Its pages
-    are charged to the memory cgroup of the process that writes them, that
-    is to the job's.
+  - C{scratch_bytes}: int (default 0: none): isolated jobs only: give each
+    of C{/tmp}, C{/var/tmp} and C{/dev/shm} that exists a fresh directory
+    (mode 1777) of one new tmpfs (nosuid, nodev) of at most this many bytes
+    for all three together, so the job's scratch files are its own and go
+    with its mount namespace.  Its pages are charged to the memory cgroup of
+    the process that writes them, that is to the job's.
   - C{private_sys}: bool (default false): isolated jobs with their own
     network namespace only: mount a fresh read-only sysfs on C{/sys}, which
     shows that namespace's interfaces only (and hides the host's cgroup
@@ -592,13 +592,34 @@ def make_root_read_only() -> None:
 
 def mount_scratch(size: int) -> None:
     """
-    A fresh tmpfs of C{size} bytes on each scratch directory that exists.
+    One fresh tmpfs of C{size} bytes, shared by every scratch directory
+    that exists: each gets a directory of its own on it (mode 1777), bound
+    over it.  One file system rather than one each, so that C{size} bounds
+    them together: the most a job can put in memory this way.
+
+    The tmpfs is mounted first on the last scratch directory, where the
+    directories are made; that one's own bind goes on top of it last.
     """
+    targets = [path for path in SCRATCH_DIRS if _is_directory(path)]
+    if not targets:
+        return
+    stage = targets[-1]
     inodes = max(MIN_SCRATCH_INODES, size // SCRATCH_BYTES_PER_INODE)
-    data = b"mode=1777,size=%d,nr_inodes=%d" % (size, inodes)
-    for path in SCRATCH_DIRS:
-        if _is_directory(path):
-            _mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, data, "mount tmpfs on")
+    data = b"mode=0755,size=%d,nr_inodes=%d" % (size, inodes)
+    _mount(b"tmpfs", stage, b"tmpfs", MS_NOSUID | MS_NODEV, data, "mount tmpfs on")
+    sources = []
+    for path in targets:
+        source = stage + "/" + path.strip("/").replace("/", "-")
+        try:
+            posix.mkdir(source, 0o700)
+            # chmod, not mkdir's mode: the umask would take the sticky bit's
+            # neighbours away.
+            posix.chmod(source, 0o1777)
+        except OSError as e:
+            raise StartError.from_os_error("setup", f"mkdir {source}", e) from None
+        sources.append(source)
+    for path, source in zip(targets, sources):
+        _mount(source.encode(), path, None, MS_BIND, None, "bind scratch on")
 
 
 def mount_sys() -> None:

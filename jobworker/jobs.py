@@ -110,9 +110,9 @@ class JobManagerConfig:
         None runs each as a uid of its own from C{job_uids} or, without
         them, as the server's own user (only sensible unprivileged).
     @ivar job_uids: the range of uids given to jobs one each (root only).
-    @ivar scratch_bytes: size of each of an isolated job's private C{/tmp},
-        C{/var/tmp} and C{/dev/shm} (tmpfs, charged to the job's memory);
-        0: the job sees the host's.
+    @ivar scratch_bytes: size of the tmpfs that holds an isolated job's
+        private C{/tmp}, C{/var/tmp} and C{/dev/shm} together (charged to
+        the job's memory); 0: the job sees the host's.
     @ivar private_sys: give an isolated job with its own network namespace
         its own read-only C{/sys}.
     @ivar hidden_paths: paths a job must not reach, besides the state dir

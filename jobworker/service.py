@@ -44,8 +44,9 @@ _CAP_DEFAULTS = {
     "pids": " Default: 4096.",
 }
 
-# A tenth of the memory per scratch mount: a job whose memory is not
-# limited (an admin's) cannot fill the host's RAM through them.
+# A tenth of the memory for a job's /tmp, /var/tmp and /dev/shm together: a
+# job whose memory is not limited (an admin's) cannot fill the host's RAM
+# through them.
 TMP_SIZE_FRACTION = 10
 
 
@@ -94,7 +95,7 @@ class Options(usage.Options):
         ["ring-size", None, "4M", "Recent output kept in memory per running job."],
         ["job-user", None, None, "Run every job as this one user (unless an admin asks for another) instead of each as a uid of its own from --job-uids."],
         ["job-uids", None, f"{DEFAULT_FIRST_UID}-{DEFAULT_LAST_UID}", "Range of uids given to jobs, one each, FIRST-LAST (as root, without --job-user). Two servers on one host need ranges that do not overlap."],
-        ["tmp-size", None, None, "Size of each of a job's private /tmp, /var/tmp and /dev/shm (tmpfs; pages count against the job's memory limit), e.g. 1G, or none to give jobs the host's (default: a tenth of the memory)."],
+        ["tmp-size", None, None, "Size of a job's private /tmp, /var/tmp and /dev/shm together (one tmpfs; its pages count against the job's memory limit), e.g. 1G, or none to give jobs the host's (default: a tenth of the memory)."],
         ["cgroups", None, "auto", "cgroup driver: auto, v1, v2 or none (no resource limits)."],
         ["cgroup-prefix", None, None, "Directory, below the server's own cgroup, for the job cgroups (default: jobworker-<hash of the state dir>, one per server)."],
         ["grace", None, "10", "Seconds between SIGTERM and SIGKILL when the server stops jobs."],

@@ -311,11 +311,14 @@ def test_a_full_tmp_is_enospc_for_that_job_only(tenants):
     other = start(tenants, ["sh", "-c", f"echo ok > /tmp/{name} && echo ready && exec sleep 1000"], "bob")
     try:
         wait_output(tenants, other, 1)
-        final, out, err = run(tenants, ["python3", "-c", FILL, "/tmp/fill", str(64 << 20)], "alice")
+        fill = f"python3 -c '{FILL}' /tmp/fill {64 << 20}; python3 -c '{FILL}' /dev/shm/more {1 << 20}"
+        final, out, err = run(tenants, ["sh", "-c", fill], "alice")
         assert final.state is m.JobState.EXITED, (final, err)
-        word, written = out.decode().split()
+        (word, written), (shm_word, _) = [line.split() for line in out.decode().splitlines()]
         assert word == "ENOSPC"
         assert 8 << 20 < int(written) <= 16 << 20
+        # The size bounds the three together: /dev/shm is full too.
+        assert shm_word == "ENOSPC"
         # The server and the other job are untouched.
         assert tenants.alive()
         assert status(tenants, other).state is m.JobState.RUNNING
