@@ -614,7 +614,7 @@ class JobManager(Service):
         self._hidden: list[str] | None = None
         if config.job_user is None and config.job_uids is not None:
             self.uids = UidAllocator(config.job_uids, is_taken=host_has_id, live_uids=host_live_uids)
-        # Bound over every hidden file in a job (see _hide_paths).
+        # Bound over every hidden file in a job (see isolate.hide_paths).
         self.inaccessible_file = os.path.join(os.path.realpath(config.state_dir), "inaccessible")
 
     # -- service ---------------------------------------------------------------
