@@ -53,7 +53,7 @@ from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_
 from jobworker.protocol.messages import UID_UNKNOWN, InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
 from jobworker.spool import FileSpool, SpoolFailure
 from jobworker.store import JobStore, LoadedRecord, StateDirLocked
-from jobworker.uids import UidAllocator, UidRange, host_has_id, host_live_uids
+from jobworker.uids import DEFAULT_LOCK_DIRECTORY, UidAllocator, UidLocks, UidRange, host_has_id, host_live_uids
 
 __all__ = ["Job", "JobManager", "JobManagerConfig", "ISOLATE_SCRIPT"]
 
@@ -131,6 +131,8 @@ class JobManagerConfig:
         None runs each as a uid of its own from C{job_uids} or, without
         them, as the server's own user (only sensible unprivileged).
     @ivar job_uids: the range of uids given to jobs one each (root only).
+    @ivar uid_lock_dir: where servers of one host claim the uids they hand
+        out (L{UidLocks}).
     @ivar scratch_bytes: size of the tmpfs that holds an isolated job's
         private C{/tmp}, C{/var/tmp} and C{/dev/shm} together (charged to
         the job's memory); 0: the job sees the host's.
@@ -148,6 +150,7 @@ class JobManagerConfig:
     isolate: bool = True
     job_user: str | None = None
     job_uids: UidRange | None = None
+    uid_lock_dir: str = DEFAULT_LOCK_DIRECTORY
     scratch_bytes: int = 0
     private_sys: bool = True
     hidden_paths: tuple[str, ...] = ()
@@ -691,9 +694,8 @@ class JobManager(Service):
         # The helper's source until start-up compiles it (see startService).
         self.helper_path = ISOLATE_SCRIPT
         self.uids: UidAllocator | None = None
+        self._uid_locks: UidLocks | None = None
         self._hidden: list[str] | None = None
-        if config.job_user is None and config.job_uids is not None:
-            self.uids = UidAllocator(config.job_uids, is_taken=host_has_id, live_uids=host_live_uids)
         # Bound over every hidden file in a job (see isolate.hide_paths).
         self.inaccessible_file = os.path.join(os.path.realpath(config.state_dir), "inaccessible")
 
@@ -732,7 +734,18 @@ class JobManager(Service):
                 log.warn("job {job_id} was running when the server died: lost", job_id=job.job_id)
             self.jobs[job.job_id] = job
         self._prune()
-        if self.uids is not None:
+        if self.config.job_user is None and self.config.job_uids is not None:
+            try:
+                self._uid_locks = UidLocks(self.config.uid_lock_dir)
+            except OSError as exc:
+                raise SystemExit(f"jobworker: cannot make {self.config.uid_lock_dir}: {exc}") from None
+            self.uids = UidAllocator(
+                self.config.job_uids,
+                is_taken=host_has_id,
+                live_uids=host_live_uids,
+                claim=self._uid_locks.claim,
+                unclaim=self._uid_locks.unclaim,
+            )
             # After the stale cgroups' processes were killed: what still
             # runs as a job uid is not ours to reuse yet.
             lingering = self.uids.retire_lingering()
@@ -775,6 +788,7 @@ class JobManager(Service):
         every_end = defer.DeferredList(ends, consumeErrors=True)
         every_end.addCallback(lambda _: defer.DeferredList(list(self._cleanups), consumeErrors=True))
         every_end.addCallback(lambda _: self._release_cgroups())
+        every_end.addCallback(lambda _: self._uid_locks.close() if self._uid_locks is not None else None)
         every_end.addCallback(lambda _: self._save_unsaved(final=True))
         every_end.addCallback(lambda _: self.store.close())
         return every_end
@@ -1009,7 +1023,11 @@ class JobManager(Service):
         """
         if user or self.uids is None:
             return None
-        uid = self.uids.allocate(str(job_id))
+        try:
+            uid = self.uids.allocate(str(job_id))
+        except OSError as exc:
+            log.error("job {job_id}: cannot claim a uid: {error}", job_id=job_id, error=exc)
+            raise RequestError(f"cannot claim a uid for the job: {exc.strerror or exc}", ErrorCode.START_FAILED) from None
         log.debug("job {job_id} gets uid {uid}", job_id=job_id, uid=uid)
         return uid
 

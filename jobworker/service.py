@@ -94,7 +94,7 @@ class Options(usage.Options):
         ["retention", None, "1G", "Output kept on disk per job; beyond it, followers see an explicit gap."],
         ["ring-size", None, "4M", "Recent output kept in memory per running job."],
         ["job-user", None, None, "Run every job as this one user (unless an admin asks for another) instead of each as a uid of its own from --job-uids."],
-        ["job-uids", None, f"{DEFAULT_FIRST_UID}-{DEFAULT_LAST_UID}", "Range of uids given to jobs, one each, FIRST-LAST (as root, without --job-user). Two servers on one host need ranges that do not overlap."],
+        ["job-uids", None, f"{DEFAULT_FIRST_UID}-{DEFAULT_LAST_UID}", "Range of uids given to jobs, one each, FIRST-LAST (as root, without --job-user). Servers on one host may share a range (each claims its uids in /run/jobworker/uids)."],
         ["tmp-size", None, None, "Size of a job's private /tmp, /var/tmp and /dev/shm together (one tmpfs; its pages count against the job's memory limit), e.g. 1G, or none to give jobs the host's (default: a tenth of the memory)."],
         ["cgroups", None, "auto", "cgroup driver: auto, v1, v2 or none (no resource limits)."],
         ["cgroup-prefix", None, None, "Directory, below the server's own cgroup, for the job cgroups (default: jobworker-<hash of the state dir>, one per server)."],

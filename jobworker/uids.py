@@ -17,6 +17,8 @@ systemd's own, 61184-65519.  The rules:
     back is the last to be reused: whatever its earlier job left behind in
     the kernel (a socket in TIME_WAIT, a key in a keyring) has the whole
     range's worth of starts to go away first.
+  - Servers on one host claim the uids they hand out with a lock file each
+    (L{UidLocks}), so that their ranges may overlap.
   - At start-up the server retires every uid of the range that a live
     process on the host still runs as (a job of an earlier server that is
     still alive, or any other user of the range); the uids of an earlier
@@ -28,6 +30,7 @@ its tests need no root.
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import os
 import pwd
@@ -42,6 +45,7 @@ __all__ = [
     "UidRange",
     "UidAllocator",
     "UidsExhausted",
+    "UidLocks",
     "parse_uid_range",
     "host_has_id",
     "host_live_uids",
@@ -123,6 +127,10 @@ class UidAllocator:
         (asked for each candidate, at allocation).
     @param live_uids: the uids of the range that some process on the host
         runs as (asked at start-up and when the range runs out).
+    @param claim: take a candidate uid for this server alone, or say that
+        another server on the host holds it (L{UidLocks}); called for the
+        uid about to be handed out.
+    @param unclaim: give a claimed uid back, when its job ends.
     """
 
     def __init__(
@@ -131,10 +139,14 @@ class UidAllocator:
         *,
         is_taken: Callable[[int], bool] = lambda uid: False,
         live_uids: Callable[[UidRange], Iterable[int]] = lambda uids: (),
+        claim: Callable[[int], bool] = lambda uid: True,
+        unclaim: Callable[[int], None] = lambda uid: None,
     ) -> None:
         self.range = uids
         self._is_taken = is_taken
         self._live_uids = live_uids
+        self._claim = claim
+        self._unclaim = unclaim
         self._holders: dict[int, str] = {}
         self._retired: set[int] = set()
         self._next = uids.first
@@ -181,7 +193,7 @@ class UidAllocator:
             raise UidsExhausted(
                 f"no free uid to run the job as: all {len(self.range)} uids of the job uid range "
                 f"{self.range} are in use ({len(self._holders)} by running jobs, {len(self._retired)} "
-                "by processes still alive, the rest by host users or groups); "
+                "by processes still alive, the rest by host users or groups or another server's jobs); "
                 "wait for a job to end or widen --job-uids"
             )
         self._holders[uid] = holder
@@ -198,7 +210,7 @@ class UidAllocator:
         first, cursor = self.range.first, self._next - self.range.first
         for step in range(size):
             uid = first + (cursor + step) % size
-            if uid not in self._holders and uid not in self._retired and not self._is_taken(uid):
+            if uid not in self._holders and uid not in self._retired and not self._is_taken(uid) and self._claim(uid):
                 return uid
         return None
 
@@ -209,16 +221,75 @@ class UidAllocator:
         """
         if self._holders.pop(uid, None) is not None:
             self._retired.add(uid)
+            self._unclaim(uid)
 
     def forget(self, uid: int) -> None:
         """
         Free C{uid} at once: nothing ever ran as it (a start refused before
         its helper was spawned).
         """
-        self._holders.pop(uid, None)
+        if self._holders.pop(uid, None) is not None:
+            self._unclaim(uid)
 
 
 # -- host look-ups ---------------------------------------------------------------
+
+
+# Where servers on one host record which uid each has handed out: on /run,
+# a tmpfs emptied at boot, like systemd's /run/systemd/dynamic-uid/.
+DEFAULT_LOCK_DIRECTORY = "/run/jobworker/uids"
+
+
+class UidLocks:
+    """
+    One lock file per uid handed out, so that two servers on one host never
+    give the same uid to two live jobs, even with ranges that overlap.
+
+    A uid is claimed with an exclusive C{flock(2)} on C{DIRECTORY/UID}, held
+    (an open descriptor) while its job runs and dropped when it ends, when
+    its processes are gone (its cgroup emptied, or its PID namespace
+    reaped); a server that dies drops all of its own with it.  (Without a
+    cgroup and without namespaces, processes that escaped a job are guarded
+    against by the allocator of their own server only.)  A claim costs an
+    C{open} and a C{flock}, some microseconds; one descriptor per running
+    job.
+    """
+
+    def __init__(self, directory: str = DEFAULT_LOCK_DIRECTORY) -> None:
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._held: dict[int, int] = {}
+
+    def claim(self, uid: int) -> bool:
+        """
+        Take C{uid} for this server; False if another server holds it.
+
+        @raise OSError: the lock file cannot be made (a start then fails).
+        """
+        if uid in self._held:
+            return True
+        fd = os.open(os.path.join(self.directory, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held[uid] = fd
+        return True
+
+    def unclaim(self, uid: int) -> None:
+        fd = self._held.pop(uid, None)
+        if fd is not None:
+            # The file stays: unlinking it could race with another
+            # server's open, leaving two locks on two files of one name.
+            os.close(fd)
+
+    def close(self) -> None:
+        for uid in list(self._held):
+            self.unclaim(uid)
 
 
 def host_has_id(uid: int) -> bool:

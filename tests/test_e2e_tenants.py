@@ -593,6 +593,30 @@ def test_a_uid_with_a_live_process_is_not_reused(certs, tmp_path):
             server.stop()
 
 
+def test_two_servers_with_one_range_never_share_a_uid(certs, tmp_path):
+    need_root()
+    first, last = own_uid_range(5, 2)
+    servers = []
+    try:
+        for name in ("one", "two"):
+            servers.append(start_server(certs, tmp_path / name / "state", "--job-uids", f"{first}-{last}"))
+        one, two = servers
+        a = start(one, ["sleep", "1000"], "alice")
+        b = start(two, ["sleep", "1000"], "bob")
+        assert {status(one, a).uid, status(two, b).uid} == {first, last}
+        for server in servers:
+            with pytest.raises(RequestError) as refused:
+                start(server, ["true"], "alice")
+            assert "no free uid" in refused.value.message
+        # A uid the other server gave back is free again.
+        stop(one, a)
+        c = start(two, ["sleep", "1000"], "alice")
+        assert status(two, c).uid == status(one, a).uid
+    finally:
+        for server in servers:
+            server.stop()
+
+
 def test_job_user_option_runs_every_job_as_that_user(certs, tmp_path):
     need_root()
     nobody = pwd.getpwnam("nobody")

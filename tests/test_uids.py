@@ -16,6 +16,7 @@ from jobworker.uids import (
     DEFAULT_LAST_UID,
     UidAllocator,
     UidRange,
+    UidLocks,
     UidsExhausted,
     host_has_id,
     host_live_uids,
@@ -166,3 +167,37 @@ def test_host_live_uids_finds_a_process_running_as_a_uid():
         sleeper.kill()
         sleeper.wait()
     assert host_live_uids(UidRange(uid, uid)) == set()
+
+
+def test_a_uid_another_server_claimed_is_skipped():
+    others = {101}
+    claimed: list[int] = []
+    unclaimed: list[int] = []
+
+    def claim(uid: int) -> bool:
+        if uid in others:
+            return False
+        claimed.append(uid)
+        return True
+
+    uids = UidAllocator(UidRange(100, 102), claim=claim, unclaim=unclaimed.append)
+    assert [uids.allocate("a"), uids.allocate("b")] == [100, 102]
+    with pytest.raises(UidsExhausted) as refused:
+        uids.allocate("c")
+    assert "another server" in refused.value.message
+    uids.release(100)
+    uids.forget(102)
+    assert claimed == [100, 102] and unclaimed == [100, 102]
+
+
+def test_uid_locks_exclude_each_other_until_unclaimed(tmp_path):
+    first, second = UidLocks(str(tmp_path / "locks")), UidLocks(str(tmp_path / "locks"))
+    assert first.claim(7)
+    assert first.claim(7)  # already ours
+    assert not second.claim(7)
+    assert second.claim(8)
+    first.unclaim(7)
+    assert second.claim(7)
+    second.close()
+    assert first.claim(8) and first.claim(7)
+    first.close()
