@@ -268,23 +268,38 @@ class UidLocks:
         """
         if uid in self._held:
             return True
-        fd = os.open(os.path.join(self.directory, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        path = os.path.join(self.directory, str(uid))
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # The holder unlinks the file before it lets go: a lock on a
+                # file that is no longer (or no longer this one) at the path
+                # is no claim, so take the path's file afresh.
+                held = os.fstat(fd)
+                try:
+                    current = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    current = None
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+                self._held[uid] = fd
+                return True
             os.close(fd)
-            return False
-        except BaseException:
-            os.close(fd)
-            raise
-        self._held[uid] = fd
-        return True
 
     def unclaim(self, uid: int) -> None:
         fd = self._held.pop(uid, None)
         if fd is not None:
-            # The file stays: unlinking it could race with another
-            # server's open, leaving two locks on two files of one name.
+            # Unlinked while still locked (see claim), so nothing is left.
+            try:
+                os.unlink(os.path.join(self.directory, str(uid)))
+            except FileNotFoundError:
+                pass
             os.close(fd)
 
     def close(self) -> None:

@@ -201,3 +201,19 @@ def test_uid_locks_exclude_each_other_until_unclaimed(tmp_path):
     second.close()
     assert first.claim(8) and first.claim(7)
     first.close()
+    # Nothing is left once every claim is given back.
+    assert os.listdir(tmp_path / "locks") == []
+
+
+def test_a_lock_on_a_file_unlinked_meanwhile_is_not_a_claim(tmp_path):
+    import fcntl
+
+    locks = UidLocks(str(tmp_path))
+    # Another server opened the file, then its holder unlinked it.
+    stale = os.open(tmp_path / "9", os.O_RDWR | os.O_CREAT)
+    os.unlink(tmp_path / "9")
+    fcntl.flock(stale, fcntl.LOCK_EX)
+    assert locks.claim(9)  # on a new file, not blocked by the stale one
+    assert os.path.exists(tmp_path / "9")
+    os.close(stale)
+    locks.close()
