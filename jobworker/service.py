@@ -123,8 +123,7 @@ class Options(usage.Options):
 
     def opt_hide_path(self, path: str) -> None:
         """
-        A path jobs must not reach (repeatable), besides the state dir, the
-        TLS key and its directory, which are always hidden.
+        A path jobs must not reach (repeatable), besides the state dir, the TLS key and its directory, which are always hidden.
         """
         self["hide-paths"].append(os.path.abspath(path))
 
