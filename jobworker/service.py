@@ -35,6 +35,7 @@ import fcntl
 import getopt
 import hashlib
 import os
+import re
 import sys
 import tempfile
 import tomllib
@@ -237,7 +238,7 @@ class Options(usage.Options):
             super().parseOptions(options)
         except usage.UsageError as exc:
             for key, path in self._from_config.items():
-                if f"--{key}" in str(exc):
+                if re.search(rf"--{re.escape(key)}(?![\w-])", str(exc)):
                     raise StartupError(f"{path}: key {key!r}: {exc}") from None
             raise
 
