@@ -18,8 +18,6 @@ Probes (each a C{jobcli} command against the server the unit started):
   - C{limits}: a user's job with a 64 MiB memory and a 50-pid limit (a
     delegated cgroup, namespaces, a uid of its own);
   - C{root-writes-usr}: an admin's job as root writing a file under /usr;
-  - C{setuid}: an admin's job running C{su} (a setuid program) as a user
-    back to root's id (the program's setuid bit must work);
   - C{ping-socket}: an admin's host-network job opening a packet socket.
 
 Standard library only; needs what C{.ci/guest.py} needs (qemu, as root).
@@ -41,6 +39,7 @@ UNIT = os.path.join(ROOT, "contrib", "systemd", "jobworker.service")
 
 # Each option the shipped unit leaves out, as a line added to [Service].
 LEFT_OUT = [
+    "PrivateNetwork=yes",
     "ProtectSystem=full",
     "ProtectSystem=strict",
     "ProtectHome=yes",
@@ -54,13 +53,11 @@ LEFT_OUT = [
     "SystemCallFilter=@system-service",
     "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     "MemoryDenyWriteExecute=yes",
-    "PrivateNetwork=yes",
 ]
 
 PROBES = {
     "limits": ["run", "--memory", "64M", "--pids", "50", "--", "sh", "-c", "echo ok"],
     "root-writes-usr": ["run", "--user", "root", "--", "sh", "-c", "touch /usr/local/.jw-probe && rm /usr/local/.jw-probe && echo ok"],
-    "setuid": ["run", "--user", "root", "--", "sh", "-c", "su -s /bin/sh nobody -c 'id -u' >/dev/null && echo ok"],
     "ping-socket": ["run", "--user", "root", "--network", "host", "--", "python3", "-c",
                     "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW); print('ok')"],
 }
@@ -73,22 +70,27 @@ def _guest_module(path: str):
     return module
 
 
-def _trial_script(results: str) -> str:
+def _trial_script(results: str, variants: list[str] | None = None) -> str:
     """
-    What the oneshot unit runs inside the guest: one server per variant.
+    What the oneshot unit runs inside the guest: one server per variant
+    (C{"shipped"}: the unit as it is; otherwise the unit plus that line).
+    The shipped unit is also stopped with a job running, and started again,
+    to see the job recorded as stopped by the server's shutdown (what
+    KillMode=mixed relies on).
     """
     venv = os.path.join(ROOT, ".venv", "bin")
     unit_text = open(UNIT).read().replace("/opt/jobworker/bin/twistd", f"{venv}/twistd")
     probes = "\n".join(
         f"probe {shlex.quote(name)} {shlex.join(command)}" for name, command in PROBES.items()
     )
-    variants = ["shipped"] + LEFT_OUT
+    if variants is None:
+        variants = ["shipped"] + LEFT_OUT
     lines = [
         "#!/bin/sh",
         "set -u",
         f"R={results}",
         f"export PATH={venv}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "mkdir -p /etc/jobworker /tmp/pki",
+        "mkdir -p -m 0700 /etc/jobworker; mkdir -p /tmp/pki",
         f"{venv}/jobworker-pki dev /tmp/pki >/dev/null",
         "cp /tmp/pki/ca.pem /tmp/pki/server.pem /tmp/pki/server.key /etc/jobworker/",
         "cat > /etc/jobworker/jobworker.toml <<'EOF'",
@@ -123,8 +125,19 @@ def _trial_script(results: str) -> str:
             "if [ $up = yes ]; then",
             probes,
             "else echo \"$variant|server|FAILED to start: $(systemctl show -p Result --value jobworker.service)\" >> $R/table; fi",
-            "systemctl stop jobworker.service",
         ]
+        if variant == "shipped":
+            lines += [
+                "if [ $up = yes ]; then",
+                "  id=$(jobcli start -- sleep 300)",
+                "  sleep 1; systemctl stop jobworker.service; systemctl start jobworker.service",
+                "  for i in $(seq 1 120); do jobcli whoami >/dev/null 2>&1 && break; sleep 0.5; done",
+                "  st=$(jobcli status \"$id\" 2>&1 | grep -E '^(state|stopped by):' | tr -s ' ' | tr '\\n' ' ')",
+                "  left=$(pgrep -x sleep | wc -l)",
+                "  echo \"$variant|stop-with-a-job|$st; sleep processes left: $left\" >> $R/table",
+                "fi",
+            ]
+        lines += ["systemctl stop jobworker.service"]
     lines += ["echo done > $R/finished", "systemctl poweroff"]
     return "\n".join(lines) + "\n"
 
@@ -168,6 +181,7 @@ def main(argv: list[str]) -> int:
                         help="the guest builder (default .ci/guest.py of this checkout)")
     parser.add_argument("--timeout", type=float, default=1500)
     parser.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    parser.add_argument("--variant", action="append", help="only these (\"shipped\" or a line of LEFT_OUT); repeatable")
     options = parser.parse_args(argv)
     guest = _guest_module(options.guest_module)
     run_directory = tempfile.mkdtemp(prefix="jobworker-hardening-")
@@ -185,7 +199,7 @@ def main(argv: list[str]) -> int:
         with open(os.path.join(results, "job.sh"), "w") as handle:
             handle.write(_job_script(inside))
         with open(os.path.join(results, "trial.sh"), "w") as handle:
-            handle.write(_trial_script(inside))
+            handle.write(_trial_script(inside, options.variant))
         began = time.monotonic()
         code, accel = guest.boot(options.accel, kernel, initramfs, disk, results, cache, options.timeout)
         print(f"try-hardening: guest ran {time.monotonic() - began:.0f} s ({accel}), qemu exited {code}")
@@ -199,12 +213,14 @@ def main(argv: list[str]) -> int:
         for line in open(table):
             variant, probe, verdict = line.rstrip("\n").split("|", 2)
             rows.setdefault(variant, {})[probe] = verdict
-        names = ["server", *PROBES]
+        names = ["server", *PROBES, "stop-with-a-job"]
         print("| unit | " + " | ".join(names) + " |")
         print("|---" * (len(names) + 1) + "|")
         for variant, verdicts in rows.items():
             started = "FAILED" not in verdicts.get("server", "")
-            cells = [verdicts.get("server", "started" if started else "")] + [verdicts.get(p, "") for p in PROBES]
+            cells = [verdicts.get("server", "started" if started else "")] + [
+                verdicts.get(p, "") for p in [*PROBES, "stop-with-a-job"]
+            ]
             print(f"| {variant} | " + " | ".join(cells) + " |")
         if os.path.exists(os.path.join(results, "server.log")):
             shutil.copy(os.path.join(results, "server.log"), "/tmp/jobworker-hardening-server.log")
