@@ -1,0 +1,140 @@
+"""
+Tenants cannot touch each other (issue 11), tried the way a hostile tenant
+would: through the kernel's shared state that neither a mount, PID, IPC nor
+network namespace encloses (keyrings), through what an earlier job of the
+same uid left behind, and through the host-side state of the uid claims.
+For real, as root; these fail on CI when they cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobworker.protocol import messages as m
+from tests.support import need, need_root, start_server
+from tests.test_e2e_tenants import marker, output, own_uid_range, run, start, status, stop, wait_output
+
+# The job side of the keyring checks: put a key in every keyring a process
+# of the job's uid can reach (its session keyring, its uid's user and
+# user-session keyrings, its uid's persistent keyring), or look for one.
+KEYS = r"""
+import ctypes, os, platform, sys
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}[platform.machine()]
+SYS_ADD_KEY = {"x86_64": 248, "aarch64": 217}[platform.machine()]
+libc = ctypes.CDLL(None, use_errno=True)
+L = ctypes.c_long
+def keyctl(*args):
+    return libc.syscall(L(SYS_KEYCTL), *[L(a) if isinstance(a, int) else a for a in args])
+SESSION, USER, USER_SESSION = -3, -4, -5
+def persistent():
+    return keyctl(22, -1, SESSION)  # KEYCTL_GET_PERSISTENT, linked into @s
+rings = {"session": SESSION, "user": USER, "user-session": USER_SESSION}
+mode, what = sys.argv[1], sys.argv[2]
+if mode == "put":
+    rings["persistent"] = persistent()
+    for name, ring in rings.items():
+        data = f"{what}-{name}".encode()
+        key = libc.syscall(L(SYS_ADD_KEY), b"user", b"jw-probe", data, ctypes.c_size_t(len(data)), L(ring))
+        print("put", name, key > 0)
+    sys.stdout.flush()
+    if len(sys.argv) > 3:
+        os.execvp(sys.argv[3], sys.argv[3:])
+else:
+    rings["persistent"] = persistent()
+    for name, ring in rings.items():
+        for description in ("jw-probe", what):
+            key = keyctl(10, ring, b"user", description.encode(), 0)  # KEYCTL_SEARCH
+            if key > 0:
+                buffer = ctypes.create_string_buffer(256)
+                size = keyctl(11, key, buffer, 256)  # KEYCTL_READ
+                print("found", name, buffer.raw[: max(size, 0)].decode(errors="replace"))
+    print("done")
+"""
+
+# Run before the server: give it a session keyring of its own holding a
+# secret, as a service manager's session keyring may (systemd gives each
+# service one), then become the server.
+SERVER_KEYRING = r"""
+import ctypes, os, platform, sys
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}[platform.machine()]
+SYS_ADD_KEY = {"x86_64": 248, "aarch64": 217}[platform.machine()]
+libc = ctypes.CDLL(None, use_errno=True)
+L = ctypes.c_long
+assert libc.syscall(L(SYS_KEYCTL), L(1), b"jw-test-server") > 0  # KEYCTL_JOIN_SESSION_KEYRING
+secret = sys.argv[1].encode()
+assert libc.syscall(L(SYS_ADD_KEY), b"user", b"server-secret", secret, ctypes.c_size_t(len(secret)), L(-3)) > 0
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def need_keyrings() -> None:
+    import platform
+
+    need(os.path.exists("/proc/keys"), "needs kernel keyrings (CONFIG_KEYS)")
+    need(platform.machine() in ("x86_64", "aarch64"), "the probe knows keyctl(2)'s number on x86_64 and aarch64 only")
+
+
+@pytest.fixture(scope="module")
+def keyring_server(certs, tmp_path_factory):
+    """
+    A server with two uids to hand out, started in a session keyring of its
+    own that holds a secret.
+    """
+    need_root()
+    need_keyrings()
+    first, last = own_uid_range(6, 2)
+    secret = marker()
+    running = start_server(
+        certs,
+        tmp_path_factory.mktemp("keyrings") / "state",
+        "--job-uids",
+        f"{first}-{last}",
+        wrapper=[sys.executable, "-c", SERVER_KEYRING, secret],
+    )
+    running.secret = secret
+    yield running
+    running.stop()
+
+
+def found_keys(text: str) -> list[str]:
+    lines = text.splitlines()
+    assert lines and lines[-1] == "done", text
+    return [line for line in lines if line.startswith("found")]
+
+
+def test_jobs_share_no_keyring_with_each_other_or_the_server(keyring_server):
+    server = keyring_server
+    mark = marker()
+    alice = start(server, ["python3", "-c", KEYS, "put", mark, "sleep", "1000"], "alice")
+    try:
+        put = wait_output(server, alice, 4)
+        assert put == [f"put {ring} True" for ring in ("session", "user", "user-session", "persistent")], put
+        # Bob's job, running at the same time as another uid, reaches
+        # neither alice's keys nor the server's.
+        final, out, err = run(server, ["python3", "-c", KEYS, "get", "server-secret"], "bob")
+        assert final.state is m.JobState.EXITED, (final, err)
+        assert final.uid != status(server, alice).uid
+        assert found_keys(out.decode()) == [], out
+    finally:
+        stop(server, alice)
+
+
+def test_a_later_job_with_the_same_uid_finds_no_keys_of_the_earlier_one(keyring_server):
+    server = keyring_server
+    mark = marker()
+    final, out, err = run(server, ["python3", "-c", KEYS, "put", mark], "alice")
+    assert final.state is m.JobState.EXITED and out.decode().count("True") == 4, (final, out, err)
+    # Two uids: the next job after the other one gets alice's uid again.
+    seen = {final.uid}
+    for _ in range(3):
+        later, out, err = run(server, ["python3", "-c", KEYS, "get", "server-secret"], "bob")
+        assert later.state is m.JobState.EXITED, (later, err)
+        assert found_keys(out.decode()) == [], out
+        seen.add(later.uid)
+        if later.uid == final.uid:
+            break
+    assert later.uid == final.uid, seen  # the test proved something
