@@ -1070,6 +1070,11 @@ class JobManager(Service):
             "isolate": isolate,
             "network": "host" if job.network is Network.HOST else "none",
             "no_new_privs": True,
+            # Keyrings are in no namespace: without these a job could read
+            # the server's session keyring and what other jobs put there,
+            # and find keys that an earlier job with its uid left behind.
+            "session_keyring": True,
+            "clear_user_keyrings": dynamic_uid is not None,
         }
         if isolate:
             config.update(
