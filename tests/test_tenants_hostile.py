@@ -138,3 +138,31 @@ def test_a_later_job_with_the_same_uid_finds_no_keys_of_the_earlier_one(keyring_
         if later.uid == final.uid:
             break
     assert later.uid == final.uid, seen  # the test proved something
+
+
+# -- the uid claims on the host ------------------------------------------------------
+
+
+UID_LOCKS = Path("/run/jobworker/uids")
+
+
+def test_no_uid_lock_file_is_left_after_a_crash_and_a_restart(certs, tmp_path):
+    need_root()
+    first, last = own_uid_range(7, 2)
+    state = tmp_path / "state"
+    server = start_server(certs, state, "--job-uids", f"{first}-{last}")
+    try:
+        job = start(server, ["sleep", "1000"], "alice")
+        lock = UID_LOCKS / str(status(server, job).uid)
+        assert lock.exists()
+        server.process.kill()
+        server.process.wait()
+        assert lock.exists()  # nothing can clean up in a crash
+        server = start_server(certs, state, "--job-uids", f"{first}-{last}")
+        assert not lock.exists(), "the claim of a dead server is left in /run"
+        job = start(server, ["sleep", "1000"], "bob")
+        assert (UID_LOCKS / str(status(server, job).uid)).exists()
+        server.stop()
+        assert [uid for uid in (first, last) if (UID_LOCKS / str(uid)).exists()] == []
+    finally:
+        server.stop()
