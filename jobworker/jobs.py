@@ -739,6 +739,13 @@ class JobManager(Service):
                 self._uid_locks = UidLocks(self.config.uid_lock_dir)
             except OSError as exc:
                 raise SystemExit(f"jobworker: cannot make {self.config.uid_lock_dir}: {exc}") from None
+            swept = self._uid_locks.sweep()
+            if swept:
+                log.info(
+                    "removed {count} uid claims left in {directory} by servers that died",
+                    count=len(swept),
+                    directory=self.config.uid_lock_dir,
+                )
             self.uids = UidAllocator(
                 self.config.job_uids,
                 is_taken=host_has_id,

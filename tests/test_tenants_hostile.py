@@ -159,6 +159,8 @@ def test_no_uid_lock_file_is_left_after_a_crash_and_a_restart(certs, tmp_path):
         server.process.wait()
         assert lock.exists()  # nothing can clean up in a crash
         server = start_server(certs, state, "--job-uids", f"{first}-{last}")
+        # It listens before its start-up is done; an answer means it is.
+        assert status(server, job).state is m.JobState.LOST
         assert not lock.exists(), "the claim of a dead server is left in /run"
         job = start(server, ["sleep", "1000"], "bob")
         assert (UID_LOCKS / str(status(server, job).uid)).exists()
