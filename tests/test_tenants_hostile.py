@@ -168,3 +168,95 @@ def test_no_uid_lock_file_is_left_after_a_crash_and_a_restart(certs, tmp_path):
         assert [uid for uid in (first, last) if (UID_LOCKS / str(uid)).exists()] == []
     finally:
         server.stop()
+
+
+# -- user namespaces ------------------------------------------------------------------
+
+
+# The job side: make a user namespace with a mount namespace, become "root"
+# there, and try to undo the covers over the hidden paths and the read-only
+# host.  Prints "STEP RESULT" lines (an errno name or "ok"), and what could
+# be read through a bind of the hidden paths' parent.
+USERNS = r"""
+import ctypes, errno, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def result(code):
+    return "ok" if code == 0 else errno.errorcode[ctypes.get_errno()]
+def read(path):
+    try:
+        if os.path.isdir(path):
+            return "list " + ",".join(sorted(os.listdir(path)))
+        with open(path, "rb") as handle:
+            return f"read {len(handle.read())}"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+state, key, parent = sys.argv[1:4]
+uid, gid = os.getuid(), os.getgid()
+CLONE_NEWUSER, CLONE_NEWNS = 0x10000000, 0x00020000
+if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
+    print("unshare", errno.errorcode[ctypes.get_errno()])
+    sys.exit()
+for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+    with open(f"/proc/self/{name}", "w") as handle:
+        handle.write(text)
+print("unshare ok")
+MNT_DETACH, MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC = 2, 1, 32, 4096, 0x4000
+print("umount-state", result(libc.umount2(state.encode(), MNT_DETACH)))
+print("umount-key", result(libc.umount2(key.encode(), MNT_DETACH)))
+print("remount-state-rw", result(libc.mount(None, state.encode(), None, MS_REMOUNT | MS_BIND, None)))
+print("remount-root-rw", result(libc.mount(None, b"/", None, MS_REMOUNT | MS_BIND, None)))
+os.mkdir("/tmp/view")
+print("bind-parent", result(libc.mount(parent.encode(), b"/tmp/view", None, MS_BIND, None)))
+print("rbind-parent", result(libc.mount(parent.encode(), b"/tmp/view", None, MS_BIND | MS_REC, None)))
+view = "/tmp/view/"
+print("state", read(state), "via-view", read(view + os.path.relpath(state, parent)))
+print("key", read(key), "via-view", read(view + os.path.relpath(key, parent)))
+"""
+
+
+@pytest.fixture(scope="module")
+def exposed_outside_tmp(certs):
+    """
+    A server whose state dir and key lie outside /tmp, loosened to be
+    world-readable once it runs.
+    """
+    import shutil
+    import tempfile
+
+    need_root()
+    outside = "/srv" if os.path.isdir("/srv") else "/var/lib"
+    root = Path(tempfile.mkdtemp(prefix="jobworker-test-", dir=outside))
+    try:
+        os.chmod(root, 0o755)
+        shutil.copytree(certs, root / "certs")
+        first, last = own_uid_range(8, 10)
+        running = start_server(root / "certs", root / "state", "--job-uids", f"{first}-{last}")
+        try:
+            for directory, _, files in os.walk(root):
+                os.chmod(directory, 0o755)
+                for name in files:
+                    os.chmod(os.path.join(directory, name), 0o644)
+            yield running, root
+        finally:
+            running.stop()
+    finally:
+        shutil.rmtree(root)
+
+
+def test_a_user_namespace_undoes_no_cover_and_no_read_only_mount(exposed_outside_tmp):
+    server, root = exposed_outside_tmp
+    state, key = root / "state", root / "certs" / "server.key"
+    final, out, err = run(server, ["python3", "-c", USERNS, str(state), str(key), str(root)], "bob")
+    assert final.state is m.JobState.EXITED, (final, out, err)
+    lines = dict(line.split(" ", 1) for line in out.decode().splitlines())
+    if lines.get("unshare") != "ok":
+        # The host allows no unprivileged user namespaces: nothing to undo.
+        assert lines["unshare"] in ("EPERM", "ENOSPC", "EUSERS"), lines
+        return
+    assert lines["umount-state"] == "EINVAL", lines  # a locked mount
+    assert lines["umount-key"] in ("EINVAL", "EACCES"), lines
+    assert lines["remount-state-rw"] == lines["remount-root-rw"] == "EPERM", lines
+    assert lines["bind-parent"] == "EINVAL", lines  # it would reveal what the covers hide
+    assert lines["rbind-parent"] == "ok", lines  # with the covers, so harmless
+    assert lines["state"] == "EACCES via-view EACCES", lines
+    assert lines["key"] == "EACCES via-view EACCES", lines
