@@ -140,6 +140,47 @@ def test_a_later_job_with_the_same_uid_finds_no_keys_of_the_earlier_one(keyring_
     assert later.uid == final.uid, seen  # the test proved something
 
 
+# Run by a hostile job: put a key in its uid's user and user-session
+# keyrings, then take away every permission on the user-session keyring,
+# which makes both unreachable to the uid for good (the kernel looks them
+# up together), and which nothing, not even root, can put back.
+POISON = KEYS.split("mode, what")[0] + r"""
+add = lambda ring: libc.syscall(L(SYS_ADD_KEY), b"user", b"jw-probe", b"poison", ctypes.c_size_t(6), L(ring))
+print("put", add(USER) > 0, add(USER_SESSION) > 0)
+KEYCTL_SETPERM = 5
+print("setperm", keyctl(KEYCTL_SETPERM, USER_SESSION, 0), keyctl(KEYCTL_SETPERM, USER, 0x3f3f0000))
+"""
+
+
+@pytest.fixture
+def poisoned_uid(certs, tmp_path):
+    """
+    A server with one uid to hand out, drawn at random far above the uids
+    other tests use: a poisoned user-session keyring stays (a few bytes of
+    kernel memory, no use to anyone) until the host reboots.
+    """
+    import random
+
+    need_root()
+    need_keyrings()
+    uid = random.randrange(2_000_000_000, 2_100_000_000)
+    running = start_server(certs, tmp_path / "state", "--job-uids", str(uid))
+    yield running, uid
+    running.stop()
+
+
+def test_a_job_that_poisons_its_uids_keyrings_does_not_stop_later_jobs_of_that_uid(poisoned_uid):
+    server, uid = poisoned_uid
+    final, out, err = run(server, ["python3", "-c", POISON], "alice")
+    assert final.state is m.JobState.EXITED and final.uid == uid, (final, err)
+    # Poisoned: not even the job's own uid may change them any more.
+    assert out.decode().splitlines() == ["put True True", "setperm 0 -1"], out
+    # The next job with that uid starts all the same, and finds no key.
+    later, out, err = run(server, ["python3", "-c", KEYS, "get", "jw-probe"], "bob")
+    assert later.state is m.JobState.EXITED and later.uid == uid, (later, err)
+    assert found_keys(out.decode()) == [], out
+
+
 # -- the uid claims on the host ------------------------------------------------------
 
 
