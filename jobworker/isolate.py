@@ -107,8 +107,9 @@ Configuration (argv[1], a JSON object, or "-" to read it from stdin)
     own: once the command runs as it, empty that uid's user, user-session
     and persistent keyrings, which outlive every process of the uid (the
     kernel keeps them for the uid, not for a process), so that a job never
-    finds keys that an earlier job with the same uid left there.  Never
-    for a named user: those keys are the user's.
+    finds keys that an earlier job with the same uid left there (one
+    that an earlier job made unreachable to its uid stays so, for this
+    job too).  Never for a named user: those keys are the user's.
   - C{scratch_bytes}: int (default 0: none): isolated jobs only: give each
     of C{/tmp}, C{/var/tmp} and C{/dev/shm} that exists a fresh directory
     (mode 1777) of one new tmpfs (nosuid, nodev) of at most this many bytes
@@ -266,12 +267,16 @@ SYS_KEYCTL = {
     "armv6l": 311,
 }
 KEYCTL_JOIN_SESSION_KEYRING = 1
+KEYCTL_SETPERM = 5
 KEYCTL_CLEAR = 7
 KEYCTL_UNLINK = 9
 KEYCTL_GET_PERSISTENT = 22
 KEY_SPEC_SESSION_KEYRING = -3
 KEY_SPEC_USER_KEYRING = -4
 KEY_SPEC_USER_SESSION_KEYRING = -5
+# The permissions the kernel gives a uid's new user keyrings: all but
+# setattr to their possessor, all to their user (KEY_POS_* | KEY_USR_*).
+USER_KEYRING_PERM = 0x1F3F0000
 
 
 class StartError(Exception):
@@ -777,6 +782,10 @@ def keyctl(operation: int, *args: int | bytes | None) -> int:
 # filter or LSM that forbids them; a job then cannot use any either.
 _NO_KEYRINGS = (errno.ENOSYS, errno.EPERM)
 
+# A keyring that this process may not use: an earlier job of its uid took
+# the permissions off it (or revoked it).
+_UNREACHABLE_KEYRING = (errno.EACCES, errno.ENOKEY, errno.EKEYREVOKED, errno.EKEYEXPIRED)
+
 
 def join_new_session_keyring() -> bool:
     """
@@ -799,28 +808,52 @@ def join_new_session_keyring() -> bool:
 def clear_user_keyrings() -> None:
     """
     Empty the current uid's user, user-session and persistent keyrings.
+
+    An earlier job of the uid may have taken the permissions off them, as
+    their owner may.  Those a keyring's owner may put back are put back
+    first; a keyring that still cannot be cleared is one this job cannot
+    reach either (the kernel looks up a uid's user and user-session
+    keyrings together, and refuses both if either refuses it), so nothing
+    in it can leak to the job and it is left as it is: refusing the job
+    would let one job make its uid unusable until the host reboots.
     """
-    step = "keyring"
-    try:
-        step = "clear user keyring"
-        keyctl(KEYCTL_CLEAR, KEY_SPEC_USER_KEYRING)
-        step = "clear user session keyring"
-        keyctl(KEYCTL_CLEAR, KEY_SPEC_USER_SESSION_KEYRING)
-        step = "clear persistent keyring"
+    for ring, what in (
+        (KEY_SPEC_USER_KEYRING, "user keyring"),
+        (KEY_SPEC_USER_SESSION_KEYRING, "user session keyring"),
+    ):
         try:
-            # Linked into the session keyring to be reached at all (-1:
-            # the current uid's).
-            persistent = keyctl(KEYCTL_GET_PERSISTENT, -1, KEY_SPEC_SESSION_KEYRING)
+            keyctl(KEYCTL_SETPERM, ring, USER_KEYRING_PERM)
+        except OSError:
+            pass  # the clear says whether it matters
+        if not _clear_keyring(ring, what):
+            return
+    try:
+        # Linked into the session keyring to be reached at all (-1: the
+        # current uid's).  Its owner cannot change its permissions.
+        persistent = keyctl(KEYCTL_GET_PERSISTENT, -1, KEY_SPEC_SESSION_KEYRING)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, *_NO_KEYRINGS, *_UNREACHABLE_KEYRING):
+            return  # no persistent keyrings here, or none this job can reach
+        raise StartError.from_os_error("setup", "persistent keyring", e) from None
+    if _clear_keyring(persistent, "persistent keyring"):
+        try:
+            keyctl(KEYCTL_UNLINK, persistent, KEY_SPEC_SESSION_KEYRING)
         except OSError as e:
-            if e.errno != errno.EOPNOTSUPP:
-                raise
-            return  # a kernel without persistent keyrings
-        keyctl(KEYCTL_CLEAR, persistent)
-        keyctl(KEYCTL_UNLINK, persistent, KEY_SPEC_SESSION_KEYRING)
+            raise StartError.from_os_error("setup", "unlink persistent keyring", e) from None
+
+
+def _clear_keyring(ring: int, what: str) -> bool:
+    """
+    KEYCTL_CLEAR C{ring}; False if this process has no keyrings at all.
+    """
+    try:
+        keyctl(KEYCTL_CLEAR, ring)
     except OSError as e:
         if e.errno in _NO_KEYRINGS:
-            return
-        raise StartError.from_os_error("setup", step, e) from None
+            return False
+        if e.errno not in _UNREACHABLE_KEYRING:
+            raise StartError.from_os_error("setup", f"clear {what}", e) from None
+    return True
 
 
 def prepare_command(config: JobConfig) -> None:
