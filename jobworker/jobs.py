@@ -1080,7 +1080,10 @@ class JobManager(Service):
             # Keyrings are in no namespace: without these a job could read
             # the server's session keyring and what other jobs put there,
             # and find keys that an earlier job with its uid left behind.
-            "session_keyring": True,
+            # Not for a server without root: its jobs run as its own user,
+            # who may reach its keyrings anyway, and each keyring would
+            # cost that user one of its 200 keys (keyrings(7) quota).
+            "session_keyring": os.geteuid() == 0,
             "clear_user_keyrings": dynamic_uid is not None,
         }
         if isolate:
