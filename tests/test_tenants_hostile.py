@@ -302,3 +302,53 @@ def test_a_user_namespace_undoes_no_cover_and_no_read_only_mount(exposed_outside
     assert lines["rbind-parent"] == "ok", lines  # with the covers, so harmless
     assert lines["state"] == "EACCES via-view EACCES", lines
     assert lines["key"] == "EACCES via-view EACCES", lines
+
+
+# -- what two live jobs share ------------------------------------------------------------
+
+
+HOLD = r"""
+import ctypes, socket, sys, time
+name = sys.argv[1]
+listener = socket.socket(socket.AF_UNIX)
+listener.bind("\0" + name)
+listener.listen()
+libc = ctypes.CDLL(None, use_errno=True)
+IPC_CREAT, IPC_PRIVATE = 0o1000, 0
+print("shm", libc.shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0o666) >= 0)
+print("sem", libc.semget(0x4A57, 1, IPC_CREAT | 0o666) >= 0)
+print("ready", flush=True)
+time.sleep(1000)
+"""
+
+PEEK = r"""
+import errno, socket, sys
+name = sys.argv[1]
+client = socket.socket(socket.AF_UNIX)
+try:
+    client.connect("\0" + name)
+    print("abstract connected")
+except OSError as e:
+    print("abstract", errno.errorcode[e.errno])
+for kind in ("shm", "sem", "msg"):
+    with open(f"/proc/sysvipc/{kind}") as table:
+        print(kind, len(table.read().splitlines()) - 1)
+status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
+print("caps", status["CapEff"].strip(), status["CapPrm"].strip(), "nnp", status["NoNewPrivs"].strip())
+"""
+
+
+def test_two_live_jobs_share_no_abstract_socket_or_ipc_and_hold_no_capability(keyring_server):
+    server = keyring_server
+    name = marker()
+    alice = start(server, ["python3", "-c", HOLD, name], "alice")
+    try:
+        assert wait_output(server, alice, 3) == ["shm True", "sem True", "ready"]
+        final, out, err = run(server, ["python3", "-c", PEEK, name], "bob")
+        assert final.state is m.JobState.EXITED, (final, err)
+        lines = out.decode().splitlines()
+        assert lines[0] == "abstract ECONNREFUSED", lines
+        assert lines[1:4] == ["shm 0", "sem 0", "msg 0"], lines
+        assert lines[4] == "caps 0000000000000000 0000000000000000 nnp 1", lines
+    finally:
+        stop(server, alice)
