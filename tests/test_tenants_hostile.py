@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -352,3 +353,35 @@ def test_two_live_jobs_share_no_abstract_socket_or_ipc_and_hold_no_capability(ke
         assert lines[4] == "caps 0000000000000000 0000000000000000 nnp 1", lines
     finally:
         stop(server, alice)
+
+
+# -- after a crash -------------------------------------------------------------------------
+
+
+def test_a_crash_of_the_server_frees_its_jobs_scratch_pages_at_once(certs, tmp_path):
+    """
+    Nothing waits for the next start-up: the jobs die with the server
+    (their helpers' parent-death signal), and their tmpfs with them.
+    """
+    from tests.test_e2e_tenants import host_pids_with, shmem_bytes
+
+    need_root()
+    first, last = own_uid_range(9, 2)
+    server = start_server(certs, tmp_path / "state", "--job-uids", f"{first}-{last}", "--tmp-size", "256M")
+    sleeper = f"1000.{os.getpid()}"
+    try:
+        before = shmem_bytes()
+        job = start(server, ["sh", "-c", f"head -c 150M /dev/zero > /dev/shm/hold && echo held && exec sleep {sleeper}"], "alice")
+        wait_output(server, job, 1)
+        during = shmem_bytes()
+        assert during - before > 120 << 20, (before, during)
+        assert len(host_pids_with(sleeper)) == 1
+        server.process.kill()
+        server.process.wait()
+        deadline = time.monotonic() + 10
+        while (host_pids_with(sleeper) or shmem_bytes() > during - (120 << 20)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert host_pids_with(sleeper) == []
+        assert shmem_bytes() <= during - (120 << 20), (before, during, shmem_bytes())
+    finally:
+        server.stop()
