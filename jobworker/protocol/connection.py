@@ -167,6 +167,12 @@ class Connection:
     def pending_requests(self) -> int:
         return len(self._pending)
 
+    def is_pending(self, request_id: int) -> bool:
+        """
+        Whether C{request_id} still awaits its one response.
+        """
+        return request_id in self._pending
+
     @property
     def open_streams(self) -> frozenset[int]:
         windows = self._send_windows if self.role is Role.SERVER else self._receive_windows
