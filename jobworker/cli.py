@@ -452,7 +452,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if command == "wait":
             return exit_status(client.wait(_job_id(args.job_id)))
         if command == "list":
-            jobs = client.iter_jobs(states=[state for group in args.state for state in group], owner=args.owner)
+            # Every page first: a refusal is then one line on stderr, not a
+            # table header with nothing under it.
+            jobs = client.list(states=[state for group in args.state for state in group], owner=args.owner)
             if args.json:
                 print(json.dumps([status_to_dict(job) for job in jobs], indent=2))
             else:
