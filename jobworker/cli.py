@@ -344,6 +344,16 @@ def _stream(client: BlockingClient, job_id: uuid.UUID, offset: int, follow: bool
     return status
 
 
+def _status_json(status: m.JobStatus) -> dict[str, Any]:
+    """
+    C{status} for C{--json}; an abridged one (cut to fit a frame) says so.
+    """
+    data = status_to_dict(status)
+    if status.abridged:
+        data["abridged"] = True
+    return data
+
+
 def _format_time(microseconds: int) -> str:
     if not microseconds:
         return "-"
@@ -398,6 +408,8 @@ def _describe(status: m.JobStatus) -> str:
         )
     )
     lines.append(("output", f"{status.output_bytes} bytes"))
+    if status.abridged:
+        lines.append(("note", "texts and command cut to fit the connection's frame size"))
     return "\n".join(f"{key + ':':<12}{value}" for key, value in lines)
 
 
@@ -442,7 +454,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         if command == "status":
             status = client.status(_job_id(args.job_id))
-            print(json.dumps(status_to_dict(status), indent=2) if args.json else _describe(status))
+            print(json.dumps(_status_json(status), indent=2) if args.json else _describe(status))
             return 0
         if command == "logs":
             if args.since_offset < 0:
@@ -456,12 +468,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             # table header with nothing under it.
             jobs = client.list(states=[state for group in args.state for state in group], owner=args.owner)
             if args.json:
-                print(json.dumps([status_to_dict(job) for job in jobs], indent=2))
+                print(json.dumps([_status_json(job) for job in jobs], indent=2))
             else:
                 print(f"{'ID':<36}  {'OWNER':<12}  {'STATE':<9}  {'EXIT':>4}  COMMAND")
                 for job in jobs:
                     code = str(exit_status(job)) if job.state.is_final else ""
-                    print(f"{job.job_id!s:<36}  {job.owner:<12.12}  {job.state.label:<9}  {code:>4}  {' '.join(job.argv)}")
+                    command = " ".join(job.argv) + (" …" if job.abridged else "")
+                    print(f"{job.job_id!s:<36}  {job.owner:<12.12}  {job.state.label:<9}  {code:>4}  {command}")
             return 0
         if command == "rm":
             client.remove(_job_id(args.job_id))
