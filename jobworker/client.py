@@ -478,21 +478,25 @@ class JobworkerClientProtocol(Protocol):
         """
         mask = m.state_mask(states)
         jobs: list[m.JobStatus] = []
+        listed: defer.Deferred[tuple[m.JobStatus, ...]] = defer.Deferred()
 
-        def page(after_created_at: int, after_job_id: uuid.UUID) -> defer.Deferred[Any]:
+        def page(after_created_at: int, after_job_id: uuid.UUID) -> None:
             request = m.ListRequest(
                 self.conn.next_request_id(), after_created_at, after_job_id, page_size, mask, owner
             )
-            return self._request(request, m.ListResponse, lambda response: response).addCallback(arrived)
+            answer = self._request(request, m.ListResponse, lambda response: response)
+            answer.addCallbacks(arrived, listed.errback)
 
-        def arrived(response: m.ListResponse) -> Any:
+        def arrived(response: m.ListResponse) -> None:
             jobs.extend(response.jobs)
             if not response.more or not response.jobs:
-                return tuple(jobs)
+                listed.callback(tuple(jobs))
+                return
             last = response.jobs[-1]
-            return page(last.created_at, last.job_id)
+            page(last.created_at, last.job_id)
 
-        return page(0, uuid.UUID(int=0))
+        page(0, uuid.UUID(int=0))
+        return listed
 
     def remove(self, job_id: uuid.UUID) -> defer.Deferred[None]:
         """
