@@ -404,3 +404,57 @@ def test_jobs_with_the_largest_argv_do_not_break_the_list(server) -> None:
 def test_jobcli_list_refuses_an_unknown_state(server) -> None:
     result = server.jobcli("list", "--state", "sleeping")
     assert result.returncode == 2 and b"not a job state" in result.stderr
+
+
+@pytest.fixture
+def idle_server(certs, tmp_path):
+    running = start_server(certs, tmp_path / "state", "--idle-timeout", "2", "--keepalive-interval", "0")
+    yield running
+    running.stop()
+
+
+def test_idle_timeout_counts_afresh_after_a_wait_longer_than_it(idle_server) -> None:
+    """
+    A wait of 4 s on a server with a 2 s idle timeout is not cut; once it
+    is answered the connection is idle, and is closed 2 s later (before the
+    fix it stayed open for ever).
+    """
+    client = RawClient(idle_server)
+    try:
+        job_id = start(idle_server, ["sleep", "4"])
+        client.send(m.WaitRequest(1, job_id))
+        [answer] = client.read(1, timeout=10)
+        assert isinstance(answer, m.StatusResponse) and answer.status.state is m.JobState.EXITED
+        answered = time.monotonic()
+        closed, sent = client.closed_within(5)
+        assert closed
+        assert 1.5 < time.monotonic() - answered < 4
+        assert m.GoAway.TYPE in sent[4:5]
+    finally:
+        client.close()
+
+
+def test_an_incomplete_frame_does_not_keep_a_connection_from_idling(idle_server) -> None:
+    """
+    Bytes of a frame that never completes are not a request: the connection
+    is idle all along and is closed after the 2 s idle timeout, while the
+    bytes still trickle in (they used to restart the timer for ever).
+    """
+    client = RawClient(idle_server)
+    try:
+        frame = client.conn.send(m.StatusRequest(1, uuid.uuid4()))
+        began = time.monotonic()
+        closed = False
+        for byte in frame[:-1]:  # one byte every 0.15 s for 3.75 s: never a whole frame
+            try:
+                client.sock.sendall(bytes([byte]))
+            except (ssl.SSLError, ConnectionError):
+                closed = True
+                break
+            closed, _ = client.closed_within(0.15)
+            if closed:
+                break
+        assert closed
+        assert 1.5 < time.monotonic() - began < 3.0
+    finally:
+        client.close()
