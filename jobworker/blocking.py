@@ -189,6 +189,7 @@ class BlockingClient:
         # A second file descriptor to wait on besides the socket, and what
         # to call when it is readable (see wake_on).
         self._wake_fd: int | None = None
+        self._timeout_set: float | None | str = "unset"
         self._on_wake: Callable[[], None] | None = None
         self.conn = Connection(Role.CLIENT)
         self.hello: m.ServerHello | None = None
@@ -255,15 +256,25 @@ class BlockingClient:
 
     def _write(self, data: bytes) -> None:
         assert self._sock is not None
-        settimeout = getattr(self._sock, "settimeout", None)
         try:
-            if settimeout is not None:
-                settimeout(self.timeout)
+            if hasattr(self._sock, "settimeout"):
+                self._settimeout(self.timeout)
             self._sock.sendall(data)
         except socket.timeout:
             raise ConnectionFailed(f"timed out sending to the server (no progress for {self.timeout:g} s)") from None
         except OSError as exc:
             raise ConnectionFailed(f"connection to the server broke: {exc}") from None
+
+    def _buffered(self) -> bool:
+        buffered = getattr(self._sock, "buffered", None)
+        return buffered is not None and buffered()
+
+    def _settimeout(self, seconds: float | None) -> None:
+        # Each change costs a system call or two (blocking mode on or off):
+        # skipped when nothing changes, as in a stream of records.
+        if seconds != self._timeout_set:
+            self._sock.settimeout(seconds)  # type: ignore[union-attr]
+            self._timeout_set = seconds
 
     def _wait_readable(self) -> None:
         """
@@ -272,9 +283,8 @@ class BlockingClient:
         then set the socket's timeout for the read that follows.
         """
         assert self._sock is not None
-        settimeout = getattr(self._sock, "settimeout", None)
         keepalive = self._keepalive
-        if settimeout is None or not self.conn.is_open:
+        if not hasattr(self._sock, "settimeout") or not self.conn.is_open:
             return  # a scripted socket, or still setting up (under timeout)
         wait: float | None = None
         while True:
@@ -297,8 +307,7 @@ class BlockingClient:
                 if verdict is Verdict.PING:
                     self._write(self.conn.send(m.Ping(keepalive.ping_data())))
                 wait = max(0.0, keepalive.deadline() - time.monotonic())
-            buffered = getattr(self._sock, "buffered", None)
-            if buffered is not None and buffered():
+            if self._buffered():
                 break
             readers: list[int] = [self._sock.fileno()]
             if self._wake_fd is not None:
@@ -312,9 +321,10 @@ class BlockingClient:
             if self._sock.fileno() in ready:
                 break
         # The read may need more than the bytes that are here (the rest of
-        # a TLS record): it waits no longer than the keep-alive allows, and
-        # a timeout brings us back here for the keep-alive's verdict.
-        settimeout(None if keepalive is None else max(wait or 0.0, 0.001))
+        # a TLS record): it waits at most one keep-alive interval (a fixed
+        # value, so the socket's mode is set once, not per read), and a
+        # timeout brings us back here for the keep-alive's verdict.
+        self._settimeout(None if keepalive is None else keepalive.interval)
 
     def _next_message(self) -> m.Message:
         while not self._inbox:
@@ -343,7 +353,8 @@ class BlockingClient:
                 boundary, need = self._whole_frames(filled)
                 if boundary:
                     break
-            self._wait_readable()
+            if not self._buffered():
+                self._wait_readable()
             try:
                 size = self._sock.recv_into(view[filled:])
             except ssl.SSLError as exc:

@@ -226,6 +226,8 @@ class _OutputWriter:
     what waits in this queue is at most the stream's window.
     """
 
+    WAKE_BYTES = 1 << 20
+
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[int, bytes, int] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -256,7 +258,11 @@ class _OutputWriter:
             if credit:
                 with self._lock:
                     self._written += credit
-                self._wake()
+                    unsignalled = self._written
+                # Credit goes back in batches of half the window anyway:
+                # wake the main thread per MiB written, or when idle.
+                if unsignalled >= self.WAKE_BYTES or self._queue.empty():
+                    self._wake()
 
     def _wake(self) -> None:
         try:
