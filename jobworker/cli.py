@@ -324,7 +324,7 @@ def _stream(client: BlockingClient, job_id: uuid.UUID, offset: int, follow: bool
                     writer.write(
                         2,
                         f"jobcli: {message.length} bytes of output at offset {message.offset} "
-                        "were dropped by the server's retention limit\n".encode(),
+                        "were not kept by the server (its retention limit, a full disk or damage; see jobcli status)\n".encode(),
                     )
                 gaps += 1
                 dropped += message.length
@@ -345,7 +345,7 @@ def _stream(client: BlockingClient, job_id: uuid.UUID, offset: int, follow: bool
     client.wake_on(None)
     writer.finish()
     if gaps > 1:
-        sys.stderr.write(f"jobcli: in all, {dropped} bytes of output in {gaps} gaps were dropped by the server's retention limit\n")
+        sys.stderr.write(f"jobcli: in all, {dropped} bytes of output in {gaps} gaps were not kept by the server\n")
     assert status is not None
     return status
 
