@@ -57,6 +57,18 @@ def jobcli(server, *args: str, identity: str = "admin", **options) -> subprocess
     )
 
 
+def wait_for_log(server, text: str, count: int = 1, timeout: float = 20) -> None:
+    """
+    Wait until the server's log holds C{text} C{count} times (a client
+    subprocess may take a while to start on a loaded machine).
+    """
+    deadline = time.monotonic() + timeout
+    while server.log().count(text) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged {count} times in {timeout} s")
+        time.sleep(0.05)
+
+
 # -- long silences -------------------------------------------------------------------
 
 
@@ -123,7 +135,8 @@ def test_jobcli_notices_a_server_that_vanished(own_server) -> None:
     """
     job_id = str(start(own_server, ["sleep", "60"]))
     waiting = jobcli(own_server, "--keepalive", "0.5", "wait", job_id)
-    time.sleep(0.5)
+    wait_for_log(own_server, "connection from", 2)  # start's, then jobcli's
+    time.sleep(0.5)  # its WaitRequest follows the hello (waits are audited when answered)
     os.kill(own_server.process.pid, signal.SIGSTOP)
     began = time.monotonic()
     try:
@@ -160,7 +173,7 @@ task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
     process = subprocess.Popen([str(BIN / "python"), "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert process.stdout.readline() == b"waiting\n"
-        time.sleep(0.3)
+        time.sleep(0.3)  # the wait request follows the print at once
         os.kill(own_server.process.pid, signal.SIGSTOP)
         began = time.monotonic()
         out, err = process.communicate(timeout=15)
@@ -181,7 +194,8 @@ def test_server_notices_a_client_that_vanished(own_server) -> None:
     """
     job_id = str(start(own_server, ["sleep", "60"]))
     waiting = jobcli(own_server, "--keepalive", "0", "wait", job_id)
-    time.sleep(0.5)
+    wait_for_log(own_server, "connection from", 2)  # start's, then jobcli's
+    time.sleep(0.5)  # its WaitRequest follows the hello (waits are audited when answered)
     waiting.send_signal(signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 1.0 + PROMPT_S
@@ -206,6 +220,7 @@ def test_a_reader_that_holds_jobcli_up_is_not_taken_for_dead(own_server) -> None
     size = 4 << 20  # more than the 8 MiB window's half, far more than a pipe holds
     job_id = str(start(own_server, ["sh", "-c", f"head -c {size} /dev/zero; sleep 5"]))
     reader = jobcli(own_server, "--keepalive", "0", "logs", "-f", job_id)
+    wait_for_log(own_server, "operation=logs")
     time.sleep(3)  # six keep-alive intervals without reading jobcli's stdout
     assert "no answer to a keep-alive ping" not in own_server.log()
     out, err = reader.communicate(timeout=60)
