@@ -544,3 +544,37 @@ def test_a_stream_that_fails_mid_way_ends_and_others_go_on(monkeypatch: pytest.M
     assert end.stream_id == 1 and end.reason is m.EndReason.SERVER_ERROR
     assert [message.data for message in messages if isinstance(message, m.Output)] == [b"fine\n"]
     assert failures(logged) and not session.closing
+
+
+# -- string rules of a start request (the manager's check, no process) ------------
+
+
+BAD_FIELDS = [
+    dict(argv=("tr\0ue",)),
+    dict(argv=("echo", "a\0b")),
+    dict(argv=("",)),
+    dict(argv=()),
+    dict(env=(("A\0B", "x"),)),
+    dict(env=(("A", "x\0y"),)),
+    dict(env=(("A=B", "x"),)),
+    dict(env=(("", "x"),)),
+    dict(workdir="/tm\0p"),
+    dict(workdir="relative"),
+    dict(user="no\0body"),
+]
+
+
+@pytest.mark.parametrize("fields", BAD_FIELDS, ids=repr)
+def test_every_string_rule_of_a_start_is_a_bad_request(fields: dict[str, Any]) -> None:
+    from jobworker.jobs import JobManager
+
+    request = m.StartRequest(1, **{"argv": ("true",), **fields})
+    with pytest.raises(RequestError) as refused:
+        JobManager._check_request(request)
+    assert refused.value.code is ErrorCode.BAD_REQUEST
+
+
+def test_a_start_within_the_rules_passes_the_check() -> None:
+    from jobworker.jobs import JobManager
+
+    JobManager._check_request(m.StartRequest(1, ("echo", "ünïcode"), (("A", "b=c"),), "/tmp", "nobody"))
