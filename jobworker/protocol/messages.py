@@ -23,6 +23,7 @@ from jobworker.limits import Limits
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "UID_UNKNOWN",
     "JobState",
     "Network",
     "EndReason",
@@ -62,10 +63,14 @@ __all__ = [
 
 # The highest protocol version this implementation speaks, and every version
 # it speaks.  Version 2 added keep-alive (Ping/Pong), paged and filtered
-# lists, abridged statuses and EndReason.SERVER_ERROR; version 1 peers
+# lists, JobStatus.uid, abridged statuses and EndReason.SERVER_ERROR; version 1 peers
 # refuse it with UNSUPPORTED_VERSION at the hello (spec section 5.4).
 PROTOCOL_VERSION = 2
 SUPPORTED_VERSIONS = frozenset({2})
+
+# JobStatus.uid when the uid is not known: (uid_t)-1, which Linux never
+# gives a user.
+UID_UNKNOWN = 2**32 - 1
 
 
 class JobState(IntEnum):
@@ -162,6 +167,7 @@ class JobStatus:
     workdir: str = ""
     user: str = ""
     network: Network = Network.NONE
+    uid: int = UID_UNKNOWN  # the uid the command runs as
     # True when the texts and argv above were cut to fit a frame (spec
     # section 6.2, "Abridged statuses"); the full status is not lost, only
     # not sent in this frame.

@@ -200,6 +200,7 @@ StatusSchema = _Record(
         "workdir" / Text,
         "user" / Text,
         "network" / Int8ub,
+        "uid" / Int32ub,
         "abridged" / Flag,
     ),
     m.JobStatus,
