@@ -739,6 +739,13 @@ class JobManager(Service):
                 self._uid_locks = UidLocks(self.config.uid_lock_dir)
             except OSError as exc:
                 raise SystemExit(f"jobworker: cannot make {self.config.uid_lock_dir}: {exc}") from None
+            swept = self._uid_locks.sweep()
+            if swept:
+                log.info(
+                    "removed {count} uid claims left in {directory} by servers that died",
+                    count=len(swept),
+                    directory=self.config.uid_lock_dir,
+                )
             self.uids = UidAllocator(
                 self.config.job_uids,
                 is_taken=host_has_id,
@@ -957,9 +964,9 @@ class JobManager(Service):
                 f"at most {MAX_ENV_ITEMS} and {MAX_ENV_BYTES})",
                 ErrorCode.BAD_REQUEST,
             )
-        for item in (*request.argv, *(k for k, _ in request.env), *(v for _, v in request.env), request.workdir):
+        for item in (*request.argv, *(k for k, _ in request.env), *(v for _, v in request.env), request.workdir, request.user):
             if "\0" in item:
-                raise RequestError("NUL byte in the command, environment or workdir", ErrorCode.BAD_REQUEST)
+                raise RequestError("NUL byte in the command, environment, workdir or user", ErrorCode.BAD_REQUEST)
         for key, _ in request.env:
             if not key or "=" in key:
                 raise RequestError(f"bad environment variable name {key[:64]!r}", ErrorCode.BAD_REQUEST)
@@ -1070,6 +1077,14 @@ class JobManager(Service):
             "isolate": isolate,
             "network": "host" if job.network is Network.HOST else "none",
             "no_new_privs": True,
+            # Keyrings are in no namespace: without these a job could read
+            # the server's session keyring and what other jobs put there,
+            # and find keys that an earlier job with its uid left behind.
+            # Not for a server without root: its jobs run as its own user,
+            # who may reach its keyrings anyway, and each keyring would
+            # cost that user one of its 200 keys (keyrings(7) quota).
+            "session_keyring": os.geteuid() == 0,
+            "clear_user_keyrings": dynamic_uid is not None,
         }
         if isolate:
             config.update(
