@@ -500,12 +500,17 @@ class Boot:
         self._reader.start()
 
     def _copy(self) -> None:
+        # Chunks, not lines: pytest -q prints a dot per test with no newline.
         assert self.process.stdout is not None
-        for raw in iter(self.process.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if INIT_MARKER in line:
-                self.started.set()
-            sys.stdout.write(line + "\n")
+        fd = self.process.stdout.fileno()
+        marker = INIT_MARKER.encode()
+        recent = b""
+        while chunk := os.read(fd, 65536):
+            if not self.started.is_set():
+                recent = (recent + chunk)[-4 * len(marker) :]
+                if marker in recent:
+                    self.started.set()
+            sys.stdout.buffer.write(chunk.replace(b"\r", b""))
             sys.stdout.flush()
 
     def booted(self, timeout: float) -> bool:

@@ -36,6 +36,38 @@ def need_root() -> None:
     need(os.geteuid() == 0, "needs root")
 
 
+def cgroup_layout() -> str:
+    """
+    The cgroup layout of this host as the service sees it: C{"v2"} (pure
+    cgroup v2), C{"v1"} (v1 or hybrid), or C{"none"}.  Privileged tests put
+    it in their ids (C{[v1]}, C{[v2]}) so that every report says which
+    driver ran; it only reads /proc, so it is safe at collection time.
+    """
+    from jobworker.cgroups import detect
+
+    try:
+        driver = detect()
+    except Exception:
+        return "none"
+    return driver.name if driver is not None else "none"
+
+
+def backing_disk(path: str) -> str | None:
+    """
+    The whole-disk name (as in /sys/block) of the device holding C{path},
+    C{None} for a filesystem without one (tmpfs, overlay, btrfs subvolume):
+    where an io limit test must write for the limit to apply.
+    """
+    number = os.stat(path).st_dev
+    sysfs = f"/sys/dev/block/{os.major(number)}:{os.minor(number)}"
+    if not os.path.exists(sysfs):
+        return None
+    device = os.path.realpath(sysfs)
+    if os.path.exists(os.path.join(device, "partition")):
+        device = os.path.dirname(device)
+    return os.path.basename(device)
+
+
 # -- a real server, for end-to-end tests ---------------------------------------
 
 import socket
@@ -137,9 +169,28 @@ def make_pki(directory: Path) -> Path:
     return directory
 
 
-def start_server(certs: Path, state_dir: Path, *args: str, port: int | None = None) -> RunningServer:
+def _joiner(procs_files: list[str]):
+    def join() -> None:
+        pid = str(os.getpid()).encode()
+        for path in procs_files:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+
+    return join
+
+
+def start_server(
+    certs: Path, state_dir: Path, *args: str, port: int | None = None, cgroup_procs: list[str] = ()
+) -> RunningServer:
     """
     Start a server and wait until it accepts connections (at most 20 s).
+
+    @param cgroup_procs: C{cgroup.procs} files the server joins before it
+        runs (as systemd places a unit's process), instead of starting in
+        the tests' own cgroup.
     """
     port = port or free_port()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +206,13 @@ def start_server(certs: Path, state_dir: Path, *args: str, port: int | None = No
         "--state-dir", str(state_dir), "--grace", "3", *args,
     ]
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(REPO))
+        process = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO),
+            preexec_fn=_joiner(list(cgroup_procs)) if cgroup_procs else None,
+        )
     server = RunningServer(certs, state_dir, port, process, log_path, list(args))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

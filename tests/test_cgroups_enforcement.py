@@ -28,7 +28,7 @@ import pytest
 from jobworker.cgroups import CgroupDriver, CgroupV2Driver, JobCgroup, detect
 from jobworker.cgroups._host import read_keyed
 from jobworker.limits import Limits
-from tests.support import need, need_root
+from tests.support import backing_disk, need, need_root
 
 # Per test run, so two runs on one machine never clean up each other's jobs.
 PREFIX = f"jobworker-test-{os.getpid()}"
@@ -178,25 +178,10 @@ def test_memory_limit_oom_kills(driver):
     cgroup.remove()
 
 
-def _backing_disk(path: str) -> str | None:
-    """
-    The whole-disk name (as in /sys/block) of the device holding C{path},
-    C{None} for a filesystem without one (tmpfs, overlay, btrfs subvolume).
-    """
-    number = os.stat(path).st_dev
-    sysfs = f"/sys/dev/block/{os.major(number)}:{os.minor(number)}"
-    if not os.path.exists(sysfs):
-        return None
-    device = os.path.realpath(sysfs)
-    if os.path.exists(os.path.join(device, "partition")):
-        device = os.path.dirname(device)
-    return os.path.basename(device)
-
-
 def test_io_write_limit(driver):
     need("io" in driver.controllers, f"no io controller ({driver.name})")
     candidates = ["/var/tmp", os.path.dirname(os.path.abspath(__file__))]
-    found = [(d, _backing_disk(d)) for d in candidates if os.path.isdir(d)]
+    found = [(d, backing_disk(d)) for d in candidates if os.path.isdir(d)]
     found = [(d, disk) for d, disk in found if disk is not None]
     need(bool(found), f"none of {candidates} is on a block device")
     directory, disk = found[0]
