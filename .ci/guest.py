@@ -3,7 +3,8 @@
 Boot a pure cgroup v2 Linux guest under qemu and run the privileged test
 suites inside it, as root, with C{CI=true}.
 
-    python3 .ci/guest.py [--timeout SECONDS] [--accel auto|kvm|tcg] [pytest args...]
+    python3 .ci/guest.py [--timeout SECONDS] [--accel auto|kvm|tcg] [--junit PATH] [pytest args...]
+    python3 .ci/guest.py --table JUNIT...    (the figures of runs, side by side)
 
 (C{python3 dev.py guest ...} makes the checkout's .venv first and then runs
 this.)  Without pytest arguments the guest runs L{GUEST_SUITE}.  The exit
@@ -610,8 +611,8 @@ echo $code > {results}/rc
 
 def figures(junit: str) -> list[str]:
     """
-    The measurement lines (C{figure: ...}) the tests printed, from a junit
-    XML written with C{-o junit_logging=system-out}.
+    The measurement lines (C{figure: [LAYOUT] WHAT: RESULT}) the tests
+    printed, from a junit XML written with C{-o junit_logging=system-out}.
     """
     try:
         tree = ElementTree.parse(junit)
@@ -626,12 +627,46 @@ def figures(junit: str) -> list[str]:
     return lines
 
 
+_FIGURE = re.compile(r"figure: \[(?P<layout>[^]]+)\] (?P<what>.+?): (?P<result>.*)")
+
+
+def figure_table(junits: list[str]) -> str:
+    """
+    The figures of several runs (the host's, the guest's) side by side: one
+    row per measurement, one column per cgroup layout.
+    """
+    rows: dict[str, dict[str, str]] = {}
+    layouts: list[str] = []
+    for junit in junits:
+        for line in figures(junit):
+            match = _FIGURE.fullmatch(line)
+            if match is None:
+                continue
+            layout = match["layout"]
+            if layout not in layouts:
+                layouts.append(layout)
+            rows.setdefault(match["what"], {})[layout] = match["result"]
+    if not rows:
+        return "(no figures)"
+    out = ["| measure | " + " | ".join(layouts) + " |", "|---" * (len(layouts) + 1) + "|"]
+    for what, results in rows.items():
+        out.append(f"| {what} | " + " | ".join(results.get(layout, "") for layout in layouts) + " |")
+    return "\n".join(out)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="guest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds for the whole guest run")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (disk, junit XML)")
+    parser.add_argument("--junit", metavar="PATH", help="copy the guest's junit XML here")
+    parser.add_argument(
+        "--table", nargs="+", metavar="JUNIT", help="only print the figures of these junit XML files side by side"
+    )
     options, pytest_args = parser.parse_known_args(argv)
+    if options.table:
+        print(figure_table(options.table))
+        return 0
     if pytest_args[:1] == ["--"]:
         pytest_args = pytest_args[1:]
     if not pytest_args:
@@ -665,7 +700,10 @@ def main(argv: list[str]) -> int:
         except (OSError, ValueError):
             say(f"qemu exited {code} and the guest left no pytest exit status")
             return 3
-        lines = figures(os.path.join(results, "junit.xml"))
+        junit = os.path.join(results, "junit.xml")
+        if options.junit and os.path.exists(junit):
+            shutil.copy(junit, options.junit)
+        lines = figures(junit)
         if lines:
             say("measurements:")
             for line in lines:

@@ -71,8 +71,19 @@ def make_driver(layout: str) -> CgroupDriver:
             )
     assert driver is not None
     driver.prepare()
+    # For figure(): the layout is the test id's, which says more than the
+    # driver's name ("v2-freeze-kill").
+    driver.test_layout = layout
     print(f"\n[{layout}] {driver!r}")
     return driver
+
+
+def figure(driver: CgroupDriver, text: str) -> None:
+    """
+    Print one measurement as a C{figure:} line, tagged with the layout
+    (C{.ci/guest.py} and C{.ci/run} quote these lines at the end).
+    """
+    print(f"figure: [{driver.test_layout}] driver {text}")
 
 
 def _prepared(layout: str):
@@ -152,7 +163,8 @@ def test_cpu_limit(driver):
     stat = read_keyed(os.path.join(cgroup.controller_dirs["cpu"], "cpu.stat"))
     throttled_usec = stat.get("throttled_usec", stat.get("throttled_time", 0) // 1000)
     share = usage.cpu_usec / 1e6 / wall
-    print(
+    figure(
+        driver,
         f"cpu 200 millicores: {usage.cpu_usec / 1e6:.3f} s CPU in {wall:.3f} s = {share:.3f} of a core; "
         f"throttled {stat['nr_throttled']} of {stat['nr_periods']} periods, {throttled_usec / 1e6:.3f} s"
     )
@@ -169,7 +181,8 @@ def test_memory_limit_oom_kills(driver):
     process = start(cgroup, python(code), stdout=subprocess.PIPE, text=True)
     out, _ = process.communicate(timeout=30)
     usage = cgroup.usage()
-    print(
+    figure(
+        driver,
         f"memory 64 MiB: exit {process.returncode}, peak {usage.memory_peak_bytes / 2**20:.1f} MiB, oom_killed {usage.oom_killed}"
     )
     assert process.returncode == -9, out
@@ -205,7 +218,8 @@ def test_io_write_limit(driver):
     finally:
         os.unlink(target)
     usage = cgroup.usage()
-    print(
+    figure(
+        driver,
         f"io write 5 MiB/s on {disk}: 20 MiB direct in {elapsed:.2f} s = {20 / elapsed:.2f} MiB/s; "
         f"usage says {usage.io_write_bytes / 2**20:.1f} MiB written"
     )
@@ -243,7 +257,8 @@ time.sleep(60)
     finally:
         cgroup.kill()
         process.wait(timeout=10)
-    print(
+    figure(
+        driver,
         f"pids 20: {children} children forked, {refused} forks refused (errno {errnos}), {len(inside)} processes in the cgroup, peak {usage.pids_peak}"
     )
     assert int(refused) > 0 and errnos == str(errno.EAGAIN)
@@ -304,7 +319,7 @@ def test_kill_reaches_a_daemon(any_driver):
     deadline = time.monotonic() + 5
     while alive(daemon) and time.monotonic() < deadline:
         time.sleep(0.05)
-    print(f"kill: daemon {daemon} and parent {parent} gone, kill() took {killed * 1000:.1f} ms")
+    figure(any_driver, f"kill: daemon {daemon} and parent {parent} gone, kill() took {killed * 1000:.1f} ms")
     assert not alive(daemon) and not alive(parent)
     assert not any(os.path.exists(d) for d in directories(cgroup))
 
@@ -326,7 +341,8 @@ def test_remove_leaves_nothing(any_driver):
     assert not any(os.path.exists(d) for d in directories(cgroup))
     cgroup.remove()
     assert cgroup.pids() == []
-    print(
+    figure(
+        any_driver,
         f"remove: 2 processes in a job cgroup and its nested child gone, no directory left in {len(directories(cgroup))} hierarchies"
     )
 
