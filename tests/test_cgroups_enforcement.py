@@ -149,6 +149,22 @@ def directories(cgroup: JobCgroup) -> list[str]:
     return [os.path.dirname(path) for path in cgroup.procs_files]
 
 
+def pressure(cgroup: JobCgroup, resource: str) -> str:
+    """
+    For a figure: the time the job's tasks stalled on C{resource} ("some"
+    in C{<resource>.pressure}, cgroup v2's PSI), or nothing where there is
+    no such file (v1).
+    """
+    directory = next(iter(cgroup.controller_dirs.values()))
+    try:
+        with open(os.path.join(directory, f"{resource}.pressure")) as f:
+            some = f.readline().split()
+    except OSError:
+        return ""
+    total = int(dict(item.split("=") for item in some[1:])["total"])
+    return f"; PSI {resource} some {total / 1e6:.2f} s"
+
+
 def test_cpu_limit(driver):
     need("cpu" in driver.controllers, f"no cpu controller ({driver.name})")
     need("cpu_usec" in driver.usage_supported(), f"no CPU accounting ({driver.name})")
@@ -167,6 +183,7 @@ def test_cpu_limit(driver):
         driver,
         f"cpu 200 millicores: {usage.cpu_usec / 1e6:.3f} s CPU in {wall:.3f} s = {share:.3f} of a core; "
         f"throttled {stat['nr_throttled']} of {stat['nr_periods']} periods, {throttled_usec / 1e6:.3f} s"
+        f"{pressure(cgroup, 'cpu')}",
     )
     assert 0.1 <= share <= 0.3
     assert stat["nr_throttled"] > 0 and throttled_usec > 0
@@ -183,7 +200,8 @@ def test_memory_limit_oom_kills(driver):
     usage = cgroup.usage()
     figure(
         driver,
-        f"memory 64 MiB: exit {process.returncode}, peak {usage.memory_peak_bytes / 2**20:.1f} MiB, oom_killed {usage.oom_killed}"
+        f"memory 64 MiB: exit {process.returncode}, peak {usage.memory_peak_bytes / 2**20:.1f} MiB, "
+        f"oom_killed {usage.oom_killed}{pressure(cgroup, 'memory')}",
     )
     assert process.returncode == -9, out
     assert usage.oom_killed
@@ -221,7 +239,7 @@ def test_io_write_limit(driver):
     figure(
         driver,
         f"io write 5 MiB/s on {disk}: 20 MiB direct in {elapsed:.2f} s = {20 / elapsed:.2f} MiB/s; "
-        f"usage says {usage.io_write_bytes / 2**20:.1f} MiB written"
+        f"usage says {usage.io_write_bytes / 2**20:.1f} MiB written{pressure(cgroup, 'io')}",
     )
     assert process.returncode == 0, err
     assert 2.5 <= elapsed <= 7

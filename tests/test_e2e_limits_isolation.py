@@ -438,6 +438,10 @@ def test_limits_hold_in_a_delegated_subtree(delegated_server, driver, io_file):
     cpu, memory, pids and io limits still hold there.
     """
     server, slice_dirs, unit_dirs = delegated_server
+    # Once a job is answered, the service has started (twistd listens
+    # before it starts the services, so accepting a connection is not
+    # enough).
+    cpu_job = start(server, "--cpu", "0.2", "--timeout", "3s", "--", "sh", "-c", "while :; do :; done")
     own = _cgroup_dir_of(server.process.pid, unit_dirs)
     assert own, f"the server left its unit {unit_dirs}"
     if driver.name == "v2":
@@ -447,7 +451,6 @@ def test_limits_hold_in_a_delegated_subtree(delegated_server, driver, io_file):
         assert leaf != unit and leaf.endswith("/service"), leaf
         with open(os.path.join(unit, "cgroup.procs")) as handle:
             assert handle.read() == ""
-    cpu_job = start(server, "--cpu", "0.2", "--timeout", "3s", "--", "sh", "-c", "while :; do :; done")
     job_dirs = job_cgroup_dirs(cpu_job)
     assert job_dirs and all(any(d.startswith(unit + "/") for unit in unit_dirs) for d in job_dirs), job_dirs
     memory_job = start(server, "--memory", "64M", "--", "python3", "-c", "b = []\nwhile True: b.append(bytearray(1 << 20))")
