@@ -75,6 +75,10 @@ GUEST_SUITE = (
     "tests/test_cgroups_enforcement.py",
     "tests/test_e2e_limits_isolation.py",
     "tests/test_isolate.py",
+    # The service's shutdown and restart, which kill and clean up cgroups.
+    "tests/test_e2e_lifecycle.py::test_sigterm_stops_running_jobs_and_the_server_exits",
+    "tests/test_e2e_lifecycle.py::test_the_processes_of_a_lost_job_are_gone_after_restart",
+    "tests/test_e2e_lifecycle.py::test_starting_another_server_leaves_this_servers_jobs_alone",
 )
 
 # Debian packages the guest is built from, by a command each provides.
@@ -360,7 +364,6 @@ mount -t devtmpfs devtmpfs $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
-mount -t tmpfs -o mode=1777 tmpfs $R/tmp
 mount -t tmpfs -o mode=0755 tmpfs $R/run
 # The disk for io limits.
 mount -t ext4 /dev/vda $R/var/tmp || die "cannot mount /dev/vda"
@@ -596,6 +599,13 @@ def job_script(pytest_args: list[str]) -> str:
     return f"""set -u
 export CI=true HOME=/root LANG=C.UTF-8 TERM=dumb
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# A tmpfs on /tmp, unless that would hide the checkout (a clone in /tmp):
+# then /tmp stays the overlay's (writable, in guest memory too) and
+# temporary files go to a fresh directory on /run.
+case {shlex.quote(ROOT + "/")} in
+    /tmp/*) mkdir -p /run/tmp && chmod 1777 /run/tmp && export TMPDIR=/run/tmp ;;
+    *) mount -t tmpfs -o mode=1777 tmpfs /tmp ;;
+esac
 cd {shlex.quote(ROOT)}
 echo "guest kernel: $(uname -r)"
 echo "guest cgroup.controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
