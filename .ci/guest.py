@@ -569,20 +569,23 @@ def boot(accel: str, kernel, initramfs: str, disk: str, results: str, cache: str
     say(f"booting with {accel}")
     began = time.monotonic()
     guest = Boot(qemu_command(accel, kernel, initramfs, disk, results))
-    if accel == "kvm" and not guest.booted(KVM_PROBE_SECONDS):
-        guest.kill()
-        why = f"the guest did not reach /init {KVM_PROBE_SECONDS} s into a KVM boot (qemu exited {guest.process.returncode})"
-        if not fall_back:
-            raise GuestError(why)
-        say(f"{why}: KVM does not work here; TCG instead")
-        with open(verdict, "w") as handle:
-            handle.write(f"{os.uname().release}\n{qemu_version()}\n")
-        accel = "tcg"
-        say("booting with tcg")
-        began = time.monotonic()
-        guest = Boot(qemu_command(accel, kernel, initramfs, disk, results))
-    code = guest.wait(max(1.0, deadline - time.monotonic()))
-    if code is None:
+    try:
+        if accel == "kvm" and not guest.booted(KVM_PROBE_SECONDS):
+            guest.kill()
+            why = f"the guest did not reach /init {KVM_PROBE_SECONDS} s into a KVM boot (qemu exited {guest.process.returncode})"
+            if not fall_back:
+                raise GuestError(why)
+            say(f"{why}: KVM does not work here; TCG instead")
+            with open(verdict, "w") as handle:
+                handle.write(f"{os.uname().release}\n{qemu_version()}\n")
+            accel = "tcg"
+            say("booting with tcg")
+            began = time.monotonic()
+            guest = Boot(qemu_command(accel, kernel, initramfs, disk, results))
+        code = guest.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        # At the timeout, and when this command is interrupted or
+        # terminated: no qemu outlives it.
         guest.kill()
     say(f"guest ran {time.monotonic() - began:.1f} s ({accel})")
     return code, accel
@@ -685,6 +688,9 @@ def main(argv: list[str]) -> int:
         say("no .venv in the checkout: run `python3 dev.py guest` (it makes one)")
         return 3
     began = time.monotonic()
+    # SIGTERM (a CI runner giving up) unwinds like Ctrl-C, so the finally
+    # clauses kill qemu and remove the run's directory.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     run_directory = tempfile.mkdtemp(prefix="jobworker-guest-")
     try:
         apt = Apt()
