@@ -159,6 +159,12 @@ class RunningServer:
         return self.process.returncode
 
 
+def _primary_group(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_gid
+
+
 def make_pki(directory: Path) -> Path:
     from jobworker.pki import make_client_cert, make_dev_pki
 
@@ -183,10 +189,19 @@ def _joiner(procs_files: list[str]):
 
 
 def start_server(
-    certs: Path, state_dir: Path, *args: str, port: int | None = None, cgroup_procs: list[str] = ()
+    certs: Path,
+    state_dir: Path,
+    *args: str,
+    port: int | None = None,
+    user: str | None = None,
+    cgroup_procs: list[str] = (),
 ) -> RunningServer:
     """
     Start a server and wait until it accepts connections (at most 20 s).
+
+    With C{user}, the server runs as that user (via C{setpriv}, so the test
+    process must be root): the state dir and the certificates must be
+    usable by it.
 
     @param cgroup_procs: C{cgroup.procs} files the server joins before it
         runs (as systemd places a unit's process), instead of starting in
@@ -195,7 +210,9 @@ def start_server(
     port = port or free_port()
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir.parent / f"server-{port}.log"
+    prefix = [] if user is None else ["setpriv", f"--reuid={user}", f"--regid={_primary_group(user)}", "--clear-groups", "--"]
     command = [
+        *prefix,
         str(BIN / "twistd"), "-n", "--pidfile=", "jobworker",
         "--listen", f"tcp:{port}:interface=127.0.0.1",
         "--ca", str(certs / "ca.pem"), "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
