@@ -75,10 +75,11 @@ GUEST_SUITE = (
     "tests/test_cgroups_enforcement.py",
     "tests/test_e2e_limits_isolation.py",
     "tests/test_isolate.py",
-    # The service's shutdown and restart, which kill and clean up cgroups.
-    "tests/test_e2e_lifecycle.py::test_sigterm_stops_running_jobs_and_the_server_exits",
-    "tests/test_e2e_lifecycle.py::test_the_processes_of_a_lost_job_are_gone_after_restart",
-    "tests/test_e2e_lifecycle.py::test_starting_another_server_leaves_this_servers_jobs_alone",
+    # The service's shutdown and restart, which kill and clean up job
+    # cgroups (the isolated mode: the others run without cgroups).
+    "tests/test_e2e_lifecycle.py::test_sigterm_stops_running_jobs_and_the_server_exits[isolated]",
+    "tests/test_e2e_lifecycle.py::test_the_processes_of_a_lost_job_are_gone_after_restart[isolated]",
+    "tests/test_e2e_lifecycle.py::test_starting_another_server_leaves_this_servers_jobs_alone[isolated]",
 )
 
 # Debian packages the guest is built from, by a command each provides.

@@ -472,8 +472,8 @@ def test_limits_hold_in_a_delegated_subtree(delegated_server, driver, io_file):
         io = f", io-write 5M {IO_MIB / seconds:.2f} MiB/s"
     figure(
         driver,
-        f"delegated ({'server in leaf ' + os.path.relpath(own[0], os.path.dirname(slice_dirs[0])) if driver.name == 'v2' else 'server in the unit'}): "
-        f"cpu 0.2 -> {share:.3f}, memory 64M -> {memory['state']} at {memory['usage']['memory_peak_bytes'] / 2**20:.1f} MiB, "
+        "delegated: "
+        f"server in {os.path.relpath(own[0], os.path.dirname(slice_dirs[0]))}; cpu 0.2 -> {share:.3f}, memory 64M -> {memory['state']} at {memory['usage']['memory_peak_bytes'] / 2**20:.1f} MiB, "
         f"pids 20 -> {ok} forks, {failed} refused{io}",
     )
     assert 0.08 < share < 0.32, share
