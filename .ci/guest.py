@@ -684,7 +684,8 @@ def main(argv: list[str]) -> int:
     if pytest_args[:1] == ["--"]:
         pytest_args = pytest_args[1:]
     if not pytest_args:
-        pytest_args = ["-q", *GUEST_SUITE]
+        # --durations: where the guest's time goes, for keeping CI short.
+        pytest_args = ["-q", "--durations=10", *GUEST_SUITE]
     if not os.path.exists(os.path.join(ROOT, ".venv", "bin", "python")):
         say("no .venv in the checkout: run `python3 dev.py guest` (it makes one)")
         return 3
