@@ -16,9 +16,11 @@ What the guest is:
   - Debian's generic amd64 kernel (C{linux-image-<version>-amd64}, the one
     the C{linux-image-amd64} metapackage points at; the C{-cloud} flavour has
     no 9p), fetched with C{apt-get download} and unpacked with C{dpkg-deb -x}.
-    Booted with C{systemd.unified_cgroup_hierarchy} irrelevant: nothing but
-    cgroup2 is ever mounted, so the guest is pure v2 with every controller
-    the kernel has (cpuset cpu io memory hugetlb pids rdma misc on 6.1).
+    There is no systemd in the guest and nothing but cgroup2 is mounted, so
+    it is pure v2 with every controller the kernel has (cpuset cpu io memory
+    hugetlb pids rdma misc on 6.1); the tests' processes start in the root
+    cgroup, and the tests that need a delegated, non-root placement make
+    one (see C{tests/test_e2e_limits_isolation.py}).
   - A busybox (C{busybox-static}) initramfs, written here as a newc archive,
     whose C{/init} loads the virtio, 9p, overlay and ext4 modules, mounts the
     host's C{/} read-only over 9p with a tmpfs overlay on top, chroots into
