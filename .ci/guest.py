@@ -27,7 +27,7 @@ What the guest is:
     it and runs the job script it finds on the results export.  So the guest
     runs the checkout's own .venv and Python, and writes go to guest memory.
   - A fresh ext4 disk (a sparse raw file, made with C{mkfs.ext4}) as
-    C{/dev/vda}, mounted on C{/var/tmp}: the real block device the io limit
+    C{/dev/vda}, mounted on C{/srv}: the real block device the io limit
     tests throttle.
   - A writable 9p export of a host directory, C{/jobworker-results} in the
     guest: the job script, pytest's exit status and its junit XML.
@@ -380,9 +380,10 @@ mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 mount -t tmpfs -o mode=0755 tmpfs $R/run
-# The disk for io limits.
-mount -t ext4 /dev/vda $R/var/tmp || die "cannot mount /dev/vda"
-chmod 1777 $R/var/tmp
+# The disk for io limits, on /srv: not /tmp or /var/tmp, which every job
+# has a private tmpfs of.
+mount -t ext4 /dev/vda $R/srv || die "cannot mount /dev/vda"
+chmod 1777 $R/srv
 mkdir -p $R@RESULTS@
 mount --bind /results $R@RESULTS@
 ip link set lo up
@@ -653,7 +654,7 @@ cd {shlex.quote(ROOT)}
 echo "guest kernel: $(uname -r)"
 echo "guest cgroup.controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
 echo "guest cgroup mounts: $(grep cgroup /proc/self/mounts | cut -d' ' -f1-3 | tr '\\n' ';')"
-echo "guest io disk: $(grep ' /var/tmp ' /proc/self/mounts | cut -d' ' -f1-3)"
+echo "guest io disk: $(grep ' /srv ' /proc/self/mounts | cut -d' ' -f1-3)"
 began=$(date +%s)
 {shlex.join(command)}
 code=$?

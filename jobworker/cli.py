@@ -220,7 +220,9 @@ def _describe(status: m.JobStatus) -> str:
         ("created", _format_time(status.created_at)),
         ("started", _format_time(status.started_at)),
         ("ended", _format_time(status.ended_at)),
-        ("user", status.user),
+        # "" is the server's default: a uid of the job's own.
+        ("user", status.user or "(dynamic)"),
+        *([("uid", str(status.uid))] if status.uid != m.UID_UNKNOWN else []),
         ("workdir", status.workdir),
         ("network", status.network.name.lower()),
     ]

@@ -50,9 +50,10 @@ from jobworker.isolate import compiled_helper
 from jobworker.limits import Limits
 from jobworker.outputlog import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpool, OutputLog
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
-from jobworker.protocol.messages import InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
+from jobworker.protocol.messages import UID_UNKNOWN, InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
 from jobworker.spool import FileSpool, SpoolFailure
 from jobworker.store import JobStore, LoadedRecord, StateDirLocked
+from jobworker.uids import DEFAULT_LOCK_DIRECTORY, UidAllocator, UidLocks, UidRange, host_has_id, host_live_uids
 
 __all__ = ["Job", "JobManager", "JobManagerConfig", "ISOLATE_SCRIPT"]
 
@@ -124,9 +125,21 @@ class JobManagerConfig:
     Settings of the job manager; each maps to an option of the plugin.
 
     @ivar state_dir: where job records and output spools live.
-    @ivar isolate: run every job in its own PID, mount and network namespace.
+    @ivar isolate: run every job in its own PID, mount, IPC and network
+        namespace.
     @ivar job_user: the user jobs run as unless an admin asks otherwise;
-        None runs them as the server's own user (only sensible unprivileged).
+        None runs each as a uid of its own from C{job_uids} or, without
+        them, as the server's own user (only sensible unprivileged).
+    @ivar job_uids: the range of uids given to jobs one each (root only).
+    @ivar uid_lock_dir: where servers of one host claim the uids they hand
+        out (L{UidLocks}).
+    @ivar scratch_bytes: size of the tmpfs that holds an isolated job's
+        private C{/tmp}, C{/var/tmp} and C{/dev/shm} together (charged to
+        the job's memory); 0: the job sees the host's.
+    @ivar private_sys: give an isolated job with its own network namespace
+        its own read-only C{/sys}.
+    @ivar hidden_paths: paths a job must not reach, besides the state dir
+        (always hidden): the server's TLS key, for one.
     @ivar default_limits: applied to every unset limit of every job.
     @ivar caps: the most a non-admin may ask for; 0 fields are uncapped.
     @ivar max_jobs_per_identity: running jobs one identity may have at once.
@@ -135,7 +148,12 @@ class JobManagerConfig:
 
     state_dir: str
     isolate: bool = True
-    job_user: str | None = "nobody"
+    job_user: str | None = None
+    job_uids: UidRange | None = None
+    uid_lock_dir: str = DEFAULT_LOCK_DIRECTORY
+    scratch_bytes: int = 0
+    private_sys: bool = True
+    hidden_paths: tuple[str, ...] = ()
     default_limits: Limits = field(default_factory=lambda: Limits(pids=1024))
     caps: Limits = field(default_factory=Limits)
     default_grace_s: float = 10.0
@@ -261,6 +279,8 @@ class Job:
         self.workdir = request.workdir or "/"
         self.network = request.network
         self.user = user
+        # The uid the command runs as; UID_UNKNOWN until known.
+        self.uid = UID_UNKNOWN
         self.limits = limits
         self.output = output
         self.spool = spool
@@ -322,6 +342,7 @@ class Job:
             workdir=self.workdir,
             user=self.user,
             network=self.network,
+            uid=self.uid,
         )
 
     def _error_text(self) -> str:
@@ -672,6 +693,11 @@ class JobManager(Service):
         self._save_retry: Any = None
         # The helper's source until start-up compiles it (see startService).
         self.helper_path = ISOLATE_SCRIPT
+        self.uids: UidAllocator | None = None
+        self._uid_locks: UidLocks | None = None
+        self._hidden: list[str] | None = None
+        # Bound over every hidden file in a job (see isolate.hide_paths).
+        self.inaccessible_file = os.path.join(os.path.realpath(config.state_dir), "inaccessible")
 
     # -- service ---------------------------------------------------------------
 
@@ -708,6 +734,43 @@ class JobManager(Service):
                 log.warn("job {job_id} was running when the server died: lost", job_id=job.job_id)
             self.jobs[job.job_id] = job
         self._prune()
+        if self.config.job_user is None and self.config.job_uids is not None:
+            try:
+                self._uid_locks = UidLocks(self.config.uid_lock_dir)
+            except OSError as exc:
+                raise SystemExit(f"jobworker: cannot make {self.config.uid_lock_dir}: {exc}") from None
+            self.uids = UidAllocator(
+                self.config.job_uids,
+                is_taken=host_has_id,
+                live_uids=host_live_uids,
+                claim=self._uid_locks.claim,
+                unclaim=self._uid_locks.unclaim,
+            )
+            # After the stale cgroups' processes were killed: what still
+            # runs as a job uid is not ours to reuse yet.
+            lingering = self.uids.retire_lingering()
+            if lingering:
+                log.warn(
+                    "{count} job uids have processes from before this server started; they stay unused until those end: {uids}",
+                    count=len(lingering),
+                    uids=sorted(lingering)[:20],
+                )
+        if self.config.isolate:
+            self._make_inaccessible_file()
+
+    def _make_inaccessible_file(self) -> None:
+        """
+        An empty root-owned file of mode 000, bound over hidden files.
+        """
+        try:
+            fd = os.open(self.inaccessible_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.fchmod(fd, 0)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise SystemExit(f"jobworker: cannot make {self.inaccessible_file}: {exc}") from None
 
     def stopService(self) -> defer.Deferred[None]:
         """
@@ -725,6 +788,7 @@ class JobManager(Service):
         every_end = defer.DeferredList(ends, consumeErrors=True)
         every_end.addCallback(lambda _: defer.DeferredList(list(self._cleanups), consumeErrors=True))
         every_end.addCallback(lambda _: self._release_cgroups())
+        every_end.addCallback(lambda _: self._uid_locks.close() if self._uid_locks is not None else None)
         every_end.addCallback(lambda _: self._save_unsaved(final=True))
         every_end.addCallback(lambda _: self.store.close())
         return every_end
@@ -761,14 +825,20 @@ class JobManager(Service):
                 f"{identity.name} already has {running} running jobs (the limit)", ErrorCode.TOO_MANY_JOBS
             )
         job_id = uuid.uuid4()
+        # First of all that the job holds, so that running out makes nothing.
+        dynamic_uid = self._allocate_uid(job_id, user)
         try:
             spool = FileSpool(self.store.spool_path(job_id))
         except OSError as exc:
+            self._forget_uid(dynamic_uid)
             raise self._resource_error(job_id, "create its output spool", exc) from None
+        except BaseException:
+            self._forget_uid(dynamic_uid)
+            raise
         output = OutputLog(spool, ring_size=self.config.ring_size, retention=self.config.retention)
         job = Job(self, job_id, identity.name, request, limits, user, output, spool)
         try:
-            helper_config = self._helper_config(job, request)
+            helper_config = self._helper_config(job, request, dynamic_uid)
             if self.cgroups is not None:
                 try:
                     job.cgroup = self.cgroups.create(str(job_id), self._enforceable(limits, request.limits))
@@ -795,6 +865,7 @@ class JobManager(Service):
                 self._remove_cgroup(job.cgroup)
             spool.remove()
             self.store.forget(job_id)
+            self._forget_uid(dynamic_uid)
             raise
         log.info(
             "job {job_id} starting for {owner}: {argv}",
@@ -905,9 +976,9 @@ class JobManager(Service):
         limits = requested.with_defaults(self.config.default_limits)
         if is_admin:
             return limits
-        over = requested.above(self.config.caps)
+        over = requested.describe_above(self.config.caps)
         if over:
-            raise RequestError("limits above what this server allows: " + ", ".join(over), ErrorCode.INVALID_LIMITS)
+            raise RequestError(f"limits above what this server allows a non-admin: {over}", ErrorCode.INVALID_LIMITS)
         return limits.capped(self.config.caps)
 
     def _enforceable(self, limits: Limits, requested: Limits) -> Limits:
@@ -933,36 +1004,96 @@ class JobManager(Service):
             )
 
     def _user_for(self, requested: str, is_admin: bool) -> str:
-        default = self.config.job_user or pwd.getpwuid(os.getuid()).pw_name
+        """
+        The account the job runs as: C{""} for a uid of its own.
+        """
+        if self.uids is not None:
+            default = ""
+        else:
+            default = self.config.job_user or pwd.getpwuid(os.getuid()).pw_name
         if not requested or requested == default:
             return default
         if not is_admin:
             raise RequestError("only an admin may choose the job user", ErrorCode.PERMISSION_DENIED)
         return requested
 
-    def _helper_config(self, job: Job, request: StartRequest) -> dict[str, Any]:
-        uid = gid = None
-        home = "/"
+    def _allocate_uid(self, job_id: uuid.UUID, user: str) -> int | None:
+        """
+        A uid of the job's own, or None when it runs as a named user.
+        """
+        if user or self.uids is None:
+            return None
         try:
-            entry = pwd.getpwnam(job.user)
-        except KeyError:
-            raise RequestError(f"no such user: {job.user}", ErrorCode.START_FAILED) from None
-        if entry.pw_uid != os.getuid() or entry.pw_gid != os.getgid():
+            uid = self.uids.allocate(str(job_id))
+        except OSError as exc:
+            log.error("job {job_id}: cannot claim a uid: {error}", job_id=job_id, error=exc)
+            raise RequestError(f"cannot claim a uid for the job: {exc.strerror or exc}", ErrorCode.START_FAILED) from None
+        log.debug("job {job_id} gets uid {uid}", job_id=job_id, uid=uid)
+        return uid
+
+    def _forget_uid(self, uid: int | None) -> None:
+        if uid is not None and self.uids is not None:
+            self.uids.forget(uid)
+
+    def _release_uid(self, job: Job) -> None:
+        # Every job that held a uid of its own ends here, failed starts too.
+        if self.uids is not None and self.uids.holder_of(job.uid) == str(job.job_id):
+            self.uids.release(job.uid)
+
+    def _helper_config(self, job: Job, request: StartRequest, dynamic_uid: int | None = None) -> dict[str, Any]:
+        isolate = self.config.isolate
+        scratch = self.config.scratch_bytes if isolate else 0
+        if dynamic_uid is not None:
+            uid = gid = dynamic_uid
+            job.uid = dynamic_uid
+            # The only place such a job can write (see read_only_root).
+            home = "/tmp" if scratch else "/"
+        else:
+            try:
+                entry = pwd.getpwnam(job.user)
+            except KeyError:
+                raise RequestError(f"no such user: {job.user}", ErrorCode.START_FAILED) from None
             uid, gid = entry.pw_uid, entry.pw_gid
-        home = entry.pw_dir or "/"
+            job.uid = entry.pw_uid
+            if uid == os.getuid() and gid == os.getgid():
+                uid = gid = None
+            home = entry.pw_dir or "/"
         env = dict(DEFAULT_ENV, HOME=home)
         env.update(dict(request.env))
-        return {
+        config: dict[str, Any] = {
             "argv": list(job.argv),
             "env": env,
             "cwd": job.workdir,
             "uid": uid,
             "gid": gid,
             "cgroup_procs": [],
-            "isolate": self.config.isolate,
+            "isolate": isolate,
             "network": "host" if job.network is Network.HOST else "none",
             "no_new_privs": True,
         }
+        if isolate:
+            config.update(
+                scratch_bytes=scratch,
+                private_sys=self.config.private_sys,
+                # A uid of its own can write only where everyone can: keep
+                # it out of the host's shared places, where a later job with
+                # the same uid (or any job) could read what it left.
+                read_only_root=dynamic_uid is not None,
+                hide=self._hidden_paths(),
+                inaccessible_file=self.inaccessible_file,
+            )
+        return config
+
+    def _hidden_paths(self) -> list[str]:
+        """
+        The state dir (every job's records and output, the helper) and the
+        configured paths, resolved: a mount follows symbolic links.
+        """
+        if self._hidden is None:
+            # Resolved once: the paths are the server's own, and stay put.
+            paths = [self.store.state_dir, *self.config.hidden_paths]
+            self._hidden = list(dict.fromkeys(os.path.realpath(path) for path in paths))
+        return self._hidden
 
     def _remove_cgroup(self, cgroup: Any) -> defer.Deferred[None]:
         removal = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), cgroup.remove)
@@ -1018,6 +1149,7 @@ class JobManager(Service):
             self._save_retry.cancel()
 
     def _job_ended(self, job: Job) -> None:
+        self._release_uid(job)
         self._prune()
 
     def _prune(self) -> None:
@@ -1052,6 +1184,6 @@ class JobManager(Service):
             log.error("job {job_id}: {damage}; readers get a gap there", job_id=status.job_id, damage=output.damage)
         job = Job(self, status.job_id, status.owner, request, status.limits, status.user, output, spool)
         job._started = None
-        for name in ("state", "exit_code", "signal", "created_at", "started_at", "ended_at", "error", "stopped_by", "usage"):
+        for name in ("state", "exit_code", "signal", "created_at", "started_at", "ended_at", "error", "stopped_by", "usage", "uid"):
             setattr(job, name, getattr(status, name))
         return job

@@ -12,7 +12,7 @@ from dataclasses import asdict, fields
 from typing import Any, Callable
 
 from jobworker.limits import Limits
-from jobworker.protocol.messages import JobState, JobStatus, JobUsage, Network
+from jobworker.protocol.messages import UID_UNKNOWN, JobState, JobStatus, JobUsage, Network
 
 __all__ = ["RecordError", "status_to_dict", "status_from_dict", "salvage_status", "exit_status"]
 
@@ -45,6 +45,7 @@ def status_to_dict(status: JobStatus) -> dict[str, Any]:
         "stopped_by": status.stopped_by or None,
         "workdir": status.workdir,
         "user": status.user,
+        "uid": status.uid if status.uid != UID_UNKNOWN else None,
         "network": status.network.name.lower(),
         "limits": asdict(status.limits),
         "usage": asdict(status.usage),
@@ -175,6 +176,7 @@ _FIELDS: list[tuple[str, str, Callable[[Any], Any], Any]] = [
     ("limits", "limits", _limits, Limits()),
     ("usage", "usage", _usage, JobUsage()),
     ("output_bytes", "output_bytes", lambda v: _integer("output_bytes", v, 0, _U64), 0),
+    ("uid", "uid", lambda v: UID_UNKNOWN if v is None else _integer("uid", v, 0, _U32), UID_UNKNOWN),
 ]
 
 

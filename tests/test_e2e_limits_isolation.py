@@ -14,13 +14,19 @@ from __future__ import annotations
 import glob
 import json
 import os
-import pwd
+import shutil
+import tempfile
 import time
 
 import pytest
 
 from jobworker.limits import Limits
 from tests.support import backing_disk, cgroup_layout, need, need_root, start_server
+
+
+# A place for test directories outside /tmp, which a job has its own of.
+# In the guest (.ci/guest.py), /srv is its virtio disk.
+OUTSIDE_TMP = "/srv" if os.path.isdir("/srv") else "/var/lib"
 
 
 @pytest.fixture(scope="module", params=[cgroup_layout()])
@@ -117,18 +123,25 @@ IO_MIB = 20
 @pytest.fixture
 def io_file(driver):
     """
-    A path for a job's file on a block device the server throttles
-    (/var/tmp: in the guest, the virtio disk), removed afterwards.
+    A path for a job's file on a block device the server throttles, outside
+    the job's private /tmp and /var/tmp (tmpfs): in a directory of
+    L{OUTSIDE_TMP} that any job user may write, removed afterwards.
     """
-    directory = "/var/tmp"
-    disk = backing_disk(directory)
-    need(disk is not None, f"{directory} is on no block device")
+    disk = backing_disk(OUTSIDE_TMP)
+    need(disk is not None, f"{OUTSIDE_TMP} is on no block device")
     throttled = [device.name for device in driver.io_devices]
-    assert disk in throttled, f"{directory} is on {disk}, which the driver does not throttle ({throttled})"
-    path = os.path.join(directory, f"jobworker-e2e-io-{os.getpid()}-{time.monotonic_ns()}")
-    yield path
-    if os.path.exists(path):
-        os.unlink(path)
+    assert disk in throttled, f"{OUTSIDE_TMP} is on {disk}, which the driver does not throttle ({throttled})"
+    directory = tempfile.mkdtemp(prefix="jobworker-e2e-io-", dir=OUTSIDE_TMP)
+    os.chmod(directory, 0o1777)
+    try:
+        yield os.path.join(directory, "data")
+    finally:
+        shutil.rmtree(directory)
+
+
+# A job with a uid of its own sees the host's file system read-only; one run
+# as a named user may write where that user may (the io file's directory).
+WRITER = ["--user", "nobody"]
 
 
 def run_dd(server, limit: list[str], operands: str) -> float:
@@ -145,7 +158,7 @@ def run_dd(server, limit: list[str], operands: str) -> float:
 
 def test_io_write_limit(server, driver, io_file):
     need("io" in driver.controllers, "no io controller")
-    seconds = run_dd(server, ["--io-write-bps", "5M"], f"if=/dev/zero of={io_file} bs=1M count={IO_MIB} oflag=direct")
+    seconds = run_dd(server, [*WRITER, "--io-write-bps", "5M"], f"if=/dev/zero of={io_file} bs=1M count={IO_MIB} oflag=direct")
     figure(driver, f"--io-write-bps 5M: {IO_MIB} MiB direct in {seconds:.2f} s = {IO_MIB / seconds:.2f} MiB/s")
     assert 2.5 <= seconds <= 7
 
@@ -183,7 +196,7 @@ def test_io_write_limit_buffered(server, driver, io_file):
     """
     need("io" in driver.controllers and "memory" in driver.controllers, "needs the io and memory controllers")
     result = server.jobcli(
-        "run", "--io-write-bps", "5M", "--", "python3", "-c", BUFFERED_WRITE, io_file, str(IO_MIB), timeout=120
+        "run", *WRITER, "--io-write-bps", "5M", "--", "python3", "-c", BUFFERED_WRITE, io_file, str(IO_MIB), timeout=120
     )
     assert result.returncode == 0, result.stderr
     buffered, synced = map(float, result.stdout.split())
@@ -252,7 +265,7 @@ def capped_server(certs, tmp_path_factory):
 def test_caps_bind_users_not_admins(capped_server, driver):
     refused = capped_server.jobcli("start", "--memory", "200M", "--", "true", identity="alice")
     assert refused.returncode == 1
-    assert b"memory_bytes" in refused.stderr
+    assert b"memory 200M is above the cap of 100M" in refused.stderr
     # Unset means the server default, which must itself respect the cap.
     allowed = capped_server.jobcli("run", "--memory", "50M", "--", "true", identity="alice")
     assert allowed.returncode == 0, allowed.stderr
@@ -288,18 +301,20 @@ def test_pid_namespace(server):
     assert count <= 5
 
 
-def test_mounts_do_not_reach_the_host(server, tmp_path):
+def test_mounts_do_not_reach_the_host(server):
     need_root()
-    target = tmp_path / "mnt"
-    target.mkdir()
-    os.chmod(tmp_path, 0o755)
-    result = server.jobcli(
-        "run", "--user", "root", "--", "sh", "-c", f"mount -t tmpfs jobworker-test-tmpfs {target} && grep -c jobworker-test-tmpfs /proc/self/mountinfo"
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == b"1"
-    with open("/proc/self/mountinfo") as handle:
-        assert "jobworker-test-tmpfs" not in handle.read()
+    # Not under /tmp: a job has its own.
+    target = tempfile.mkdtemp(prefix="jobworker-test-", dir=OUTSIDE_TMP)
+    try:
+        result = server.jobcli(
+            "run", "--user", "root", "--", "sh", "-c", f"mount -t tmpfs jobworker-test-tmpfs {target} && grep -c jobworker-test-tmpfs /proc/self/mountinfo"
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == b"1"
+        with open("/proc/self/mountinfo") as handle:
+            assert "jobworker-test-tmpfs" not in handle.read()
+    finally:
+        os.rmdir(target)
 
 
 def test_network_is_loopback_only(server):
@@ -328,12 +343,14 @@ def test_network_is_loopback_only(server):
 
 def test_job_user(server):
     need_root()
-    nobody = pwd.getpwnam("nobody")
-    result = server.jobcli("run", "--", "sh", "-c", "id -u; id -G; grep NoNewPrivs /proc/self/status")
+    result = server.jobcli("run", "--", "sh", "-c", "id -u; id -g; id -G; grep NoNewPrivs /proc/self/status")
     assert result.returncode == 0, result.stderr
-    uid, groups, nnp = result.stdout.decode().splitlines()
-    assert int(uid) == nobody.pw_uid
-    assert groups.split() == [str(nobody.pw_gid)]
+    uid, gid, groups, nnp = result.stdout.decode().splitlines()
+    # A uid of its own, from the default range, its gid the same number,
+    # no supplementary groups.
+    assert 61184 <= int(uid) <= 65519
+    assert gid == uid
+    assert groups.split() == [uid]
     assert nnp.split() == ["NoNewPrivs:", "1"]
     assert server.jobcli("run", "--user", "root", "--", "id", "-u").stdout == b"0\n"
     denied = server.jobcli("start", "--user", "root", "--", "id", identity="alice")
@@ -471,7 +488,7 @@ def test_limits_hold_in_a_delegated_subtree(delegated_server, driver, io_file):
     memory = status(server, memory_job)
     io = ""
     if "io" in driver.controllers:
-        seconds = run_dd(server, ["--io-write-bps", "5M"], f"if=/dev/zero of={io_file} bs=1M count={IO_MIB} oflag=direct")
+        seconds = run_dd(server, [*WRITER, "--io-write-bps", "5M"], f"if=/dev/zero of={io_file} bs=1M count={IO_MIB} oflag=direct")
         io = f", io-write 5M {IO_MIB / seconds:.2f} MiB/s"
     figure(
         driver,

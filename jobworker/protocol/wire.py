@@ -199,6 +199,7 @@ StatusSchema = _Record(
         "workdir" / Text,
         "user" / Text,
         "network" / Int8ub,
+        "uid" / Int32ub,
     ),
     m.JobStatus,
 )
