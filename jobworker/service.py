@@ -102,7 +102,8 @@ class Options(usage.Options):
         ["max-jobs-per-identity", None, "256", "Running jobs one identity may have at once."],
         ["max-finished-jobs", None, "1000", "Finished jobs kept; the oldest beyond this are removed."],
         ["handshake-timeout", None, "10", "Seconds a client has to finish TLS and the hello."],
-        ["idle-timeout", None, "300", "Seconds before an idle connection is closed."],
+        ["idle-timeout", None, "300", "Seconds a connection may stay idle (no pending request, no open stream) before it is closed."],
+        ["keepalive-interval", None, "30", "Seconds of silence from a client before it is pinged; a client that does not answer within as long again is disconnected. 0: no keep-alive."],
         ["server-name", None, "", "Name announced to clients (default: the host name)."],
     ] + [
         [f"default-{name}", None, "1024" if name == "pids" else None, f"Default job limit: {text}."]
@@ -145,11 +146,13 @@ class Options(usage.Options):
             self["job-uid-range"] = parse_uid_range(self["job-uids"])
         except ValueError as exc:
             raise usage.UsageError(f"--job-uids: {exc}") from None
-        for name in ("grace", "handshake-timeout", "idle-timeout"):
+        for name in ("grace", "handshake-timeout", "idle-timeout", "keepalive-interval"):
             try:
                 self[name] = float(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name}: {self[name]!r} is not a number of seconds") from None
+        if self["keepalive-interval"] < 0:
+            raise usage.UsageError("--keepalive-interval must not be negative (0 turns keep-alive off)")
         for name in ("max-jobs-per-identity", "max-finished-jobs"):
             try:
                 self[name] = int(self[name])
@@ -260,6 +263,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     limits = ServerLimits(
         handshake_timeout_s=options["handshake-timeout"],
         idle_timeout_s=options["idle-timeout"],
+        keepalive_interval_s=options["keepalive-interval"],
     )
     factory = ServerFactory(
         manager, reactor, server_name=options["server-name"] or os.uname().nodename, limits=limits
