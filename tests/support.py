@@ -200,6 +200,7 @@ def start_server(
     *args: str,
     port: int | None = None,
     user: str | None = None,
+    wrapper: list[str] | None = None,
     cgroup_procs: list[str] = (),
 ) -> RunningServer:
     """
@@ -208,7 +209,8 @@ def start_server(
 
     With C{user}, the server runs as that user (via C{setpriv}, so the test
     process must be root): the state dir and the certificates must be
-    usable by it.
+    usable by it.  C{wrapper} is a command line that the server's command
+    line is appended to (it must exec it), to start it in some state.
 
     @param cgroup_procs: C{cgroup.procs} files the server joins before it
         runs (as systemd places a unit's process), instead of starting in
@@ -218,6 +220,7 @@ def start_server(
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir.parent / f"server-{port}.log"
     prefix = [] if user is None else ["setpriv", f"--reuid={user}", f"--regid={_primary_group(user)}", "--clear-groups", "--"]
+    prefix = [*(wrapper or []), *prefix]
     command = [
         *prefix,
         str(BIN / "twistd"), "-n", "--pidfile=", "jobworker",
