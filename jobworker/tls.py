@@ -23,7 +23,9 @@ The policy, on both sides:
     certificate afresh.  (OpenSSL still sends TLS 1.3 C{NewSessionTicket}
     messages holding a session id for its cache; with the cache off they
     resume nothing.  Stopping them needs C{SSL_CTX_set_num_tickets}, which
-    pyOpenSSL does not offer.)
+    pyOpenSSL does not offer, nor the binding under it: the OpenSSL that
+    C{cryptography} links in statically does not export it.)
+  - Key exchange with X25519 or P-256 only (L{KEY_EXCHANGE_GROUPS}).
   - The client checks that the server's certificate names the host it
     dialled, a DNS name or an IP address, using C{service_identity}.
 
@@ -81,6 +83,13 @@ _log = Logger()
 # matters to a service that streams output at hundreds of MB/s; Go's TLS
 # stack makes the same choice.
 TLS13_CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+# The key exchange groups the server accepts, in its order of preference:
+# X25519 (fast, constant time, what every current client offers first) and
+# P-256 (for clients limited to NIST curves).  The finite-field groups
+# (ffdhe2048..8192) cost many times more per handshake for no security a
+# 128-bit suite needs, and the other curves add code paths nobody needs;
+# a client that offers none of these two is refused.
+KEY_EXCHANGE_GROUPS = b"X25519:P-256"
 
 
 class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
@@ -205,6 +214,7 @@ def server_tls_options(
     context.set_options(SSL.OP_NO_TICKET | SSL.OP_CIPHER_SERVER_PREFERENCE)
     context.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    _offer_groups(context, KEY_EXCHANGE_GROUPS)
     context.use_certificate(chain[0])
     for intermediate in chain[1:]:
         context.add_extra_chain_cert(intermediate)
@@ -219,6 +229,23 @@ def server_tls_options(
     context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_client)
     _write_whole_buffers(context)
     return _ServerTLSOptions(context)
+
+
+def _offer_groups(context: SSL.Context, groups: bytes) -> None:
+    """
+    Accept only C{groups} (OpenSSL's names, colon separated) for the key
+    exchange.
+
+    pyOpenSSL has no method for it (C{set_tmp_ecdh} picks one curve for TLS
+    1.2 only); C{SSL_CTX_set1_curves_list}, which OpenSSL 3 and later apply
+    to every group, finite-field ones included, is in the binding pyOpenSSL
+    uses.  Unlike L{_write_whole_buffers} this is a security setting, so its
+    absence is an error, not a warning.
+    """
+    from OpenSSL._util import lib
+
+    if lib.SSL_CTX_set1_curves_list(context._context, groups) != 1:
+        raise RuntimeError(f"OpenSSL refused the key exchange groups {groups.decode()}")
 
 
 def _write_whole_buffers(context: SSL.Context) -> None:
