@@ -19,11 +19,29 @@ transport asks it to (C{pauseProducing}: the TCP buffer is full) and when no
 stream has both data and window.  Nothing here buffers output: a follower
 that reads slowly only lags on its cursor, and the job, which is read by the
 job manager at its own pace, is never slowed by it.
+
+Responses are flow controlled the same way
+==========================================
+
+A client that sends requests and does not read the answers must not make
+the server hold them all (1,000 pipelined status requests for a job with a
+256 KiB command are 260 MB of answers).  Requests that arrive are queued in
+the connection's inbox and served in order while the transport has room;
+once it asks the pump to pause (more than L{WRITE_BUFFER} bytes unsent),
+serving stops and the connection stops reading from the socket, so the
+client's further requests wait in the kernel's buffers, and TCP's own flow
+control slows the client down.  When the transport has drained, serving
+and reading resume.  What one connection holds in answers is so bounded
+by L{WRITE_BUFFER} plus one response (at most the client's frame size),
+plus the answers of its waits that end meanwhile (at most
+C{max_pending_requests}), and its inbox holds at most what one read from
+the socket decoded.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -39,7 +57,7 @@ from jobworker.jobs import Job, JobManager
 from jobworker.outputlog import GAP_FD
 from jobworker.policy import Identity, Operation, Role
 from jobworker.protocol import messages as m
-from jobworker.tls import peer_names
+from jobworker.tls import drop_traceback, peer_names
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, FrameTooLarge, Role as WireRole
 
 __all__ = ["ServerProtocol", "ServerFactory", "ServerLimits"]
@@ -123,6 +141,10 @@ class _StreamPump:
 
     def resumeProducing(self) -> None:
         self.paused = False
+        if self.protocol is None:
+            return
+        # Answers first: they were waiting for the same room.
+        self.protocol.serve_inbox()
         self.wake()
 
     def stopProducing(self) -> None:
@@ -133,7 +155,7 @@ class _StreamPump:
         Something changed (output, a window, the transport): send soon.
         Coalesces many wake-ups into one turn of the reactor.
         """
-        if self._scheduled is None and not self.paused:
+        if self._scheduled is None and not self.paused and self.protocol is not None:
             self._scheduled = self.protocol.reactor.callLater(0, self._run)
 
     def cancel(self) -> None:
@@ -141,9 +163,22 @@ class _StreamPump:
             self._scheduled.cancel()
         self._scheduled = None
 
+    def detach(self) -> None:
+        """
+        The connection is gone: let go of it.  The transport's producer
+        reference would otherwise close a cycle (transport -> pump ->
+        protocol -> transport) that holds the connection's buffers until the
+        garbage collector's next full pass.
+        """
+        self.cancel()
+        self.paused = True
+        self.protocol = None  # type: ignore[assignment]
+
     def _run(self) -> None:
         self._scheduled = None
         protocol = self.protocol
+        if protocol is None:
+            return
         budget = PUMP_BUDGET
         while not self.paused and budget > 0 and protocol.streams:
             progressed = False
@@ -210,6 +245,11 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._goaway_sent = False
         self._peer = "?"
         self._subscriptions: dict[int, Callable[[], None]] = {}
+        # Messages received and not yet served (see "Responses are flow
+        # controlled" in the module docstring), and whether reading from
+        # the socket is paused because of them.
+        self._inbox: deque[m.Message] = deque()
+        self._reading_paused = False
 
     # Twisted's TimeoutMixin reads the clock from here.
     def callLater(self, delay: float, call: Callable[..., Any], *args: Any) -> Any:
@@ -261,10 +301,26 @@ class ServerProtocol(Protocol, TimeoutMixin):
             return
         if self.conn.is_open:
             self.setTimeout(self.limits.idle_timeout_s)
-        for message in messages:
-            if self.conn.is_closed:
-                break
-            self._dispatch(message)
+        self._inbox.extend(messages)
+        self.serve_inbox()
+
+    def serve_inbox(self) -> None:
+        """
+        Serve the received messages in order while the transport has room
+        for their answers; stop reading the socket while some must wait.
+        """
+        inbox = self._inbox
+        while inbox and not self.pump.paused and not self.conn.is_closed and self.connected:
+            self._dispatch(inbox.popleft())
+        if self.conn.is_closed or not self.connected:
+            inbox.clear()
+        waiting = bool(inbox)
+        if waiting != self._reading_paused and self.connected and self.transport is not None:
+            self._reading_paused = waiting
+            if waiting:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def _fail(self, error: ProtocolError) -> None:
         if self.identity is None:
@@ -288,14 +344,21 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
-        self.pump.cancel()
+        self.pump.detach()
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
+        self._abort_call = None
         for stream_id in list(self.streams):
             self._drop_stream(stream_id)
         for wait in list(self._waits):
             wait.cancel()
         self._waits.clear()
+        self._inbox.clear()
+        if reason is not None:
+            # A failure raised inside the transport's own connectionLost
+            # (a TLS error on a reset connection) holds the frames of that
+            # call, and through them the transports: another cycle.
+            drop_traceback(reason)
 
     # -- requests --------------------------------------------------------------
 

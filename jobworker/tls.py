@@ -69,6 +69,7 @@ from jobworker.pki import (
 
 __all__ = [
     "BulkTLSMemoryBIOFactory",
+    "drop_traceback",
     "CredentialError",
     "server_tls_options",
     "client_tls_options",
@@ -129,6 +130,16 @@ class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
             view = view[sent:]
             self._flushSendBIO(len(data))
 
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        super()._tlsShutdownFinished(reason)
+        if reason is not None:
+            # The failure holds the traceback of the TLS error, whose frames
+            # hold the failure (a local of Twisted's) and both transports: a
+            # cycle that would keep a dead connection's buffers until the
+            # garbage collector's next full pass.  What it says (the type,
+            # the message, the frames as text) is kept.
+            drop_traceback(reason)
+
     def _flushSendBIO(self, hint: int = 0) -> None:
         # Ciphertext is the plaintext plus 22 bytes per record of at most
         # 16 KiB; read it all, however much the last write made.
@@ -141,6 +152,19 @@ class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
             write_through(self.transport, data)
             if len(data) < size:
                 return
+
+
+def drop_traceback(failure: Failure) -> None:
+    """
+    Let go of C{failure}'s traceback object (and so of the frames, and
+    everything their locals hold), keeping what it says: its type, value
+    and the frames as text.  As C{Failure.cleanFailure}, without replacing
+    the failure's state.
+    """
+    failure.tb = None
+    value = failure.value
+    if isinstance(value, BaseException):
+        value.__traceback__ = None
 
 
 def write_through(transport: Any, data: bytes) -> None:
