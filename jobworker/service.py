@@ -57,6 +57,7 @@ class Options(usage.Options):
         ["max-finished-jobs", None, "1000", "Finished jobs kept; the oldest beyond this are removed."],
         ["handshake-timeout", None, "10", "Seconds a client has to finish TLS and the hello."],
         ["idle-timeout", None, "300", "Seconds before an idle connection is closed."],
+        ["frame-timeout", None, "30", "Seconds one frame may take to arrive from its first byte."],
         ["server-name", None, "", "Name announced to clients (default: the host name)."],
     ] + [
         [f"default-{name}", None, "1024" if name == "pids" else None, f"Default job limit: {text}."]
@@ -78,7 +79,7 @@ class Options(usage.Options):
             self["ring-bytes"] = parse_size(self["ring-size"], what="ring-size")
         except LimitError as exc:
             raise usage.UsageError(str(exc)) from None
-        for name in ("grace", "handshake-timeout", "idle-timeout"):
+        for name in ("grace", "handshake-timeout", "idle-timeout", "frame-timeout"):
             try:
                 self[name] = float(self[name])
             except ValueError:
@@ -166,6 +167,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     limits = ServerLimits(
         handshake_timeout_s=options["handshake-timeout"],
         idle_timeout_s=options["idle-timeout"],
+        frame_timeout_s=options["frame-timeout"],
     )
     factory = ServerFactory(
         manager, reactor, server_name=options["server-name"] or os.uname().nodename, limits=limits

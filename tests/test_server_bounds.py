@@ -255,3 +255,59 @@ async def test_a_closed_connection_is_freed_without_the_garbage_collector(certs:
     finally:
         gc.enable()
         await harness.close()
+
+
+# -- a frame that never completes -------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frame_trickled_in_is_cut_off_by_the_frame_timeout(certs: Path) -> None:
+    """
+    A client that starts a large frame and sends one byte at a time resets
+    no timer for ever: the frame must arrive within the frame timeout, or
+    the connection is closed with GoAway(TIMEOUT).
+    """
+    harness = Harness(certs, ServerLimits(frame_timeout_s=0.6, idle_timeout_s=300))
+    await harness.listen()
+    try:
+        client = await harness.connect()
+        frame = client.conn.send(m.StartRequest(client.conn.next_request_id(), ("x" * 1000,) * 100))
+        started = global_reactor.seconds()
+        for byte in range(len(frame)):
+            if client.lost.called:
+                break
+            client.transport.write(frame[byte : byte + 1])
+            await sleep(0.02)
+        assert client.lost.called
+        elapsed = global_reactor.seconds() - started
+        assert 0.5 <= elapsed <= 3, elapsed
+        [goaway] = [message for message in client.messages if isinstance(message, m.GoAway)]
+        assert goaway.code == ErrorCode.TIMEOUT and "frame" in goaway.message
+    finally:
+        await harness.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_that_each_arrive_in_time_are_served(certs: Path) -> None:
+    """
+    The frame timeout bounds one frame, not the connection: many frames,
+    each slower than nothing but faster than the timeout, go on for longer
+    than the timeout in all.
+    """
+    harness = Harness(certs, ServerLimits(frame_timeout_s=0.5))
+    await harness.listen()
+    try:
+        job = harness.manager.add()
+        client = await harness.connect()
+        for _ in range(8):
+            frame = client.conn.send(m.StatusRequest(client.conn.next_request_id(), job.job_id))
+            client.transport.write(frame[:3])
+            await sleep(0.15)
+            client.transport.write(frame[3:])
+        await sleep(0.2)
+        assert not client.lost.called
+        assert [type(message) for message in client.messages] == [m.StatusResponse] * 8
+        client.transport.loseConnection()
+        await client.lost
+    finally:
+        await harness.close()

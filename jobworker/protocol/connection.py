@@ -141,6 +141,13 @@ class Connection:
         return self._state is _State.CLOSED
 
     @property
+    def receive_buffered(self) -> int:
+        """
+        Bytes received of a frame not yet complete (0 on a frame boundary).
+        """
+        return len(self._frames)
+
+    @property
     def pending_requests(self) -> int:
         return len(self._pending)
 
