@@ -99,6 +99,20 @@ class ServerLimits:
         at a time holds up to a maximum frame of receive buffer and keeps
         the idle timer from ever firing.  30 s passes a 1 MiB frame at
         35 KB/s.
+    @ivar max_connections: connections open at once, in total, TLS
+        handshake finished or not.  Beyond it a new connection is closed at
+        once, before its handshake (nothing can be said to a peer before
+        TLS, and a handshake is the costly part).  Each connection may hold
+        about 2 MiB (a partial frame, unsent answers, TLS buffers), so 512
+        bound that to 1 GiB however many identities there are.
+    @ivar max_connections_per_identity: connections one identity (the
+        certificate's CN) may hold at once.  Beyond it the new connection
+        gets C{GoAway(TOO_MANY_CONNECTIONS)} instead of the hello: 32 are
+        plenty for scripts run in parallel and bound one tenant to 64 MiB.
+    @ivar max_streams_per_identity: output streams (followers) one identity
+        may have open on all its connections together; the next follow gets
+        C{TOO_MANY_STREAMS}.  Each stream is served on the reactor thread, so
+        thousands of them slow every other client down.
     """
 
     def __init__(
@@ -110,6 +124,9 @@ class ServerLimits:
         max_streams: int = 256,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         frame_timeout_s: float = 30.0,
+        max_connections: int = 512,
+        max_connections_per_identity: int = 32,
+        max_streams_per_identity: int = 256,
     ) -> None:
         self.handshake_timeout_s = handshake_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -117,6 +134,9 @@ class ServerLimits:
         self.max_streams = max_streams
         self.max_frame_size = max_frame_size
         self.frame_timeout_s = frame_timeout_s
+        self.max_connections = max_connections
+        self.max_connections_per_identity = max_connections_per_identity
+        self.max_streams_per_identity = max_streams_per_identity
 
 
 class _Stream:
@@ -238,6 +258,10 @@ class ServerProtocol(Protocol, TimeoutMixin):
     """
 
     identity: Identity | None = None
+    # Whether this connection is counted in the factory's totals (see
+    # ServerLimits.max_connections and max_connections_per_identity).
+    _counted = False
+    _identity_counted = False
 
     def __init__(self, factory: ServerFactory) -> None:
         self.factory = factory
@@ -269,6 +293,16 @@ class ServerProtocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        if not self.factory.connection_opened():
+            log.warn(
+                "refusing connection from {peer}: {count} connections open, the most allowed (--max-connections)",
+                peer=self._peer,
+                count=self.factory.open_connections,
+                limit="max-connections",
+            )
+            self.transport.abortConnection()
+            return
+        self._counted = True
         self.setTimeout(self.limits.handshake_timeout_s)
         tune_transport(self.transport)
         self.transport.registerProducer(self.pump, True)
@@ -278,6 +312,22 @@ class ServerProtocol(Protocol, TimeoutMixin):
         name, unit = peer_names(certificate) if certificate is not None else (None, None)
         self.identity = Identity(name or "", Role.from_ou(unit))
         log.info("connection from {peer} as {identity}", peer=self._peer, identity=str(self.identity))
+        if not self.factory.identity_connected(self.identity.name):
+            limit = self.limits.max_connections_per_identity
+            log.warn(
+                "refusing connection from {peer}: too many connections for {identity} (--max-connections-per-identity {limit})",
+                peer=self._peer,
+                identity=self.identity.name,
+                limit=limit,
+            )
+            self._fail(
+                ProtocolError(
+                    f"identity {self.identity.name!r} already has {limit} connections open, the most allowed",
+                    ErrorCode.TOO_MANY_CONNECTIONS,
+                )
+            )
+            return
+        self._identity_counted = True
         hello = m.ServerHello(
             m.PROTOCOL_VERSION,
             self.conn.max_frame_size,
@@ -384,6 +434,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
+        if self._counted:
+            self._counted = False
+            self.factory.connection_closed(self.identity.name if self._identity_counted and self.identity else None)
         self.pump.detach()
         if self._frame_timer is not None and self._frame_timer.active():
             self._frame_timer.cancel()
@@ -534,6 +587,11 @@ class ServerProtocol(Protocol, TimeoutMixin):
             raise RequestError(
                 f"at most {self.limits.max_streams} output streams per connection", ErrorCode.TOO_MANY_STREAMS
             )
+        if self.factory.streams_of(self.identity.name) >= self.limits.max_streams_per_identity:  # type: ignore[union-attr]
+            raise RequestError(
+                f"at most {self.limits.max_streams_per_identity} output streams per identity, on all its connections",
+                ErrorCode.TOO_MANY_STREAMS,
+            )
         if request.offset > job.output.end and job.is_final:
             raise RequestError(
                 f"offset {request.offset} is past the end of the output ({job.output.end} bytes)",
@@ -542,6 +600,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._respond(m.OkResponse(request.request_id))
         stream = _Stream(request.stream_id, job, request.offset, request.follow)
         self.streams[stream.stream_id] = stream
+        self.factory.stream_opened(self.identity.name)  # type: ignore[union-attr]
         subscription = self.pump.wake
         job.output.subscribe(subscription)
         self._subscriptions[stream.stream_id] = subscription
@@ -606,6 +665,8 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def _drop_stream(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            self.factory.stream_closed(self.identity.name)  # type: ignore[union-attr]
         subscription = self._subscriptions.pop(stream_id, None)
         if stream is not None and subscription is not None:
             stream.job.output.unsubscribe(subscription)
@@ -639,6 +700,58 @@ class ServerFactory(Factory):
         self.reactor = reactor
         self.server_name = server_name
         self.limits = limits or ServerLimits()
+        # Open connections: all of them, and those past the handshake by
+        # identity; open output streams by identity.
+        self.open_connections = 0
+        self._connections_of: dict[str, int] = {}
+        self._streams_of: dict[str, int] = {}
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:
         return ServerProtocol(self)
+
+    # -- accounting (ServerLimits.max_connections and friends) ------------------
+
+    def connection_opened(self) -> bool:
+        """
+        Count a new connection; False (and not counted) when it is one too many.
+        """
+        if self.open_connections >= self.limits.max_connections:
+            return False
+        self.open_connections += 1
+        return True
+
+    def identity_connected(self, identity: str) -> bool:
+        """
+        Count a connection as C{identity}'s; False (and not counted) when it
+        is one too many for it.
+        """
+        count = self._connections_of.get(identity, 0)
+        if count >= self.limits.max_connections_per_identity:
+            return False
+        self._connections_of[identity] = count + 1
+        return True
+
+    def connection_closed(self, identity: str | None) -> None:
+        self.open_connections -= 1
+        if identity is not None:
+            _decrement(self._connections_of, identity)
+
+    def connections_of(self, identity: str) -> int:
+        return self._connections_of.get(identity, 0)
+
+    def streams_of(self, identity: str) -> int:
+        return self._streams_of.get(identity, 0)
+
+    def stream_opened(self, identity: str) -> None:
+        self._streams_of[identity] = self._streams_of.get(identity, 0) + 1
+
+    def stream_closed(self, identity: str) -> None:
+        _decrement(self._streams_of, identity)
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

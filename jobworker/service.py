@@ -58,6 +58,9 @@ class Options(usage.Options):
         ["handshake-timeout", None, "10", "Seconds a client has to finish TLS and the hello."],
         ["idle-timeout", None, "300", "Seconds before an idle connection is closed."],
         ["frame-timeout", None, "30", "Seconds one frame may take to arrive from its first byte."],
+        ["max-connections", None, "512", "Connections open at once, in total; beyond it new ones are closed before TLS."],
+        ["max-connections-per-identity", None, "32", "Connections one identity may hold; beyond it: GoAway TOO_MANY_CONNECTIONS."],
+        ["max-followers-per-identity", None, "256", "Output streams one identity may have open, on all its connections."],
         ["server-name", None, "", "Name announced to clients (default: the host name)."],
     ] + [
         [f"default-{name}", None, "1024" if name == "pids" else None, f"Default job limit: {text}."]
@@ -84,7 +87,13 @@ class Options(usage.Options):
                 self[name] = float(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name}: {self[name]!r} is not a number of seconds") from None
-        for name in ("max-jobs-per-identity", "max-finished-jobs"):
+        for name in (
+            "max-jobs-per-identity",
+            "max-finished-jobs",
+            "max-connections",
+            "max-connections-per-identity",
+            "max-followers-per-identity",
+        ):
             try:
                 self[name] = int(self[name])
             except ValueError:
@@ -168,6 +177,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         handshake_timeout_s=options["handshake-timeout"],
         idle_timeout_s=options["idle-timeout"],
         frame_timeout_s=options["frame-timeout"],
+        max_connections=options["max-connections"],
+        max_connections_per_identity=options["max-connections-per-identity"],
+        max_streams_per_identity=options["max-followers-per-identity"],
     )
     factory = ServerFactory(
         manager, reactor, server_name=options["server-name"] or os.uname().nodename, limits=limits

@@ -311,3 +311,111 @@ async def test_frames_that_each_arrive_in_time_are_served(certs: Path) -> None:
         await client.lost
     finally:
         await harness.close()
+
+
+# -- connections and followers, in total and per identity --------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_per_identity_are_capped(certs: Path, log_events: list[dict]) -> None:
+    """
+    One identity may hold at most C{max_connections_per_identity}
+    connections; the next gets GoAway(TOO_MANY_CONNECTIONS) instead of a
+    hello, other identities are not affected, and a slot freed is usable.
+    """
+    harness = Harness(certs, ServerLimits(max_connections_per_identity=2))
+    await harness.listen()
+    try:
+        first, second = await harness.connect("alice"), await harness.connect("alice")
+        assert isinstance(first.hello, m.ServerHello) and isinstance(second.hello, m.ServerHello)
+        refused = await harness.connect("alice")
+        assert isinstance(refused.hello, m.GoAway), refused.hello
+        assert refused.hello.code == ErrorCode.TOO_MANY_CONNECTIONS
+        assert "alice" in refused.hello.message and "2" in refused.hello.message
+        await refused.lost
+        other = await harness.connect("bob")
+        assert isinstance(other.hello, m.ServerHello)
+        first.transport.loseConnection()
+        await first.lost
+        await sleep(0.1)
+        again = await harness.connect("alice")
+        assert isinstance(again.hello, m.ServerHello)
+        assert any("too many connections" in event.get("log_format", "") for event in log_events)
+        for client in (second, other, again):
+            client.transport.loseConnection()
+            await client.lost
+    finally:
+        await harness.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_in_total_are_capped(certs: Path, log_events: list[dict]) -> None:
+    """
+    Beyond C{max_connections} open connections (whoever holds them, TLS
+    finished or not), a new one is closed at once, before any handshake,
+    and the refusal is logged with the peer's address.
+    """
+    harness = Harness(certs, ServerLimits(max_connections=3, max_connections_per_identity=10))
+    await harness.listen()
+    try:
+        clients = [await harness.connect(name) for name in ("alice", "bob", "viewer")]
+        assert all(isinstance(client.hello, m.ServerHello) for client in clients)
+        refused = await harness.connect("admin", wait=False)
+        await refused.lost
+        assert refused.hello is None
+        assert any(
+            "max_connections" in event.get("log_format", "") or "--max-connections" in str(event.get("log_format", ""))
+            for event in log_events
+        )
+        assert any("127.0.0.1" in str(event.get("peer", "")) for event in log_events if event.get("limit") == "max-connections")
+        clients[0].transport.loseConnection()
+        await clients[0].lost
+        await sleep(0.1)
+        again = await harness.connect("admin")
+        assert isinstance(again.hello, m.ServerHello)
+        for client in (*clients[1:], again):
+            client.transport.loseConnection()
+            await client.lost
+        await sleep(0.1)
+        assert harness.factory.open_connections == 0
+    finally:
+        await harness.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_followers_per_identity_are_capped_across_connections(certs: Path) -> None:
+    """
+    The follower cap per identity counts streams on all of its connections:
+    two connections of 2 streams each reach a cap of 3 on the fourth.
+    """
+    harness = Harness(certs, ServerLimits(max_streams_per_identity=3))
+    await harness.listen()
+    try:
+        job = harness.manager.add()
+        one, two = await harness.connect("alice"), await harness.connect("alice")
+        bob = await harness.connect("bob")
+        for client in (one, one, two, two, bob):
+            client.send(m.FollowRequest(client.conn.next_request_id(), job.job_id, client.conn.next_stream_id()))
+        await sleep(0.3)
+        answers = [type(message) for message in one.messages + two.messages]
+        assert answers.count(m.OkResponse) == 3
+        [refusal] = [message for message in two.messages if isinstance(message, m.ErrorResponse)]
+        assert refusal.code == ErrorCode.TOO_MANY_STREAMS and "identity" in refusal.message
+        assert [type(message) for message in bob.messages] == [m.OkResponse]
+        # A stream ended frees its place.
+        one.send(m.CancelStream(1))
+        await sleep(0.2)
+        two.send(m.FollowRequest(two.conn.next_request_id(), job.job_id, two.conn.next_stream_id()))
+        await sleep(0.2)
+        assert isinstance(two.messages[-1], m.OkResponse), two.messages[-1]
+        one.transport.loseConnection()
+        await one.lost
+        await sleep(0.1)
+        assert harness.factory.streams_of("alice") == 2
+        for client in (two, bob):
+            client.transport.loseConnection()
+            await client.lost
+        await sleep(0.1)
+        assert harness.factory.streams_of("alice") == 0
+    finally:
+        await harness.close()
