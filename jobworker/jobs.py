@@ -48,6 +48,7 @@ from zope.interface import implementer
 from jobworker.errors import ErrorCode, JobworkerError, RequestError
 from jobworker.isolate import compiled_helper
 from jobworker.limits import Limits
+from jobworker.audit import log_excerpt, log_value
 from jobworker.outputlog import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpool, OutputLog
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
 from jobworker.protocol.messages import InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
@@ -703,8 +704,8 @@ class JobManager(Service):
         log.info(
             "job {job_id} starting for {owner}: {argv}",
             job_id=job_id,
-            owner=identity.name,
-            argv=list(job.argv),
+            owner=log_value(identity.name),
+            argv=log_excerpt(list(job.argv)),
         )
         return started
 

@@ -52,6 +52,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from jobworker.audit import RateLimit, Suppressed, log_value
 from jobworker.errors import ErrorCode, ProtocolError, RequestError
 from jobworker.jobs import Job, JobManager
 from jobworker.outputlog import GAP_FD
@@ -113,6 +114,11 @@ class ServerLimits:
         may have open on all its connections together; the next follow gets
         C{TOO_MANY_STREAMS}.  Each stream is served on the reactor thread, so
         thousands of them slow every other client down.
+    @ivar audit_burst: audit lines one identity may write per
+        C{audit_interval_s}; beyond it they are counted and summarized once
+        the interval ends (L{jobworker.audit.RateLimit}).  1,000 per 10 s
+        is 20 KB/s of log per identity at most, 50 times what a person at a
+        terminal makes.  0 turns the limit off.
     """
 
     def __init__(
@@ -127,6 +133,8 @@ class ServerLimits:
         max_connections: int = 512,
         max_connections_per_identity: int = 32,
         max_streams_per_identity: int = 256,
+        audit_burst: int = 1000,
+        audit_interval_s: float = 10.0,
     ) -> None:
         self.handshake_timeout_s = handshake_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -137,6 +145,8 @@ class ServerLimits:
         self.max_connections = max_connections
         self.max_connections_per_identity = max_connections_per_identity
         self.max_streams_per_identity = max_streams_per_identity
+        self.audit_burst = audit_burst
+        self.audit_interval_s = audit_interval_s
 
 
 class _Stream:
@@ -262,6 +272,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
     # ServerLimits.max_connections and max_connections_per_identity).
     _counted = False
     _identity_counted = False
+    _timed_out = False  # the handshake timeout closed it (logged there)
 
     def __init__(self, factory: ServerFactory) -> None:
         self.factory = factory
@@ -311,13 +322,13 @@ class ServerProtocol(Protocol, TimeoutMixin):
         certificate = self.transport.getPeerCertificate()
         name, unit = peer_names(certificate) if certificate is not None else (None, None)
         self.identity = Identity(name or "", Role.from_ou(unit))
-        log.info("connection from {peer} as {identity}", peer=self._peer, identity=str(self.identity))
+        log.info("connection from {peer} as {identity}", peer=self._peer, identity=log_value(str(self.identity)))
         if not self.factory.identity_connected(self.identity.name):
             limit = self.limits.max_connections_per_identity
             log.warn(
                 "refusing connection from {peer}: too many connections for {identity} (--max-connections-per-identity {limit})",
                 peer=self._peer,
-                identity=self.identity.name,
+                identity=log_value(self.identity.name),
                 limit=limit,
             )
             self._fail(
@@ -343,6 +354,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self.resetTimeout()
             return
         reason = "handshake" if not self.conn.is_open else "idle"
+        self._timed_out = True
         log.info("closing {reason} timed-out connection from {peer}", reason=reason, peer=self._peer)
         self._fail(ProtocolError(f"{reason} timeout", ErrorCode.TIMEOUT))
 
@@ -434,6 +446,15 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
+        if self._counted and self.identity is None and not self._timed_out:
+            # The TLS handshake never finished: refused (a certificate the
+            # CA did not issue, a TLS version or group not offered) or
+            # abandoned.  The client cannot be told more than the alert.
+            log.info(
+                "TLS handshake with {peer} failed: {reason}",
+                peer=self._peer,
+                reason=log_value(_tls_reason(reason)),
+            )
         if self._counted:
             self._counted = False
             self.factory.connection_closed(self.identity.name if self._identity_counted and self.identity else None)
@@ -462,7 +483,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if isinstance(message, m.ClientHello):
             return
         if isinstance(message, m.GoAway):
-            log.info("client {peer} went away: {code} {message}", peer=self._peer, code=message.code, message=message.message)
+            log.info(
+                "client {peer} went away: {code} {message}", peer=self._peer, code=message.code, message=log_value(message.message)
+            )
             self._close()
             return
         if isinstance(message, m.WindowUpdate):
@@ -491,7 +514,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self._respond(m.ErrorResponse(request_id, int(error.code), error.message))
             return
         except Exception:
-            log.failure("internal error serving {operation} for {identity}", operation=operation.value, identity=str(self.identity))
+            log.failure(
+                "internal error serving {operation} for {identity}", operation=operation.value, identity=log_value(str(self.identity))
+            )
             self._audit(operation, job_id, "internal-error")
             self._respond(m.ErrorResponse(request_id, int(ErrorCode.INTERNAL), "internal server error"))
             return
@@ -524,10 +549,19 @@ class ServerProtocol(Protocol, TimeoutMixin):
         result.addCallbacks(done, failed)
 
     def _audit(self, operation: Operation, job_id: uuid.UUID | None, verdict: str) -> None:
+        """
+        One audit line, as C{key=value} pairs whose values cannot break the
+        line (L{log_value}); at most C{audit_burst} per identity per
+        C{audit_interval_s}, the rest summarized (L{ServerFactory.audit}).
+        """
+        name = self.identity.name if self.identity else ""
+        if not self.factory.audit(name, f"{operation.value} {verdict}"):
+            return
         log.info(
-            "audit identity={identity} role={role} operation={operation} job={job_id} verdict={verdict}",
-            identity=self.identity.name if self.identity else "",
-            role=self.identity.role.value if self.identity and self.identity.role else "",
+            "audit identity={identity} role={role} peer={peer} operation={operation} job={job_id} verdict={verdict}",
+            identity=log_value(name),
+            role=self.identity.role.value if self.identity and self.identity.role else '""',
+            peer=log_value(self._peer),
             operation=operation.value,
             job_id=str(job_id) if job_id else "-",
             verdict=verdict,
@@ -705,9 +739,15 @@ class ServerFactory(Factory):
         self.open_connections = 0
         self._connections_of: dict[str, int] = {}
         self._streams_of: dict[str, int] = {}
+        self._audit_limit = RateLimit(self.limits.audit_burst, self.limits.audit_interval_s)
+        self._audit_timer: Any = None
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:
         return ServerProtocol(self)
+
+    def doStop(self) -> None:
+        self.stop_audit_timer()
+        super().doStop()
 
     # -- accounting (ServerLimits.max_connections and friends) ------------------
 
@@ -747,6 +787,62 @@ class ServerFactory(Factory):
 
     def stream_closed(self, identity: str) -> None:
         _decrement(self._streams_of, identity)
+
+    # -- audit rate limit --------------------------------------------------------
+
+    def audit(self, identity: str, kind: str) -> bool:
+        """
+        May an audit line of C{identity}'s, of C{kind} ("operation
+        verdict"), be written now?  Summaries due are written first.
+        """
+        admitted, due = self._audit_limit.admit(identity, kind, self.reactor.seconds())
+        self._log_suppressed(due)
+        if not admitted and self._audit_timer is None:
+            # The summary must come when the interval ends, not whenever
+            # the identity next makes a request.
+            self._audit_timer = self.reactor.callLater(self.limits.audit_interval_s, self._audit_interval_ended)
+        return admitted
+
+    def _audit_interval_ended(self) -> None:
+        self._audit_timer = None
+        self._log_suppressed(self._audit_limit.expire(self.reactor.seconds()))
+        if self._audit_limit.pending():
+            self._audit_timer = self.reactor.callLater(self.limits.audit_interval_s, self._audit_interval_ended)
+
+    def stop_audit_timer(self) -> None:
+        """
+        Write what is held back and stop the timer (at shutdown).
+        """
+        if self._audit_timer is not None and self._audit_timer.active():
+            self._audit_timer.cancel()
+        self._audit_timer = None
+        self._log_suppressed(self._audit_limit.expire(float("inf")))
+
+    def _log_suppressed(self, due: list[Suppressed]) -> None:
+        for summary in due:
+            log.warn(
+                "audit suppressed={count} identity={identity} interval={interval}s kinds={kinds}",
+                count=summary.count,
+                identity=log_value(summary.key),
+                interval=f"{summary.interval_s:g}",
+                kinds=log_value(", ".join(f"{kind}: {n}" for kind, n in sorted(summary.by_kind.items()))),
+                audit=True,
+                suppressed=summary.count,
+            )
+
+
+def _tls_reason(reason: Failure | None) -> str:
+    """
+    Why a TLS handshake failed, in OpenSSL's words where it gave some.
+    """
+    if reason is None:
+        return "connection closed"
+    value = reason.value
+    errors = getattr(value, "args", ())
+    if errors and isinstance(errors[0], list) and errors[0]:
+        # pyOpenSSL: [(library, function, reason), ...]
+        return "; ".join(str(error[-1]) for error in errors[0] if isinstance(error, tuple)) or str(value)
+    return f"{type(value).__name__}: {value}" if str(value) else type(value).__name__
 
 
 def _decrement(counts: dict[str, int], key: str) -> None:

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -61,6 +61,9 @@ class Options(usage.Options):
         ["max-connections", None, "512", "Connections open at once, in total; beyond it new ones are closed before TLS."],
         ["max-connections-per-identity", None, "32", "Connections one identity may hold; beyond it: GoAway TOO_MANY_CONNECTIONS."],
         ["max-followers-per-identity", None, "256", "Output streams one identity may have open, on all its connections."],
+        ["audit-rate-limit", None, "1000/10", "Audit lines per identity per seconds (N/S); the rest are counted in a summary line. 0 for no limit."],
+        ["log-rotate-size", None, "10M", "With twistd --logfile: rotate the log file at this size."],
+        ["log-keep", None, "10", "With twistd --logfile: rotated log files kept; older ones are deleted."],
         ["server-name", None, "", "Name announced to clients (default: the host name)."],
     ] + [
         [f"default-{name}", None, "1024" if name == "pids" else None, f"Default job limit: {text}."]
@@ -98,6 +101,14 @@ class Options(usage.Options):
                 self[name] = int(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name}: {self[name]!r} is not a whole number") from None
+        self["audit-burst"], self["audit-interval"] = _rate(self["audit-rate-limit"])
+        try:
+            self["log-rotate-bytes"] = parse_size(self["log-rotate-size"], what="log-rotate-size")
+            self["log-keep"] = int(self["log-keep"])
+        except (LimitError, ValueError) as exc:
+            raise usage.UsageError(f"--log-rotate-size/--log-keep: {exc}") from None
+        if self["log-keep"] < 1 or self["log-rotate-bytes"] < 4096:
+            raise usage.UsageError("--log-keep must be at least 1 and --log-rotate-size at least 4K")
         if self["cgroups"] not in ("auto", "v1", "v2", "none"):
             raise usage.UsageError("--cgroups must be auto, v1, v2 or none")
         if self["state-dir"] is None:
@@ -119,6 +130,22 @@ class Options(usage.Options):
         return Limits(**values)
 
 
+def _rate(text: str) -> tuple[int, float]:
+    """
+    Parse C{--audit-rate-limit}: C{N/SECONDS}, or C{0} for no limit.
+    """
+    if text.strip() == "0":
+        return 0, 1.0
+    count, slash, seconds = text.partition("/")
+    try:
+        burst, interval = int(count), float(seconds) if slash else 0.0
+    except ValueError:
+        burst, interval = -1, 0.0
+    if burst < 1 or interval <= 0:
+        raise usage.UsageError(f"--audit-rate-limit: {text!r} is not N/SECONDS (e.g. 1000/10) or 0")
+    return burst, interval
+
+
 def _cgroup_driver(choice: str, prefix: str) -> Any:
     if choice == "none":
         return None
@@ -135,6 +162,68 @@ def _cgroup_driver(choice: str, prefix: str) -> Any:
     if choice != "auto" and driver.name != choice:
         raise SystemExit(f"jobworker: --cgroups {choice}: this host has cgroup {driver.name}")
     return driver
+
+
+class LogFileBounds(Service):
+    """
+    Bound the log file that C{twistd --logfile} (or a daemon's default
+    C{twistd.log}) writes: rotate it at C{rotate_bytes} and keep at most
+    C{keep} rotated files.  twistd makes that file with Twisted's defaults,
+    rotation at 1 MB and every rotated file kept for ever, and offers no
+    option to change them; so when the service starts (twistd's logging has
+    begun by then) this finds the C{LogFile} behind the global log
+    observers and sets its two limits, and deletes rotated files beyond
+    C{keep} left by earlier runs.  Logging to stdout (C{-n}, under systemd:
+    journald rotates and rate-limits) or syslog needs none of this.
+    """
+
+    def __init__(self, rotate_bytes: int, keep: int) -> None:
+        self.rotate_bytes = rotate_bytes
+        self.keep = keep
+        self.bounded: list[Any] = []
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.python.logfile import LogFile
+
+        for log_file in _log_files():
+            if not isinstance(log_file, LogFile):
+                continue  # a DailyLogFile: rotated by date, not ours to change
+            log_file.rotateLength = self.rotate_bytes
+            log_file.maxRotatedFiles = self.keep
+            for number in log_file.listLogs():
+                if number > self.keep:
+                    try:
+                        os.remove(f"{log_file.path}.{number}")
+                    except OSError as exc:
+                        log.warn("could not remove an old log file: {error}", error=exc)
+            self.bounded.append(log_file)
+            log.info(
+                "log file {path}: rotated at {size} bytes, {keep} rotated files kept",
+                path=log_file.path,
+                size=self.rotate_bytes,
+                keep=self.keep,
+            )
+
+
+def _log_files() -> list[Any]:
+    """
+    The log files the global log observers write to, as far as they can be
+    seen: twistd's is a C{textFileLogObserver(LogFile)} (a
+    C{twisted.logger.FileLogObserver} that keeps its file as C{_outFile});
+    a legacy C{twisted.python.log.FileLogObserver} wrapped for the new
+    system keeps the file's C{write}.
+    """
+    from twisted.logger import globalLogPublisher
+    from twisted.python.logfile import BaseLogFile
+
+    found = []
+    for observer in list(getattr(globalLogPublisher, "_observers", ())):
+        candidates = [getattr(observer, "_outFile", None)]
+        legacy = getattr(getattr(observer, "legacyObserver", None), "__self__", None)
+        candidates.append(getattr(getattr(legacy, "write", None), "__self__", None))
+        found.extend(candidate for candidate in candidates if isinstance(candidate, BaseLogFile))
+    return found
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -180,11 +269,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_connections=options["max-connections"],
         max_connections_per_identity=options["max-connections-per-identity"],
         max_streams_per_identity=options["max-followers-per-identity"],
+        audit_burst=options["audit-burst"],
+        audit_interval_s=options["audit-interval"],
     )
     factory = ServerFactory(
         manager, reactor, server_name=options["server-name"] or os.uname().nodename, limits=limits
     )
     top = MultiService()
+    LogFileBounds(options["log-rotate-bytes"], options["log-keep"]).setServiceParent(top)
     manager.setServiceParent(top)
     endpoint = serverFromString(reactor, options["listen"])
     listener = StreamServerEndpointService(endpoint, BulkTLSMemoryBIOFactory(tls, False, factory))

@@ -60,6 +60,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from jobworker.audit import log_value
 from jobworker.pki import (
     CredentialError,
     StrPath,
@@ -386,6 +387,19 @@ class _ServerTLSOptions:
         return self._context
 
 
+def _peer_of(connection: SSL.Connection) -> str:
+    """
+    The address of the peer of a TLS connection: Twisted keeps the
+    connection's protocol as its application data.
+    """
+    try:
+        protocol = connection.get_app_data()
+        peer = protocol.transport.getPeer()
+        return f"{peer.host}:{peer.port}"
+    except Exception:
+        return "?"
+
+
 def _verify_client(
     connection: SSL.Connection, certificate: X509, error: int, depth: int, ok: int
 ) -> bool:
@@ -412,9 +426,10 @@ def _verify_client(
         if ExtendedKeyUsageOID.CLIENT_AUTH in usages:
             return True
         _log.warn(
-            "refused client certificate {subject}: its extended key usage"
+            "refused client certificate {subject} from {peer}: its extended key usage"
             " does not include clientAuth",
-            subject=leaf.subject.rfc4514_string(),
+            subject=log_value(leaf.subject.rfc4514_string()),
+            peer=_peer_of(connection),
         )
     except Exception:
         # An exception escaping into OpenSSL would be re-raised later from an

@@ -132,10 +132,9 @@ class Harness:
         endpoint = TCP4ServerEndpoint(global_reactor, 0, interface="127.0.0.1")
         self.port = await endpoint.listen(BulkTLSMemoryBIOFactory(tls, False, self.factory))
 
-    async def connect(self, identity: str = "alice", wait: bool = True) -> RawClient:
-        options = client_tls_options(
-            self.certs / "ca.pem", self.certs / f"{identity}.pem", self.certs / f"{identity}.key", "localhost"
-        )
+    async def connect(self, identity: str = "alice", wait: bool = True, directory: Path | None = None) -> RawClient:
+        keys = directory or self.certs
+        options = client_tls_options(self.certs / "ca.pem", keys / f"{identity}.pem", keys / f"{identity}.key", "localhost")
         endpoint = SSL4ClientEndpoint(global_reactor, "127.0.0.1", self.port.getHost().port, options)
         client = await endpoint.connect(Factory.forProtocol(RawClient))
         if wait:
@@ -419,3 +418,170 @@ async def test_followers_per_identity_are_capped_across_connections(certs: Path)
         assert harness.factory.streams_of("alice") == 0
     finally:
         await harness.close()
+
+
+# -- the audit log ----------------------------------------------------------------
+
+
+def rendered(events: list[dict]) -> list[str]:
+    from twisted.logger import formatEvent
+
+    return [formatEvent(event) for event in events]
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_lines_quote_what_the_client_chose_and_name_the_peer(
+    certs: Path, tmp_path: Path, log_events: list[dict]
+) -> None:
+    """
+    A CN with a newline cannot forge a second audit line, nor a NUL reach
+    the log raw, nor spaces blur the key=value pairs; every audit line
+    names the peer's address.
+    """
+    from jobworker.pki import make_client_cert
+
+    tricky = {
+        "forger": "eve verdict=allow\naudit identity=root role=admin operation=stop",
+        "nul": "nul\x00byte",
+        "spaced": "carol smith",
+    }
+    for name, cn in tricky.items():
+        make_client_cert(tmp_path, certs / "ca.pem", certs / "ca.key", cn, "user", name=name)
+    harness = Harness(certs, ServerLimits())
+    await harness.listen()
+    try:
+        job = harness.manager.add()
+        for name, cn in tricky.items():
+            client = await harness.connect(name, directory=tmp_path)
+            client.send(m.StatusRequest(client.conn.next_request_id(), job.job_id))
+            await sleep(0.1)
+            client.transport.loseConnection()
+            await client.lost
+        lines = [line for line in rendered(log_events) if line.startswith("audit ")]
+        assert len(lines) == 3
+        text = "\n".join(rendered(log_events))
+        assert "\x00" not in text
+        assert sum(line.startswith("audit identity=root") for line in text.splitlines()) == 0
+        from tests.test_audit import parse_pairs
+
+        for line, cn in zip(lines, tricky.values()):
+            pairs = parse_pairs(line[len("audit ") :])
+            assert pairs["identity"] == cn
+            assert pairs["operation"] == "status" and pairs["verdict"] == "allow"
+            assert pairs["peer"].startswith("127.0.0.1:")
+    finally:
+        await harness.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_lines_are_rate_limited_per_identity_with_a_summary(certs: Path, log_events: list[dict]) -> None:
+    """
+    An identity flooding the server with requests writes at most the burst
+    of audit lines per interval; the rest are counted in one summary when
+    the interval ends; another identity's lines are not held back.
+    """
+    harness = Harness(certs, ServerLimits(audit_burst=20, audit_interval_s=0.5))
+    await harness.listen()
+    try:
+        job = harness.manager.add()
+        flood, quiet = await harness.connect("alice"), await harness.connect("bob")
+        flood.send(*(m.StatusRequest(flood.conn.next_request_id(), job.job_id) for _ in range(100)))
+        flood.send(*(m.StatusRequest(flood.conn.next_request_id(), uuid.uuid4()) for _ in range(10)))
+        for _ in range(100):
+            if len(flood.messages) >= 110:
+                break
+            await sleep(0.02)
+        quiet.send(m.StatusRequest(quiet.conn.next_request_id(), job.job_id))
+        await sleep(0.8)
+        lines = rendered(log_events)
+        alice = [line for line in lines if line.startswith("audit identity=alice ")]
+        bob = [line for line in lines if line.startswith("audit identity=bob ")]
+        assert len(alice) == 20 and len(bob) == 1
+        [summary] = [line for line in lines if line.startswith("audit suppressed=")]
+        assert "suppressed=90 identity=alice" in summary
+        assert "status allow: 80" in summary and "status not_found: 10" in summary
+        for client in (flood, quiet):
+            client.transport.loseConnection()
+            await client.lost
+    finally:
+        await harness.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_tls_handshakes_are_logged_with_peer_and_reason(
+    certs: Path, tmp_path: Path, log_events: list[dict]
+) -> None:
+    from jobworker.pki import make_ca, make_client_cert
+
+    other_ca = make_ca(tmp_path / "other", name="another CA")
+    make_client_cert(tmp_path, *other_ca, "alice", "user", name="stranger")
+    make_client_cert(tmp_path, certs / "ca.pem", certs / "ca.key", "dave", "user", name="no-eku", extended_key_usage=())
+    harness = Harness(certs, ServerLimits())
+    await harness.listen()
+    try:
+        for name in ("stranger", "no-eku"):
+            client = await harness.connect(name, wait=False, directory=tmp_path)
+            client.transport.write(b"x")  # TLS 1.3: the client learns of the refusal on its first read
+            await client.lost
+        await sleep(0.1)
+        failed = [line for line in rendered(log_events) if line.startswith("TLS handshake with 127.0.0.1:")]
+        assert len(failed) == 2, rendered(log_events)
+        assert any("certificate verify failed" in line for line in failed), failed
+        refused_eku = [line for line in rendered(log_events) if "clientAuth" in line]
+        assert refused_eku and "from 127.0.0.1:" in refused_eku[0]
+    finally:
+        await harness.close()
+
+
+# -- the log file under twistd -----------------------------------------------------
+
+
+def test_twistd_log_file_rotation_is_bounded(certs: Path, tmp_path: Path) -> None:
+    """
+    With C{twistd --logfile}, the file rotates at C{--log-rotate-size} and
+    at most C{--log-keep} rotated files remain, old ones from earlier runs
+    included (twistd alone keeps every one).
+    """
+    import subprocess
+    import time
+
+    from jobworker.errors import RequestError as _RequestError  # noqa: F401  (what the client raises)
+    from tests.support import BIN, REPO, RunningServer, free_port
+
+    log_path = tmp_path / "logs" / "jobworker.log"
+    log_path.parent.mkdir()
+    (tmp_path / "logs" / "jobworker.log.7").write_text("left by an earlier run\n")
+    port = free_port()
+    state = tmp_path / "state"
+    state.mkdir()
+    command = [
+        str(BIN / "twistd"), "-n", "--pidfile=", f"--logfile={log_path}", "jobworker",
+        "--listen", f"tcp:{port}:interface=127.0.0.1",
+        "--ca", str(certs / "ca.pem"), "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
+        "--state-dir", str(state), "--cgroups", "none", "--no-isolation",
+        "--log-rotate-size", "8K", "--log-keep", "3", "--audit-rate-limit", "0",
+    ]
+    process = subprocess.Popen(command, cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = RunningServer(certs, state, port, process, log_path)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                client = server.client("alice")
+                break
+            except Exception:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the server did not come up")
+        with client:
+            for _ in range(400):
+                try:
+                    client.status(uuid.uuid4())
+                except Exception:
+                    pass
+        time.sleep(0.5)
+    finally:
+        server.stop()
+    rotated = sorted(path.name for path in log_path.parent.iterdir() if path.name != "jobworker.log")
+    assert rotated == ["jobworker.log.1", "jobworker.log.2", "jobworker.log.3"], rotated
+    assert all(path.stat().st_size <= 8192 + 4096 for path in log_path.parent.iterdir())
