@@ -457,10 +457,7 @@ class Job:
     def _kill_all(self) -> None:
         self._timers.pop("kill", None)
         if self.cgroup is not None:
-            try:
-                self.cgroup.kill()
-            except OSError as exc:
-                log.warn("job {job_id}: cgroup kill failed: {error}", job_id=self.job_id, error=exc)
+            self.manager._kill_cgroup(self.cgroup, self.job_id)
         self._signal_helper(signal.SIGKILL)
 
     # -- end -------------------------------------------------------------------
@@ -470,10 +467,7 @@ class Job:
         # Whatever the helper left behind goes now: processes that escaped
         # into the background would otherwise hold the pipes open.
         if self.cgroup is not None:
-            try:
-                self.cgroup.kill()
-            except OSError:
-                pass
+            self.manager._kill_cgroup(self.cgroup, self.job_id)
         elif not self.manager.config.isolate and self.transport is not None:
             try:
                 os.killpg(self.transport.pid, signal.SIGKILL)
@@ -854,6 +848,24 @@ class JobManager(Service):
             "network": "host" if job.network is Network.HOST else "none",
             "no_new_privs": True,
         }
+
+    def _kill_cgroup(self, cgroup: Any, job_id: uuid.UUID) -> defer.Deferred[None]:
+        """
+        SIGKILL every process of C{cgroup}, in the thread pool: a driver
+        freezes the cgroup and polls until it is empty, for up to seconds.
+        """
+        killing = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), cgroup.kill)
+
+        def failed(failure: Any) -> None:
+            if failure.check(OSError, JobworkerError):
+                log.warn("job {job_id}: cgroup kill failed: {error}", job_id=job_id, error=failure.value)
+            else:
+                log.failure("job {job_id}: cgroup kill failed", failure, job_id=job_id)
+
+        killing.addErrback(failed)
+        self._cleanups.add(killing)
+        killing.addBoth(lambda _: self._cleanups.discard(killing))
+        return killing
 
     def _remove_cgroup(self, cgroup: Any) -> defer.Deferred[None]:
         removal = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), cgroup.remove)
