@@ -413,7 +413,12 @@ class ServerProtocol(Protocol, TimeoutMixin):
         while inbox and not self.pump.paused and not self.conn.is_closed and self.connected:
             self._dispatch(inbox.popleft())
         if self.conn.is_closed or not self.connected:
+            # The core closes as it decodes the client's GoAway; nothing
+            # behind it is served, but the GoAway itself must be (it closes).
+            goaway = next((message for message in inbox if isinstance(message, m.GoAway)), None)
             inbox.clear()
+            if goaway is not None and self.connected:
+                self._dispatch(goaway)
         waiting = bool(inbox)
         if waiting != self._reading_paused and self.connected and self.transport is not None:
             self._reading_paused = waiting
