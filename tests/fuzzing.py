@@ -557,3 +557,37 @@ class LiveTarget:
         except OSError:
             # A reset after the server's GoAway can beat the GoAway itself.
             self.close()
+
+
+def run_parallel(make_target: Callable[[], Any], count: int, seed: int, threads: int) -> tuple[FuzzReport, list[Any]]:
+    """
+    As L{run}, over C{threads} targets fed at once (each its own thread and
+    inputs), for a live server: most of the time goes to waiting on it.
+    """
+    import threading
+
+    targets = [make_target() for _ in range(threads)]
+    reports: list[FuzzReport] = [FuzzReport() for _ in range(threads)]
+    shares = [count // threads + (1 if index < count % threads else 0) for index in range(threads)]
+
+    def work(index: int) -> None:
+        rng = random.Random(seed * 1000 + index)
+        for _ in range(shares[index]):
+            targets[index].feed(rng, make_input(rng, []), reports[index])
+
+    workers = [threading.Thread(target=work, args=(index,)) for index in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    total = FuzzReport()
+    for report in reports:
+        total.inputs += report.inputs
+        total.crashes += report.crashes
+        total.tracebacks += report.tracebacks
+        total.protocol_errors += report.protocol_errors
+        total.messages += report.messages
+        for name, number in report.codes.items():
+            total.codes[name] = total.codes.get(name, 0) + number
+        total.examples.extend(report.examples[: 5 - len(total.examples)])
+    return total, targets
