@@ -155,13 +155,20 @@ def measure(
     figures = extra() if extra else {}
     peak = max(peak, rss(server))
     end()
-    time.sleep(5)
-    after = rss(server)
+    ended = time.monotonic()
+    samples = []
+    while time.monotonic() - ended < 5:
+        time.sleep(0.25)
+        samples.append((round(time.monotonic() - ended, 2), rss(server)))
+    after = samples[-1][1]
+    back = next((at for at, value in samples if abs(value - baseline) <= 16 * MIB), None)
     row = {
         "attack": name,
         "baseline_mib": round(baseline / MIB, 1),
         "growth_during_mib": round((peak - baseline) / MIB, 1),
         "growth_5s_after_mib": round((after - baseline) / MIB, 1),
+        "back_within_16_mib_after_s": back,
+        "rss_after_mib": [(at, round((value - baseline) / MIB, 1)) for at, value in samples],
         "status_latency_quiet_s": round(quiet_latency, 3),
         "status_latency_during_s": round(during_latency, 3),
         "bound": bound,
@@ -170,7 +177,7 @@ def measure(
     }
     print(
         f"{name:10} baseline {row['baseline_mib']:7.1f} MiB  during +{row['growth_during_mib']:6.1f} MiB"
-        f"  5 s after +{row['growth_5s_after_mib']:6.1f} MiB  status {quiet_latency * 1000:6.0f} ms quiet,"
+        f"  5 s after +{row['growth_5s_after_mib']:6.1f} MiB (back after {back} s)  status {quiet_latency * 1000:6.0f} ms quiet,"
         f" {during_latency * 1000:6.0f} ms during  " + "  ".join(f"{k}={v}" for k, v in figures.items())
     )
     return row

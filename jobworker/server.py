@@ -55,6 +55,7 @@ from zope.interface import implementer
 from jobworker.audit import RateLimit, Suppressed, log_value
 from jobworker.errors import ErrorCode, ProtocolError, RequestError
 from jobworker.jobs import Job, JobManager
+from jobworker.memory import release_free_memory
 from jobworker.outputlog import GAP_FD
 from jobworker.policy import Identity, Operation, Role
 from jobworker.protocol import messages as m
@@ -79,6 +80,9 @@ PUMP_BUDGET = 8 << 20
 # Bytes of encrypted output one connection may hold in user space before
 # the pump is paused.
 WRITE_BUFFER = 512 << 10
+# After a connection closes, freed memory goes back to the kernel at most
+# this often (see jobworker.memory), seconds.
+RELEASE_MEMORY_EVERY_S = 1.0
 # Error messages are cut to this many characters: they may quote client
 # input (an environment variable name), and must always fit a frame.
 MAX_ERROR_MESSAGE = 1000
@@ -746,12 +750,16 @@ class ServerFactory(Factory):
         self._streams_of: dict[str, int] = {}
         self._audit_limit = RateLimit(self.limits.audit_burst, self.limits.audit_interval_s)
         self._audit_timer: Any = None
+        self._release_call: Any = None
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:
         return ServerProtocol(self)
 
     def doStop(self) -> None:
         self.stop_audit_timer()
+        if self._release_call is not None and self._release_call.active():
+            self._release_call.cancel()
+        self._release_call = None
         super().doStop()
 
     # -- accounting (ServerLimits.max_connections and friends) ------------------
@@ -780,6 +788,14 @@ class ServerFactory(Factory):
         self.open_connections -= 1
         if identity is not None:
             _decrement(self._connections_of, identity)
+        if self._release_call is None:
+            # What the connection held (its buffers) is free now, but the
+            # allocator keeps it resident unless told otherwise.
+            self._release_call = self.reactor.callLater(RELEASE_MEMORY_EVERY_S, self._release_memory)
+
+    def _release_memory(self) -> None:
+        self._release_call = None
+        release_free_memory()
 
     def connections_of(self, identity: str) -> int:
         return self._connections_of.get(identity, 0)

@@ -585,3 +585,35 @@ def test_twistd_log_file_rotation_is_bounded(certs: Path, tmp_path: Path) -> Non
     rotated = sorted(path.name for path in log_path.parent.iterdir() if path.name != "jobworker.log")
     assert rotated == ["jobworker.log.1", "jobworker.log.2", "jobworker.log.3"], rotated
     assert all(path.stat().st_size <= 8192 + 4096 for path in log_path.parent.iterdir())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_closed_by_the_frame_timeout_is_freed_without_the_garbage_collector(certs: Path) -> None:
+    """
+    As above, for a connection the server closes itself (a late frame: its
+    GoAway, then the client goes).
+    """
+    harness = Harness(certs, ServerLimits(frame_timeout_s=0.3))
+    await harness.listen()
+    gc.collect()
+    gc.disable()
+    try:
+        client = await harness.connect()
+        client.transport.write(b"\x00\x01\x00\x00\x10" + b"\x00" * 60_000)
+        await sleep(0.05)
+        [server] = harness.live()
+        tcp = weakref.ref(server.transport.transport)
+        del server
+        for _ in range(100):
+            if any(isinstance(message, m.GoAway) for message in client.messages):
+                break
+            await sleep(0.05)
+        assert any(isinstance(message, m.GoAway) for message in client.messages)
+        client.transport.loseConnection()
+        await client.lost
+        await sleep(0.3)
+        assert harness.live() == []
+        assert tcp() is None
+    finally:
+        gc.enable()
+        await harness.close()
