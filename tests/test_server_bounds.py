@@ -617,3 +617,37 @@ async def test_a_connection_closed_by_the_frame_timeout_is_freed_without_the_gar
     finally:
         gc.enable()
         await harness.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_aborted_after_its_goaway_is_freed_without_the_garbage_collector(
+    certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A client that reads nothing does not answer the server's TLS close: the
+    server aborts the connection after its grace period, and that path too
+    leaves nothing for the garbage collector.
+    """
+    import jobworker.server
+
+    monkeypatch.setattr(jobworker.server, "ABORT_GRACE_S", 0.3)
+    harness = Harness(certs, ServerLimits(frame_timeout_s=0.3))
+    await harness.listen()
+    gc.collect()
+    gc.disable()
+    try:
+        client = await harness.connect()
+        client.transport.pauseProducing()
+        client.transport.write(b"\x00\x01\x00\x00\x10" + b"\x00" * 60_000)
+        await sleep(0.1)
+        [server] = harness.live()
+        tcp = weakref.ref(server.transport.transport)
+        buffer = weakref.ref(server.conn._frames)
+        del server
+        await sleep(1.5)  # frame timeout, GoAway, grace, abort
+        assert harness.live() == [] and buffer() is None and tcp() is None
+        client.transport.abortConnection()
+        await client.lost
+    finally:
+        gc.enable()
+        await harness.close()
