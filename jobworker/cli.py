@@ -181,7 +181,7 @@ def _stream(client: BlockingClient, job_id: uuid.UUID, offset: int, follow: bool
             if not gaps:
                 sys.stderr.write(
                     f"jobcli: {message.length} bytes of output at offset {message.offset} "
-                    "were dropped by the server's retention limit\n"
+                    "were not kept by the server (its retention limit, a full disk or damage; see jobcli status)\n"
                 )
                 sys.stderr.flush()
             gaps += 1
@@ -189,7 +189,7 @@ def _stream(client: BlockingClient, job_id: uuid.UUID, offset: int, follow: bool
         else:
             status = message.status
     if gaps > 1:
-        sys.stderr.write(f"jobcli: in all, {dropped} bytes of output in {gaps} gaps were dropped by the server's retention limit\n")
+        sys.stderr.write(f"jobcli: in all, {dropped} bytes of output in {gaps} gaps were not kept by the server\n")
     assert status is not None
     return status
 
@@ -220,7 +220,9 @@ def _describe(status: m.JobStatus) -> str:
         ("created", _format_time(status.created_at)),
         ("started", _format_time(status.started_at)),
         ("ended", _format_time(status.ended_at)),
-        ("user", status.user),
+        # "" is the server's default: a uid of the job's own.
+        ("user", status.user or "(dynamic)"),
+        *([("uid", str(status.uid))] if status.uid != m.UID_UNKNOWN else []),
         ("workdir", status.workdir),
         ("network", status.network.name.lower()),
     ]

@@ -45,6 +45,7 @@ class ErrorCode(IntEnum):
     UNSUPPORTED_LIMIT = 13
     SHUTTING_DOWN = 14
     TOO_MANY_REQUESTS = 15
+    OUT_OF_RESOURCES = 16  # the server's disk, descriptors or processes ran out
     # Connection tier: sent in GOAWAY, then the connection closes.
     PROTOCOL_ERROR = 100
     FRAME_TOO_LARGE = 101

@@ -30,6 +30,12 @@ Process tree of an isolated job (C{"isolate": true})::
     SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to init and exits with init's
     exit code.  It closes fd 3 at once, so the status pipe reaches EOF exactly
     when init (the only writer) is gone.
+    Outer also does the namespace set-up that needs no PID namespace, before
+    it forks: the mounts (a read-only host for a uid of its own, the hidden
+    paths, the private C{/tmp}, C{/var/tmp} and C{/dev/shm}, a fresh
+    C{/sys}; all in the job's mount namespace, made private first, so none
+    ever appears in the host's and all go when the namespace's last process
+    ends) and loopback.
   - B{init} must be a process of its own because PID 1 of a namespace has
     duties no ordinary command fulfils: orphans are reparented to it and it
     must reap them, and the kernel drops signals to it that it has no handler
@@ -83,13 +89,37 @@ Configuration (argv[1], a JSON object, or "-" to read it from stdin)
     and then the uid are set.
   - C{cgroup_procs}: list of str, paths of C{cgroup.procs} files to write the
     helper's pid into (default empty).
-  - C{isolate}: bool (default true): new PID, mount and network namespaces.
+  - C{isolate}: bool (default true): new PID, mount, IPC and network
+    namespaces.
   - C{network}: C{"none"} (default: a new network namespace with only
     loopback, up) or C{"host"}.  Only isolated jobs get a namespace: without
     C{isolate} the job always has the host's network, and a server that
     must honour a client's C{"none"} has to refuse such a job itself.
   - C{no_new_privs}: bool (default true): set PR_SET_NO_NEW_PRIVS for the
     command.
+  - C{scratch_bytes}: int (default 0: none): isolated jobs only: give each
+    of C{/tmp}, C{/var/tmp} and C{/dev/shm} that exists a fresh directory
+    (mode 1777) of one new tmpfs (nosuid, nodev) of at most this many bytes
+    for all three together, so the job's scratch files are its own and go
+    with its mount namespace.  Its pages are charged to the memory cgroup of
+    the process that writes them, that is to the job's.
+  - C{private_sys}: bool (default false): isolated jobs with their own
+    network namespace only: mount a fresh read-only sysfs on C{/sys}, which
+    shows that namespace's interfaces only (and hides the host's cgroup
+    hierarchies mounted below C{/sys}).
+  - C{read_only_root}: bool (default false): isolated jobs only: make every
+    mount the job inherits from the host read-only (mount_setattr(2) with
+    C{AT_RECURSIVE}), so that the only places it can write are its own
+    scratch mounts; for a uid of its own, whose files elsewhere a later job
+    with the same uid could read.
+  - C{hide}: list of absolute paths (default empty): isolated jobs only: made
+    unreachable inside the job's mount namespace, as systemd's
+    C{InaccessiblePaths=} does: a directory is covered by an empty
+    read-only tmpfs of mode 000, a file by a bind mount of
+    C{inaccessible_file}.  A path that does not exist is skipped.
+  - C{inaccessible_file}: str or null: an empty regular file owned by root,
+    the source of the bind mounts over hidden files (its mode is set to 000
+    before each use); needed only when C{hide} names a file.
 
 Unknown keys are refused, so that a misspelt option is not silently lost.
 
@@ -173,14 +203,31 @@ PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 # <linux/sched.h>
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 # <linux/mount.h>
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_RDONLY = 1
 MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+# <linux/mount.h>, <fcntl.h>, the syscall number (the same on every
+# architecture since 5.12).
+SYS_MOUNT_SETATTR = 442
+MOUNT_ATTR_RDONLY = 0x1
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+SIZEOF_MOUNT_ATTR = 32
+# Where a job gets a private tmpfs (C{scratch_bytes}).
+SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# Inodes per byte of a scratch tmpfs: one per 4 KiB, at least 1024.  Each
+# inode costs the kernel about 1 KiB that a byte limit does not count.
+SCRATCH_BYTES_PER_INODE = 4096
+MIN_SCRATCH_INODES = 1024
 # <linux/sockios.h>, <net/if.h>
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -246,6 +293,11 @@ class JobConfig:
         "isolate",
         "network",
         "no_new_privs",
+        "scratch_bytes",
+        "private_sys",
+        "read_only_root",
+        "hide",
+        "inaccessible_file",
     )
 
     def __init__(self, raw: object) -> None:
@@ -286,6 +338,19 @@ class JobConfig:
         if self.network not in ("none", "host"):
             raise _bad_config("network must be 'none' or 'host'")
         self.no_new_privs = _flag(raw, "no_new_privs", True)
+        self.scratch_bytes = _optional_id(raw, "scratch_bytes") or 0
+        self.private_sys = _flag(raw, "private_sys", False)
+        self.read_only_root = _flag(raw, "read_only_root", False)
+        self.hide = raw.get("hide", [])
+        if not isinstance(self.hide, list) or not all(
+            isinstance(p, str) and p.startswith("/") and "\0" not in p for p in self.hide
+        ):
+            raise _bad_config("hide must be a list of absolute paths")
+        self.inaccessible_file = raw.get("inaccessible_file")
+        if self.inaccessible_file is not None and not (
+            isinstance(self.inaccessible_file, str) and self.inaccessible_file.startswith("/")
+        ):
+            raise _bad_config("inaccessible_file must be an absolute path or null")
 
 
 def _bad_config(reason: str) -> StartError:
@@ -464,10 +529,13 @@ def join_cgroups(procs_files: list[str]) -> None:
 
 def unshare(network: str) -> None:
     """
-    New mount and PID namespaces (the latter for our next child) and, unless
-    the job shares the host's network, a new network namespace.
+    New mount, IPC and PID namespaces (the latter for our next child) and,
+    unless the job shares the host's network, a new network namespace.
+
+    The IPC namespace keeps System V IPC objects and POSIX message queues
+    private to the job and frees them when it ends (systemd's C{RemoveIPC=}).
     """
-    flags = CLONE_NEWNS | CLONE_NEWPID
+    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID
     if network == "none":
         flags |= CLONE_NEWNET
     try:
@@ -485,6 +553,120 @@ def make_mounts_private() -> None:
         c_call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)
     except OSError as e:
         raise StartError.from_os_error("setup", "make / private", e) from None
+
+
+def _mount(source: bytes | None, target: str, fstype: bytes | None, flags: int, data: bytes | None, what: str) -> None:
+    try:
+        c_call("mount", source, target.encode(), fstype, flags, data)
+    except OSError as e:
+        raise StartError.from_os_error("setup", f"{what} {target}", e) from None
+
+
+def _is_directory(path: str) -> bool | None:
+    """
+    True for a directory, False for anything else, None if C{path} is missing.
+    """
+    try:
+        mode = posix.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StartError.from_os_error("setup", f"stat {path}", e) from None
+    return (mode & 0o170000) == 0o040000
+
+
+def make_root_read_only() -> None:
+    """
+    Make every mount of the job's namespace read-only, in one call.
+
+    mount_setattr(2) (Linux 5.12) is the only way to do it recursively and
+    atomically; without it the job is refused rather than given a writable
+    host.
+    """
+    attr = MOUNT_ATTR_RDONLY.to_bytes(8, sys.byteorder) + bytes(SIZEOF_MOUNT_ATTR - 8)
+    try:
+        c_call("syscall", SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, attr, SIZEOF_MOUNT_ATTR)
+    except OSError as e:
+        raise StartError.from_os_error("setup", "make / read-only (mount_setattr)", e) from None
+
+
+def mount_scratch(size: int) -> None:
+    """
+    One fresh tmpfs of C{size} bytes, shared by every scratch directory
+    that exists: each gets a directory of its own on it (mode 1777), bound
+    over it.  One file system rather than one each, so that C{size} bounds
+    them together: the most a job can put in memory this way.
+
+    The tmpfs is mounted first on the last scratch directory, where the
+    directories are made; that one's own bind goes on top of it last.
+    """
+    targets = [path for path in SCRATCH_DIRS if _is_directory(path)]
+    if not targets:
+        return
+    stage = targets[-1]
+    inodes = max(MIN_SCRATCH_INODES, size // SCRATCH_BYTES_PER_INODE)
+    data = b"mode=0755,size=%d,nr_inodes=%d" % (size, inodes)
+    _mount(b"tmpfs", stage, b"tmpfs", MS_NOSUID | MS_NODEV, data, "mount tmpfs on")
+    sources = []
+    for path in targets:
+        source = stage + "/" + path.strip("/").replace("/", "-")
+        try:
+            posix.mkdir(source, 0o700)
+            # chmod, not mkdir's mode: the umask would take the sticky bit's
+            # neighbours away.
+            posix.chmod(source, 0o1777)
+        except OSError as e:
+            raise StartError.from_os_error("setup", f"mkdir {source}", e) from None
+        sources.append(source)
+    for path, source in zip(targets, sources):
+        _mount(source.encode(), path, None, MS_BIND, None, "bind scratch on")
+
+
+def mount_sys() -> None:
+    """
+    A fresh, read-only sysfs on C{/sys}: it shows the network namespace of
+    its mounter, the job's.
+    """
+    flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    _mount(b"sysfs", "/sys", b"sysfs", flags, None, "mount sysfs on")
+
+
+def hide_paths(paths: list[str], inaccessible_file: str | None) -> None:
+    """
+    Cover each path: files first, with a bind mount of an empty mode-000
+    file, then directories, with an empty read-only tmpfs of mode 000 (so a
+    hidden file inside a hidden directory is covered twice, harmlessly).
+    """
+    kinds = [(path, _is_directory(path)) for path in paths]
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    for path, is_directory in kinds:
+        if is_directory is False:
+            if inaccessible_file is None:
+                raise StartError("setup", errno.EINVAL, "bad config: no inaccessible_file to hide files with")
+            _mount(inaccessible_file.encode(), path, None, MS_BIND, None, "hide")
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None, "hide")
+    for path, is_directory in kinds:
+        if is_directory:
+            _mount(b"tmpfs", path, b"tmpfs", MS_RDONLY | flags, b"mode=000,size=4k,nr_inodes=16", "hide")
+
+
+def _check_inaccessible_file(path: str | None) -> None:
+    """
+    Make sure the source of the bind mounts over hidden files is an empty
+    regular file of root's with mode 000, and make its mode so if someone
+    loosened it (a C{chmod -R} of the state dir): its mode is what a job
+    sees in place of the hidden file's.
+    """
+    if path is None:
+        return
+    try:
+        info = posix.stat(path, follow_symlinks=False)
+        if (info.st_mode & 0o170000) != 0o100000 or info.st_uid != 0 or info.st_size != 0:
+            raise StartError("setup", errno.EINVAL, f"{path} is not an empty regular file of root's")
+        if info.st_mode & 0o7777:
+            posix.chmod(path, 0)
+    except OSError as e:
+        raise StartError.from_os_error("setup", f"inaccessible file {path}", e) from None
 
 
 def mount_proc() -> None:
@@ -790,13 +972,25 @@ def run_outer(config: JobConfig) -> None:
     Unshare, fork init, then wait for it and exit as it did; never returns.
     """
     global _forward_target
+    if config.hide:
+        # While the host's file system is still writable to us.
+        _check_inaccessible_file(config.inaccessible_file)
     unshare(config.network)
     # Outer is in the new mount and network namespaces already.  Whatever
     # can be done here rather than in init is done before the fork, while
     # the memory it touches is still one copy, not two.
     make_mounts_private()
+    if config.read_only_root:
+        make_root_read_only()
+    # Hidden paths first: the source of the bind mounts over hidden files
+    # may lie in a directory that a scratch mount is about to cover.
+    hide_paths(config.hide, config.inaccessible_file)
+    if config.scratch_bytes:
+        mount_scratch(config.scratch_bytes)
     if config.network == "none":
         bring_up_loopback()
+        if config.private_sys:
+            mount_sys()
     _signal.pthread_sigmask(_signal.SIG_BLOCK, FORWARDED_SIGNALS)
     _install_forwarding()
     try:

@@ -51,9 +51,10 @@ from jobworker.limits import Limits
 from jobworker.audit import log_excerpt, log_value
 from jobworker.outputlog import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpool, OutputLog
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
-from jobworker.protocol.messages import InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
-from jobworker.spool import FileSpool
-from jobworker.store import JobStore, StateDirLocked
+from jobworker.protocol.messages import UID_UNKNOWN, InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
+from jobworker.spool import FileSpool, SpoolFailure
+from jobworker.store import JobStore, LoadedRecord, StateDirLocked
+from jobworker.uids import DEFAULT_LOCK_DIRECTORY, UidAllocator, UidLocks, UidRange, host_has_id, host_live_uids
 
 __all__ = ["Job", "JobManager", "JobManagerConfig", "ISOLATE_SCRIPT"]
 
@@ -93,6 +94,27 @@ _LIMIT_CONTROLLERS = {
 # them ourselves (a process that escaped the job could hold them open).
 EOF_GRACE_S = 2.0
 
+# While the state directory is full: how often a job's spool tries to write
+# again, and how often unsaved job records are saved again.  A try costs one
+# small write (a 9-byte gap record; a record of a few KiB).
+SPOOL_RETRY_S = 1.0
+SAVE_RETRY_S = 1.0
+
+# A job's error text, notes on damaged or lost output included, is cut to
+# this many characters (the wire carries at most 65,535 bytes of UTF-8).
+MAX_ERROR_CHARS = 8192
+
+# Errors that mean the server ran out of something (not that the request was
+# wrong): answered as OUT_OF_RESOURCES, with the cause named.
+_RESOURCE_ERRNOS = {
+    errno.ENOSPC: "the server's state directory is full",
+    errno.EDQUOT: "the server's disk quota is exhausted",
+    errno.EMFILE: "the server has no file descriptors left",
+    errno.ENFILE: "the host has no file descriptors left",
+    errno.ENOMEM: "the server is out of memory",
+    errno.EAGAIN: "the server cannot create more processes",
+}
+
 
 def _now_us() -> int:
     return time.time_ns() // 1000
@@ -104,9 +126,21 @@ class JobManagerConfig:
     Settings of the job manager; each maps to an option of the plugin.
 
     @ivar state_dir: where job records and output spools live.
-    @ivar isolate: run every job in its own PID, mount and network namespace.
+    @ivar isolate: run every job in its own PID, mount, IPC and network
+        namespace.
     @ivar job_user: the user jobs run as unless an admin asks otherwise;
-        None runs them as the server's own user (only sensible unprivileged).
+        None runs each as a uid of its own from C{job_uids} or, without
+        them, as the server's own user (only sensible unprivileged).
+    @ivar job_uids: the range of uids given to jobs one each (root only).
+    @ivar uid_lock_dir: where servers of one host claim the uids they hand
+        out (L{UidLocks}).
+    @ivar scratch_bytes: size of the tmpfs that holds an isolated job's
+        private C{/tmp}, C{/var/tmp} and C{/dev/shm} together (charged to
+        the job's memory); 0: the job sees the host's.
+    @ivar private_sys: give an isolated job with its own network namespace
+        its own read-only C{/sys}.
+    @ivar hidden_paths: paths a job must not reach, besides the state dir
+        (always hidden): the server's TLS key, for one.
     @ivar default_limits: applied to every unset limit of every job.
     @ivar caps: the most a non-admin may ask for; 0 fields are uncapped.
     @ivar max_jobs_per_identity: running jobs one identity may have at once.
@@ -115,7 +149,12 @@ class JobManagerConfig:
 
     state_dir: str
     isolate: bool = True
-    job_user: str | None = "nobody"
+    job_user: str | None = None
+    job_uids: UidRange | None = None
+    uid_lock_dir: str = DEFAULT_LOCK_DIRECTORY
+    scratch_bytes: int = 0
+    private_sys: bool = True
+    hidden_paths: tuple[str, ...] = ()
     default_limits: Limits = field(default_factory=lambda: Limits(pids=1024))
     caps: Limits = field(default_factory=Limits)
     default_grace_s: float = 10.0
@@ -241,6 +280,8 @@ class Job:
         self.workdir = request.workdir or "/"
         self.network = request.network
         self.user = user
+        # The uid the command runs as; UID_UNKNOWN until known.
+        self.uid = UID_UNKNOWN
         self.limits = limits
         self.output = output
         self.spool = spool
@@ -255,6 +296,10 @@ class Job:
         self.usage = JobUsage()
         self.cgroup: Any = None
         self.transport: Any = None
+        # The helper's pid, kept: Twisted sets transport.pid to None once it
+        # has reaped the helper, and without namespaces the pid is also the
+        # job's process group, which may outlive the helper.
+        self.pid: int | None = None
         self._started: defer.Deferred[Job] | None = defer.Deferred()
         self._ended_waiters: list[defer.Deferred[JobStatus]] = []
         self._status_final: tuple[str, int] | None = None  # ("exit"|"signal", n) from the helper
@@ -267,7 +312,8 @@ class Job:
         self._readers: list[_PipeReader] = []
         self._reading = False
         self._last_oom = False  # from the last usage read of the cgroup
-        self._spool_error_logged = False
+        self._losing_output = False  # the spool failed and has not recovered
+        output.on_damage = self._output_damaged
 
     # -- queries ---------------------------------------------------------------
 
@@ -289,7 +335,7 @@ class Job:
             created_at=self.created_at,
             started_at=self.started_at,
             ended_at=self.ended_at,
-            error=self.error,
+            error=self._error_text(),
             stopped_by=self.stopped_by,
             limits=self.limits,
             usage=usage,
@@ -297,7 +343,22 @@ class Job:
             workdir=self.workdir,
             user=self.user,
             network=self.network,
+            uid=self.uid,
         )
+
+    def _error_text(self) -> str:
+        """
+        The job's error, with what is wrong with its output: damage found in
+        its spool, bytes a full disk kept from being stored.
+        """
+        notes = [self.error] if self.error else []
+        if self.output.damage and self.output.damage not in self.error:
+            notes.append(self.output.damage)
+        if self.output.lost_bytes:
+            lost = f"{self.output.lost_bytes} bytes of output could not be stored (disk full) and are a gap"
+            if lost not in self.error:
+                notes.append(lost)
+        return "; ".join(notes)[:MAX_ERROR_CHARS]
 
     def when_ended(self) -> defer.Deferred[JobStatus]:
         """
@@ -326,6 +387,7 @@ class Job:
                 path="/",
                 childFDs={0: "w", 1: stdout_w, 2: stderr_w, 3: "r"},
             )
+            self.pid = self.transport.pid
             self.transport.write(json.dumps(helper_config).encode())
             self.transport.closeStdin()
             for fd, read_end in ((1, stdout_r), (2, stderr_r)):
@@ -343,6 +405,8 @@ class Job:
         self._reading = True
         if self.spool is not None:
             self.spool.on_drained = lambda: reactor.callFromThread(self._resume_reading)
+            self.spool.on_failed = lambda failure: reactor.callFromThread(self._spool_failed, failure)
+            self.spool.on_recovered = lambda: reactor.callFromThread(self._spool_recovered)
         for reader in readers:
             reactor.addReader(reader)
         assert self._started is not None
@@ -350,17 +414,6 @@ class Job:
 
     def _output_received(self, fd: int, data: bytes) -> None:
         self.output.append(fd, data)
-        if self.spool is not None and self.spool.error is not None and not self._spool_error_logged:
-            # Nothing is lost: the bytes stay in memory (readers still get
-            # them), and past the backlog limit the job waits on its pipe
-            # until someone stops it.  Say so, once.
-            self._spool_error_logged = True
-            log.error(
-                "job {job_id}: cannot write its output to {path}: {error}; its output is kept in memory and the job will wait once 32 MiB are held",
-                job_id=self.job_id,
-                path=self.spool.path,
-                error=self.spool.error,
-            )
         if self.spool is not None and self.spool.congested and self._reading:
             # The disk is behind by HIGH_WATER bytes: let the job wait on its
             # pipe rather than let the backlog grow our memory.
@@ -368,6 +421,47 @@ class Job:
             for reader in self._readers:
                 if not reader.closed:
                     self.manager.reactor.removeReader(reader)
+
+    def _spool_failed(self, failure: SpoolFailure) -> None:
+        """
+        The spool could not write (a full disk): the output log keeps the
+        newest output in its ring, and what falls out of it before the disk
+        has room again becomes a gap.  Logged once per episode; retried every
+        L{SPOOL_RETRY_S} seconds while the job runs.
+        """
+        if not self._losing_output:
+            self._losing_output = True
+            log.error(
+                "job {job_id}: cannot write its output to {path}: {error}; output from byte {offset} on "
+                "is kept in memory only (the last {ring} bytes) until there is room again, and what is "
+                "dropped meanwhile is recorded as a gap",
+                job_id=self.job_id,
+                path=getattr(self.spool, "path", "?"),
+                error=failure.error.strerror or failure.error,
+                offset=failure.mark if failure.mark is not None else self.output.end,
+                ring=self.output.ring_size,
+            )
+        if not self.output.closed and "spool" not in self._timers:
+            self._timers["spool"] = self.manager.reactor.callLater(SPOOL_RETRY_S, self._retry_spool)
+
+    def _retry_spool(self) -> None:
+        self._timers.pop("spool", None)
+        if not self.output.closed:
+            self.output.retry_spool()
+
+    def _spool_recovered(self) -> None:
+        if self._losing_output:
+            self._losing_output = False
+            log.info(
+                "job {job_id}: writing its output to {path} again; {lost} bytes could not be stored "
+                "and are recorded as a gap",
+                job_id=self.job_id,
+                path=getattr(self.spool, "path", "?"),
+                lost=self.output.lost_bytes,
+            )
+
+    def _output_damaged(self, what: str) -> None:
+        log.error("job {job_id}: {damage}; readers get a gap there", job_id=self.job_id, damage=what)
 
     def _resume_reading(self) -> None:
         if self._reading:
@@ -449,8 +543,8 @@ class Job:
             if self.manager.config.isolate:
                 # The helper forwards it to the command's process group.
                 self.transport.signalProcess(signum)
-            else:
-                os.killpg(self.transport.pid, signum)
+            elif self.pid is not None:
+                os.killpg(self.pid, signum)
         except (OSError, twisted_error.ProcessExitedAlready):
             pass
 
@@ -468,9 +562,12 @@ class Job:
         # into the background would otherwise hold the pipes open.
         if self.cgroup is not None:
             self.manager._kill_cgroup(self.cgroup, self.job_id)
-        elif not self.manager.config.isolate and self.transport is not None:
+        elif not self.manager.config.isolate and self.pid is not None:
+            # The group outlives its leader while a member lives, and its
+            # id is not reused while it does; once it is empty the id is
+            # free, but this runs in the callback of the reaping itself.
             try:
-                os.killpg(self.transport.pid, signal.SIGKILL)
+                os.killpg(self.pid, signal.SIGKILL)
             except OSError:
                 pass
         if self._open_pipes:
@@ -585,8 +682,17 @@ class JobManager(Service):
         self.store = JobStore(config.state_dir)
         self._shutting_down = False
         self._cleanups: set[defer.Deferred[None]] = set()
+        # Jobs whose record could not be saved (a full disk), retried every
+        # SAVE_RETRY_S seconds: a final state must not read `lost` later.
+        self._unsaved: set[uuid.UUID] = set()
+        self._save_retry: Any = None
         # The helper's source until start-up compiles it (see startService).
         self.helper_path = ISOLATE_SCRIPT
+        self.uids: UidAllocator | None = None
+        self._uid_locks: UidLocks | None = None
+        self._hidden: list[str] | None = None
+        # Bound over every hidden file in a job (see isolate.hide_paths).
+        self.inaccessible_file = os.path.join(os.path.realpath(config.state_dir), "inaccessible")
 
     # -- service ---------------------------------------------------------------
 
@@ -609,14 +715,57 @@ class JobManager(Service):
                 log.warn("removed cgroup {name} left by an earlier server", name=name)
         for record in self.store.load():
             job = self._job_from_record(record)
-            if not job.is_final:
+            if record.problems:
+                # Nothing in a damaged record is trusted to say how the job
+                # ended.  The file stays as it is, for an operator to look
+                # at, until the job is removed.
+                job.state = JobState.LOST
+                job.error = "damaged job record: " + "; ".join(record.problems)
+            elif not job.is_final:
                 job.state = JobState.LOST
                 job.ended_at = _now_us()
                 job.error = "the server stopped while the job was running"
-                self.store.save(job)
+                self._job_changed(job)
                 log.warn("job {job_id} was running when the server died: lost", job_id=job.job_id)
             self.jobs[job.job_id] = job
         self._prune()
+        if self.config.job_user is None and self.config.job_uids is not None:
+            try:
+                self._uid_locks = UidLocks(self.config.uid_lock_dir)
+            except OSError as exc:
+                raise SystemExit(f"jobworker: cannot make {self.config.uid_lock_dir}: {exc}") from None
+            self.uids = UidAllocator(
+                self.config.job_uids,
+                is_taken=host_has_id,
+                live_uids=host_live_uids,
+                claim=self._uid_locks.claim,
+                unclaim=self._uid_locks.unclaim,
+            )
+            # After the stale cgroups' processes were killed: what still
+            # runs as a job uid is not ours to reuse yet.
+            lingering = self.uids.retire_lingering()
+            if lingering:
+                log.warn(
+                    "{count} job uids have processes from before this server started; they stay unused until those end: {uids}",
+                    count=len(lingering),
+                    uids=sorted(lingering)[:20],
+                )
+        if self.config.isolate:
+            self._make_inaccessible_file()
+
+    def _make_inaccessible_file(self) -> None:
+        """
+        An empty root-owned file of mode 000, bound over hidden files.
+        """
+        try:
+            fd = os.open(self.inaccessible_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.fchmod(fd, 0)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise SystemExit(f"jobworker: cannot make {self.inaccessible_file}: {exc}") from None
 
     def stopService(self) -> defer.Deferred[None]:
         """
@@ -634,6 +783,8 @@ class JobManager(Service):
         every_end = defer.DeferredList(ends, consumeErrors=True)
         every_end.addCallback(lambda _: defer.DeferredList(list(self._cleanups), consumeErrors=True))
         every_end.addCallback(lambda _: self._release_cgroups())
+        every_end.addCallback(lambda _: self._uid_locks.close() if self._uid_locks is not None else None)
+        every_end.addCallback(lambda _: self._save_unsaved(final=True))
         every_end.addCallback(lambda _: self.store.close())
         return every_end
 
@@ -669,11 +820,20 @@ class JobManager(Service):
                 f"{identity.name} already has {running} running jobs (the limit)", ErrorCode.TOO_MANY_JOBS
             )
         job_id = uuid.uuid4()
-        spool = FileSpool(self.store.spool_path(job_id))
+        # First of all that the job holds, so that running out makes nothing.
+        dynamic_uid = self._allocate_uid(job_id, user)
+        try:
+            spool = FileSpool(self.store.spool_path(job_id))
+        except OSError as exc:
+            self._forget_uid(dynamic_uid)
+            raise self._resource_error(job_id, "create its output spool", exc) from None
+        except BaseException:
+            self._forget_uid(dynamic_uid)
+            raise
         output = OutputLog(spool, ring_size=self.config.ring_size, retention=self.config.retention)
         job = Job(self, job_id, identity.name, request, limits, user, output, spool)
         try:
-            helper_config = self._helper_config(job, request)
+            helper_config = self._helper_config(job, request, dynamic_uid)
             if self.cgroups is not None:
                 try:
                     job.cgroup = self.cgroups.create(str(job_id), self._enforceable(limits, request.limits))
@@ -686,14 +846,21 @@ class JobManager(Service):
             else:
                 self._refuse_unenforceable(request.limits)
             self.jobs[job_id] = job
-            self.store.save(job)
-            started = job.spawn(self.reactor, helper_config)
+            try:
+                self.store.save(job)
+            except OSError as exc:
+                raise self._resource_error(job_id, "save its record", exc) from None
+            try:
+                started = job.spawn(self.reactor, helper_config)
+            except OSError as exc:
+                raise self._resource_error(job_id, "spawn it", exc) from None
         except Exception:
             self.jobs.pop(job_id, None)
             if job.cgroup is not None:
                 self._remove_cgroup(job.cgroup)
             spool.remove()
             self.store.forget(job_id)
+            self._forget_uid(dynamic_uid)
             raise
         log.info(
             "job {job_id} starting for {owner}: {argv}",
@@ -702,6 +869,20 @@ class JobManager(Service):
             argv=log_excerpt(list(job.argv)),
         )
         return started
+
+    @staticmethod
+    def _resource_error(job_id: uuid.UUID, step: str, exc: OSError) -> RequestError:
+        """
+        The answer to a start that failed on the host (a full disk, no file
+        descriptors): the request's own error, naming the cause, and one
+        log line without a traceback.
+        """
+        cause = _RESOURCE_ERRNOS.get(exc.errno or 0)
+        detail = exc.strerror or str(exc)
+        log.error("job {job_id}: cannot {step}: {error}", job_id=job_id, step=step, error=detail)
+        if cause is None:
+            return RequestError(f"cannot start the job: cannot {step}: {detail}", ErrorCode.START_FAILED)
+        return RequestError(f"cannot start the job: {cause} ({detail})", ErrorCode.OUT_OF_RESOURCES)
 
     def get(self, identity: Identity, operation: Operation, job_id: uuid.UUID) -> Job:
         """
@@ -790,9 +971,9 @@ class JobManager(Service):
         limits = requested.with_defaults(self.config.default_limits)
         if is_admin:
             return limits
-        over = requested.above(self.config.caps)
+        over = requested.describe_above(self.config.caps)
         if over:
-            raise RequestError("limits above what this server allows: " + ", ".join(over), ErrorCode.INVALID_LIMITS)
+            raise RequestError(f"limits above what this server allows a non-admin: {over}", ErrorCode.INVALID_LIMITS)
         return limits.capped(self.config.caps)
 
     def _enforceable(self, limits: Limits, requested: Limits) -> Limits:
@@ -818,36 +999,96 @@ class JobManager(Service):
             )
 
     def _user_for(self, requested: str, is_admin: bool) -> str:
-        default = self.config.job_user or pwd.getpwuid(os.getuid()).pw_name
+        """
+        The account the job runs as: C{""} for a uid of its own.
+        """
+        if self.uids is not None:
+            default = ""
+        else:
+            default = self.config.job_user or pwd.getpwuid(os.getuid()).pw_name
         if not requested or requested == default:
             return default
         if not is_admin:
             raise RequestError("only an admin may choose the job user", ErrorCode.PERMISSION_DENIED)
         return requested
 
-    def _helper_config(self, job: Job, request: StartRequest) -> dict[str, Any]:
-        uid = gid = None
-        home = "/"
+    def _allocate_uid(self, job_id: uuid.UUID, user: str) -> int | None:
+        """
+        A uid of the job's own, or None when it runs as a named user.
+        """
+        if user or self.uids is None:
+            return None
         try:
-            entry = pwd.getpwnam(job.user)
-        except KeyError:
-            raise RequestError(f"no such user: {job.user}", ErrorCode.START_FAILED) from None
-        if entry.pw_uid != os.getuid() or entry.pw_gid != os.getgid():
+            uid = self.uids.allocate(str(job_id))
+        except OSError as exc:
+            log.error("job {job_id}: cannot claim a uid: {error}", job_id=job_id, error=exc)
+            raise RequestError(f"cannot claim a uid for the job: {exc.strerror or exc}", ErrorCode.START_FAILED) from None
+        log.debug("job {job_id} gets uid {uid}", job_id=job_id, uid=uid)
+        return uid
+
+    def _forget_uid(self, uid: int | None) -> None:
+        if uid is not None and self.uids is not None:
+            self.uids.forget(uid)
+
+    def _release_uid(self, job: Job) -> None:
+        # Every job that held a uid of its own ends here, failed starts too.
+        if self.uids is not None and self.uids.holder_of(job.uid) == str(job.job_id):
+            self.uids.release(job.uid)
+
+    def _helper_config(self, job: Job, request: StartRequest, dynamic_uid: int | None = None) -> dict[str, Any]:
+        isolate = self.config.isolate
+        scratch = self.config.scratch_bytes if isolate else 0
+        if dynamic_uid is not None:
+            uid = gid = dynamic_uid
+            job.uid = dynamic_uid
+            # The only place such a job can write (see read_only_root).
+            home = "/tmp" if scratch else "/"
+        else:
+            try:
+                entry = pwd.getpwnam(job.user)
+            except KeyError:
+                raise RequestError(f"no such user: {job.user}", ErrorCode.START_FAILED) from None
             uid, gid = entry.pw_uid, entry.pw_gid
-        home = entry.pw_dir or "/"
+            job.uid = entry.pw_uid
+            if uid == os.getuid() and gid == os.getgid():
+                uid = gid = None
+            home = entry.pw_dir or "/"
         env = dict(DEFAULT_ENV, HOME=home)
         env.update(dict(request.env))
-        return {
+        config: dict[str, Any] = {
             "argv": list(job.argv),
             "env": env,
             "cwd": job.workdir,
             "uid": uid,
             "gid": gid,
             "cgroup_procs": [],
-            "isolate": self.config.isolate,
+            "isolate": isolate,
             "network": "host" if job.network is Network.HOST else "none",
             "no_new_privs": True,
         }
+        if isolate:
+            config.update(
+                scratch_bytes=scratch,
+                private_sys=self.config.private_sys,
+                # A uid of its own can write only where everyone can: keep
+                # it out of the host's shared places, where a later job with
+                # the same uid (or any job) could read what it left.
+                read_only_root=dynamic_uid is not None,
+                hide=self._hidden_paths(),
+                inaccessible_file=self.inaccessible_file,
+            )
+        return config
+
+    def _hidden_paths(self) -> list[str]:
+        """
+        The state dir (every job's records and output, the helper) and the
+        configured paths, resolved: a mount follows symbolic links.
+        """
+        if self._hidden is None:
+            # Resolved once: the paths are the server's own, and stay put.
+            paths = [self.store.state_dir, *self.config.hidden_paths]
+            self._hidden = list(dict.fromkeys(os.path.realpath(path) for path in paths))
+        return self._hidden
 
     def _kill_cgroup(self, cgroup: Any, job_id: uuid.UUID) -> defer.Deferred[None]:
         """
@@ -877,12 +1118,51 @@ class JobManager(Service):
         return removal
 
     def _job_changed(self, job: Job) -> None:
+        self._unsaved.discard(job.job_id)
         try:
             self.store.save(job)
         except OSError as exc:
-            log.error("could not save job {job_id}: {error}", job_id=job.job_id, error=exc)
+            log.error(
+                "could not save job {job_id}: {error}; retrying every {interval} s",
+                job_id=job.job_id,
+                error=exc.strerror or exc,
+                interval=SAVE_RETRY_S,
+            )
+            self._unsaved.add(job.job_id)
+            if self._save_retry is None or not self._save_retry.active():
+                self._save_retry = self.reactor.callLater(SAVE_RETRY_S, self._save_unsaved)
+
+    def _save_unsaved(self, final: bool = False) -> None:
+        """
+        Save again the records that could not be saved; logged once per job
+        when it succeeds (and, at shutdown, when it still fails).
+        """
+        self._save_retry = None
+        for job_id in sorted(self._unsaved):
+            job = self.jobs.get(job_id)
+            if job is None:
+                self._unsaved.discard(job_id)
+                continue
+            try:
+                self.store.save(job)
+            except OSError as exc:
+                if final:
+                    log.error(
+                        "job {job_id}: its record could not be saved before shutdown ({error}); "
+                        "it may read as lost after a restart",
+                        job_id=job_id,
+                        error=exc.strerror or exc,
+                    )
+                continue
+            self._unsaved.discard(job_id)
+            log.info("job {job_id}: its record is saved again", job_id=job_id)
+        if self._unsaved and not final:
+            self._save_retry = self.reactor.callLater(SAVE_RETRY_S, self._save_unsaved)
+        if final and self._save_retry is not None and self._save_retry.active():
+            self._save_retry.cancel()
 
     def _job_ended(self, job: Job) -> None:
+        self._release_uid(job)
         self._prune()
 
     def _prune(self) -> None:
@@ -892,12 +1172,12 @@ class JobManager(Service):
             for job in sorted(finished, key=lambda job: job.ended_at)[:excess]:
                 self.remove(job)
 
-    def _job_from_record(self, record: dict[str, Any]) -> Job:
-        status: JobStatus = record["status"]
+    def _job_from_record(self, record: LoadedRecord) -> Job:
+        status: JobStatus = record.status
         request = StartRequest(
             request_id=0,
             argv=status.argv,
-            env=tuple(record.get("env", ())),
+            env=tuple(record.env),
             workdir=status.workdir,
             user=status.user,
             network=status.network,
@@ -907,12 +1187,16 @@ class JobManager(Service):
         spool: FileSpool | None
         try:
             spool = FileSpool(path, create=False)
-            output = OutputLog.from_spool(spool, ring_size=self.config.ring_size)
-        except FileNotFoundError:
+            output = OutputLog.from_spool(spool, ring_size=self.config.ring_size, expected_end=status.output_bytes)
+        except OSError as exc:
             spool = None
-            output = OutputLog.from_spool(MemorySpool())
+            output = OutputLog.from_spool(MemorySpool(), expected_end=status.output_bytes)
+            if status.output_bytes:
+                output.damage = f"output spool {path} cannot be read: {exc.strerror or exc}"
+        if output.damage is not None:
+            log.error("job {job_id}: {damage}; readers get a gap there", job_id=status.job_id, damage=output.damage)
         job = Job(self, status.job_id, status.owner, request, status.limits, status.user, output, spool)
         job._started = None
-        for name in ("state", "exit_code", "signal", "created_at", "started_at", "ended_at", "error", "stopped_by", "usage"):
+        for name in ("state", "exit_code", "signal", "created_at", "started_at", "ended_at", "error", "stopped_by", "usage", "uid"):
             setattr(job, name, getattr(status, name))
         return job

@@ -27,6 +27,12 @@ __all__ = [
     "parse_duration",
     "parse_count",
     "format_size",
+    "format_limit",
+    "LIMIT_NAMES",
+    "HOST_CAP_MEMORY_FRACTION",
+    "HOST_CAP_CPU_FRACTION",
+    "HOST_CAP_PIDS",
+    "host_caps",
 ]
 
 
@@ -139,6 +145,56 @@ def format_size(value: int) -> str:
     return str(value)
 
 
+# The user-facing name of each Limits field: jobcli's option, without "--".
+LIMIT_NAMES = {
+    "cpu_millicores": "cpu",
+    "memory_bytes": "memory",
+    "io_read_bps": "io-read-bps",
+    "io_write_bps": "io-write-bps",
+    "pids": "pids",
+    "timeout_ms": "timeout",
+}
+
+
+def format_limit(name: str, value: int) -> str:
+    """
+    A Limits field's value the way a user spells it: C{"1.5"} (cores),
+    C{"512M"}, C{"50M"} (bytes/s), C{"1024"}, C{"30s"}.
+    """
+    if name == "cpu_millicores":
+        return f"{value / 1000:g}"
+    if name == "timeout_ms":
+        return f"{value / 1000:g}s"
+    if name in ("memory_bytes", "io_read_bps", "io_write_bps"):
+        return format_size(value) if value % 1024 == 0 else f"{value}"
+    return str(value)
+
+
+# Default caps for non-admin jobs, derived from the machine when the
+# operator sets none (--max-memory, --max-cpu, --max-pids): one job of a
+# user may take at most half the memory and half the CPUs (at least one
+# core), so no single job can take the host; and 4096 tasks, four times the
+# default pids limit, far below the kernel's 4 million.
+HOST_CAP_MEMORY_FRACTION = Fraction(1, 2)
+HOST_CAP_CPU_FRACTION = Fraction(1, 2)
+HOST_CAP_PIDS = 4096
+
+
+def host_caps(memory_bytes: int, cpus: int) -> Limits:
+    """
+    The default caps for non-admins on a machine with C{memory_bytes} of
+    memory and C{cpus} CPUs: see L{HOST_CAP_MEMORY_FRACTION}.  Memory is
+    rounded down to whole MiB, CPU to whole millicores.
+    """
+    memory = int(memory_bytes * HOST_CAP_MEMORY_FRACTION) // (1 << 20) * (1 << 20)
+    millicores = max(1000, int(cpus * 1000 * HOST_CAP_CPU_FRACTION))
+    return Limits(
+        cpu_millicores=min(millicores, MAX_CPU_MILLICORES),
+        memory_bytes=min(max(memory, 1 << 20), MAX_BYTES),
+        pids=HOST_CAP_PIDS,
+    )
+
+
 @dataclass(frozen=True)
 class Limits:
     """
@@ -198,6 +254,17 @@ class Limits:
             for f in fields(self)
             if getattr(caps, f.name) and getattr(self, f.name) > getattr(caps, f.name)
         ]
+
+    def describe_above(self, caps: Limits) -> str:
+        """
+        Each field above its cap, as C{"memory 200M is above the cap of
+        100M"}, joined by C{"; "}; C{""} when none is.
+        """
+        return "; ".join(
+            f"{LIMIT_NAMES[name]} {format_limit(name, getattr(self, name))} is above the cap of "
+            f"{format_limit(name, getattr(caps, name))}"
+            for name in self.above(caps)
+        )
 
     def capped(self, caps: Limits) -> Limits:
         """

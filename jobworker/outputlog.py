@@ -24,6 +24,22 @@ head, a gap with its byte count, and the tail: the history a restart keeps.
 A follower never sees bytes vanish silently: a range that neither store
 holds is handed out as a gap of that many bytes.
 
+A spool that cannot write (a full disk) drops what it could not write and
+says where it stopped (its C{failure}): the log then holds the bytes from
+there on in the ring only, exactly as past the retention limit, and when
+its owner calls L{OutputLog.retry_spool} (space may have returned) it
+writes a gap record for what the ring no longer holds, then the ring, and
+spools on.  The bytes lost that way are counted (L{OutputLog.lost_bytes}).
+
+Nothing read from the spool is trusted: a record header that is not one the
+log writes, or a read that comes back short (a file truncated, damaged or
+deleted behind the server's back), is damage.  The reader is handed a gap
+up to the next record the index knows (or the ring), never an empty chunk
+that would make it read the same place for ever, and the first damage found
+is kept in L{OutputLog.damage} for the job's status.  A log reopened from
+its spool stops at the first damage, and an C{expected_end} beyond what
+the spool holds (the job's record counted more output) becomes a gap too.
+
 Memory is bounded per job by C{ring_size} plus a sparse index of the spool
 (two 8-byte numbers per C{INDEX_EVERY} bytes: 256 KiB for 1 GiB of output).
 Reads from the spool are bounded by the caller's C{limit}, so serving a
@@ -76,7 +92,7 @@ class Chunk(NamedTuple):
 
 
 class Spool(Protocol):
-    def append(self, *pieces: bytes) -> None: ...
+    def append(self, *pieces: bytes, mark: int | None = None) -> None: ...
 
     def pread(self, position: int, size: int) -> bytes: ...
 
@@ -92,7 +108,7 @@ class MemorySpool:
     def __init__(self, content: bytes = b"") -> None:
         self._data = bytearray(content)
 
-    def append(self, *pieces: bytes) -> None:
+    def append(self, *pieces: bytes, mark: int | None = None) -> None:
         for piece in pieces:
             self._data += piece
 
@@ -114,6 +130,11 @@ class OutputLog:
 
     @ivar end: offset one past the last byte produced so far.
     @ivar closed: no more output will come.
+    @ivar damage: what is wrong with the spool, found on reopening it or on
+        a read (None while nothing is); the readers get a gap there.
+    @ivar lost_bytes: bytes that were never stored because the spool could
+        not write them (readers get a gap for them).
+    @ivar on_damage: called with L{damage} when it is first found.
     """
 
     def __init__(
@@ -135,31 +156,60 @@ class OutputLog:
         self._ring: deque[tuple[int, int, bytes]] = deque()  # (offset, fd, data)
         self._ring_bytes = 0
         self._listeners: list[Callable[[], None]] = []
+        self.damage: str | None = None
+        self.lost_bytes = 0
+        self.on_damage: Callable[[str], None] | None = None
+        self._failure_seen: object = None  # the spool failure handled last
+        self._spool_failed = False
 
     @classmethod
-    def from_spool(cls, spool: Spool, *, ring_size: int = DEFAULT_RING_SIZE) -> OutputLog:
+    def from_spool(
+        cls, spool: Spool, *, ring_size: int = DEFAULT_RING_SIZE, expected_end: int = 0
+    ) -> OutputLog:
         """
         Reopen a closed log from its spool (after a restart): scan the
-        records once to rebuild the index.  A torn last record (the server
-        died mid-write) is ignored.
+        records once to rebuild the index.  The scan stops at the first
+        record that is not one the log writes (noted in L{damage}); a torn
+        last record (the server died mid-write) is dropped silently.
+
+        @param expected_end: the output the job's record counted; what the
+            spool lacks of it is a gap, and noted in L{damage}.
         """
         log = cls(spool, ring_size=ring_size, retention=2**63)
         position = 0
         offset = 0
         total = spool.size
-        while position + RECORD_HEADER_SIZE <= total:
+        while position < total:
             header = spool.pread(position, RECORD_HEADER_SIZE)
+            if len(header) < RECORD_HEADER_SIZE:
+                if len(header) != total - position:
+                    log._damaged(f"output spool: short read at byte {position}")
+                break  # else a torn header: the server died mid-write
             fd, length = header[0], int.from_bytes(header[1:], "big")
             payload = 0 if fd == GAP_FD else length
-            if fd not in (GAP_FD, 1, 2) or position + RECORD_HEADER_SIZE + payload > total:
+            if fd not in (GAP_FD, 1, 2) or (fd == GAP_FD and length == 0):
+                log._damaged(f"output spool: bad record header at byte {position}")
                 break
+            if position + RECORD_HEADER_SIZE + payload > total:
+                break  # torn last record
             log._note_record(offset, position)
             position += RECORD_HEADER_SIZE + payload
             offset += length
         log.end = log._spooled_end = offset
         log._spool_records = position
+        if expected_end > offset:
+            missing = expected_end - offset
+            log.end = expected_end
+            if log.damage is None:
+                log._damaged(f"output spool: {missing} bytes of output missing from byte {offset} on")
         log.closed = True
         return log
+
+    def _damaged(self, what: str) -> None:
+        if self.damage is None:
+            self.damage = what
+            if self.on_damage is not None:
+                self.on_damage(what)
 
     # -- writing ---------------------------------------------------------------
 
@@ -173,6 +223,7 @@ class OutputLog:
             raise ValueError(f"fd must be 1 or 2, not {fd}")
         if not data:
             return
+        self._check_spool()
         offset = self.end
         self.end += len(data)
         room = self.retention - self._spooled_end
@@ -192,26 +243,96 @@ class OutputLog:
         """
         if self.closed:
             return
-        if self._spooled_end < self.end:
-            ring_start = self._ring_start()
-            if ring_start > self._spooled_end:
-                self._spool_record(GAP_FD, self._spooled_end, b"", ring_start - self._spooled_end)
-            for offset, fd, data in self._ring:
-                if offset + len(data) > self._spooled_end:
-                    skip = max(0, self._spooled_end - offset)
-                    self._spool_record(fd, offset + skip, data[skip:])
-        # The spool now holds everything; a finished job keeps no memory.
+        self._check_spool()
+        self._resume_spool()
+        self._spool_ring(2**63)
+        # The spool now holds everything it could (a spool still failing
+        # drops the rest; the job's record counts it, so a reload shows it
+        # as a gap); a finished job keeps no memory.
         self._ring.clear()
         self._ring_bytes = 0
         self.closed = True
         self._notify()
 
+    def _spool_ring(self, retention: int) -> None:
+        """
+        Append what the spool lacks behind an explicit gap for what the ring
+        no longer holds, up to C{retention} data bytes.
+        """
+        if self._spooled_end >= self.end or self._spooled_end >= retention:
+            return
+        ring_start = self._ring_start()
+        if ring_start > self._spooled_end:
+            self._spool_record(GAP_FD, self._spooled_end, b"", ring_start - self._spooled_end)
+        for offset, fd, data in self._ring:
+            room = retention - self._spooled_end
+            if room <= 0:
+                break
+            if offset + len(data) > self._spooled_end:
+                skip = max(0, self._spooled_end - offset)
+                self._spool_record(fd, offset + skip, data[skip : skip + room])
+
     def _spool_record(self, fd: int, offset: int, data: bytes, gap: int = 0) -> None:
         length = gap if fd == GAP_FD else len(data)
         self._note_record(offset, self._spool_records)
-        self._spool.append(_header(fd, length), data)
+        self._spool.append(_header(fd, length), data, mark=offset)
         self._spool_records += RECORD_HEADER_SIZE + len(data)
         self._spooled_end = offset + length
+
+    # -- a spool that cannot write -------------------------------------------
+
+    @property
+    def spool_failing(self) -> bool:
+        """
+        The spool stopped writing and L{retry_spool} has not brought it back.
+        """
+        self._check_spool()
+        return self._spool_failed
+
+    def _check_spool(self) -> None:
+        """
+        Take in a failure of the spool: it holds the records before
+        C{failure.position} and nothing after, so the spooled head ends at
+        the first record it lost.
+        """
+        failure = getattr(self._spool, "failure", None)
+        if failure is None or failure is self._failure_seen:
+            return
+        self._failure_seen = failure
+        self._spool_failed = True
+        position, mark = failure.position, failure.mark
+        if mark is None or mark > self._spooled_end:
+            return  # nothing of ours was lost (a failure before our appends)
+        lost_from = mark
+        self._spool_records = position
+        self._spooled_end = lost_from
+        while len(self._index_positions) > 1 and self._index_positions[-1] >= position:
+            self._index_positions.pop()
+            self._index_offsets.pop()
+
+    def _resume_spool(self) -> None:
+        if not self._spool_failed:
+            return
+        resume = getattr(self._spool, "resume", None)
+        if resume is not None:
+            resume()
+        self._spool_failed = False
+        ring_start = self._ring_start()
+        if ring_start > self._spooled_end:
+            self.lost_bytes += min(ring_start, self.end) - self._spooled_end
+
+    def retry_spool(self) -> None:
+        """
+        Try the spool again after it failed: write a gap for what is gone
+        from memory, then what the ring holds, and spool on from there.  If
+        the disk is still full, the spool fails again (cheaply: the gap
+        record comes first, and it is 9 bytes).
+        """
+        self._check_spool()
+        if not self._spool_failed or self.closed:
+            return
+        self._resume_spool()
+        self._spool_ring(self.retention)
 
     def _note_record(self, offset: int, position: int) -> None:
         if offset - self._index_offsets[-1] >= INDEX_EVERY:
@@ -242,14 +363,29 @@ class OutputLog:
         chunks: list[Chunk] = []
         if offset >= self.end or limit <= 0:
             return chunks
-        if offset < self._spooled_end and offset < self._ring_start():
+        self._check_spool()
+        ring_start = self._ring_start()
+        if offset < self._spooled_end and offset < ring_start:
             chunks = self._read_spool(offset, limit)
             if chunks:
                 return chunks
-        ring_start = self._ring_start()
+            if offset < self._spooled_end:
+                # Damage where the spool should hold this: a gap to the
+                # next record the index knows, or to what follows the spool.
+                return [Chunk(GAP_FD, offset, b"", self._resync_point(offset, ring_start) - offset)]
         if offset < ring_start:
             return [Chunk(GAP_FD, offset, b"", ring_start - offset)]
         return self._read_ring(offset, limit)
+
+    def _resync_point(self, offset: int, ring_start: int) -> int:
+        """
+        Where reading may go on after damage at C{offset}: the next record
+        the index knows, else the end of the spooled head; never past the
+        ring, always past C{offset}.
+        """
+        slot = bisect_right(self._index_offsets, offset)
+        after = self._index_offsets[slot] if slot < len(self._index_offsets) else self._spooled_end
+        return max(offset + 1, min(after, self._spooled_end, ring_start))
 
     def _read_ring(self, offset: int, limit: int) -> list[Chunk]:
         chunks: list[Chunk] = []
@@ -290,17 +426,25 @@ class OutputLog:
         taken = 0
         block = b""
         block_start = position
-        while taken < limit and position < self._spool_records:
+        while taken < limit and position < self._spool_records and record_offset < self._spooled_end:
             if position + RECORD_HEADER_SIZE > block_start + len(block):
                 block_start = position
-                block = self._spool.pread(position, max(_SPOOL_READ_BLOCK, limit + RECORD_HEADER_SIZE))
+                try:
+                    block = self._spool.pread(position, max(_SPOOL_READ_BLOCK, limit + RECORD_HEADER_SIZE))
+                except OSError as exc:
+                    self._damaged(f"output spool: cannot read at byte {position}: {exc.strerror or exc}")
+                    break
                 if len(block) < RECORD_HEADER_SIZE:
+                    self._damaged(f"output spool: short read at byte {position}")
                     break
             at = position - block_start
             fd = block[at]
             length = int.from_bytes(block[at + 1 : at + RECORD_HEADER_SIZE], "big")
             payload = 0 if fd == GAP_FD else length
             record_end = record_offset + length
+            if fd not in (GAP_FD, 1, 2) or (fd == GAP_FD and length == 0) or record_end > self._spooled_end:
+                self._damaged(f"output spool: bad record header at byte {position}")
+                break
             if record_end > offset:
                 skip = max(0, offset - record_offset)
                 if fd == GAP_FD:
@@ -315,7 +459,16 @@ class OutputLog:
                     # A view, not a copy: the block is ours alone.
                     data = memoryview(block)[data_at - block_start : data_at - block_start + want]
                 else:
-                    data = self._spool.pread(data_at, want)
+                    try:
+                        data = self._spool.pread(data_at, want)
+                    except OSError as exc:
+                        self._damaged(f"output spool: cannot read at byte {data_at}: {exc.strerror or exc}")
+                        break
+                    if len(data) != want:
+                        # Counting a short read as progress made the
+                        # reader spin on the same offset for ever.
+                        self._damaged(f"output spool: short read at byte {data_at}")
+                        break
                 if chunks and chunks[-1].fd == fd:
                     last = chunks.pop()
                     data = b"".join((last.data, data))

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import asdict, fields
-from typing import Any
+from typing import Any, Callable
 
 from jobworker.limits import Limits
-from jobworker.protocol.messages import JobState, JobStatus, JobUsage, Network
+from jobworker.protocol.messages import UID_UNKNOWN, JobState, JobStatus, JobUsage, Network
 
-__all__ = ["status_to_dict", "status_from_dict", "exit_status"]
+__all__ = ["RecordError", "status_to_dict", "status_from_dict", "salvage_status", "exit_status"]
 
 
 def _seconds(microseconds: int) -> float | None:
@@ -23,6 +23,7 @@ def _seconds(microseconds: int) -> float | None:
 
 def _microseconds(seconds: float | None) -> int:
     return round(seconds * 1e6) if seconds else 0
+
 
 
 def status_to_dict(status: JobStatus) -> dict[str, Any]:
@@ -44,6 +45,7 @@ def status_to_dict(status: JobStatus) -> dict[str, Any]:
         "stopped_by": status.stopped_by or None,
         "workdir": status.workdir,
         "user": status.user,
+        "uid": status.uid if status.uid != UID_UNKNOWN else None,
         "network": status.network.name.lower(),
         "limits": asdict(status.limits),
         "usage": asdict(status.usage),
@@ -51,42 +53,204 @@ def status_to_dict(status: JobStatus) -> dict[str, Any]:
     }
 
 
-def status_from_dict(data: dict[str, Any]) -> JobStatus:
+class RecordError(ValueError):
     """
-    The inverse of L{status_to_dict}.
+    A job record that is not what L{status_to_dict} writes: missing fields,
+    values of the wrong type or out of the range the wire format carries.
+    The message says which field and why.
+    """
 
-    @raise KeyError, ValueError, TypeError: C{data} is not such a dictionary.
-    """
+
+# The ranges a record's values must lie in: what the wire format can carry
+# (protocol-spec: text is at most 65,535 UTF-8 bytes, argv at most 65,535
+# items) and what a job can have (an exit code is a byte, signals stop at
+# SIGRTMAX = 64, times lie between the epoch and the year 9999).
+MAX_TEXT_BYTES = 0xFFFF
+MAX_ARGV_ITEMS = 0xFFFF
+MAX_EXIT_CODE = 255
+MAX_SIGNAL = 64
+MAX_TIME_S = 253_402_300_799  # 9999-12-31T23:59:59Z
+_U32 = 2**32 - 1
+_U64 = 2**64 - 1
+_USAGE_BOUNDS = {"cpu_usec": _U64, "memory_peak_bytes": _U64, "io_read_bytes": _U64, "io_write_bytes": _U64, "pids_peak": _U32}
+_MISSING = object()
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise RecordError(f"{name}: not text ({type(value).__name__})")
     try:
-        return _status_from_dict(data)
-    except (AttributeError, OverflowError) as exc:
-        # A damaged record (a number where text belongs, an infinite time):
-        # reported like any other malformed value.
-        raise ValueError(f"malformed job record: {exc}") from exc
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise RecordError(f"{name}: not valid UTF-8") from None
+    if size > MAX_TEXT_BYTES:
+        raise RecordError(f"{name}: {size} bytes, more than {MAX_TEXT_BYTES}")
+    return value
 
 
-def _status_from_dict(data: dict[str, Any]) -> JobStatus:
-    limit_names = {f.name for f in fields(Limits)}
-    usage_names = {f.name for f in fields(JobUsage)}
-    return JobStatus(
-        job_id=uuid.UUID(data["id"]),
-        owner=data["owner"],
-        argv=tuple(data["command"]),
-        state=JobState[data["state"].upper()],
-        exit_code=data["exit_code"] if data["exit_code"] is not None else -1,
-        signal=data["signal"] or 0,
-        created_at=_microseconds(data["created_at"]),
-        started_at=_microseconds(data["started_at"]),
-        ended_at=_microseconds(data["ended_at"]),
-        error=data["error"] or "",
-        stopped_by=data["stopped_by"] or "",
-        workdir=data.get("workdir", ""),
-        user=data.get("user", ""),
-        network=Network[data.get("network", "none").upper()],
-        limits=Limits(**{k: v for k, v in data.get("limits", {}).items() if k in limit_names}),
-        usage=JobUsage(**{k: v for k, v in data.get("usage", {}).items() if k in usage_names}),
-        output_bytes=data.get("output_bytes", 0),
+def _optional_text(name: str, value: Any) -> str:
+    return "" if value is None else _text(name, value)
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RecordError(f"{name}: not a whole number ({type(value).__name__})")
+    if not low <= value <= high:
+        raise RecordError(f"{name}: {value} out of range ({low} to {high})")
+    return value
+
+
+def _time(name: str, value: Any) -> int:
+    """
+    Seconds since the epoch (a JSON number, or None) as microseconds.
+    """
+    if value is None:
+        return 0
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise RecordError(f"{name}: not a number ({type(value).__name__})")
+    if not 0 <= value <= MAX_TIME_S:  # also false for NaN
+        raise RecordError(f"{name}: {value!r} out of range (0 to {MAX_TIME_S} s)")
+    return _microseconds(value)
+
+
+def _argv(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise RecordError(f"command: not a list ({type(value).__name__})")
+    if len(value) > MAX_ARGV_ITEMS:
+        raise RecordError(f"command: {len(value)} items, more than {MAX_ARGV_ITEMS}")
+    return tuple(_text(f"command[{index}]", item) for index, item in enumerate(value))
+
+
+def _state(value: Any) -> JobState:
+    if not isinstance(value, str) or value.upper() not in JobState.__members__:
+        raise RecordError(f"state: unknown state {str(value)[:40]!r}")
+    return JobState[value.upper()]
+
+
+def _network(value: Any) -> Network:
+    if not isinstance(value, str) or value.upper() not in Network.__members__:
+        raise RecordError(f"network: unknown network {str(value)[:40]!r}")
+    return Network[value.upper()]
+
+
+def _limits(value: Any) -> Limits:
+    if not isinstance(value, dict):
+        raise RecordError(f"limits: not an object ({type(value).__name__})")
+    names = {f.name for f in fields(Limits)}
+    try:
+        # Names from a newer version are ignored; Limits checks the ranges.
+        return Limits(**{key: item for key, item in value.items() if key in names})
+    except (ValueError, TypeError) as exc:
+        raise RecordError(f"limits: {exc}") from None
+
+
+def _usage(value: Any) -> JobUsage:
+    if not isinstance(value, dict):
+        raise RecordError(f"usage: not an object ({type(value).__name__})")
+    return JobUsage(
+        **{
+            key: _integer(f"usage.{key}", item, 0, _USAGE_BOUNDS[key])
+            for key, item in value.items()
+            if key in _USAGE_BOUNDS
+        }
     )
+
+
+# Each field of a record: (JSON key, JobStatus field, parser, default when
+# the key is absent, or _MISSING where it is required).
+_FIELDS: list[tuple[str, str, Callable[[Any], Any], Any]] = [
+    ("owner", "owner", lambda v: _text("owner", v), _MISSING),
+    ("command", "argv", _argv, _MISSING),
+    ("state", "state", _state, _MISSING),
+    ("exit_code", "exit_code", lambda v: -1 if v is None else _integer("exit_code", v, 0, MAX_EXIT_CODE), _MISSING),
+    ("signal", "signal", lambda v: 0 if v is None else _integer("signal", v, 0, MAX_SIGNAL), _MISSING),
+    ("created_at", "created_at", lambda v: _time("created_at", v), _MISSING),
+    ("started_at", "started_at", lambda v: _time("started_at", v), _MISSING),
+    ("ended_at", "ended_at", lambda v: _time("ended_at", v), _MISSING),
+    ("error", "error", lambda v: _optional_text("error", v), _MISSING),
+    ("stopped_by", "stopped_by", lambda v: _optional_text("stopped_by", v), _MISSING),
+    # Added later: older records lack them.
+    ("workdir", "workdir", lambda v: _text("workdir", v), ""),
+    ("user", "user", lambda v: _text("user", v), ""),
+    ("network", "network", _network, Network.NONE),
+    ("limits", "limits", _limits, Limits()),
+    ("usage", "usage", _usage, JobUsage()),
+    ("output_bytes", "output_bytes", lambda v: _integer("output_bytes", v, 0, _U64), 0),
+    ("uid", "uid", lambda v: UID_UNKNOWN if v is None else _integer("uid", v, 0, _U32), UID_UNKNOWN),
+]
+
+
+def _job_id(value: Any) -> uuid.UUID:
+    if not isinstance(value, str):
+        raise RecordError(f"id: not text ({type(value).__name__})")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise RecordError(f"id: not a job id ({value[:40]!r})") from None
+
+
+def status_from_dict(data: Any) -> JobStatus:
+    """
+    The inverse of L{status_to_dict}, for records that may be damaged: every
+    field is checked (type, and the range the wire format carries), so a
+    status it returns can always be sent to a client.
+
+    @raise RecordError: C{data} is not such a dictionary; the message names
+        the first field that is wrong.
+    """
+    status, problems = salvage_status(data)
+    if problems:
+        raise RecordError("; ".join(problems))
+    return status
+
+
+def salvage_status(data: Any, job_id: uuid.UUID | None = None) -> tuple[JobStatus, list[str]]:
+    """
+    As much of a possibly damaged record as is valid, and what is not.
+
+    Each field that is missing or wrong takes its default (an owner of
+    C{""}, which only admins and viewers may see; state C{lost}) and adds a
+    line to the problems.  Never raises, and the status returned can
+    always be sent to a client.
+
+    @param job_id: the id to use when the record's own is damaged (the
+        store knows it from the file name).
+    """
+    problems: list[str] = []
+    is_record = isinstance(data, dict)
+    if not is_record:
+        # Nothing in it is usable; one line says why, not one per field.
+        problems.append(f"not a job record (a JSON {type(data).__name__})")
+        data = {}
+    values: dict[str, Any] = {}
+    try:
+        if "id" not in data:
+            raise RecordError("id: missing")
+        found = _job_id(data["id"])
+        if job_id is not None and found != job_id:
+            problems.append(f"id: {found} does not match the file's {job_id}")
+        values["job_id"] = job_id or found
+    except RecordError as exc:
+        if is_record:
+            problems.append(str(exc))
+        values["job_id"] = job_id or uuid.UUID(int=0)
+    for key, name, parse, default in _FIELDS:
+        raw = data.get(key, _MISSING)
+        if raw is _MISSING:
+            if default is _MISSING:
+                if is_record:
+                    problems.append(f"{key}: missing")
+                continue
+            values[name] = default
+            continue
+        try:
+            values[name] = parse(raw)
+        except RecordError as exc:
+            problems.append(str(exc))
+    values.setdefault("owner", "")
+    values.setdefault("argv", ())
+    values.setdefault("state", JobState.LOST)
+    return JobStatus(**values), problems
 
 
 def exit_status(status: JobStatus) -> int:

@@ -19,8 +19,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from jobworker.jobs import JobManager, JobManagerConfig
-from jobworker.limits import LimitError, Limits, parse_count, parse_cpu, parse_duration, parse_size
+from jobworker.limits import LimitError, Limits, host_caps, parse_count, parse_cpu, parse_duration, parse_size
 from jobworker.server import ServerFactory, ServerLimits
+from jobworker.uids import DEFAULT_FIRST_UID, DEFAULT_LAST_UID, parse_uid_range
 
 __all__ = ["Options", "makeService"]
 
@@ -37,6 +38,49 @@ _LIMIT_OPTIONS = [
 ]
 
 
+_CAP_DEFAULTS = {
+    "cpu": " Default: half the CPUs, at least one.",
+    "memory": " Default: half the memory.",
+    "pids": " Default: 4096.",
+}
+
+# A tenth of the memory for a job's /tmp, /var/tmp and /dev/shm together: a
+# job whose memory is not limited (an admin's) cannot fill the host's RAM
+# through them.
+TMP_SIZE_FRACTION = 10
+
+
+# Directories too widely used to hide from jobs, even when the server's key
+# lies in one: then only the key file itself is hidden.
+SHARED_DIRECTORIES = frozenset(
+    ["/", "/etc", "/etc/ssl", "/etc/pki", "/usr", "/usr/local", "/var", "/var/lib", "/opt", "/srv",
+     "/home", "/run", "/tmp", "/var/tmp", "/mnt", "/media"]
+)
+
+
+def secret_paths(key: str, extra: list[str]) -> tuple[str, ...]:
+    """
+    What jobs must not reach besides the state dir: the TLS key, the
+    directory it lies in (a development PKI keeps the CA's and the clients'
+    keys beside it) unless that is one of L{SHARED_DIRECTORIES}, and the
+    operator's C{--hide-path}s.
+    """
+    key = os.path.realpath(key)
+    paths = [key]
+    directory = os.path.dirname(key)
+    if directory not in SHARED_DIRECTORIES:
+        paths.append(directory)
+    return tuple(dict.fromkeys([*paths, *(os.path.realpath(p) for p in extra)]))
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def host_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = "Run the jobworker server: runs jobs for clients authenticated by mutual TLS."
@@ -49,7 +93,9 @@ class Options(usage.Options):
         ["state-dir", None, None, "Job records and output spools (default /var/lib/jobworker as root, else ./state)."],
         ["retention", None, "1G", "Output kept on disk per job; beyond it, followers see an explicit gap."],
         ["ring-size", None, "4M", "Recent output kept in memory per running job."],
-        ["job-user", None, "nobody", "User that jobs run as unless an admin asks for another."],
+        ["job-user", None, None, "Run every job as this one user (unless an admin asks for another) instead of each as a uid of its own from --job-uids."],
+        ["job-uids", None, f"{DEFAULT_FIRST_UID}-{DEFAULT_LAST_UID}", "Range of uids given to jobs, one each, FIRST-LAST (as root, without --job-user). Servers on one host may share a range (each claims its uids in /run/jobworker/uids)."],
+        ["tmp-size", None, None, "Size of a job's private /tmp, /var/tmp and /dev/shm together (one tmpfs; its pages count against the job's memory limit), e.g. 1G, or none to give jobs the host's (default: a tenth of the memory)."],
         ["cgroups", None, "auto", "cgroup driver: auto, v1, v2 or none (no resource limits)."],
         ["cgroup-prefix", None, None, "Directory, below the server's own cgroup, for the job cgroups (default: jobworker-<hash of the state dir>, one per server)."],
         ["grace", None, "10", "Seconds between SIGTERM and SIGKILL when the server stops jobs."],
@@ -69,22 +115,43 @@ class Options(usage.Options):
         [f"default-{name}", None, "1024" if name == "pids" else None, f"Default job limit: {text}."]
         for name, _, _, text in _LIMIT_OPTIONS
     ] + [
-        [f"max-{name}", None, None, f"Most a non-admin job may ask for: {text}."]
+        [f"max-{name}", None, None, f"Most a non-admin job may ask for: {text}, or none for no cap." + _CAP_DEFAULTS.get(name, "")]
         for name, _, _, text in _LIMIT_OPTIONS
     ]
 
     optFlags = [
-        ["no-isolation", None, "Run jobs without PID, mount and network namespaces."],
+        ["no-isolation", None, "Run jobs without PID, mount, IPC and network namespaces (and without private /tmp, /sys and hidden paths)."],
+        ["no-private-sys", None, "Let jobs see the host's /sys instead of a read-only one of their own."],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["hide-paths"] = []
+
+    def opt_hide_path(self, path: str) -> None:
+        """
+        A path jobs must not reach (repeatable), besides the state dir, the TLS key and its directory, which are always hidden.
+        """
+        self["hide-paths"].append(os.path.abspath(path))
 
     def postOptions(self) -> None:
         try:
             self["default-limits"] = self._limits("default")
-            self["caps"] = self._limits("max")
+            self["caps"] = self._caps()
+            if self["tmp-size"] is None:
+                self["tmp-bytes"] = host_memory_bytes() // TMP_SIZE_FRACTION
+            elif self["tmp-size"].strip().lower() == "none":
+                self["tmp-bytes"] = 0
+            else:
+                self["tmp-bytes"] = parse_size(self["tmp-size"], what="tmp-size")
             self["retention-bytes"] = parse_size(self["retention"], what="retention")
             self["ring-bytes"] = parse_size(self["ring-size"], what="ring-size")
         except LimitError as exc:
             raise usage.UsageError(str(exc)) from None
+        try:
+            self["job-uid-range"] = parse_uid_range(self["job-uids"])
+        except ValueError as exc:
+            raise usage.UsageError(f"--job-uids: {exc}") from None
         for name in ("grace", "handshake-timeout", "idle-timeout", "frame-timeout"):
             try:
                 self[name] = float(self[name])
@@ -120,6 +187,21 @@ class Options(usage.Options):
             # prefix follows it.
             digest = hashlib.sha256(os.path.realpath(self["state-dir"]).encode()).hexdigest()[:10]
             self["cgroup-prefix"] = f"jobworker-{digest}"
+
+    def _caps(self) -> Limits:
+        """
+        The --max-* options; where one is not given, the cap derived from
+        the machine (L{host_caps}); C{none} for no cap.
+        """
+        derived = host_caps(host_memory_bytes(), host_cpus())
+        values = {}
+        for name, field, parse, _ in _LIMIT_OPTIONS:
+            text = self[f"max-{name}"]
+            if text is None:
+                values[field] = getattr(derived, field)
+            elif text.strip().lower() != "none":
+                values[field] = parse(text)
+        return Limits(**values)
 
     def _limits(self, prefix: str) -> Limits:
         values = {}
@@ -242,6 +324,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         state_dir=options["state-dir"],
         isolate=isolate,
         job_user=options["job-user"] if privileged else None,
+        job_uids=options["job-uid-range"] if privileged else None,
+        scratch_bytes=options["tmp-bytes"],
+        private_sys=not options["no-private-sys"],
+        hidden_paths=secret_paths(options["key"], options["hide-paths"]),
         default_limits=options["default-limits"],
         caps=options["caps"],
         default_grace_s=options["grace"],
@@ -249,6 +335,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_finished_jobs=options["max-finished-jobs"],
         ring_size=options["ring-bytes"],
         retention=options["retention-bytes"],
+    )
+    log.info(
+        "jobs run as {who}; caps for non-admins: {caps}",
+        who=(
+            f"uids {config.job_uids}, one each" if config.job_user is None and config.job_uids is not None
+            else config.job_user or "the server's own user"
+        ),
+        caps=", ".join(f"{name}={value}" for name, value in vars(config.caps).items() if value) or "none",
     )
     driver = _cgroup_driver(options["cgroups"], options["cgroup-prefix"]) if privileged else None
     if driver is not None:

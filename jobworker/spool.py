@@ -13,6 +13,21 @@ Memory is bounded by the backlog: past L{HIGH_WATER} queued bytes the spool
 reports itself L{congested}, and its owner stops reading the job's pipe (the
 job then waits on a full pipe, as it would on a slow disk) until the writer
 calls C{on_drained} below L{LOW_WATER}.
+
+A write that fails (a full disk: ENOSPC, EDQUOT; or EIO) does not keep the
+bytes in memory: a full disk can last for hours, and every job writing
+meanwhile would hold its backlog.  The spool cuts the file back to the end
+of the last whole record, drops the failed record and everything queued
+after it, and reports the L{failure}: the file position it stopped at and
+the caller's C{mark} (the data offset) of the first record it lost.  It
+accepts and drops appends until its owner calls L{resume}; the owner (the
+output log) then knows exactly which bytes the file lacks and records them
+as a gap (see L{jobworker.outputlog}).
+
+Records are written at the position the spool expects (C{pwritev}), not
+appended, so that a file truncated behind the server's back keeps the
+records written after it where the readers look for them (the hole reads as
+zeros, which the output log detects as damage).
 """
 
 from __future__ import annotations
@@ -21,12 +36,24 @@ import os
 import queue
 import threading
 from collections import deque
-from typing import Callable
+from typing import Callable, NamedTuple
 
-__all__ = ["FileSpool", "HIGH_WATER", "LOW_WATER"]
+__all__ = ["FileSpool", "SpoolFailure", "HIGH_WATER", "LOW_WATER"]
 
 HIGH_WATER = 32 << 20
 LOW_WATER = 8 << 20
+
+
+class SpoolFailure(NamedTuple):
+    """
+    Where a spool stopped writing: C{position} is the file size it was cut
+    back to, C{mark} the mark of the first record that was not written, and
+    C{error} why.
+    """
+
+    position: int
+    mark: int | None
+    error: OSError
 
 
 def _after(pieces: list[bytes | memoryview], skip: int) -> list[bytes | memoryview]:
@@ -62,16 +89,16 @@ class _Writer:
                 cls._instance = cls()
             return cls._instance
 
-    def submit(self, spool: FileSpool, pieces: int) -> None:
+    def submit(self, spool: FileSpool, pieces: int, generation: int) -> None:
         """
         Write the spool's next C{pieces} queued pieces; 0 closes it.
         """
-        self._queue.put((spool, pieces))
+        self._queue.put((spool, pieces, generation))
 
     def _run(self) -> None:
         while True:
-            spool, pieces = self._queue.get()
-            spool._write_now(pieces)
+            spool, pieces, generation = self._queue.get()
+            spool._write_now(pieces, generation)
 
 
 class FileSpool:
@@ -82,27 +109,62 @@ class FileSpool:
     @ivar on_drained: called (from the writer thread) when a congested
         spool's backlog falls below L{LOW_WATER}; the owner hops back to its
         own thread.
+    @ivar on_failed: called (from the writer thread) with the
+        L{SpoolFailure} when a write fails.
+    @ivar on_recovered: called (from the writer thread) when the first
+        record after L{resume} is written.
     """
 
     def __init__(self, path: str, *, create: bool = True) -> None:
         self.path = path
         self.on_drained: Callable[[], None] | None = None
+        self.on_failed: Callable[[SpoolFailure], None] | None = None
+        self.on_recovered: Callable[[], None] | None = None
         self._fd: int | None = None
         self._read_fd: int | None = None
         self._lock = threading.Lock()
         self._pending: deque[bytes | memoryview] = deque()
+        self._marks: deque[int | None] = deque()  # one per queued append
         self._pending_bytes = 0
+        # Bumped by every failure: work queued before it is stale.
+        self._generation = 0
+        self._failure: SpoolFailure | None = None
+        self._recovering = False
         self._sealed = not create
         self._congested_seen = False
         self._done = threading.Event()
         if create:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._written = os.fstat(self._fd).st_size
         else:
             self._written = os.stat(path).st_size
             self._done.set()
         self._size = self._written
-        self.error: OSError | None = None
+
+    @property
+    def failure(self) -> SpoolFailure | None:
+        """
+        Set when a write failed, until L{resume}; appends are dropped
+        meanwhile.
+        """
+        return self._failure
+
+    @property
+    def error(self) -> OSError | None:
+        failure = self._failure
+        return failure.error if failure is not None else None
+
+    def resume(self) -> None:
+        """
+        Accept appends again after a L{failure}; they go at
+        C{failure.position}.  The first one written calls C{on_recovered};
+        if it fails too, the spool fails again.
+        """
+        with self._lock:
+            if self._failure is None:
+                return
+            self._failure = None
+            self._recovering = True
 
     @property
     def size(self) -> int:
@@ -119,23 +181,32 @@ class FileSpool:
     def congested(self) -> bool:
         return self._pending_bytes > HIGH_WATER
 
-    def append(self, *pieces: bytes) -> None:
+    def append(self, *pieces: bytes, mark: int | None = None) -> None:
         """
         Queue C{pieces} (a record's header and its data, say), to be written
         in order with one C{writev}, so they are never joined in memory.
+        One append is one record: a failed write loses it whole.
+
+        @param mark: the caller's name for this record (the output log
+            passes its data offset), reported in L{failure} if it is the
+            first record lost.
         """
         if self._sealed:
             raise ValueError(f"spool {self.path} is sealed")
         size = sum(map(len, pieces))
         with self._lock:
+            if self._failure is not None:
+                return  # dropped: the owner learns of it from the failure
             self._pending.extend(pieces)
+            self._marks.append(mark)
             self._pending_bytes += size
             self._size += size
             if self._pending_bytes > HIGH_WATER:
                 self._congested_seen = True
-        _Writer.get().submit(self, len(pieces))
+            generation = self._generation
+        _Writer.get().submit(self, len(pieces), generation)
 
-    def _write_now(self, count: int) -> None:
+    def _write_now(self, count: int, generation: int) -> None:
         """
         Writer thread: write the next C{count} queued pieces, or close on 0.
         """
@@ -145,30 +216,63 @@ class FileSpool:
                 self._fd = None
             self._done.set()
             return
-        if self.error is not None:
-            return  # an earlier write failed: everything from it stays queued
         with self._lock:
+            if generation != self._generation:
+                return  # queued before a failure, which dropped it
             pieces = [self._pending[index] for index in range(count)]
+            start = self._written
         size = sum(map(len, pieces))
         try:
             written = 0
             while written < size:
-                written += os.writev(self._fd, _after(pieces, written))
+                written += os.pwritev(self._fd, _after(pieces, written), start + written)
         except OSError as exc:
-            # A full disk must not lose the bytes for readers: this piece
-            # and every later one stay queued in memory (pread serves them),
-            # the backlog makes the owner stop reading the job, and the
-            # owner sees the error.
-            self.error = exc
+            self._fail(exc, start)
             return
         with self._lock:
             for _ in range(count):
                 self._pending.popleft()
+            self._marks.popleft()
             self._pending_bytes -= size
             self._written += size
+            self._size = max(self._size, self._written)
             drained = self._congested_seen and self._pending_bytes < LOW_WATER
             if drained:
                 self._congested_seen = False
+            recovered, self._recovering = self._recovering, False
+        if drained:
+            callback = self.on_drained
+            if callback is not None:
+                callback()
+        if recovered:
+            callback = self.on_recovered
+            if callback is not None:
+                callback()
+
+    def _fail(self, error: OSError, position: int) -> None:
+        """
+        Writer thread: a write at C{position} failed.  Cut the file back to
+        it (a partly written record would read as damage), drop what is
+        queued, and report.
+        """
+        try:
+            os.ftruncate(self._fd, position)
+        except OSError:
+            pass  # the readers stop at the last whole record anyway
+        with self._lock:
+            mark = self._marks[0] if self._marks else None
+            self._failure = SpoolFailure(position, mark, error)
+            self._generation += 1
+            self._pending.clear()
+            self._marks.clear()
+            self._pending_bytes = 0
+            self._size = self._written
+            drained, self._congested_seen = self._congested_seen, False
+            self._recovering = False
+            failure = self._failure
+        callback = self.on_failed
+        if callback is not None:
+            callback(failure)
         if drained:
             callback = self.on_drained
             if callback is not None:
@@ -218,7 +322,7 @@ class FileSpool:
             if self._read_fd is not None:
                 os.close(self._read_fd)
                 self._read_fd = None
-            _Writer.get().submit(self, 0)
+            _Writer.get().submit(self, 0, 0)
 
     def flush(self, timeout: float | None = None) -> bool:
         """

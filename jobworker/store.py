@@ -6,8 +6,15 @@ Layout::
     STATE_DIR/jobs/<uuid>.json   the job's record (status, environment)
     STATE_DIR/jobs/<uuid>.out    its output spool (see jobworker.outputlog)
 
-Records are replaced atomically (write a temporary file, fsync, rename), so
-a crash leaves either the old record or the new one, never a torn one.
+Records are replaced atomically (write a temporary file completely, fsync,
+rename), so a crash or a full disk leaves either the old record or the new
+one, never a torn one: a write that fails, short or not, removes the
+temporary file and leaves the old record in place.
+
+Loading trusts nothing on disk: every record is validated
+(L{jobworker.records.salvage_status}); a damaged one, and a spool whose
+record is missing, still load as a job (with what could be read, and the
+problems found), so that an operator sees them in C{jobcli list}.
 """
 
 from __future__ import annotations
@@ -16,13 +23,43 @@ import fcntl
 import json
 import os
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from twisted.logger import Logger
 
-from jobworker.records import status_from_dict, status_to_dict
+from jobworker.protocol.messages import JobStatus
+from jobworker.records import salvage_status, status_to_dict
 
-__all__ = ["JobStore", "StateDirLocked"]
+__all__ = ["JobStore", "LoadedRecord", "StateDirLocked"]
+
+# A record is a few KiB (at most ~512 KiB with the largest argv and env);
+# one bigger than this is not ours, and is not read into memory.
+MAX_RECORD_BYTES = 16 << 20
+
+
+@dataclass
+class LoadedRecord:
+    """
+    One job found in the state directory.
+
+    @ivar problems: what is wrong with the record (empty when it is sound);
+        the fields they name have their defaults in C{status}.
+    """
+
+    status: JobStatus
+    env: list[tuple[str, str]]
+    problems: list[str] = field(default_factory=list)
+
+
+def _env(value: Any) -> tuple[list[tuple[str, str]], list[str]]:
+    if value is None:
+        return [], []
+    if isinstance(value, list) and all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(item, str) for item in pair) for pair in value
+    ):
+        return [(key, item) for key, item in value], []
+    return [], ["env: not a list of [name, value] pairs"]
 
 
 class StateDirLocked(Exception):
@@ -65,16 +102,48 @@ class JobStore:
         return os.path.join(self.jobs_dir, f"{job_id}.json")
 
     def save(self, job: Any) -> None:
+        """
+        Replace the job's record.
+
+        @raise OSError: it could not be written completely (a full disk, too
+            many open files); the old record, if any, is left as it was and
+            no temporary file is left behind.
+        """
         record = {"status": status_to_dict(job.status()), "env": [list(pair) for pair in job.env]}
-        path = self._record_path(job.job_id)
+        self._replace(self._record_path(job.job_id), json.dumps(record).encode())
+
+    def _replace(self, path: str, content: bytes) -> None:
         temporary = path + ".tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, json.dumps(record).encode())
-            os.fsync(fd)
+            try:
+                view = memoryview(content)
+                while view:
+                    # A short write (a nearly full disk) is not an error by
+                    # itself: go on until all is written or one fails.
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, path)
+        except BaseException:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise
+        # The rename itself survives a crash once the directory is synced.
+        try:
+            directory = os.open(self.jobs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.fsync(directory)
+        except OSError:
+            pass
         finally:
-            os.close(fd)
-        os.replace(temporary, path)
+            os.close(directory)
 
     def forget(self, job_id: uuid.UUID) -> None:
         for path in (self._record_path(job_id), self._record_path(job_id) + ".tmp"):
@@ -83,18 +152,73 @@ class JobStore:
             except FileNotFoundError:
                 pass
 
-    def load(self) -> Iterator[dict[str, Any]]:
+    def load(self) -> Iterator[LoadedRecord]:
         """
-        Every readable record; unreadable ones are logged and skipped (and
-        left in place for an operator to look at).
+        Every job of the state directory, sound or damaged.
+
+        A record that is damaged (not JSON, fields missing or out of range)
+        yields what of it is valid, with its problems; a spool without a
+        record yields a job known only by its id and output.  Temporary
+        files of interrupted writes are removed.  Files that are not ours
+        (names that are not a job id) are logged and left alone.
         """
-        for name in sorted(os.listdir(self.jobs_dir)):
-            if not name.endswith(".json"):
-                continue
+        names = set(os.listdir(self.jobs_dir))
+        for name in sorted(names):
             path = os.path.join(self.jobs_dir, name)
+            stem, dot, suffix = name.partition(".")
             try:
-                with open(path, "rb") as handle:
-                    data = json.load(handle)
-                yield {"status": status_from_dict(data["status"]), "env": [tuple(p) for p in data.get("env", [])]}
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.error("skipping unreadable job record {path}: {error}", path=path, error=exc)
+                job_id = uuid.UUID(stem)
+            except ValueError:
+                job_id = None
+            if job_id is None or str(job_id) != stem or suffix not in ("json", "json.tmp", "out"):
+                log.warn("ignoring {path}: not a file of jobworker's", path=path)
+                continue
+            if suffix == "json.tmp":
+                # A write that never finished: the record beside it (if any)
+                # is the one that counts.
+                log.info("removing {path}, left by an interrupted write", path=path)
+                try:
+                    os.unlink(path)
+                except OSError as exc:
+                    log.warn("could not remove {path}: {error}", path=path, error=exc)
+                continue
+            if suffix == "out":
+                if f"{stem}.json" not in names:
+                    log.error("job {job_id}: its output spool has no record", job_id=job_id)
+                    status, _ = salvage_status(None, job_id)
+                    yield LoadedRecord(status, [], ["the job record is missing"])
+                continue
+            yield self._load_one(path, job_id)
+
+    def _load_one(self, path: str, job_id: uuid.UUID) -> LoadedRecord:
+        problems: list[str] = []
+        data: Any = None
+        try:
+            with open(path, "rb") as handle:
+                content = handle.read(MAX_RECORD_BYTES + 1)
+            if len(content) > MAX_RECORD_BYTES:
+                problems.append(f"the job record is larger than {MAX_RECORD_BYTES} bytes")
+            else:
+                data = json.loads(content)
+        except OSError as exc:
+            problems.append(f"the job record cannot be read: {exc.strerror or exc}")
+        except (ValueError, RecursionError) as exc:
+            problems.append(f"the job record is not JSON: {str(exc)[:200]}")
+        if data is not None and not isinstance(data, dict):
+            problems.append(f"the job record is not an object (a JSON {type(data).__name__})")
+            data = None
+        status, found = salvage_status(data["status"] if data is not None and "status" in data else None, job_id)
+        if data is not None:
+            if "status" not in data:
+                problems.append("status: missing")
+            else:
+                problems.extend(found)
+            env, env_problems = _env(data.get("env"))
+            problems.extend(env_problems)
+        else:
+            env = []
+        if problems:
+            log.error(
+                "job {job_id}: damaged record {path}: {problems}", job_id=job_id, path=path, problems="; ".join(problems)
+            )
+        return LoadedRecord(status, env, problems)

@@ -84,6 +84,7 @@ def _status(**changes: Any) -> m.JobStatus:
         workdir="/",
         user="nobody",
         network=m.Network.NONE,
+        uid=65534,
     )
     return dataclasses.replace(base, **changes)
 
@@ -271,8 +272,9 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
                  usage=m.JobUsage(U64_MAX, U64_MAX, U64_MAX, U64_MAX, U32_MAX),
                  output_bytes=U64_MAX,
                  workdir="/tmp/ü",
-                 user="root",
+                 user="",
                  network=m.Network.HOST,
+                 uid=U32_MAX,
              ))),
         ],
     ),
@@ -280,11 +282,11 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
         "list_response",
         [
             ("list_response.empty", "no jobs: the u32 count 0 and nothing else", m.ListResponse(8, ())),
-            ("list_response.two_jobs", "a running job and a lost one with an empty argv and i32 maximum exit code",
+            ("list_response.two_jobs", "a running job and a lost one with an empty argv, i32 maximum exit code and a uid of its own",
              m.ListResponse(8, (
                  _status(),
                  _ended(m.JobState.LOST, job_id=JOB_B, owner="bob", argv=(), exit_code=I32_MAX,
-                        usage=m.JobUsage(), output_bytes=0),
+                        usage=m.JobUsage(), output_bytes=0, user="", uid=65519),
              ))),
         ],
     ),

@@ -127,6 +127,12 @@ class RunningServer:
         return self.process.returncode
 
 
+def _primary_group(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_gid
+
+
 def make_pki(directory: Path) -> Path:
     from jobworker.pki import make_client_cert, make_dev_pki
 
@@ -137,14 +143,22 @@ def make_pki(directory: Path) -> Path:
     return directory
 
 
-def start_server(certs: Path, state_dir: Path, *args: str, port: int | None = None) -> RunningServer:
+def start_server(
+    certs: Path, state_dir: Path, *args: str, port: int | None = None, user: str | None = None
+) -> RunningServer:
     """
     Start a server and wait until it accepts connections (at most 20 s).
+
+    With C{user}, the server runs as that user (via C{setpriv}, so the test
+    process must be root): the state dir and the certificates must be
+    usable by it.
     """
     port = port or free_port()
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir.parent / f"server-{port}.log"
+    prefix = [] if user is None else ["setpriv", f"--reuid={user}", f"--regid={_primary_group(user)}", "--clear-groups", "--"]
     command = [
+        *prefix,
         str(BIN / "twistd"), "-n", "--pidfile=", "jobworker",
         "--listen", f"tcp:{port}:interface=127.0.0.1",
         "--ca", str(certs / "ca.pem"), "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),

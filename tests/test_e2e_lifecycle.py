@@ -6,23 +6,34 @@ C{lost}, and no process), removing jobs, and timeouts.
 Processes of a job are found on the host by a marker argument
 (C{sleep 1000.NNNN}, unique per test) in C{/proc/*/cmdline}: the job's PID
 namespace hides nothing from the host's C{/proc}.
+
+Every test runs against three kinds of server (the C{mode} fixture): the
+default one (root, namespaces, cgroups), one started with C{--no-isolation
+--cgroups none}, and one running as an unprivileged user (C{nobody}), which
+the README documents as a way to run jobworker and which has neither
+namespaces nor cgroups: jobs are then signalled through their process group.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from jobworker.protocol import messages as m
-from tests.support import start_server
+from tests.support import need, need_root, start_server
 
 
 def marker() -> str:
@@ -111,23 +122,123 @@ def wait(server, job_id: str) -> m.JobStatus:
         return client.wait(uuid.UUID(job_id))
 
 
+@dataclass(frozen=True)
+class ServerMode:
+    """
+    How the servers of a test run: extra options, and the user they run as
+    (None: the test's own, root on CI).
+    """
+
+    name: str
+    args: tuple[str, ...] = ()
+    user: str | None = None
+
+
+MODES = [
+    ServerMode("isolated"),
+    ServerMode("no-isolation", ("--no-isolation", "--cgroups", "none")),
+    ServerMode("unprivileged", user="nobody"),
+]
+
+
+@pytest.fixture(scope="module", params=MODES, ids=lambda mode: mode.name)
+def launch(request, certs, tmp_path_factory):
+    """
+    A function C{launch(name, *args)} that starts a server of this module's
+    mode on the state directory C{name} (the same name, the same state).
+
+    An unprivileged server gets a copy of the certificates and state
+    directories that it owns, in a directory of its own under /tmp (pytest's
+    temporary directories are private to root).
+    """
+    mode: ServerMode = request.param
+    if mode.user is None:
+        base = tmp_path_factory.mktemp(mode.name)
+        server_certs = certs
+    else:
+        need_root()
+        need(shutil.which("setpriv") is not None, "needs setpriv (util-linux) to drop to an unprivileged user")
+        entry = pwd.getpwnam(mode.user)
+        base = Path(tempfile.mkdtemp(prefix="jobworker-unprivileged-"))
+        base.chmod(0o755)
+        server_certs = base / "certs"
+        shutil.copytree(certs, server_certs)
+        for path in (server_certs, *server_certs.iterdir()):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def start_one(name: str, *args: str):
+        state_dir = base / name
+        if mode.user is not None and not state_dir.exists():
+            state_dir.mkdir(mode=0o700)
+            os.chown(state_dir, entry.pw_uid, entry.pw_gid)
+        return start_server(server_certs, state_dir, *mode.args, *args, user=mode.user)
+
+    start_one.mode = mode
+    yield start_one
+    if mode.user is not None:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(launch):
+    """
+    One server of this module's mode, shared by the tests that need no
+    special options.
+    """
+    running = launch("shared")
+    yield running
+    running.stop()
+
+
 @pytest.fixture
-def servers(certs, tmp_path):
+def servers(launch):
     """
     Start servers on one state directory; each is stopped (or killed) at the
     end of the test.
     """
     started = []
-    state_dir = tmp_path / "state"
+    name = f"state-{uuid.uuid4().hex[:12]}"
 
     def start_one(*args: str):
-        running = start_server(certs, state_dir, "--grace", "1", *args)
+        running = launch(name, "--grace", "1", *args)
         started.append(running)
         return running
 
     yield start_one
     for running in started:
         running.stop()
+
+
+# -- the simplest jobs --------------------------------------------------------------
+
+
+def test_run_prints_and_exits_in_every_mode(server):
+    # Without cgroups the end of a job was never noticed (a TypeError in
+    # processEnded): `run` hung and the job stayed running.
+    for attempt in range(6):
+        result = server.jobcli("run", "--", "python3", "-c", 'print("x")', timeout=20)
+        assert (result.returncode, result.stdout, result.stderr) == (0, b"x\n", b""), attempt
+    assert "Traceback" not in server.log()
+
+
+def test_stop_force_ends_a_running_job(server, launch):
+    argument = marker()
+    try:
+        job_id = start(server, "sh", "-c", f'trap "" TERM; sleep {argument}')
+        wait_running(server, job_id, argument)
+        if launch.mode.user is not None:
+            # The server really is unprivileged: so are its jobs.
+            (pid,) = processes_with(argument)
+            assert os.stat(f"/proc/{pid}").st_uid == pwd.getpwnam(launch.mode.user).pw_uid
+            assert status(server, job_id)["user"] == launch.mode.user
+        stopped = server.jobcli("stop", "--force", job_id, timeout=20)
+        assert stopped.returncode == 0, stopped.stderr
+        final = wait(server, job_id)
+        assert final.state is m.JobState.STOPPED, final
+        assert final.signal == signal.SIGKILL
+        assert gone_within(argument, 5), f"sleep {argument} outlived stop --force"
+    finally:
+        kill_leftovers(argument)
 
 
 # -- shutdown --------------------------------------------------------------------------
@@ -241,7 +352,7 @@ def test_the_processes_of_a_lost_job_are_gone_after_restart(servers):
         kill_leftovers(argument)
 
 
-def test_starting_another_server_leaves_this_servers_jobs_alone(server, certs, tmp_path):
+def test_starting_another_server_leaves_this_servers_jobs_alone(server, launch):
     # Two servers on one host (say, a developer's and the test suite's, or
     # two tenants): the second must not treat the first's jobs as its own
     # stale ones.
@@ -249,7 +360,7 @@ def test_starting_another_server_leaves_this_servers_jobs_alone(server, certs, t
     try:
         job_id = start(server, "sleep", argument)
         wait_running(server, job_id, argument)
-        other = start_server(certs, tmp_path / "other-state")
+        other = launch("other-state")
         try:
             time.sleep(0.5)
         finally:

@@ -333,3 +333,25 @@ def test_is_empty() -> None:
     assert Limits().is_empty()
     for name in FIELDS:
         assert not Limits(**{name: 1}).is_empty()
+
+
+# -- caps derived from the machine, and how a cap is named -----------------------
+
+
+def test_host_caps_are_half_the_memory_and_cpus_and_4096_pids():
+    from jobworker.limits import host_caps
+
+    caps = host_caps(24 << 30, 2)
+    assert caps == Limits(cpu_millicores=1000, memory_bytes=12 << 30, pids=4096)
+    # At least one core; memory in whole MiB.
+    assert host_caps((1 << 30) + 12345, 1) == Limits(cpu_millicores=1000, memory_bytes=512 << 20, pids=4096)
+    assert host_caps(64 << 30, 16).cpu_millicores == 8000
+
+
+def test_describe_above_names_each_limit_and_its_cap():
+    asked = Limits(cpu_millicores=3000, memory_bytes=200 << 20, pids=10, timeout_ms=90_000)
+    caps = Limits(cpu_millicores=1500, memory_bytes=100 << 20, pids=4096, timeout_ms=60_000)
+    assert asked.describe_above(caps) == (
+        "cpu 3 is above the cap of 1.5; memory 200M is above the cap of 100M; timeout 90s is above the cap of 60s"
+    )
+    assert Limits().describe_above(caps) == ""

@@ -11,8 +11,10 @@ no longer holds.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ class RecordingSpool(MemorySpool):
         super().__init__()
         self.appends: list[bytes] = []
 
-    def append(self, *pieces: bytes) -> None:
+    def append(self, *pieces: bytes, mark: int | None = None) -> None:
         self.appends.append(b"".join(pieces))
         super().append(*pieces)
 
@@ -604,20 +606,253 @@ def test_file_spool_remove(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_file_spool_keeps_bytes_it_could_not_write() -> None:
+def settled(spool: FileSpool, timeout: float = 10) -> None:
     """
-    On a full disk the bytes stay queued in memory for readers (the module
-    docstring's promise) and the error is reported.  /dev/full fails every
-    write with ENOSPC.
+    Wait until the writer thread has dealt with everything queued.
+    """
+    deadline = time.monotonic() + timeout
+    while spool.backlog:
+        assert time.monotonic() < deadline, "the spool writer did not catch up"
+        time.sleep(0.001)
+
+
+def test_file_spool_drops_what_it_could_not_write() -> None:
+    """
+    On a full disk the spool must not keep the bytes in memory (it did: 32
+    MiB per job, for ever, since the first error stopped every later
+    write).  It drops them, reports where it stopped and the mark of the
+    first record lost, and drops appends until resumed.  /dev/full fails
+    every write with ENOSPC.
     """
     spool = FileSpool("/dev/full")
-    spool.append(b"A" * 10)
-    spool.append(b"B" * 10)
-    spool.append(b"C" * 10)
+    failures = []
+    spool.on_failed = failures.append
+    spool.append(b"A" * 10, mark=0)
+    spool.append(b"B" * 10, mark=10)
+    settled(spool)
+    assert spool.failure is not None and spool.failure.error.errno == errno.ENOSPC
+    assert (spool.failure.position, spool.failure.mark) == (0, 0)
+    assert failures == [spool.failure]
+    assert spool.backlog == 0 and spool.size == 0
+    assert spool.pread(0, 30) == b""
+    spool.append(b"C" * 10, mark=20)  # dropped at once
+    assert spool.backlog == 0
+    spool.resume()
+    assert spool.failure is None
+    spool.append(b"D" * 10, mark=30)
+    settled(spool)
+    assert spool.failure is not None and spool.failure.mark == 30
+    assert len(failures) == 2
     sealed_and_written(spool)
-    assert spool.error is not None
-    assert spool.size == 30
-    assert spool.pread(0, 30) == b"A" * 10 + b"B" * 10 + b"C" * 10
+
+
+class FillingDisk:
+    """
+    Makes the spool's writes fail with ENOSPC while C{full}, as a brief
+    full disk would (a write that fits partly writes part, then fails).
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import jobworker.spool
+
+        self.full = False
+        self.room = 0  # bytes a write may still take once full
+        real = os.pwritev
+
+        def pwritev(fd: int, buffers, offset: int) -> int:
+            if not self.full:
+                return real(fd, buffers, offset)
+            if self.room <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            data = b"".join(bytes(b) for b in buffers)[: self.room]
+            self.room -= len(data)
+            return real(fd, [data], offset)
+
+        monkeypatch.setattr(jobworker.spool.os, "pwritev", pwritev)
+
+
+def test_a_brief_full_disk_becomes_a_gap_and_spooling_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = FillingDisk(monkeypatch)
+    path = str(tmp_path / "job.out")
+    spool = FileSpool(path)
+    recovered = []
+    spool.on_recovered = lambda: recovered.append(True)
+    log = OutputLog(spool, ring_size=100)
+    reference = Reference()
+
+    def emit(fd: int, data: bytes) -> None:
+        log.append(fd, data)
+        reference.append(fd, data)
+
+    emit(1, b"a" * 50)
+    emit(2, b"b" * 50)
+    settled(spool)
+    disk.full, disk.room = True, 30  # the next record is written in part
+    emit(1, b"c" * 50)
+    settled(spool)
+    assert spool.failure is not None and log.spool_failing
+    for index in range(10):
+        emit(1 + index % 2, bytes([65 + index]) * 40)  # 400 bytes; the ring keeps 100
+    settled(spool)
+    assert spool.backlog == 0  # nothing held for the disk
+    live = read_all(log)
+    gaps = check_against(reference, live)
+    # Lost: from the failed record to the ring's first (three 40-byte records).
+    assert gaps == [(100, reference.end - 120 - 100)]
+    disk.full = False
+    log.retry_spool()
+    assert not log.spool_failing
+    emit(2, b"tail")
+    settled(spool)
+    assert recovered == [True]
+    assert check_against(reference, read_all(log)) == gaps
+    log.close()
+    sealed_and_written(spool)
+    reloaded = OutputLog.from_spool(FileSpool(path, create=False), expected_end=reference.end)
+    assert reloaded.damage is None
+    assert normalized(read_all(reloaded)) == normalized(live + [Chunk(2, reference.end - 4, b"tail")])
+    assert log.lost_bytes == gaps[0][1]
+
+
+class FlakySpool(MemorySpool):
+    """
+    A memory spool whose disk can fill: while full, an append fails, and
+    drops itself and every append until resume(), as FileSpool does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = False
+        self.failure = None
+
+    def append(self, *pieces: bytes, mark: int | None = None) -> None:
+        if self.failure is not None:
+            return
+        if self.full:
+            from jobworker.spool import SpoolFailure
+
+            self.failure = SpoolFailure(self.size, mark, OSError(errno.ENOSPC, "full"))
+            return
+        super().append(*pieces)
+
+    def resume(self) -> None:
+        self.failure = None
+
+
+@settings(SETTINGS, max_examples=200)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from([1, 2]), payloads),
+            st.sampled_from(["full", "space", "retry"]),
+        ),
+        max_size=60,
+    ),
+    ring_size=st.integers(1, 40),
+    retention=st.one_of(st.integers(0, 200), st.just(1 << 40)),
+)
+def test_a_full_disk_never_loses_output_silently(steps, ring_size: int, retention: int) -> None:
+    """
+    Whenever the disk fills and empties, every reader (live, and from the
+    spool after a restart) gets each byte the log holds and an explicit gap
+    of the exact size for each byte it does not; the newest ring_size bytes
+    are never a gap while the job runs.
+    """
+    spool = FlakySpool()
+    log = OutputLog(spool, ring_size=ring_size, retention=retention)
+    reference = Reference()
+    for step in steps:
+        if step == "full":
+            spool.full = True
+        elif step == "space":
+            spool.full = False
+        elif step == "retry":
+            log.retry_spool()
+        else:
+            log.append(*step)
+            reference.append(*step)
+        gaps = check_against(reference, read_all(log))
+        tail = reference.end - min(reference.end, ring_size)
+        for gap_offset, gap_length in gaps:
+            assert gap_offset + gap_length <= tail
+    spool.full = False
+    live = normalized(read_all(log))
+    log.close()
+    assert normalized(read_all(log)) == live
+    reloaded = OutputLog.from_spool(MemorySpool(spool.pread(0, spool.size)), expected_end=reference.end)
+    check_against(reference, read_all(reloaded))
+    assert normalized(read_all(reloaded)) == live
+
+
+# -- damage ------------------------------------------------------------------------
+
+
+def test_a_truncated_spool_under_a_live_log_is_a_gap_not_a_spin(tmp_path: Path) -> None:
+    """
+    A spool truncated behind the server's back made the reader count a
+    short pread as progress and read the same offset for ever.
+    """
+    path = tmp_path / "job.out"
+    spool = FileSpool(str(path))
+    log = OutputLog(spool, ring_size=1000)
+    damage = []
+    log.on_damage = damage.append
+    reference = Reference()
+    for index in range(40):
+        data = bytes([65 + index % 26]) * 5000  # 200 KB, four index entries
+        log.append(1, data)
+        reference.append(1, data)
+    settled(spool)
+    os.truncate(path, 70_000)
+    chunks = read_all(log, 0, 10_000)  # read_all fails on any read without progress
+    gaps = check_against(reference, chunks)
+    assert gaps and gaps[0][0] < 70_000
+    assert damage and "byte" in damage[0] and log.damage == damage[0]
+    assert len(damage) == 1  # noted once
+    # What comes after the hole, where the index knows a record, reads on.
+    assert any(chunk.fd == 1 and chunk.offset > 100_000 for chunk in chunks)
+    sealed_and_written(spool)
+
+
+def test_a_deleted_spool_reads_as_a_gap(tmp_path: Path) -> None:
+    path = tmp_path / "job.out"
+    spool = FileSpool(str(path))
+    log = OutputLog(spool)
+    log.append(1, b"x" * 100)
+    log.close()
+    sealed_and_written(spool)
+    os.unlink(path)
+    assert read_all(log) == [Chunk(0, 0, b"", 100)]
+    assert "cannot read" in log.damage
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda content: content[:15], "missing"),  # truncated in the second record
+        (lambda content: content[:13] + b"\x07" + content[14:], "bad record header at byte 13"),
+        (lambda content: content[:13] + b"\x00" + bytes(8) + content[22:], "bad record header at byte 13"),
+    ],
+    ids=["truncated", "bad-fd", "empty-gap"],
+)
+def test_a_damaged_spool_reloads_its_readable_part_and_a_gap(damage, expected: str) -> None:
+    spool = RecordingSpool()
+    log = OutputLog(spool)
+    log.append(1, b"good")
+    log.append(2, b"lost")
+    log.close()
+    reloaded = OutputLog.from_spool(MemorySpool(damage(spool.content())), expected_end=8)
+    assert normalized(read_all(reloaded)) == [(1, 0, b"good", 0), (0, 4, b"", 4)]
+    assert expected in reloaded.damage
+
+
+def test_a_sound_spool_reloads_without_damage() -> None:
+    spool = RecordingSpool()
+    log = OutputLog(spool)
+    log.append(1, b"good")
+    log.close()
+    reloaded = OutputLog.from_spool(MemorySpool(spool.content()), expected_end=4)
+    assert reloaded.damage is None and reloaded.end == 4
 
 
 def test_output_log_survives_a_restart_on_disk(tmp_path: Path) -> None:

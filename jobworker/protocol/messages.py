@@ -23,6 +23,7 @@ from jobworker.limits import Limits
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "UID_UNKNOWN",
     "JobState",
     "Network",
     "EndReason",
@@ -54,6 +55,10 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+
+# JobStatus.uid when the uid is not known: (uid_t)-1, which Linux never
+# gives a user.
+UID_UNKNOWN = 2**32 - 1
 
 
 class JobState(IntEnum):
@@ -149,6 +154,7 @@ class JobStatus:
     workdir: str = ""
     user: str = ""
     network: Network = Network.NONE
+    uid: int = UID_UNKNOWN  # the uid the command runs as
 
 
 class Message:

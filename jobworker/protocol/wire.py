@@ -201,6 +201,7 @@ StatusSchema = _Record(
         "workdir" / Text,
         "user" / Text,
         "network" / Int8ub,
+        "uid" / Int32ub,
     ),
     m.JobStatus,
 )
