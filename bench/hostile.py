@@ -21,8 +21,9 @@ the baseline +- 16 MiB within 5 s of the clients leaving):
             connection 512 KiB of unsent answers plus one answer.
   trickle   400 connections each send a frame announcing 1 MiB, all but
             200 bytes of it, then one byte a second (before: +614 MiB, held past the
-            idle timeout).  Bound: 32 connections per identity, 1 MiB of
-            partial frame each, for at most --frame-timeout (5 s here).
+            idle timeout).  Bound: 32 MiB of unfinished frames per identity
+            (the connections beyond are closed), each for at most
+            --frame-timeout (5 s here).
   followers 20 connections x 256 followers of a job writing a line every
             10 ms; the figure is the time of `jobcli run -- echo ok` as
             another identity (before: 2.8 s instead of 0.27).  Bound: 256
@@ -388,7 +389,7 @@ def main() -> int:
                                   bound="512 KiB + one answer per connection")
                 elif name == "trickle":
                     row = measure(name, server, job_id, lambda: attack_trickle(server, job_id, state), settle_s=2.0,
-                                  bound="32 connections x 1 MiB per identity, for at most --frame-timeout",
+                                  bound="32 MiB of unfinished frames per identity, each for at most --frame-timeout",
                                   extra=lambda: {key: value for key, value in state.items() if not key.startswith("_")})
                     row.update({key: value for key, value in state.items() if not key.startswith("_")})
                 elif name == "followers":

@@ -112,8 +112,14 @@ class ServerLimits:
         bound that to 1 GiB however many identities there are.
     @ivar max_connections_per_identity: connections one identity (the
         certificate's CN) may hold at once.  Beyond it the new connection
-        gets C{GoAway(TOO_MANY_CONNECTIONS)} instead of the hello: 32 are
-        plenty for scripts run in parallel and bound one tenant to 64 MiB.
+        gets C{GoAway(TOO_MANY_CONNECTIONS)} instead of the hello: 128 are
+        plenty for scripts and followers run in parallel (C{jobcli logs -f}
+        is one connection each).
+    @ivar max_partial_bytes_per_identity: bytes of incomplete frames one
+        identity may have buffered on all its connections together (each may
+        hold up to a maximum frame); the connection that goes over gets
+        C{GoAway(TOO_MANY_CONNECTIONS)}.  This, not the connection count,
+        bounds what trickled frames can pin: 32 MiB per identity.
     @ivar max_streams_per_identity: output streams (followers) one identity
         may have open on all its connections together; the next follow gets
         C{TOO_MANY_STREAMS}.  Each stream is served on the reactor thread, so
@@ -135,8 +141,9 @@ class ServerLimits:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         frame_timeout_s: float = 30.0,
         max_connections: int = 512,
-        max_connections_per_identity: int = 32,
+        max_connections_per_identity: int = 128,
         max_streams_per_identity: int = 256,
+        max_partial_bytes_per_identity: int = 32 << 20,
         audit_burst: int = 1000,
         audit_interval_s: float = 10.0,
     ) -> None:
@@ -149,6 +156,7 @@ class ServerLimits:
         self.max_connections = max_connections
         self.max_connections_per_identity = max_connections_per_identity
         self.max_streams_per_identity = max_streams_per_identity
+        self.max_partial_bytes_per_identity = max_partial_bytes_per_identity
         self.audit_burst = audit_burst
         self.audit_interval_s = audit_interval_s
 
@@ -277,6 +285,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
     _counted = False
     _identity_counted = False
     _timed_out = False  # the handshake timeout closed it (logged there)
+    _partial_held = 0  # bytes of an incomplete frame counted to the identity
 
     def __init__(self, factory: ServerFactory) -> None:
         self.factory = factory
@@ -377,8 +386,38 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if self.conn.is_open:
             self.setTimeout(self.limits.idle_timeout_s)
         self._watch_frame(new_frame=bool(messages))
+        if not self._account_partial():
+            return
         self._inbox.extend(messages)
         self.serve_inbox()
+
+    def _account_partial(self) -> bool:
+        """
+        Count this connection's incomplete frame in its identity's total;
+        False (and the connection failed) when that total is over
+        C{max_partial_bytes_per_identity}.
+        """
+        name = self.identity.name if self.identity else ""
+        held = self.conn.receive_buffered
+        total = self.factory.partial_held(name, held - self._partial_held)
+        self._partial_held = held
+        limit = self.limits.max_partial_bytes_per_identity
+        if total <= limit:
+            return True
+        log.warn(
+            "closing connection from {peer}: {identity} has {total} bytes of unfinished frames on its connections (limit {limit})",
+            peer=self._peer,
+            identity=log_value(name),
+            total=total,
+            limit=limit,
+        )
+        self._fail(
+            ProtocolError(
+                f"identity {name!r} has more than {limit} bytes of unfinished frames on its connections",
+                ErrorCode.TOO_MANY_CONNECTIONS,
+            )
+        )
+        return False
 
     def _watch_frame(self, new_frame: bool) -> None:
         """
@@ -464,6 +503,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
                 peer=self._peer,
                 reason=log_value(_tls_reason(reason)),
             )
+        if self._partial_held:
+            self.factory.partial_held(self.identity.name if self.identity else "", -self._partial_held)
+            self._partial_held = 0
         if self._counted:
             self._counted = False
             self.factory.connection_closed(self.identity.name if self._identity_counted and self.identity else None)
@@ -748,6 +790,7 @@ class ServerFactory(Factory):
         self.open_connections = 0
         self._connections_of: dict[str, int] = {}
         self._streams_of: dict[str, int] = {}
+        self._partial_of: dict[str, int] = {}
         self._audit_limit = RateLimit(self.limits.audit_burst, self.limits.audit_interval_s)
         self._audit_timer: Any = None
         self._release_call: Any = None
@@ -796,6 +839,18 @@ class ServerFactory(Factory):
     def _release_memory(self) -> None:
         self._release_call = None
         release_free_memory()
+
+    def partial_held(self, identity: str, change: int) -> int:
+        """
+        Add C{change} to the bytes of unfinished frames C{identity} holds on
+        all its connections; return the new total.
+        """
+        total = self._partial_of.get(identity, 0) + change
+        if total > 0:
+            self._partial_of[identity] = total
+        else:
+            self._partial_of.pop(identity, None)
+        return max(total, 0)
 
     def connections_of(self, identity: str) -> int:
         return self._connections_of.get(identity, 0)

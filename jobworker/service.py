@@ -105,7 +105,8 @@ class Options(usage.Options):
         ["idle-timeout", None, "300", "Seconds before an idle connection is closed."],
         ["frame-timeout", None, "30", "Seconds one frame may take to arrive from its first byte."],
         ["max-connections", None, "512", "Connections open at once, in total; beyond it new ones are closed before TLS."],
-        ["max-connections-per-identity", None, "32", "Connections one identity may hold; beyond it: GoAway TOO_MANY_CONNECTIONS."],
+        ["max-connections-per-identity", None, "128", "Connections one identity may hold; beyond it: GoAway TOO_MANY_CONNECTIONS."],
+        ["max-unfinished-frames-per-identity", None, "32M", "Bytes of incomplete frames one identity may have buffered on all its connections."],
         ["max-followers-per-identity", None, "256", "Output streams one identity may have open, on all its connections."],
         ["audit-rate-limit", None, "1000/10", "Audit lines per identity per seconds (N/S); the rest are counted in a summary line. 0 for no limit."],
         ["log-rotate-size", None, "10M", "With twistd --logfile: rotate the log file at this size."],
@@ -169,6 +170,10 @@ class Options(usage.Options):
             except ValueError:
                 raise usage.UsageError(f"--{name}: {self[name]!r} is not a whole number") from None
         self["audit-burst"], self["audit-interval"] = _rate(self["audit-rate-limit"])
+        try:
+            self["max-unfinished-bytes"] = parse_size(self["max-unfinished-frames-per-identity"], what="max-unfinished-frames-per-identity")
+        except LimitError as exc:
+            raise usage.UsageError(str(exc)) from None
         try:
             self["log-rotate-bytes"] = parse_size(self["log-rotate-size"], what="log-rotate-size")
             self["log-keep"] = int(self["log-keep"])
@@ -363,6 +368,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_connections=options["max-connections"],
         max_connections_per_identity=options["max-connections-per-identity"],
         max_streams_per_identity=options["max-followers-per-identity"],
+        max_partial_bytes_per_identity=options["max-unfinished-bytes"],
         audit_burst=options["audit-burst"],
         audit_interval_s=options["audit-interval"],
     )

@@ -27,6 +27,7 @@ the frame maximum) is counted as a crash, with the input kept to replay it.
 from __future__ import annotations
 
 import random
+import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
@@ -470,19 +471,21 @@ class LiveTarget:
     (after a valid hello exchange) until the server closes it, then on a new
     one.  After each input a probe (a C{ListRequest} with a request id of
     the probe's own) shows when the server has dealt with it; a probe
-    swallowed by an input's unfinished frame waits for the server's frame
-    timeout (run it with a short C{--frame-timeout}).
+    swallowed by an input's unfinished frame is followed by another after
+    C{reprobe_s}, and the server's frame timeout ends a frame that even
+    that does not complete (run it with a short C{--frame-timeout}).
 
     @ivar connections: connections made.
     """
 
     PROBE_BASE = 0xFFF00000
 
-    def __init__(self, host: str, port: int, context: Any, *, wait_s: float = 5.0) -> None:
+    def __init__(self, host: str, port: int, context: Any, *, wait_s: float = 6.0, reprobe_s: float = 1.5) -> None:
         self.host = host
         self.port = port
         self.context = context
         self.wait_s = wait_s
+        self.reprobe_s = reprobe_s
         self.connections = 0
         self._sock: Any = None
         self._probe = 0
@@ -523,12 +526,25 @@ class LiveTarget:
         self._probe = (self._probe + 1) % 0xFFFFF
         probe_id = self.PROBE_BASE + self._probe
         frames = FrameBuffer(16 << 20)
+        probes = {probe_id}
         try:
             for chunk in _chunks(rng, data):
                 self._sock.sendall(chunk)
             self._sock.sendall(encode_message(m.ListRequest(probe_id)))
+            deadline = time.monotonic() + self.wait_s
+            self._sock.settimeout(self.reprobe_s)
             while True:
-                received = self._sock.recv(1 << 20)
+                try:
+                    received = self._sock.recv(1 << 20)
+                except TimeoutError:
+                    # The probe may have completed an input's cut-short
+                    # frame instead: ask again.
+                    if time.monotonic() >= deadline:
+                        raise
+                    self._probe = (self._probe + 1) % 0xFFFFF
+                    probes.add(self.PROBE_BASE + self._probe)
+                    self._sock.sendall(encode_message(m.ListRequest(self.PROBE_BASE + self._probe)))
+                    continue
                 if not received:
                     self.close()
                     return
@@ -546,13 +562,13 @@ class LiveTarget:
                         report.code(message.code)
                         if message.code not in REQUEST_CODES or message.code == ErrorCode.INTERNAL:
                             report.crash(data, f"ErrorResponse {message.code}: {message.message}")
-                    if getattr(message, "request_id", None) == probe_id:
+                    if getattr(message, "request_id", None) in probes:
                         return
         except ProtocolError as error:
             report.crash(data, f"the server wrote a bad frame: {error.message}")
             self.close()
         except TimeoutError:
-            report.crash(data, f"no answer within {self.wait_s} s")
+            report.crash(data, f"no answer to {len(probes)} probes within {self.wait_s} s")
             self.close()
         except OSError:
             # A reset after the server's GoAway can beat the GoAway itself.

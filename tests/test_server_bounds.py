@@ -651,3 +651,38 @@ async def test_a_connection_aborted_after_its_goaway_is_freed_without_the_garbag
     finally:
         gc.enable()
         await harness.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unfinished_frames_per_identity_are_capped(certs: Path) -> None:
+    """
+    The bytes of incomplete frames one identity holds on all its
+    connections are bounded: the connection whose bytes go over is closed
+    with GoAway(TOO_MANY_CONNECTIONS); another identity is not affected,
+    and a closed connection's bytes no longer count.
+    """
+    harness = Harness(certs, ServerLimits(max_partial_bytes_per_identity=300_000))
+    await harness.listen()
+    try:
+        first, second, bob = await harness.connect("alice"), await harness.connect("alice"), await harness.connect("bob")
+        start = b"\x00\x10\x00\x00\x10" + b"\x00" * 200_000  # 200 KB of a 1 MiB frame
+        first.transport.write(start)
+        await sleep(0.2)
+        bob.transport.write(start)
+        await sleep(0.2)
+        assert harness.factory.partial_held("alice", 0) >= 200_000
+        second.transport.write(start)
+        await second.lost
+        [goaway] = [message for message in second.messages if isinstance(message, m.GoAway)]
+        assert goaway.code == ErrorCode.TOO_MANY_CONNECTIONS and "unfinished" in goaway.message
+        assert not first.lost.called and not bob.lost.called
+        first.transport.loseConnection()
+        await first.lost
+        await sleep(0.1)
+        assert harness.factory.partial_held("alice", 0) == 0
+        bob.transport.loseConnection()
+        await bob.lost
+        await sleep(0.1)
+        assert harness.factory.partial_held("bob", 0) == 0
+    finally:
+        await harness.close()
