@@ -80,6 +80,12 @@ PUMP_BUDGET = 8 << 20
 # Bytes of encrypted output one connection may hold in user space before
 # the pump is paused.
 WRITE_BUFFER = 512 << 10
+# Bytes read from the socket at once.  Twisted reads bufferSize bytes, which
+# tune_transport raises to WRITE_BUFFER for the writes; but each read goes
+# whole into OpenSSL's memory BIO, which keeps the largest buffer it ever
+# held, so a client sending fast would leave 512 KiB behind per connection.
+# What clients send is small (requests): 64 KiB, Twisted's own default.
+READ_SIZE = 64 << 10
 # After a connection closes, freed memory goes back to the kernel at most
 # this often (see jobworker.memory), seconds.
 RELEASE_MEMORY_EVERY_S = 1.0
@@ -271,6 +277,37 @@ def tune_transport(transport: Any) -> None:
     if hasattr(tcp, "bufferSize") and hasattr(tcp, "SEND_LIMIT"):
         tcp.bufferSize = WRITE_BUFFER
         tcp.SEND_LIMIT = WRITE_BUFFER
+        if hasattr(tcp, "_dataReceived") and hasattr(tcp, "socket"):
+            tcp.doRead = _small_reads(tcp)
+
+
+def _small_reads(tcp: Any) -> Callable[[], Any]:
+    """
+    Twisted's C{tcp.Connection.doRead}, reading L{READ_SIZE} bytes at a time
+    rather than C{bufferSize} (see L{READ_SIZE}).  Bound to the transport as
+    an instance attribute; it refers to the transport weakly, so the two
+    make no cycle.
+    """
+    import weakref
+    from errno import EWOULDBLOCK
+
+    from twisted.internet import main
+
+    connection = weakref.ref(tcp)
+
+    def doRead() -> Any:
+        tcp = connection()
+        if tcp is None:
+            return main.CONNECTION_LOST
+        try:
+            data = tcp.socket.recv(READ_SIZE)
+        except OSError as error:
+            if error.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        return tcp._dataReceived(data)
+
+    return doRead
 
 
 @implementer(IHandshakeListener)
@@ -485,6 +522,12 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def _close(self) -> None:
         self.setTimeout(None)
+        # Nothing more will be read: what a late frame held goes now, not
+        # when the peer has finished closing (up to ABORT_GRACE_S).
+        self.conn.discard_received()
+        if self._partial_held:
+            self.factory.partial_held(self.identity.name if self.identity else "", -self._partial_held)
+            self._partial_held = 0
         # The TLS layer shuts down only once no producer is registered.
         self.pump.stopProducing()
         self.transport.unregisterProducer()

@@ -147,6 +147,13 @@ class Connection:
         """
         return len(self._frames)
 
+    def discard_received(self) -> None:
+        """
+        Drop the bytes of an incomplete frame (the connection is closing:
+        nothing more will be decoded).
+        """
+        self._frames.close()
+
     @property
     def pending_requests(self) -> int:
         return len(self._pending)
