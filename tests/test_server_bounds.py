@@ -686,3 +686,38 @@ async def test_unfinished_frames_per_identity_are_capped(certs: Path) -> None:
         assert harness.factory.partial_held("bob", 0) == 0
     finally:
         await harness.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_requests_does_not_hold_up_another_connection(certs: Path) -> None:
+    """
+    A connection serves at most INBOX_TURN requests per turn of the
+    reactor: another client's request, sent just after a flood of
+    thousands in one write, is answered long before the flood is.
+    """
+    from jobworker.server import INBOX_TURN
+
+    harness = Harness(certs, ServerLimits(audit_burst=10))
+    await harness.listen()
+    try:
+        job = harness.manager.add()
+        flood, quiet = await harness.connect("alice"), await harness.connect("bob")
+        count = 3000
+        flood.send(*(m.StatusRequest(flood.conn.next_request_id(), job.job_id) for _ in range(count)))
+        await sleep(0)
+        quiet.send(m.StatusRequest(quiet.conn.next_request_id(), job.job_id))
+        flood_answers_then = None
+        for _ in range(500):
+            if quiet.messages and flood_answers_then is None:
+                flood_answers_then = len(flood.messages)
+            if len(flood.messages) >= count:
+                break
+            await sleep(0.01)
+        assert len(flood.messages) == count
+        assert flood_answers_then is not None and flood_answers_then < count // 2, flood_answers_then
+        assert INBOX_TURN < count // 10
+        for client in (flood, quiet):
+            client.transport.loseConnection()
+            await client.lost
+    finally:
+        await harness.close()
