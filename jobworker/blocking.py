@@ -6,19 +6,31 @@ This is what C{jobcli} uses: it needs no reactor, so a one-shot command
 (C{jobcli status}) starts in a few tens of milliseconds.  Programs built on
 Twisted use L{jobworker.client} instead; both speak through the same
 protocol core.
+
+Time limits: C{timeout} bounds the connection's set-up (TCP, TLS and the
+hello) and each write.  Reads have no time limit: a wait or a follow lasts
+as long as its job, hours if need be.  A server that vanished is noticed by
+keep-alive instead (L{jobworker.protocol.keepalive}): after
+C{keepalive_interval} seconds without a byte from the server the client
+pings it, and gives up (L{ConnectionFailed}) when the ping goes unanswered
+for as long again.  Pings from the server are answered whenever the client
+reads.
 """
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
+import time
 import uuid
 from collections import deque
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from jobworker.errors import ErrorCode, JobworkerError, ProtocolError, RequestError
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role
+from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict
 from jobworker.protocol.wire import HEADER_SIZE
 
 __all__ = ["BlockingClient", "ConnectionFailed", "parse_address"]
@@ -97,6 +109,19 @@ class _TLSChannel:
             view = view[self._tls.write(view) :]
         self._flush()
 
+    def settimeout(self, seconds: float | None) -> None:
+        self.socket.settimeout(seconds)
+
+    def buffered(self) -> bool:
+        """
+        Whether bytes are here already (ciphertext or plaintext), so a read
+        may not need the socket.
+        """
+        return bool(self._incoming.pending or self._tls.pending())
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
     def cipher(self) -> tuple[str, str, int] | None:
         return self._tls.cipher()
 
@@ -139,6 +164,13 @@ def parse_address(address: str, default_port: int = 8443) -> tuple[str, int]:
 class BlockingClient:
     """
     One connection to a server; requests are answered in order of arrival.
+
+    @param timeout: seconds for the connection's set-up (TCP, TLS, hello)
+        and for each write; None for no limit.  Never for reads.
+    @param keepalive_interval: seconds without a byte from the server before
+        it is pinged; the client gives up when nothing comes back within as
+        long again.  0 or None: no keep-alive (a vanished server is then
+        noticed only by TCP).
     """
 
     def __init__(
@@ -147,10 +179,18 @@ class BlockingClient:
         context: ssl.SSLContext,
         *,
         timeout: float | None = 30.0,
+        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
     ) -> None:
         self.address = address
         self.context = context
         self.timeout = timeout
+        self.keepalive_interval = keepalive_interval or None
+        self._keepalive: KeepAlive | None = None
+        # A second file descriptor to wait on besides the socket, and what
+        # to call when it is readable (see wake_on).
+        self._wake_fd: int | None = None
+        self._timeout_set: float | None | str = "unset"
+        self._on_wake: Callable[[], None] | None = None
         self.conn = Connection(Role.CLIENT)
         self.hello: m.ServerHello | None = None
         self._sock: _TLSChannel | None = None
@@ -182,7 +222,9 @@ class BlockingClient:
         if not isinstance(hello, m.ServerHello):
             raise ConnectionFailed(f"server sent {type(hello).__name__} instead of a hello")
         self.hello = hello
-        self._write(self.conn.send(m.ClientHello(m.PROTOCOL_VERSION, self.conn.max_frame_size)))
+        self._write(self.conn.send(m.ClientHello(self.conn.version, self.conn.max_frame_size)))
+        if self.keepalive_interval:
+            self._keepalive = KeepAlive(self.keepalive_interval, time.monotonic())
         return hello
 
     def close(self) -> None:
@@ -202,12 +244,87 @@ class BlockingClient:
 
     # -- I/O -------------------------------------------------------------------
 
+    def wake_on(self, fd: int | None, callback: Callable[[], None] | None = None) -> None:
+        """
+        While the client waits for the server, also wait for C{fd} to be
+        readable and then call C{callback} (which must make C{fd}
+        unreadable again, by reading it).  C{jobcli} uses it to grant
+        credit as soon as its output thread has written what it was given.
+        """
+        self._wake_fd = fd
+        self._on_wake = callback
+
     def _write(self, data: bytes) -> None:
         assert self._sock is not None
         try:
+            if hasattr(self._sock, "settimeout"):
+                self._settimeout(self.timeout)
             self._sock.sendall(data)
+        except socket.timeout:
+            raise ConnectionFailed(f"timed out sending to the server (no progress for {self.timeout:g} s)") from None
         except OSError as exc:
             raise ConnectionFailed(f"connection to the server broke: {exc}") from None
+
+    def _buffered(self) -> bool:
+        buffered = getattr(self._sock, "buffered", None)
+        return buffered is not None and buffered()
+
+    def _settimeout(self, seconds: float | None) -> None:
+        # Each change costs a system call or two (blocking mode on or off):
+        # skipped when nothing changes, as in a stream of records.
+        if seconds != self._timeout_set:
+            self._sock.settimeout(seconds)  # type: ignore[union-attr]
+            self._timeout_set = seconds
+
+    def _wait_readable(self) -> None:
+        """
+        Wait until the socket has bytes (or the wake-up fd fires), pinging a
+        quiet server and giving up on a dead one, as the keep-alive says;
+        then set the socket's timeout for the read that follows.
+        """
+        assert self._sock is not None
+        keepalive = self._keepalive
+        if not hasattr(self._sock, "settimeout") or not self.conn.is_open:
+            return  # a scripted socket, or still setting up (under timeout)
+        wait: float | None = None
+        while True:
+            if keepalive is None:
+                wait = None
+            else:
+                now = time.monotonic()
+                verdict = keepalive.check(now)
+                if verdict is Verdict.DEAD:
+                    try:
+                        self._sock.sendall(
+                            self.conn.goaway(ProtocolError("keep-alive timeout", ErrorCode.TIMEOUT))
+                        )
+                    except OSError:
+                        pass
+                    raise ConnectionFailed(
+                        f"the server did not answer a keep-alive ping within {keepalive.interval:g} s; "
+                        "it is gone or unreachable"
+                    )
+                if verdict is Verdict.PING:
+                    self._write(self.conn.send(m.Ping(keepalive.ping_data())))
+                wait = max(0.0, keepalive.deadline() - time.monotonic())
+            if self._buffered():
+                break
+            readers: list[int] = [self._sock.fileno()]
+            if self._wake_fd is not None:
+                readers.append(self._wake_fd)
+            try:
+                ready, _, _ = select.select(readers, [], [], wait)
+            except InterruptedError:
+                continue
+            if self._wake_fd is not None and self._wake_fd in ready and self._on_wake is not None:
+                self._on_wake()
+            if self._sock.fileno() in ready:
+                break
+        # The read may need more than the bytes that are here (the rest of
+        # a TLS record): it waits at most one keep-alive interval (a fixed
+        # value, so the socket's mode is set once, not per read), and a
+        # timeout brings us back here for the keep-alive's verdict.
+        self._settimeout(None if keepalive is None else keepalive.interval)
 
     def _next_message(self) -> m.Message:
         while not self._inbox:
@@ -236,19 +353,29 @@ class BlockingClient:
                 boundary, need = self._whole_frames(filled)
                 if boundary:
                     break
+            if not self._buffered():
+                self._wait_readable()
             try:
                 size = self._sock.recv_into(view[filled:])
             except ssl.SSLError as exc:
                 raise ConnectionFailed(f"the server refused the connection: {exc.reason or exc}") from None
             except socket.timeout:
+                if self.conn.is_open and self._keepalive is not None:
+                    continue  # the keep-alive decides, in _wait_readable
                 raise ConnectionFailed("timed out waiting for the server") from None
             except OSError as exc:
                 raise ConnectionFailed(f"connection to the server broke: {exc}") from None
             if not size:
                 raise ConnectionFailed("the server closed the connection")
+            if self._keepalive is not None:
+                self._keepalive.received(time.monotonic())
             filled += size
         try:
-            self._inbox.extend(self.conn.receive_data(view[:boundary]))
+            for message in self.conn.receive_data(view[:boundary]):
+                if isinstance(message, m.Ping):
+                    self._write(self.conn.send(m.Pong(message.data)))
+                elif not isinstance(message, m.Pong):
+                    self._inbox.append(message)
         except ProtocolError as exc:
             try:
                 self._sock.sendall(self.conn.goaway(exc))
@@ -318,10 +445,34 @@ class BlockingClient:
         assert isinstance(response, m.StatusResponse)
         return response.status
 
-    def list(self) -> tuple[m.JobStatus, ...]:
-        response = self.request(m.ListRequest(self.conn.next_request_id()))
-        assert isinstance(response, m.ListResponse)
-        return response.jobs
+    def list(self, *, states: Iterable[m.JobState] = (), owner: str = "") -> tuple[m.JobStatus, ...]:
+        """
+        Every job this client may see, oldest first, optionally only those
+        in one of C{states} and owned by C{owner}; see L{iter_jobs}.
+        """
+        return tuple(self.iter_jobs(states=states, owner=owner))
+
+    def iter_jobs(
+        self, *, states: Iterable[m.JobState] = (), owner: str = "", page_size: int = 0
+    ) -> Iterator[m.JobStatus]:
+        """
+        The jobs of L{list}, page after page (spec section 6.4): each page
+        holds what fits one frame (or C{page_size} jobs), so a list of any
+        size and any jobs can be read.
+        """
+        mask = m.state_mask(states)
+        after_created_at, after_job_id = 0, uuid.UUID(int=0)
+        while True:
+            request = m.ListRequest(
+                self.conn.next_request_id(), after_created_at, after_job_id, page_size, mask, owner
+            )
+            response = self.request(request)
+            assert isinstance(response, m.ListResponse)
+            yield from response.jobs
+            if not response.more or not response.jobs:
+                return
+            last = response.jobs[-1]
+            after_created_at, after_job_id = last.created_at, last.job_id
 
     def stop(self, job_id: uuid.UUID, *, grace_ms: int = 10_000, force: bool = False) -> None:
         self.request(m.StopRequest(self.conn.next_request_id(), job_id, grace_ms, force))
@@ -336,11 +487,13 @@ class BlockingClient:
         offset: int = 0,
         follow: bool = True,
         window: int = DEFAULT_WINDOW,
+        auto_credit: bool = True,
     ) -> Iterator[m.Output | m.Gap | m.EndOfStream]:
         """
         Stream a job's output from C{offset}: C{Output} and C{Gap} messages,
         then one C{EndOfStream}.  Credit is granted back as the caller
-        consumes each message (when it asks for the next one).
+        consumes each message (when it asks for the next one), or, with
+        C{auto_credit=False}, when the caller says so with L{grant}.
         """
         stream_id = self.conn.next_stream_id()
         self.request(m.FollowRequest(self.conn.next_request_id(), job_id, stream_id, offset, window, follow))
@@ -351,7 +504,15 @@ class BlockingClient:
             yield message  # type: ignore[misc]
             if isinstance(message, m.EndOfStream):
                 return
-            if isinstance(message, m.Output):
-                update = self.conn.consumed(stream_id, len(message.data))
-                if update:
-                    self._write(update)
+            if isinstance(message, m.Output) and auto_credit:
+                self.grant(stream_id, len(message.data))
+
+    def grant(self, stream_id: int, size: int) -> None:
+        """
+        C{size} bytes of C{stream_id}'s output have been processed: give the
+        server credit for them (in batches of half the window).  Needed
+        only with C{follow(auto_credit=False)}.
+        """
+        update = self.conn.consumed(stream_id, size)
+        if update:
+            self._write(update)

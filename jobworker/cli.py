@@ -6,6 +6,10 @@ Exit codes: C{run}, C{wait} and C{logs -f} exit with the job's own code
 and 125 for an error of jobcli itself; every other command exits 0 on
 success and 1 with a one-line message on stderr on error.
 
+C{run}, C{wait} and C{logs -f} wait as long as the job runs, however
+quiet it is (like C{ssh} and C{docker logs -f}); a server that vanished is
+noticed by keep-alive within twice C{--keepalive} seconds (default 30).
+
 This module and what it imports stay clear of Twisted, so a one-shot
 command starts fast (see L{jobworker.blocking}).
 """
@@ -15,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 import uuid
 from typing import Any, Callable, Sequence
@@ -56,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca", default=_env("JOBWORKER_CA", "certs/ca.pem"), help="CA certificate (env JOBWORKER_CA; default certs/ca.pem)")
     parser.add_argument("--cert", default=_env("JOBWORKER_CERT", "certs/admin.pem"), help="client certificate (env JOBWORKER_CERT; default certs/admin.pem)")
     parser.add_argument("--key", default=_env("JOBWORKER_KEY", "certs/admin.key"), help="client key (env JOBWORKER_KEY; default certs/admin.key)")
+    parser.add_argument(
+        "--keepalive",
+        type=_seconds,
+        default=_seconds(_env("JOBWORKER_KEEPALIVE", "30")),
+        metavar="SECONDS",
+        help="ping a server silent for this long; give up when it does not answer within as long again "
+        "(env JOBWORKER_KEEPALIVE; default 30; 0: never)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def job_options(sub: argparse.ArgumentParser) -> None:
@@ -96,6 +110,15 @@ def _parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="list the jobs you may see")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        type=_states,
+        metavar="STATE[,STATE...]",
+        help="only jobs in these states (" + ", ".join(state.label for state in m.JobState) + "; repeatable)",
+    )
+    listing.add_argument("--owner", default="", metavar="NAME", help="only jobs of this owner (certificate CN)")
 
     remove = commands.add_parser("rm", help="forget a finished job and delete its output")
     remove.add_argument("job_id", metavar="ID")
@@ -112,6 +135,27 @@ def _limit(parse: Callable[[str], int]) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return convert
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _states(text: str) -> list[m.JobState]:
+    labels = {state.label: state for state in m.JobState}
+    states = []
+    for item in text.split(","):
+        state = labels.get(item.strip().lower())
+        if state is None:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a job state ({', '.join(labels)})")
+        states.append(state)
+    return states
 
 
 def _job_id(text: str) -> uuid.UUID:
@@ -132,7 +176,7 @@ def _connect(args: argparse.Namespace) -> BlockingClient:
         context = client_ssl_context(args.ca, args.cert, args.key)
     except ClientTLSError as exc:
         raise UsageError(str(exc)) from None
-    return BlockingClient(address, context)
+    return BlockingClient(address, context, keepalive_interval=args.keepalive)
 
 
 def _start_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
@@ -169,29 +213,151 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+class _OutputWriter:
+    """
+    Writes a stream's output to our stdout and stderr from a thread of its
+    own, in order.
+
+    A reader of our output that stops reading (C{jobcli logs -f ID | less},
+    paused) blocks a write for as long as it likes.  Meanwhile the main
+    thread goes on reading the connection and answering the server's
+    keep-alive pings, so the server does not take a slow reader for a dead
+    one.  Credit goes back to the server only for bytes written here, so
+    what waits in this queue is at most the stream's window.
+    """
+
+    WAKE_BYTES = 1 << 20
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[int, bytes, int] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._written = 0
+        self.error: BaseException | None = None
+        # One byte per write done: wakes the main thread to grant credit.
+        self.wake_fd, self._wake_w = os.pipe()
+        os.set_blocking(self.wake_fd, False)
+        os.set_blocking(self._wake_w, False)
+        self._thread = threading.Thread(target=self._run, name="jobcli-output", daemon=True)
+        self._thread.start()
+
+    def write(self, fd: int, data: bytes, credit: int = 0) -> None:
+        self._queue.put((fd, data, credit))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fd, data, credit = item
+            try:
+                _write_all(fd, data)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+                self._wake()
+                return
+            if credit:
+                with self._lock:
+                    self._written += credit
+                    unsignalled = self._written
+                # Credit goes back in batches of half the window anyway:
+                # wake the main thread per MiB written, or when idle.
+                if unsignalled >= self.WAKE_BYTES or self._queue.empty():
+                    self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the main thread has wake-ups enough to read
+
+    def take_written(self) -> int:
+        """
+        Bytes written since the last call (main thread).
+
+        @raise BaseException: what a write raised (a broken pipe).
+        """
+        try:
+            while os.read(self.wake_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        if self.error is not None:
+            raise self.error
+        with self._lock:
+            written, self._written = self._written, 0
+        return written
+
+    def finish(self) -> None:
+        """
+        Wait until everything queued is written; raise what a write raised.
+        """
+        self._queue.put(None)
+        self._thread.join()
+        os.close(self.wake_fd)
+        os.close(self._wake_w)
+        if self.error is not None:
+            raise self.error
+
+
 def _stream(client: BlockingClient, job_id: uuid.UUID, offset: int, follow: bool) -> m.JobStatus:
     status = None
     gaps = dropped = 0
-    for message in client.follow(job_id, offset=offset, follow=follow):
-        if isinstance(message, m.Output):
-            _write_all(message.fd, message.data)
-        elif isinstance(message, m.Gap):
-            # The first gap is reported when it happens; the rest in one
-            # total at the end, so a long lagging follow does not flood.
-            if not gaps:
-                sys.stderr.write(
-                    f"jobcli: {message.length} bytes of output at offset {message.offset} "
-                    "were not kept by the server (its retention limit, a full disk or damage; see jobcli status)\n"
-                )
-                sys.stderr.flush()
-            gaps += 1
-            dropped += message.length
-        else:
-            status = message.status
+    writer = _OutputWriter()
+    stream_id: list[int] = []
+
+    def written() -> None:
+        size = writer.take_written()
+        if size and stream_id:
+            client.grant(stream_id[0], size)
+
+    client.wake_on(writer.wake_fd, written)
+    try:
+        for message in client.follow(job_id, offset=offset, follow=follow, auto_credit=False):
+            if not stream_id:
+                stream_id.append(message.stream_id)
+            if isinstance(message, m.Output):
+                writer.write(message.fd, message.data, len(message.data))
+            elif isinstance(message, m.Gap):
+                # The first gap is reported when it happens; the rest in one
+                # total at the end, so a long lagging follow does not flood.
+                if not gaps:
+                    writer.write(
+                        2,
+                        f"jobcli: {message.length} bytes of output at offset {message.offset} "
+                        "were not kept by the server (its retention limit, a full disk or damage; see jobcli status)\n".encode(),
+                    )
+                gaps += 1
+                dropped += message.length
+            else:
+                status = message.status
+    except KeyboardInterrupt:
+        # Leave at once, even with a write held up by our reader.
+        client.wake_on(None)
+        raise
+    except BaseException:
+        # What arrived before the error is still written out.
+        client.wake_on(None)
+        try:
+            writer.finish()
+        except Exception:
+            pass
+        raise
+    client.wake_on(None)
+    writer.finish()
     if gaps > 1:
         sys.stderr.write(f"jobcli: in all, {dropped} bytes of output in {gaps} gaps were not kept by the server\n")
     assert status is not None
     return status
+
+
+def _status_json(status: m.JobStatus) -> dict[str, Any]:
+    """
+    C{status} for C{--json}; an abridged one (cut to fit a frame) says so.
+    """
+    data = status_to_dict(status)
+    if status.abridged:
+        data["abridged"] = True
+    return data
 
 
 def _format_time(microseconds: int) -> str:
@@ -250,6 +416,8 @@ def _describe(status: m.JobStatus) -> str:
         )
     )
     lines.append(("output", f"{status.output_bytes} bytes"))
+    if status.abridged:
+        lines.append(("note", "texts and command cut to fit the connection's frame size"))
     return "\n".join(f"{key + ':':<12}{value}" for key, value in lines)
 
 
@@ -294,7 +462,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         if command == "status":
             status = client.status(_job_id(args.job_id))
-            print(json.dumps(status_to_dict(status), indent=2) if args.json else _describe(status))
+            print(json.dumps(_status_json(status), indent=2) if args.json else _describe(status))
             return 0
         if command == "logs":
             if args.since_offset < 0:
@@ -304,14 +472,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         if command == "wait":
             return exit_status(client.wait(_job_id(args.job_id)))
         if command == "list":
-            jobs = client.list()
+            # Every page first: a refusal is then one line on stderr, not a
+            # table header with nothing under it.
+            jobs = client.list(states=[state for group in args.state for state in group], owner=args.owner)
             if args.json:
-                print(json.dumps([status_to_dict(job) for job in jobs], indent=2))
+                print(json.dumps([_status_json(job) for job in jobs], indent=2))
             else:
                 print(f"{'ID':<36}  {'OWNER':<12}  {'STATE':<9}  {'EXIT':>4}  COMMAND")
                 for job in jobs:
                     code = str(exit_status(job)) if job.state.is_final else ""
-                    print(f"{job.job_id!s:<36}  {job.owner:<12.12}  {job.state.label:<9}  {code:>4}  {' '.join(job.argv)}")
+                    command = " ".join(job.argv) + (" …" if job.abridged else "")
+                    print(f"{job.job_id!s:<36}  {job.owner:<12.12}  {job.state.label:<9}  {code:>4}  {command}")
             return 0
         if command == "rm":
             client.remove(_job_id(args.job_id))

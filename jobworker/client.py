@@ -31,6 +31,13 @@ the server sends C{GoAway}, the server breaks the protocol, or we close it)
 every pending L{Deferred} and every open follower fails with one
 L{ClientConnectionLost}, so no caller waits forever.
 
+No request has a time limit: a wait or a follow lasts as long as its job.
+A server that vanished without closing the connection is noticed by
+keep-alive (L{jobworker.protocol.keepalive}): after C{keepalive_interval}
+seconds without a byte from the server the client pings it, and ends the
+connection (every pending L{Deferred} fails with L{ClientConnectionLost},
+code C{TIMEOUT}) when the ping goes unanswered for as long again.
+
 Cancelling a request's L{Deferred} only stops waiting for it: the protocol
 has no way to withdraw a request, and its answer, when it comes, is dropped.
 Cancelling a follower's C{done} cancels its stream.
@@ -47,7 +54,7 @@ from __future__ import annotations
 import uuid
 from collections import deque
 from os import PathLike
-from typing import TYPE_CHECKING, Any, Callable, Protocol as TypingProtocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
@@ -63,6 +70,7 @@ from jobworker.errors import ErrorCode, JobworkerError, ProtocolError, RequestEr
 from jobworker.limits import Limits
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, Role
+from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -338,10 +346,26 @@ class JobworkerClientProtocol(Protocol):
         chaining a Deferred does): read C{hello} instead.
     @ivar hello: the server's hello, once it has come: the identity and role
         the server sees this client as.
+
+    @param clock: where keep-alive timers run (the reactor); without one
+        there is no keep-alive.
+    @param keepalive_interval: seconds without a byte from the server before
+        it is pinged; the connection ends when nothing comes back within as
+        long again.  0 or None: no keep-alive.
     """
 
-    def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        clock: IReactorTime | None = None,
+        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+    ) -> None:
         self.conn = Connection(Role.CLIENT, max_frame_size=max_frame_size)
+        self._clock = clock
+        self._keepalive_interval = keepalive_interval or None
+        self._keepalive: KeepAlive | None = None
+        self._keepalive_call: Any = None
         self.ready: defer.Deferred[m.ServerHello] = defer.Deferred(lambda _: self._abort())
         self.hello: m.ServerHello | None = None
         # request id -> (the caller's Deferred, the response type expected,
@@ -368,6 +392,8 @@ class JobworkerClientProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._lost is not None:
             return
+        if self._keepalive is not None:
+            self._keepalive.received(self._clock.seconds())  # type: ignore[union-attr]
         try:
             messages = self.conn.receive_data(data)
         except ProtocolError as error:
@@ -380,6 +406,7 @@ class JobworkerClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._disconnected = True
+        self._stop_keepalive()
         if self._lost is None:
             text = "the connection to the server ended"
             if self.hello is None:
@@ -440,12 +467,36 @@ class JobworkerClientProtocol(Protocol):
         request = m.WaitRequest(self.conn.next_request_id(), job_id)
         return self._request(request, m.StatusResponse, lambda response: response.status)
 
-    def list(self) -> defer.Deferred[tuple[m.JobStatus, ...]]:
+    def list(
+        self, *, states: Iterable[m.JobState] = (), owner: str = "", page_size: int = 0
+    ) -> defer.Deferred[tuple[m.JobStatus, ...]]:
         """
-        Every job this client may see.
+        Every job this client may see, oldest first; only those in one of
+        C{states} (all by default) and owned by C{owner} ("" for any).
+        The server sends the list in pages of what fits one frame (or of
+        C{page_size} jobs); this asks for one after the other.
         """
-        request = m.ListRequest(self.conn.next_request_id())
-        return self._request(request, m.ListResponse, lambda response: response.jobs)
+        mask = m.state_mask(states)
+        jobs: list[m.JobStatus] = []
+        listed: defer.Deferred[tuple[m.JobStatus, ...]] = defer.Deferred()
+
+        def page(after_created_at: int, after_job_id: uuid.UUID) -> None:
+            request = m.ListRequest(
+                self.conn.next_request_id(), after_created_at, after_job_id, page_size, mask, owner
+            )
+            answer = self._request(request, m.ListResponse, lambda response: response)
+            answer.addCallbacks(arrived, listed.errback)
+
+        def arrived(response: m.ListResponse) -> None:
+            jobs.extend(response.jobs)
+            if not response.more or not response.jobs:
+                listed.callback(tuple(jobs))
+                return
+            last = response.jobs[-1]
+            page(last.created_at, last.job_id)
+
+        page(0, uuid.UUID(int=0))
+        return listed
 
     def remove(self, job_id: uuid.UUID) -> defer.Deferred[None]:
         """
@@ -544,8 +595,15 @@ class JobworkerClientProtocol(Protocol):
     def _dispatch(self, message: m.Message) -> None:
         if isinstance(message, m.ServerHello):
             self.hello = message
-            self.transport.write(self.conn.send(m.ClientHello(m.PROTOCOL_VERSION, self.conn.max_frame_size)))
+            self.transport.write(self.conn.send(m.ClientHello(self.conn.version, self.conn.max_frame_size)))
+            if self._clock is not None and self._keepalive_interval:
+                self._keepalive = KeepAlive(self._keepalive_interval, self._clock.seconds())
+                self._schedule_keepalive()
             self.ready.callback(message)
+        elif isinstance(message, m.Ping):
+            self._send(m.Pong(message.data))
+        elif isinstance(message, m.Pong):
+            pass  # any bytes are a sign of life; dataReceived noted them
         elif isinstance(message, m.GoAway):
             try:
                 code = ErrorCode(message.code)
@@ -576,6 +634,40 @@ class JobworkerClientProtocol(Protocol):
             )
         else:
             waiting.callback(result(response))
+
+    def _schedule_keepalive(self) -> None:
+        assert self._keepalive is not None and self._clock is not None
+        delay = max(0.0, self._keepalive.deadline() - self._clock.seconds())
+        self._keepalive_call = self._clock.callLater(delay, self._keepalive_due)
+
+    def _keepalive_due(self) -> None:
+        self._keepalive_call = None
+        keepalive = self._keepalive
+        if keepalive is None or self._lost is not None or self.conn.is_closed:
+            return
+        verdict = keepalive.check(self._clock.seconds())  # type: ignore[union-attr]
+        if verdict is Verdict.DEAD:
+            log.warn("the server did not answer a keep-alive ping within {interval} s", interval=keepalive.interval)
+            self.transport.write(self.conn.goaway(ProtocolError("keep-alive timeout", ErrorCode.TIMEOUT)))
+            self._fail_all(
+                ClientConnectionLost(
+                    f"the server did not answer a keep-alive ping within {keepalive.interval:g} s; "
+                    "it is gone or unreachable",
+                    ErrorCode.TIMEOUT,
+                )
+            )
+            # Nobody answers on the other side: do not wait for TLS to close.
+            self._abort()
+            return
+        if verdict is Verdict.PING:
+            self._send(m.Ping(keepalive.ping_data()))
+        self._schedule_keepalive()
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive_call is not None and self._keepalive_call.active():
+            self._keepalive_call.cancel()
+        self._keepalive_call = None
+        self._keepalive = None
 
     def _protocol_error(self, error: ProtocolError) -> None:
         log.warn("the server broke the protocol: {error}", error=error.message)
@@ -623,6 +715,7 @@ def connect(
     hostname: str | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
 ) -> defer.Deferred[JobworkerClientProtocol]:
     """
     Connect to a server over mutual TLS 1.3; fires with the client once the
@@ -638,7 +731,9 @@ def connect(
     @param hostname: the name or address the server's certificate must
         carry; defaults to the host dialled, and is required with an
         endpoint.
-    @param timeout: seconds for TCP, TLS and the hello together.
+    @param timeout: seconds for TCP, TLS and the hello together; requests
+        have no time limit.
+    @param keepalive_interval: see L{JobworkerClientProtocol}; default 30 s.
     @raise CredentialError: (synchronously) a CA, certificate or key file
         cannot be used.
     @return: fails with L{ClientConnectionLost} when the server closes the
@@ -662,7 +757,9 @@ def connect(
         if hostname is None:
             raise ValueError("hostname is required with an endpoint: the server's certificate must name it")
     options = client_tls_options(ca, cert, key, hostname)
-    protocol = JobworkerClientProtocol(max_frame_size=max_frame_size)
+    protocol = JobworkerClientProtocol(
+        max_frame_size=max_frame_size, clock=reactor, keepalive_interval=keepalive_interval
+    )
     connecting = connectProtocol(wrapClientTLS(options, endpoint), protocol)
     # While this waits on ready, a cancellation (the timeout's) reaches
     # ready, whose canceller aborts the connection.

@@ -952,9 +952,9 @@ class JobManager(Service):
                 f"at most {MAX_ENV_ITEMS} and {MAX_ENV_BYTES})",
                 ErrorCode.BAD_REQUEST,
             )
-        for item in (*request.argv, *(k for k, _ in request.env), *(v for _, v in request.env), request.workdir):
+        for item in (*request.argv, *(k for k, _ in request.env), *(v for _, v in request.env), request.workdir, request.user):
             if "\0" in item:
-                raise RequestError("NUL byte in the command, environment or workdir", ErrorCode.BAD_REQUEST)
+                raise RequestError("NUL byte in the command, environment, workdir or user", ErrorCode.BAD_REQUEST)
         for key, _ in request.env:
             if not key or "=" in key:
                 raise RequestError(f"bad environment variable name {key[:64]!r}", ErrorCode.BAD_REQUEST)

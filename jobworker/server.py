@@ -25,8 +25,9 @@ Responses are flow controlled the same way
 
 A client that sends requests and does not read the answers must not make
 the server hold them all (1,000 pipelined status requests for a job with a
-256 KiB command are 260 MB of answers).  Requests that arrive are queued in
-the connection's inbox and served in order while the transport has room;
+256 KiB command are 260 MB of answers).  Frames that arrive wait in the
+core (undecoded, L{Connection.next_message}) and are served in order, at
+most L{INBOX_TURN} per turn of the reactor, while the transport has room;
 once it asks the pump to pause (more than L{WRITE_BUFFER} bytes unsent),
 serving stops and the connection stops reading from the socket, so the
 client's further requests wait in the kernel's buffers, and TCP's own flow
@@ -34,14 +35,13 @@ control slows the client down.  When the transport has drained, serving
 and reading resume.  What one connection holds in answers is so bounded
 by L{WRITE_BUFFER} plus one response (at most the client's frame size),
 plus the answers of its waits that end meanwhile (at most
-C{max_pending_requests}), and its inbox holds at most what one read from
+C{max_pending_requests}), and the core holds at most what one read from
 the socket decoded.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections import deque
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -59,8 +59,10 @@ from jobworker.memory import release_free_memory
 from jobworker.outputlog import GAP_FD
 from jobworker.policy import Identity, Operation, Role
 from jobworker.protocol import messages as m
+from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict as KeepAliveVerdict
+from jobworker.protocol.listing import list_page
 from jobworker.tls import drop_traceback, peer_names
-from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, FrameTooLarge, Role as WireRole
+from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, Role as WireRole
 
 __all__ = ["ServerProtocol", "ServerFactory", "ServerLimits"]
 
@@ -104,8 +106,14 @@ class ServerLimits:
 
     @ivar handshake_timeout_s: TLS and hello must finish within this; a
         client that connects and says nothing holds no slot for long.
-    @ivar idle_timeout_s: a connection with no pending request and no open
-        stream is closed after this long without traffic.
+    @ivar idle_timeout_s: a connection idle (no pending request, no open
+        stream: spec section 5.7) for this long without interruption is
+        closed; it holds a slot and memory for nobody.
+    @ivar keepalive_interval_s: seconds of silence from the client before it
+        is pinged; no answer within another interval closes the connection,
+        so a client that vanished without closing (host down, process
+        stopped) holds its connection, its waits and its streams for at most
+        twice this.  0 turns keep-alive off.
     @ivar max_pending_requests: requests awaiting their answer (mostly waits).
     @ivar max_streams: output streams open at once on one connection.
     @ivar max_frame_size: the largest frame we accept from the client.
@@ -146,6 +154,7 @@ class ServerLimits:
         *,
         handshake_timeout_s: float = 10.0,
         idle_timeout_s: float = 300.0,
+        keepalive_interval_s: float = DEFAULT_KEEPALIVE_INTERVAL,
         max_pending_requests: int = 128,
         max_streams: int = 256,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
@@ -159,6 +168,7 @@ class ServerLimits:
     ) -> None:
         self.handshake_timeout_s = handshake_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.keepalive_interval_s = keepalive_interval_s
         self.max_pending_requests = max_pending_requests
         self.max_streams = max_streams
         self.max_frame_size = max_frame_size
@@ -244,7 +254,14 @@ class _StreamPump:
             for stream in list(protocol.streams.values()):
                 if self.paused:
                     break
-                sent = protocol.serve_stream(stream)
+                try:
+                    sent = protocol.serve_stream(stream)
+                except Exception:
+                    # One stream's failure is that stream's end, never the
+                    # pump's or the connection's.
+                    log.failure("internal error serving stream {stream_id} of {peer}", stream_id=stream.stream_id, peer=protocol._peer)
+                    protocol._end_stream(stream, m.EndReason.SERVER_ERROR)
+                    sent = 0
                 if sent:
                     progressed = True
                     budget -= sent
@@ -341,14 +358,17 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._goaway_sent = False
         self._peer = "?"
         self._subscriptions: dict[int, Callable[[], None]] = {}
-        # Messages received and not yet served (see "Responses are flow
-        # controlled" in the module docstring), and whether reading from
-        # the socket is paused because of them.
-        self._inbox: deque[m.Message] = deque()
+        # Whether reading from the socket is paused because received frames
+        # wait to be served (see "Responses are flow controlled" in the
+        # module docstring; the core keeps them until next_message).
         self._reading_paused = False
         self._inbox_turn: Any = None  # the next turn of serve_inbox, if due
         # Fires when the frame being received is late (frame_timeout_s).
         self._frame_timer: Any = None
+        # The idle timer runs only while the connection is idle (spec 5.7).
+        self._idle_call: Any = None
+        self._keepalive: KeepAlive | None = None
+        self._keepalive_call: Any = None
 
     # Twisted's TimeoutMixin reads the clock from here.
     def callLater(self, delay: float, call: Callable[..., Any], *args: Any) -> Any:
@@ -404,14 +424,10 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.transport.write(self.conn.send(hello))
 
     def timeoutConnection(self) -> None:
-        if self.conn.is_open and (self.streams or self.conn.pending_requests):
-            # Busy connections are not idle, however quiet the job.
-            self.resetTimeout()
-            return
-        reason = "handshake" if not self.conn.is_open else "idle"
+        # TimeoutMixin times the handshake only; the idle timeout is ours.
         self._timed_out = True
-        log.info("closing {reason} timed-out connection from {peer}", reason=reason, peer=self._peer)
-        self._fail(ProtocolError(f"{reason} timeout", ErrorCode.TIMEOUT))
+        log.info("closing handshake timed-out connection from {peer}", peer=self._peer)
+        self._fail(ProtocolError("handshake timeout", ErrorCode.TIMEOUT))
 
     def dataReceived(self, data: bytes) -> None:
         if self.identity is None:
@@ -419,18 +435,17 @@ class ServerProtocol(Protocol, TimeoutMixin):
             # guards a transport that would not.
             self._fail(ProtocolError("data before the TLS handshake completed"))
             return
+        if self._keepalive is not None:
+            self._keepalive.received(self.reactor.seconds())
         try:
-            messages = self.conn.receive_data(data)
+            self.conn.feed(data)
         except ProtocolError as error:
             log.info("protocol error from {peer}: {error}", peer=self._peer, error=error.message)
             self._fail(error)
             return
-        if self.conn.is_open:
-            self.setTimeout(self.limits.idle_timeout_s)
-        self._watch_frame(new_frame=bool(messages))
+        self._watch_frame(new_frame=self.conn.frames_waiting)
         if not self._account_partial():
             return
-        self._inbox.extend(messages)
         self.serve_inbox()
 
     def _account_partial(self) -> bool:
@@ -494,26 +509,34 @@ class ServerProtocol(Protocol, TimeoutMixin):
         Serve the received messages in order while the transport has room
         for their answers, at most L{INBOX_TURN} per turn of the reactor;
         stop reading the socket while some must wait.
+
+        One message at a time: a request is pending from the moment it is
+        dispatched, so the cap counts exactly what this connection has asked
+        and not been answered (spec section 7).
         """
         turn, self._inbox_turn = self._inbox_turn, None
         if turn is not None and turn.active():
             turn.cancel()  # called directly before its turn came
-        inbox = self._inbox
         budget = INBOX_TURN
-        while inbox and budget and not self.pump.paused and not self.conn.is_closed and self.connected:
-            self._dispatch(inbox.popleft())
-            budget -= 1
-        if inbox and not budget and self.connected and not self.conn.is_closed:
+        was_open = self.conn.is_open
+        try:
+            while budget and not self.pump.paused and not self._goaway_sent and self.connected:
+                message = self.conn.next_message()
+                if message is None:
+                    break
+                if not was_open and self.conn.is_open:
+                    was_open = True
+                    self._opened()
+                self._dispatch(message)
+                budget -= 1
+        except ProtocolError as error:
+            log.info("protocol error from {peer}: {error}", peer=self._peer, error=error.message)
+            self._fail(error)
+            return
+        waiting = self.conn.frames_waiting and not self._goaway_sent and self.connected
+        if waiting and not budget:
             # Other connections get their turn before the rest of this one's.
             self._inbox_turn = self.reactor.callLater(0, self.serve_inbox)
-        if self.conn.is_closed or not self.connected:
-            # The core closes as it decodes the client's GoAway; nothing
-            # behind it is served, but the GoAway itself must be (it closes).
-            goaway = next((message for message in inbox if isinstance(message, m.GoAway)), None)
-            inbox.clear()
-            if goaway is not None and self.connected:
-                self._dispatch(goaway)
-        waiting = bool(inbox)
         if waiting != self._reading_paused and self.connected and self.transport is not None:
             self._reading_paused = waiting
             if waiting:
@@ -522,6 +545,71 @@ class ServerProtocol(Protocol, TimeoutMixin):
                 self.transport.resumeProducing()
             # A frame we stopped reading is not the client's delay.
             self._watch_frame(new_frame=True)
+        self._update_idle()
+
+    def _opened(self) -> None:
+        """
+        The hello exchange is complete: the handshake timer gives way to the
+        idle timer and the keep-alive.
+        """
+        self.setTimeout(None)
+        interval = self.limits.keepalive_interval_s
+        if interval and interval > 0:
+            self._keepalive = KeepAlive(interval, self.reactor.seconds())
+            self._schedule_keepalive()
+
+    # -- idle and keep-alive -----------------------------------------------------
+
+    def _update_idle(self) -> None:
+        """
+        Run the idle timer exactly while the connection is idle: hello done,
+        no pending request, no open stream (spec section 5.7).  It starts
+        afresh each time the connection becomes idle.
+        """
+        busy = bool(self.streams) or self.conn.pending_requests > 0
+        if busy or not self.conn.is_open or self._goaway_sent:
+            self._cancel_idle()
+        elif self._idle_call is None:
+            self._idle_call = self.reactor.callLater(self.limits.idle_timeout_s, self._idle_expired)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+    def _idle_expired(self) -> None:
+        self._idle_call = None
+        log.info("closing idle connection from {peer}", peer=self._peer)
+        self._fail(ProtocolError(f"idle for {self.limits.idle_timeout_s:g} s", ErrorCode.TIMEOUT))
+
+    def _schedule_keepalive(self) -> None:
+        assert self._keepalive is not None
+        delay = max(0.0, self._keepalive.deadline() - self.reactor.seconds())
+        self._keepalive_call = self.reactor.callLater(delay, self._keepalive_due)
+
+    def _keepalive_due(self) -> None:
+        self._keepalive_call = None
+        keepalive = self._keepalive
+        if keepalive is None or self.conn.is_closed or not self.connected:
+            return
+        verdict = keepalive.check(self.reactor.seconds())
+        if verdict is KeepAliveVerdict.DEAD:
+            log.info("closing connection from {peer}: no answer to a keep-alive ping", peer=self._peer)
+            self._fail(
+                ProtocolError(f"keep-alive timeout: no answer to a ping within {keepalive.interval:g} s", ErrorCode.TIMEOUT)
+            )
+            return
+        if verdict is KeepAliveVerdict.PING:
+            self.transport.write(self.conn.send(m.Ping(keepalive.ping_data())))
+        self._schedule_keepalive()
+
+    def _stop_timers(self) -> None:
+        self.setTimeout(None)
+        self._cancel_idle()
+        if self._keepalive_call is not None and self._keepalive_call.active():
+            self._keepalive_call.cancel()
+        self._keepalive_call = None
+        self._keepalive = None
 
     def _fail(self, error: ProtocolError) -> None:
         if self.identity is None:
@@ -535,7 +623,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._close()
 
     def _close(self) -> None:
-        self.setTimeout(None)
+        self._stop_timers()
         # Nothing more will be read: what a late frame held goes now, not
         # when the peer has finished closing (up to ABORT_GRACE_S).
         self.conn.discard_received()
@@ -550,7 +638,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self._abort_call = self.reactor.callLater(ABORT_GRACE_S, self.transport.abortConnection)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.setTimeout(None)
+        self._stop_timers()
         if self._counted and self.identity is None and not self._timed_out:
             # The TLS handshake never finished: refused (a certificate the
             # CA did not issue, a TLS version or group not offered) or
@@ -581,7 +669,6 @@ class ServerProtocol(Protocol, TimeoutMixin):
         for wait in list(self._waits):
             wait.cancel()
         self._waits.clear()
-        self._inbox.clear()
         if reason is not None:
             # A failure raised inside the transport's own connectionLost
             # (a TLS error on a reset connection) holds the frames of that
@@ -594,11 +681,21 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if isinstance(message, m.ClientHello):
             return
         if isinstance(message, m.GoAway):
+            # Close at once (spec sections 5.6, 10.1): nothing more is read,
+            # answered or sent, and the waits of this connection are dropped.
             log.info(
                 "client {peer} went away: {code} {message}", peer=self._peer, code=message.code, message=log_value(message.message)
             )
+            self._goaway_sent = True
             self._close()
+            for wait in list(self._waits):
+                wait.cancel()
             return
+        if isinstance(message, m.Ping):
+            self.transport.write(self.conn.send(m.Pong(message.data)))
+            return
+        if isinstance(message, m.Pong):
+            return  # any bytes are a sign of life; dataReceived noted them
         if isinstance(message, m.WindowUpdate):
             if message.stream_id in self.streams:
                 self.pump.wake()
@@ -613,6 +710,23 @@ class ServerProtocol(Protocol, TimeoutMixin):
         request_id = message.request_id  # type: ignore[attr-defined]
         operation = _OPERATIONS[type(message)]
         job_id = getattr(message, "job_id", None)
+        # A request ends idleness; the timer starts afresh once the
+        # connection is idle again (spec section 5.7).
+        self._cancel_idle()
+
+        def internal_error(failure: Failure | None = None) -> None:
+            # Anything unexpected is this request's INTERNAL error and a
+            # logged failure, never the connection's end.
+            log.failure(
+                "internal error serving {operation} for {identity}",
+                failure,
+                operation=operation.value,
+                identity=log_value(str(self.identity)),
+            )
+            self._audit(operation, job_id, "internal-error")
+            if self.conn.is_pending(request_id):
+                self._respond(m.ErrorResponse(request_id, int(ErrorCode.INTERNAL), "internal server error"))
+
         try:
             if self.conn.pending_requests > self.limits.max_pending_requests:
                 raise RequestError(
@@ -620,42 +734,42 @@ class ServerProtocol(Protocol, TimeoutMixin):
                     ErrorCode.TOO_MANY_REQUESTS,
                 )
             result = handler(self, message)
+            if not isinstance(result, defer.Deferred):
+                self._audit(operation, job_id, "allow")
+                if result is not None:
+                    self._respond(result)
+                return
         except RequestError as error:
             self._audit(operation, job_id, error.code.name.lower())
             self._respond(m.ErrorResponse(request_id, int(error.code), error.message))
             return
         except Exception:
-            log.failure(
-                "internal error serving {operation} for {identity}", operation=operation.value, identity=log_value(str(self.identity))
-            )
-            self._audit(operation, job_id, "internal-error")
-            self._respond(m.ErrorResponse(request_id, int(ErrorCode.INTERNAL), "internal server error"))
-            return
-        if not isinstance(result, defer.Deferred):
-            self._audit(operation, job_id, "allow")
-            if result is not None:
-                self._respond(result)
+            internal_error()
             return
         # Answered later (start, wait): audited when the verdict is known.
         self._waits.add(result)
 
         def done(response: m.Message) -> None:
             self._waits.discard(result)
-            self._audit(operation, getattr(response, "job_id", job_id), "allow")
-            self._respond(response)
+            try:
+                self._audit(operation, getattr(response, "job_id", job_id), "allow")
+                self._respond(response)
+            except Exception:
+                internal_error()
 
         def failed(failure: Failure) -> None:
             self._waits.discard(result)
             if failure.check(defer.CancelledError):
                 return
-            if failure.check(RequestError):
-                error = failure.value
-                self._audit(operation, job_id, error.code.name.lower())
-                self._respond(m.ErrorResponse(request_id, int(error.code), error.message))
-                return
-            log.failure("internal error in {operation}", failure, operation=operation.value)
-            self._audit(operation, job_id, "internal-error")
-            self._respond(m.ErrorResponse(request_id, int(ErrorCode.INTERNAL), "internal server error"))
+            try:
+                if failure.check(RequestError):
+                    error = failure.value
+                    self._audit(operation, job_id, error.code.name.lower())
+                    self._respond(m.ErrorResponse(request_id, int(error.code), error.message))
+                    return
+                internal_error(failure)
+            except Exception:
+                internal_error()
 
         result.addCallbacks(done, failed)
 
@@ -680,21 +794,25 @@ class ServerProtocol(Protocol, TimeoutMixin):
         )
 
     def _respond(self, response: m.Message) -> None:
+        """
+        Send a response or a stream's end.  One that cannot be encoded (a
+        bug, or a damaged job record) is logged and replaced by what can
+        always be sent, so every request is still answered and every stream
+        still ends: C{INTERNAL} for a request, C{SERVER_ERROR} for a stream.
+        (A status too large for the client's frame is not an error: the
+        protocol core abridges it.)
+        """
         if self.conn.is_closed or not self.connected:
             return
         if isinstance(response, m.ErrorResponse) and len(response.message) > MAX_ERROR_MESSAGE:
             response = m.ErrorResponse(response.request_id, response.code, response.message[:MAX_ERROR_MESSAGE] + "...")
         try:
             frame = self.conn.send(response)
-        except FrameTooLarge as exc:
-            log.warn("response too large for {peer}: {error}", peer=self._peer, error=exc)
-            request_id = getattr(response, "request_id", None)
-            if request_id is None:
-                raise
-            frame = self.conn.send(
-                m.ErrorResponse(request_id, int(ErrorCode.BAD_REQUEST), f"the response does not fit your frame size: {exc}")
-            )
+        except ValueError:
+            log.failure("cannot send {kind} to {peer}", kind=type(response).__name__, peer=self._peer)
+            frame = self.conn.send(_fallback(response))
         self.transport.write(frame)
+        self._update_idle()
 
     def _start(self, request: m.StartRequest) -> defer.Deferred[m.Message]:
         assert self.identity is not None
@@ -715,7 +833,13 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def _list(self, request: m.ListRequest) -> m.Message:
         jobs = self.manager.list(self.identity)  # type: ignore[arg-type]
-        return m.ListResponse(request.request_id, tuple(job.status() for job in jobs))
+        return list_page(jobs, request, self.conn.peer_max_frame_size, self._unlistable)
+
+    def _unlistable(self, job: Any, error: Exception) -> m.JobStatus:
+        # One damaged job never breaks the list for everyone: it is listed
+        # with what is certainly encodable.
+        log.error("job {job_id} cannot be listed: {error}", job_id=job.job_id, error=error)
+        return _minimal_status(job.job_id, m.JobState.LOST, "the server cannot encode this job's status")
 
     def _wait(self, request: m.WaitRequest) -> defer.Deferred[m.Message]:
         job = self.manager.get(self.identity, Operation.WAIT, request.job_id)  # type: ignore[arg-type]
@@ -806,7 +930,13 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def _end_stream(self, stream: _Stream, reason: m.EndReason) -> None:
         self._drop_stream(stream.stream_id)
-        self._respond(m.EndOfStream(stream.stream_id, reason, stream.job.status()))
+        try:
+            status = stream.job.status()
+        except Exception:
+            log.failure("cannot read the status of job {job_id}", job_id=stream.job.job_id)
+            status = _minimal_status(stream.job.job_id, m.JobState.LOST, "the server cannot read this job's status")
+            reason = m.EndReason.SERVER_ERROR
+        self._respond(m.EndOfStream(stream.stream_id, reason, status))
 
     def _drop_stream(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
@@ -815,6 +945,28 @@ class ServerProtocol(Protocol, TimeoutMixin):
         subscription = self._subscriptions.pop(stream_id, None)
         if stream is not None and subscription is not None:
             stream.job.output.unsubscribe(subscription)
+
+
+def _minimal_status(job_id: uuid.UUID, state: m.JobState, error: str) -> m.JobStatus:
+    """
+    A status that can always be encoded, for a job whose own cannot.
+    """
+    return m.JobStatus(job_id=job_id, owner="", argv=(), state=state, error=error, abridged=True)
+
+
+def _fallback(response: m.Message) -> m.Message:
+    """
+    What to send in place of a response or stream end that cannot be
+    encoded.
+    """
+    if isinstance(response, m.EndOfStream):
+        state = response.status.state if isinstance(response.status.state, m.JobState) else m.JobState.LOST
+        status = _minimal_status(response.status.job_id, state, "the server cannot encode this job's status")
+        return m.EndOfStream(response.stream_id, m.EndReason.SERVER_ERROR, status)
+    request_id = getattr(response, "request_id", None)
+    if request_id is None:
+        raise ValueError(f"no fallback for {type(response).__name__}")
+    return m.ErrorResponse(request_id, int(ErrorCode.INTERNAL), "internal server error: the response cannot be encoded")
 
 
 _OPERATIONS = {

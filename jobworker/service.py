@@ -102,7 +102,8 @@ class Options(usage.Options):
         ["max-jobs-per-identity", None, "256", "Running jobs one identity may have at once."],
         ["max-finished-jobs", None, "1000", "Finished jobs kept; the oldest beyond this are removed."],
         ["handshake-timeout", None, "10", "Seconds a client has to finish TLS and the hello."],
-        ["idle-timeout", None, "300", "Seconds before an idle connection is closed."],
+        ["idle-timeout", None, "300", "Seconds a connection may stay idle (no pending request, no open stream) before it is closed."],
+        ["keepalive-interval", None, "30", "Seconds of silence from a client before it is pinged; a client that does not answer within as long again is disconnected. 0: no keep-alive."],
         ["frame-timeout", None, "30", "Seconds one frame may take to arrive from its first byte."],
         ["max-connections", None, "512", "Connections open at once, in total; beyond it new ones are closed before TLS."],
         ["max-connections-per-identity", None, "128", "Connections one identity may hold; beyond it: GoAway TOO_MANY_CONNECTIONS."],
@@ -153,11 +154,13 @@ class Options(usage.Options):
             self["job-uid-range"] = parse_uid_range(self["job-uids"])
         except ValueError as exc:
             raise usage.UsageError(f"--job-uids: {exc}") from None
-        for name in ("grace", "handshake-timeout", "idle-timeout", "frame-timeout"):
+        for name in ("grace", "handshake-timeout", "idle-timeout", "keepalive-interval", "frame-timeout"):
             try:
                 self[name] = float(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name}: {self[name]!r} is not a number of seconds") from None
+        if self["keepalive-interval"] < 0:
+            raise usage.UsageError("--keepalive-interval must not be negative (0 turns keep-alive off)")
         for name in (
             "max-jobs-per-identity",
             "max-finished-jobs",
@@ -364,6 +367,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     limits = ServerLimits(
         handshake_timeout_s=options["handshake-timeout"],
         idle_timeout_s=options["idle-timeout"],
+        keepalive_interval_s=options["keepalive-interval"],
         frame_timeout_s=options["frame-timeout"],
         max_connections=options["max-connections"],
         max_connections_per_identity=options["max-connections-per-identity"],

@@ -101,18 +101,18 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
         "server_hello",
         [
             ("server_hello.basic", "the server's first frame for a client with CN alice, OU user",
-             m.ServerHello(1, 1 << 20, "jobworker", "alice", "user")),
+             m.ServerHello(2, 1 << 20, "jobworker", "alice", "user")),
             ("server_hello.utf8_no_role", "non-ASCII texts; a certificate without an OU gives role \"\"",
-             m.ServerHello(1, 16 << 20, "wörker-東京", "zoë", "")),
+             m.ServerHello(2, 16 << 20, "wörker-東京", "zoë", "")),
         ],
     ),
     (
         "client_hello",
         [
-            ("client_hello.basic", "version 1, default maximum frame size of 1 MiB",
-             m.ClientHello(1, 1 << 20)),
+            ("client_hello.basic", "version 2, default maximum frame size of 1 MiB",
+             m.ClientHello(2, 1 << 20)),
             ("client_hello.min_frame", "the smallest maximum frame size a peer may announce: 16 KiB",
-             m.ClientHello(1, 16 << 10)),
+             m.ClientHello(2, 16 << 10)),
         ],
     ),
     (
@@ -122,6 +122,19 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
              m.GoAway(int(ErrorCode.UNSUPPORTED_VERSION), "protocol version 2 is not supported (this end speaks 1)")),
             ("go_away.timeout_empty_message", "an empty text is just its zero length",
              m.GoAway(int(ErrorCode.TIMEOUT), "")),
+        ],
+    ),
+    (
+        "ping",
+        [
+            ("ping.basic", "keep-alive after a quiet interval; the data is opaque", m.Ping(1)),
+            ("ping.max_data", "the largest u64", m.Ping(U64_MAX)),
+        ],
+    ),
+    (
+        "pong",
+        [
+            ("pong.basic", "the answer to ping.basic: the same data", m.Pong(1)),
         ],
     ),
     (
@@ -187,7 +200,11 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
     (
         "list_request",
         [
-            ("list_request.basic", "the body is only the request id", m.ListRequest(8)),
+            ("list_request.basic", "the first page, no filter, as many jobs as fit", m.ListRequest(8)),
+            ("list_request.next_page_filtered",
+             "the page after job A, at most 50 jobs, running or exited (bits 2 and 3), owned by bob",
+             m.ListRequest(9, after_created_at=T0, after_job_id=JOB_A, max_jobs=50,
+                           states=m.state_mask([m.JobState.RUNNING, m.JobState.EXITED]), owner="bob")),
         ],
     ),
     (
@@ -276,12 +293,16 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
                  network=m.Network.HOST,
                  uid=U32_MAX,
              ))),
+            ("status_response.abridged", "a status cut to fit the client's frame: abridged = true",
+             m.StatusResponse(7, m.abridge(_status(argv=("sh", "-c", "x" * 300))))),
         ],
     ),
     (
         "list_response",
         [
-            ("list_response.empty", "no jobs: the u32 count 0 and nothing else", m.ListResponse(8, ())),
+            ("list_response.empty", "no jobs: the u32 count 0, then more = false", m.ListResponse(8, ())),
+            ("list_response.more", "one job, and more after it: ask again after this job",
+             m.ListResponse(9, (EXITED,), more=True)),
             ("list_response.two_jobs", "a running job and a lost one with an empty argv, i32 maximum exit code and a uid of its own",
              m.ListResponse(8, (
                  _status(),
@@ -331,6 +352,10 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
             ("end_of_stream.cancelled", "the client sent CancelStream", m.EndOfStream(3, m.EndReason.CANCELLED, _status())),
             ("end_of_stream.removed", "the job was removed while followed",
              m.EndOfStream(U32_MAX, m.EndReason.REMOVED, EXITED)),
+            ("end_of_stream.server_error", "the server failed serving the stream; resume with a new follow",
+             m.EndOfStream(4, m.EndReason.SERVER_ERROR, _status())),
+            ("end_of_stream.abridged", "a final status abridged to fit a 16 KiB client frame",
+             m.EndOfStream(5, m.EndReason.JOB_ENDED, m.abridge(_ended(m.JobState.EXITED, exit_code=0, argv=tuple(f"arg{i}" for i in range(20)))))),
         ],
     ),
 ]

@@ -66,7 +66,9 @@ class FakeJob:
         self.owner = owner
         self.output = OutputLog(MemorySpool())
         self.is_final = False
-        self._status = m.JobStatus(self.job_id, owner, argv, m.JobState.RUNNING)
+        self.created_at = int(time.time() * 1e6)
+        self.state = m.JobState.RUNNING
+        self._status = m.JobStatus(self.job_id, owner, argv, m.JobState.RUNNING, created_at=self.created_at)
 
     def status(self) -> m.JobStatus:
         return self._status

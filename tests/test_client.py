@@ -772,3 +772,80 @@ async def test_real_client_certificate_from_another_ca(server, tmp_path) -> None
             reactor, f"127.0.0.1:{server.port}",
             ca=server.certs / "ca.pem", cert=stranger / "admin.pem", key=stranger / "admin.key",
         )
+
+
+# -- keep-alive and long waits --------------------------------------------------------
+
+
+def test_a_wait_has_no_time_limit() -> None:
+    from twisted.internet import task
+
+    clock = task.Clock()
+    client, server = connected_pair(clock=clock, keepalive_interval=5)
+    waiting = client.wait(JOB)
+    request = server.receive_one(m.WaitRequest)
+    for _ in range(3600):  # an hour of a quiet job, a server that answers pings
+        clock.advance(1)
+        for message in server.receive():
+            assert isinstance(message, m.Ping)
+            server.send(m.Pong(message.data))
+    assert not has_fired(waiting)
+    server.send(m.StatusResponse(request.request_id, job_status(JOB, exit_code=0)))
+    assert result_of(waiting).exit_code == 0
+
+
+def test_a_server_that_does_not_answer_pings_is_given_up() -> None:
+    from twisted.internet import task
+
+    clock = task.Clock()
+    client, server = connected_pair(clock=clock, keepalive_interval=5)
+    waiting = client.wait(JOB)
+    server.receive_one(m.WaitRequest)
+    follower, _, _ = open_follow(client, server)
+    clock.advance(5)
+    [ping] = server.receive()
+    assert isinstance(ping, m.Ping)
+    clock.advance(4.9)
+    assert not has_fired(waiting)
+    clock.advance(0.2)
+    lost = failure_of(waiting, ClientConnectionLost)
+    assert lost.code is ErrorCode.TIMEOUT and "keep-alive" in str(lost)
+    assert failure_of(follower.done, ClientConnectionLost).code is ErrorCode.TIMEOUT
+    [goaway] = server.receive()
+    assert isinstance(goaway, m.GoAway) and goaway.code == ErrorCode.TIMEOUT
+
+
+def test_any_bytes_from_the_server_count_as_life() -> None:
+    from twisted.internet import task
+
+    clock = task.Clock()
+    client, server = connected_pair(clock=clock, keepalive_interval=5)
+    follower, request, recorder = open_follow(client, server)
+    for offset in range(20):
+        clock.advance(4)
+        server.send(output(request, offset, b"x"))
+    assert [message for message in server.receive() if isinstance(message, m.Ping)] == []
+    assert recorder.data == b"x" * 20
+
+
+def test_the_client_answers_the_servers_ping() -> None:
+    client, server = connected_pair()
+    server.send(m.Ping(42))
+    assert server.receive() == [m.Pong(42)]
+
+
+def test_list_reads_every_page_with_the_filters() -> None:
+    client, server = connected_pair()
+    first = job_status(owner="bob", created_at=10)
+    second = job_status(owner="bob", created_at=20)
+    listed = client.list(states=[m.JobState.EXITED], owner="bob")
+    page = server.receive_one(m.ListRequest)
+    assert (page.after_created_at, page.after_job_id, page.states, page.owner) == (
+        0, uuid.UUID(int=0), 1 << m.JobState.EXITED, "bob",
+    )
+    server.send(m.ListResponse(page.request_id, (first,), more=True))
+    assert not has_fired(listed)
+    page = server.receive_one(m.ListRequest)
+    assert (page.after_created_at, page.after_job_id) == (10, first.job_id)
+    server.send(m.ListResponse(page.request_id, (second,)))
+    assert result_of(listed) == (first, second)

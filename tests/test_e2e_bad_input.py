@@ -107,10 +107,10 @@ class RawConnection:
         frame, self.buffer = self.buffer[4 : 4 + length], self.buffer[4 + length :]
         return frame[0], frame[1:]
 
-    def hello(self, version: int = 1) -> None:
+    def hello(self, version: int = 2, max_frame_size: int = 1 << 20) -> None:
         frame = self.read_frame(timeout=10)
         assert frame is not None and frame[0] == SERVER_HELLO, frame
-        self.send(struct.pack(">IBHI", 7, CLIENT_HELLO, version, 1 << 20))
+        self.send(struct.pack(">IBHI", 7, CLIENT_HELLO, version, max_frame_size))
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -181,10 +181,17 @@ def test_huge_length_prefix_is_refused_without_the_body(server, raw):
     assert_still_serving(server)
 
 
-def test_client_hello_with_another_version_gets_goaway_unsupported_version(server, raw):
+@pytest.mark.parametrize("version", [1, 3])
+def test_client_hello_with_another_version_gets_goaway_unsupported_version(server, raw, version):
+    """
+    A version 1 client (an older jobcli) and one that claims a version
+    above the server's hello are refused at once, with a message naming the
+    versions the server speaks.
+    """
     connection = raw()
-    connection.hello(version=2)
-    connection.expect_goaway(ErrorCode.UNSUPPORTED_VERSION)
+    connection.hello(version=version)
+    message = connection.expect_goaway(ErrorCode.UNSUPPORTED_VERSION)
+    assert f"version {version}" in message and "speaks 2" in message
     assert_still_serving(server)
 
 

@@ -84,6 +84,7 @@ statuses = st.builds(
     workdir=text,
     user=text,
     network=st.sampled_from(m.Network),
+    abridged=st.booleans(),
 )
 
 MESSAGE_STRATEGIES: dict[type[m.Message], st.SearchStrategy[m.Message]] = {
@@ -92,6 +93,8 @@ MESSAGE_STRATEGIES: dict[type[m.Message], st.SearchStrategy[m.Message]] = {
     ),
     m.ClientHello: st.builds(m.ClientHello, version=u16, max_frame_size=u32),
     m.GoAway: st.builds(m.GoAway, code=u16, message=text),
+    m.Ping: st.builds(m.Ping, data=u64),
+    m.Pong: st.builds(m.Pong, data=u64),
     m.StartRequest: st.builds(
         m.StartRequest,
         request_id=u32,
@@ -106,7 +109,15 @@ MESSAGE_STRATEGIES: dict[type[m.Message], st.SearchStrategy[m.Message]] = {
         m.StopRequest, request_id=u32, job_id=st.uuids(), grace_ms=u32, force=st.booleans()
     ),
     m.StatusRequest: st.builds(m.StatusRequest, request_id=u32, job_id=st.uuids()),
-    m.ListRequest: st.builds(m.ListRequest, request_id=u32),
+    m.ListRequest: st.builds(
+        m.ListRequest,
+        request_id=u32,
+        after_created_at=u64,
+        after_job_id=st.uuids(),
+        max_jobs=u32,
+        states=u16,
+        owner=text,
+    ),
     m.WaitRequest: st.builds(m.WaitRequest, request_id=u32, job_id=st.uuids()),
     m.FollowRequest: st.builds(
         m.FollowRequest,
@@ -123,7 +134,7 @@ MESSAGE_STRATEGIES: dict[type[m.Message], st.SearchStrategy[m.Message]] = {
     m.StartResponse: st.builds(m.StartResponse, request_id=u32, job_id=st.uuids()),
     m.StatusResponse: st.builds(m.StatusResponse, request_id=u32, status=statuses),
     m.ListResponse: st.builds(
-        m.ListResponse, request_id=u32, jobs=st.lists(statuses, max_size=3).map(tuple)
+        m.ListResponse, request_id=u32, jobs=st.lists(statuses, max_size=3).map(tuple), more=st.booleans()
     ),
     m.OkResponse: st.builds(m.OkResponse, request_id=u32),
     m.ErrorResponse: st.builds(m.ErrorResponse, request_id=u32, code=u16, message=text),

@@ -202,13 +202,36 @@ def test_client_rejects_anything_but_hello_first() -> None:
     raises_protocol_error(client, encode_message(m.OkResponse(1)))
 
 
-@pytest.mark.parametrize("version", [0, V + 1, 0xFFFF])
-def test_client_refuses_unsupported_server_version(version: int) -> None:
+@pytest.mark.parametrize("version", [0, 1])
+def test_client_refuses_a_server_speaking_only_older_versions(version: int) -> None:
+    """
+    A version 1 server (or anything older than we speak) is refused at its
+    hello, with a message that names both versions.
+    """
     client = Connection(Role.CLIENT)
-    raises_protocol_error(client, encode_message(server_hello(version=version)), ErrorCode.UNSUPPORTED_VERSION)
+    with pytest.raises(ProtocolError) as caught:
+        client.receive_data(encode_message(server_hello(version=version)))
+    assert caught.value.code is ErrorCode.UNSUPPORTED_VERSION
+    assert f"version {version}" in caught.value.message and str(V) in caught.value.message
+    assert client.is_closed
 
 
-@pytest.mark.parametrize("version", [0, V + 1, 0xFFFF])
+@pytest.mark.parametrize("version", [V, V + 1, 0xFFFF])
+def test_client_speaks_the_highest_common_version(version: int) -> None:
+    """
+    A server's hello names the highest version it speaks: a newer server
+    is answered with our own version, which it must accept.
+    """
+    client = Connection(Role.CLIENT)
+    client.receive_data(encode_message(server_hello(version=version)))
+    assert client.version == V
+    with pytest.raises(ValueError):
+        client.send(m.ClientHello(version + 1 if version < 0xFFFF else 1, DEFAULT_MAX_FRAME_SIZE))
+    client.send(m.ClientHello(V, DEFAULT_MAX_FRAME_SIZE))
+    assert client.is_open
+
+
+@pytest.mark.parametrize("version", [0, 1, V + 1, 0xFFFF])
 def test_server_refuses_unsupported_client_version(version: int) -> None:
     server = Connection(Role.SERVER)
     server.send(server_hello())
@@ -686,7 +709,7 @@ def _sent_or_refused(sender: Connection, receiver: Connection, message: m.Messag
 def test_response_larger_than_the_client_frame_size() -> None:
     server, client = open_pair(client_max=MIN_FRAME_SIZE)
     request(server, client, m.ListRequest(1))
-    jobs = tuple(status(argv=("x" * 1000,)) for _ in range(20))  # ~ 22 KB
+    jobs = tuple(status(argv=("x" * 1000,)) for _ in range(20))  # ~ 22 KB: the server pages
     _sent_or_refused(server, client, m.ListResponse(1, jobs))
     if server.pending_requests:
         # Refused: the request still gets its one response.
@@ -719,6 +742,130 @@ def test_client_refuses_to_reuse_an_open_stream_id() -> None:
     server, client = open_pair()
     open_stream(server, client, stream_id=7)
     _sent_or_refused(client, server, m.FollowRequest(client.next_request_id(), JOB, 7))
+
+
+# -- keep-alive ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sender", ["server", "client"])
+def test_ping_and_pong_in_both_directions(sender: str) -> None:
+    server, client = open_pair()
+    one, other = (server, client) if sender == "server" else (client, server)
+    assert other.receive_data(one.send(m.Ping(7))) == [m.Ping(7)]
+    assert one.receive_data(other.send(m.Pong(7))) == [m.Pong(7)]
+    # An unasked Pong is not an error (it may answer a ping given up on).
+    assert one.receive_data(other.send(m.Pong(99))) == [m.Pong(99)]
+    assert server.is_open and client.is_open
+
+
+def test_ping_before_the_hello_exchange_is_a_protocol_error() -> None:
+    server = Connection(Role.SERVER)
+    server.send(server_hello())
+    raises_protocol_error(server, encode_message(m.Ping(1)))
+    client = Connection(Role.CLIENT)
+    with pytest.raises(ValueError):
+        client.send(m.Ping(1))
+
+
+# -- requests are handed out one at a time ---------------------------------------
+
+
+def test_pending_requests_count_only_what_was_handed_out() -> None:
+    """
+    The server's cap counts requests it has seen and not answered; the
+    requests behind them in the same read are not pending yet.
+    """
+    server, client = open_pair()
+    burst = b"".join(client.send(m.WaitRequest(i, JOB)) for i in range(129))
+    server.feed(burst)
+    seen = []
+    while (message := server.next_message()) is not None:
+        seen.append(message)
+        assert server.pending_requests == len(seen)
+    assert [message.request_id for message in seen] == list(range(129))
+
+
+def test_a_request_answered_at_once_frees_its_place_within_one_read() -> None:
+    server, client = open_pair()
+    data = b"".join(client.send(m.StatusRequest(client.next_request_id(), JOB)) for _ in range(300))
+    server.feed(data)
+    count = 0
+    while (message := server.next_message()) is not None:
+        assert server.pending_requests == 1
+        client.receive_data(server.send(m.ErrorResponse(message.request_id, ErrorCode.NOT_FOUND, "no job")))
+        count += 1
+    assert count == 300 and server.pending_requests == 0
+
+
+def test_a_request_id_reused_after_its_answer_within_one_read() -> None:
+    """
+    Id 5, answered, then id 5 again in the same read: legal (section 7).
+    """
+    server, client = open_pair()
+    first = m.StatusRequest(5, JOB)
+    data = client.send(first)
+    client.receive_data(b"")  # nothing yet
+    server.feed(data + encode_message(m.StatusRequest(5, JOB)))
+    assert server.next_message() == first
+    server.send(m.StatusResponse(5, status()))
+    assert server.next_message() == m.StatusRequest(5, JOB)
+    assert server.is_open
+
+
+def test_malformed_frame_after_good_ones_is_raised_when_reached() -> None:
+    server, client = open_pair()
+    good = client.send(m.StatusRequest(1, JOB))
+    server.feed(good + frame_header(1, 0x7F))
+    assert server.next_message() == m.StatusRequest(1, JOB)
+    with pytest.raises(ProtocolError):
+        server.next_message()
+    assert server.is_closed and server.next_message() is None
+
+
+# -- statuses fit any frame --------------------------------------------------------
+
+
+def big_status(argv_bytes: int = 20_000) -> m.JobStatus:
+    argv = tuple(f"{i:04d}" + "x" * 995 for i in range(argv_bytes // 1000))
+    return m.JobStatus(JOB, "alice", argv, m.JobState.EXITED, exit_code=3, workdir="/" + "w" * 30_000)
+
+
+def test_end_of_stream_is_abridged_to_fit_the_smallest_client_frame() -> None:
+    server, client = open_pair(client_max=MIN_FRAME_SIZE)
+    open_stream(server, client, stream_id=7)
+    frame = server.send(m.EndOfStream(7, m.EndReason.JOB_ENDED, big_status()))
+    assert len(frame) - 4 <= MIN_FRAME_SIZE
+    [end] = client.receive_data(frame)
+    assert isinstance(end, m.EndOfStream) and end.reason is m.EndReason.JOB_ENDED
+    assert end.status.abridged and end.status.exit_code == 3 and end.status.state is m.JobState.EXITED
+    assert end.status.argv == tuple(item[:256] for item in big_status().argv[: m.ABRIDGED_ARGV_ITEMS])
+    assert len(end.status.workdir.encode()) == m.ABRIDGED_TEXT_BYTES
+    assert 7 not in server.open_streams and 7 not in client.open_streams
+
+
+def test_a_status_that_fits_is_never_abridged() -> None:
+    server, client = open_pair()
+    request(server, client, m.StatusRequest(1, JOB))
+    [response] = client.receive_data(server.send(m.StatusResponse(1, big_status())))
+    assert response.status == big_status() and not response.status.abridged
+
+
+def test_abridging_never_splits_a_character() -> None:
+    text = "é" * 200  # 400 bytes
+    cut = m.abridge(m.JobStatus(JOB, text, (text,), m.JobState.RUNNING)).owner
+    assert cut == "é" * 128 and len(cut.encode()) == 256
+
+
+@given(st.lists(st.text(max_size=3000), max_size=40), st.text(max_size=20_000))
+@SETTINGS
+def test_any_abridged_status_fits_the_smallest_frame(argv: list[str], text: str) -> None:
+    status_ = m.JobStatus(JOB, text, tuple(argv), m.JobState.FAILED, error=text, workdir=text, user=text, stopped_by=text)
+    try:
+        encode_message(m.StatusResponse(1, status_))
+    except ValueError:
+        return  # a text longer than the wire allows: not a status a server has
+    abridged = m.abridge(status_)
+    assert len(encode_message(m.EndOfStream(1, m.EndReason.JOB_ENDED, abridged))) - 4 <= MIN_FRAME_SIZE
 
 
 # -- going away and closing ------------------------------------------------------

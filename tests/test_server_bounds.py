@@ -23,55 +23,12 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 
-from jobworker.errors import ErrorCode, RequestError
-from jobworker.outputlog import MemorySpool, OutputLog
-from jobworker.policy import Operation
+from jobworker.errors import ErrorCode
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role
 from jobworker.server import WRITE_BUFFER, ServerFactory, ServerLimits
-from jobworker.testing import job_status
 from jobworker.tls import BulkTLSMemoryBIOFactory, client_tls_options, server_tls_options
-
-
-# -- a stand-in job manager -----------------------------------------------------
-
-
-class FakeJob:
-    def __init__(self, owner: str, argv: tuple[str, ...]) -> None:
-        self.job_id = uuid.uuid4()
-        self.owner = owner
-        self.output = OutputLog(MemorySpool())
-        self.is_final = False
-        self._status = job_status(self.job_id, owner=owner, argv=argv, state=m.JobState.RUNNING)
-
-    def status(self) -> m.JobStatus:
-        return self._status
-
-    def when_ended(self) -> defer.Deferred[m.JobStatus]:
-        return defer.Deferred()
-
-
-class FakeManager:
-    """
-    Every identity may see every job; that is enough for these tests.
-    """
-
-    def __init__(self) -> None:
-        self.jobs: dict[uuid.UUID, FakeJob] = {}
-
-    def add(self, argv: tuple[str, ...] = ("true",), owner: str = "alice") -> FakeJob:
-        job = FakeJob(owner, argv)
-        self.jobs[job.job_id] = job
-        return job
-
-    def get(self, identity: Any, operation: Operation, job_id: uuid.UUID) -> FakeJob:
-        try:
-            return self.jobs[job_id]
-        except KeyError:
-            raise RequestError(f"no job {job_id}", ErrorCode.NOT_FOUND) from None
-
-    def list(self, identity: Any) -> list[FakeJob]:
-        return list(self.jobs.values())
+from tests.fuzzing import FakeManager
 
 
 # -- a raw client over real TLS ---------------------------------------------------

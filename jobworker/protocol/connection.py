@@ -24,10 +24,23 @@ Design rules (the spec in C{protocol-spec/README.md} is normative):
  5. Output is flow controlled per stream (L{jobworker.protocol.flow}); the
     server may not send more data on a stream than its window allows, and
     must split output to fit the client's maximum frame size.
+ 6. Requests are tracked one at a time as they are handed out.
+    L{receive_data} decodes everything it is given at once; a server uses
+    L{feed} and L{next_message} instead, so that a request is "pending"
+    only from the moment its owner sees it: the server's pending-request
+    cap then counts what it has dispatched and not answered, never the
+    requests behind it in the same read (spec section 13).
+ 7. A status never fails to be sent for its size: a C{StatusResponse} or
+    C{EndOfStream} whose status does not fit the peer's maximum frame goes
+    out with the status abridged (L{m.abridge}).
+ 8. Versions: the server's hello names the highest version it speaks; the
+    client answers with the highest version both speak (spec section 5.4).
 """
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import replace
 from enum import Enum
 from itertools import count
 
@@ -77,6 +90,8 @@ _CLIENT_SENDS = frozenset(
     {
         m.ClientHello,
         m.GoAway,
+        m.Ping,
+        m.Pong,
         m.WindowUpdate,
         m.CancelStream,
         *m.REQUEST_TYPES,
@@ -86,6 +101,8 @@ _SERVER_SENDS = frozenset(
     {
         m.ServerHello,
         m.GoAway,
+        m.Ping,
+        m.Pong,
         m.StartResponse,
         m.StatusResponse,
         m.ListResponse,
@@ -114,6 +131,12 @@ class Connection:
         self.max_frame_size = max_frame_size
         self.peer_max_frame_size = MIN_FRAME_SIZE
         self.peer_hello: m.ServerHello | m.ClientHello | None = None
+        # The version this connection speaks: the server's own until the
+        # client's hello confirms it; the client's once the server's hello
+        # has arrived (the highest both speak).
+        self.version = m.PROTOCOL_VERSION
+        # Frames split off by feed() and not yet decoded by next_message().
+        self._undecoded: deque[tuple[int, bytes | memoryview]] = deque()
         self._state = _State.AWAIT_HELLO
         self._hello_sent = False
         self._frames = FrameBuffer(max_frame_size)
@@ -147,16 +170,30 @@ class Connection:
         """
         return len(self._frames)
 
+    @property
+    def frames_waiting(self) -> bool:
+        """
+        Whether frames fed in wait for L{next_message}.
+        """
+        return bool(self._undecoded) and self._state is not _State.CLOSED
+
     def discard_received(self) -> None:
         """
-        Drop the bytes of an incomplete frame (the connection is closing:
-        nothing more will be decoded).
+        Drop the bytes of an incomplete frame and the frames not yet decoded
+        (the connection is closing: nothing more will be decoded).
         """
         self._frames.close()
+        self._undecoded.clear()
 
     @property
     def pending_requests(self) -> int:
         return len(self._pending)
+
+    def is_pending(self, request_id: int) -> bool:
+        """
+        Whether C{request_id} still awaits its one response.
+        """
+        return request_id in self._pending
 
     @property
     def open_streams(self) -> frozenset[int]:
@@ -190,13 +227,48 @@ class Connection:
         @raise ProtocolError: the peer broke the protocol.  The connection is
             then closed; send L{goaway} and drop the transport.
         """
+        self.feed(data)
+        messages = []
+        while True:
+            message = self.next_message()
+            if message is None:
+                return messages
+            messages.append(message)
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """
+        Take bytes from the peer; L{next_message} hands out what they
+        complete, one message at a time.  C{data} must stay unchanged until
+        L{next_message} has returned C{None}: frames are kept as views of it.
+
+        @raise ProtocolError: a frame's length is 0 or above our maximum.
+        """
         if self._state is _State.CLOSED:
-            return []
+            return
         try:
-            frames = self._frames.receive(data)
-            return [self._received(decode_body(kind, body)) for kind, body in frames]
+            self._undecoded.extend(self._frames.receive(data))
         except ProtocolError:
             self._state = _State.CLOSED
+            self._undecoded.clear()
+            raise
+
+    def next_message(self) -> m.Message | None:
+        """
+        Decode the next complete frame fed in, and apply it to the state;
+        C{None} when none is left (or the connection is closed).
+
+        @raise ProtocolError: the peer broke the protocol.  The connection is
+            then closed; send L{goaway} and drop the transport.
+        """
+        if self._state is _State.CLOSED or not self._undecoded:
+            self._undecoded.clear()
+            return None
+        kind, body = self._undecoded.popleft()
+        try:
+            return self._received(decode_body(kind, body))
+        except ProtocolError:
+            self._state = _State.CLOSED
+            self._undecoded.clear()
             raise
 
     def _received(self, message: m.Message) -> m.Message:
@@ -217,6 +289,11 @@ class Connection:
             raise ProtocolError(f"{kind.__name__} before the hello exchange ended")
         if kind is m.GoAway:
             self._state = _State.CLOSED
+        elif kind in (m.Ping, m.Pong):
+            # Only an open connection pings: a client's core is open once it
+            # has sent its own hello too.
+            if not self.is_open:
+                raise ProtocolError(f"{kind.__name__} before the hello exchange ended")
         elif self.role is Role.SERVER:
             self._server_received(message)
         else:
@@ -224,11 +301,24 @@ class Connection:
         return message
 
     def _received_hello(self, hello: m.ServerHello | m.ClientHello) -> m.Message:
-        if hello.version != m.PROTOCOL_VERSION:
+        speaks = ", ".join(str(v) for v in sorted(m.SUPPORTED_VERSIONS))
+        if self.role is Role.CLIENT:
+            # The server names the highest version it speaks; we take the
+            # highest of ours that is not above it.
+            common = [v for v in m.SUPPORTED_VERSIONS if v <= hello.version]
+            if not common:
+                raise ProtocolError(
+                    f"the server speaks protocol version {hello.version} at most; this client speaks {speaks}",
+                    ErrorCode.UNSUPPORTED_VERSION,
+                )
+            self.version = max(common)
+        elif hello.version not in m.SUPPORTED_VERSIONS or hello.version > self.version:
             raise ProtocolError(
-                f"protocol version {hello.version} is not supported (this end speaks {m.PROTOCOL_VERSION})",
+                f"protocol version {hello.version} is not supported (this server speaks {speaks})",
                 ErrorCode.UNSUPPORTED_VERSION,
             )
+        else:
+            self.version = hello.version
         if not MIN_FRAME_SIZE <= hello.max_frame_size <= MAX_FRAME_LIMIT:
             raise ProtocolError(f"max_frame_size {hello.max_frame_size} out of range")
         self.peer_hello = hello
@@ -315,12 +405,17 @@ class Connection:
         elif not self.is_open:
             raise ValueError(f"{kind.__name__} before the hello exchange ended")
         frame = encode_message(message)
+        if len(frame) - 4 > self.peer_max_frame_size and kind in (m.StatusResponse, m.EndOfStream):
+            message = replace(message, status=m.abridge(message.status))  # type: ignore[type-var,attr-defined]
+            frame = encode_message(message)
         if len(frame) - 4 > self.peer_max_frame_size and kind not in (m.ServerHello, m.ClientHello):
             raise FrameTooLarge(
                 f"{kind.__name__} of {len(frame) - 4} bytes exceeds the peer's maximum frame of {self.peer_max_frame_size}"
             )
         if kind in (m.ServerHello, m.ClientHello, m.GoAway):
             pass
+        elif kind in (m.Ping, m.Pong):
+            pass  # no state beyond being open
         elif self.role is Role.SERVER:
             self._server_sends(message)
         else:
@@ -334,6 +429,8 @@ class Connection:
             raise ValueError("the client speaks only after the server's hello")
         if hello.max_frame_size != self.max_frame_size:
             raise ValueError("hello must announce this connection's max_frame_size")
+        if hello.version != self.version:
+            raise ValueError(f"hello must announce version {self.version}, the one this connection speaks")
         self._hello_sent = True
         if self.peer_hello is not None:
             self._state = _State.OPEN

@@ -15,9 +15,9 @@ Conventions shared by every message:
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 from jobworker.limits import Limits
 
@@ -34,6 +34,8 @@ __all__ = [
     "ServerHello",
     "ClientHello",
     "GoAway",
+    "Ping",
+    "Pong",
     "StartRequest",
     "StopRequest",
     "StatusRequest",
@@ -52,9 +54,19 @@ __all__ = [
     "Gap",
     "EndOfStream",
     "REQUEST_TYPES",
+    "SUPPORTED_VERSIONS",
+    "state_mask",
+    "abridge",
+    "ABRIDGED_ARGV_ITEMS",
+    "ABRIDGED_TEXT_BYTES",
 ]
 
-PROTOCOL_VERSION = 1
+# The highest protocol version this implementation speaks, and every version
+# it speaks.  Version 2 added keep-alive (Ping/Pong), paged and filtered
+# lists, JobStatus.uid, abridged statuses and EndReason.SERVER_ERROR; version 1 peers
+# refuse it with UNSUPPORTED_VERSION at the hello (spec section 5.4).
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = frozenset({2})
 
 # JobStatus.uid when the uid is not known: (uid_t)-1, which Linux never
 # gives a user.
@@ -103,6 +115,7 @@ class EndReason(IntEnum):
     CAUGHT_UP = 1  # a non-follow read reached the end of what exists now
     CANCELLED = 2  # the client cancelled the stream
     REMOVED = 3  # the job was removed while followed
+    SERVER_ERROR = 4  # the server failed serving the stream (it logged why)
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,55 @@ class JobStatus:
     user: str = ""
     network: Network = Network.NONE
     uid: int = UID_UNKNOWN  # the uid the command runs as
+    # True when the texts and argv above were cut to fit a frame (spec
+    # section 6.2, "Abridged statuses"); the full status is not lost, only
+    # not sent in this frame.
+    abridged: bool = False
+
+
+# An abridged status (spec section 6.2) keeps at most this many argv items
+# and this many bytes of each text: with the fixed fields, about 5.6 KB, so
+# it fits the smallest frame a peer may announce (16 KiB) with room for the
+# message around it.
+ABRIDGED_ARGV_ITEMS = 16
+ABRIDGED_TEXT_BYTES = 256
+
+
+def _cut(text: str) -> str:
+    data = text.encode("utf-8")
+    if len(data) <= ABRIDGED_TEXT_BYTES:
+        return text
+    # Never half a character: the incomplete tail sequence is dropped.
+    return data[:ABRIDGED_TEXT_BYTES].decode("utf-8", "ignore")
+
+
+def abridge(status: JobStatus) -> JobStatus:
+    """
+    C{status} with its argv cut to L{ABRIDGED_ARGV_ITEMS} items and every
+    text to L{ABRIDGED_TEXT_BYTES} bytes, marked C{abridged}; sent in place
+    of a status that does not fit the peer's frame.
+    """
+    return replace(
+        status,
+        owner=_cut(status.owner),
+        argv=tuple(_cut(item) for item in status.argv[:ABRIDGED_ARGV_ITEMS]),
+        error=_cut(status.error),
+        stopped_by=_cut(status.stopped_by),
+        workdir=_cut(status.workdir),
+        user=_cut(status.user),
+        abridged=True,
+    )
+
+
+def state_mask(states: Iterable[JobState]) -> int:
+    """
+    The C{ListRequest.states} bit mask of C{states}: bit C{n} set for the
+    state whose code is C{n}; 0 (no filter) for no states.
+    """
+    mask = 0
+    for state in states:
+        mask |= 1 << int(state)
+    return mask
 
 
 class Message:
@@ -204,6 +266,27 @@ class GoAway(Message):
     message: str
 
 
+@dataclass(frozen=True)
+class Ping(Message):
+    """
+    Keep-alive: "are you there?"  The receiver answers with a L{Pong}
+    carrying the same C{data} (spec section 5.7).  Either end may send it.
+    """
+
+    TYPE: ClassVar[int] = 0x04
+    data: int  # opaque u64, echoed in the Pong
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    """
+    The answer to a L{Ping}, with its C{data}.
+    """
+
+    TYPE: ClassVar[int] = 0x05
+    data: int
+
+
 # -- Requests (client to server), each with a request id ----------------------
 
 
@@ -237,8 +320,19 @@ class StatusRequest(Message):
 
 @dataclass(frozen=True)
 class ListRequest(Message):
+    """
+    One page of the jobs the caller may see, in (created_at, job_id) order,
+    starting after the job (C{after_created_at}, C{after_job_id}): the
+    zeros for the first page, the last job of a page for the next one.
+    """
+
     TYPE: ClassVar[int] = 0x13
     request_id: int
+    after_created_at: int = 0  # microseconds since the epoch
+    after_job_id: uuid.UUID = uuid.UUID(int=0)
+    max_jobs: int = 0  # most jobs in the page; 0 = as many as fit a frame
+    states: int = 0  # bit mask, bit n = JobState n; 0 = every state
+    owner: str = ""  # "" = every owner the caller may see
 
 
 @dataclass(frozen=True)
@@ -309,6 +403,7 @@ class ListResponse(Message):
     TYPE: ClassVar[int] = 0x22
     request_id: int
     jobs: tuple[JobStatus, ...]
+    more: bool = False  # jobs after the last one of this page match too
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ __all__ = [
     "frame_header",
     "encode_output",
     "encode_output_head",
+    "status_size",
 ]
 
 HEADER_SIZE = 4
@@ -202,6 +203,7 @@ StatusSchema = _Record(
         "user" / Text,
         "network" / Int8ub,
         "uid" / Int32ub,
+        "abridged" / Flag,
     ),
     m.JobStatus,
 )
@@ -217,6 +219,8 @@ SCHEMAS: dict[type[m.Message], Any] = {
     ),
     m.ClientHello: Struct("version" / Int16ub, "max_frame_size" / Int32ub),
     m.GoAway: Struct("code" / Int16ub, "message" / Text),
+    m.Ping: Struct("data" / Int64ub),
+    m.Pong: Struct("data" / Int64ub),
     m.StartRequest: Struct(
         "request_id" / RequestId,
         "argv" / PrefixedArray(Int16ub, Text),
@@ -230,7 +234,14 @@ SCHEMAS: dict[type[m.Message], Any] = {
         "request_id" / RequestId, "job_id" / JobId, "grace_ms" / Int32ub, "force" / Flag
     ),
     m.StatusRequest: Struct("request_id" / RequestId, "job_id" / JobId),
-    m.ListRequest: Struct("request_id" / RequestId),
+    m.ListRequest: Struct(
+        "request_id" / RequestId,
+        "after_created_at" / Int64ub,
+        "after_job_id" / JobId,
+        "max_jobs" / Int32ub,
+        "states" / Int16ub,
+        "owner" / Text,
+    ),
     m.WaitRequest: Struct("request_id" / RequestId, "job_id" / JobId),
     m.FollowRequest: Struct(
         "request_id" / RequestId,
@@ -245,7 +256,9 @@ SCHEMAS: dict[type[m.Message], Any] = {
     m.CancelStream: Struct("stream_id" / StreamId),
     m.StartResponse: Struct("request_id" / RequestId, "job_id" / JobId),
     m.StatusResponse: Struct("request_id" / RequestId, "status" / StatusSchema),
-    m.ListResponse: Struct("request_id" / RequestId, "jobs" / PrefixedArray(Int32ub, StatusSchema)),
+    m.ListResponse: Struct(
+        "request_id" / RequestId, "jobs" / PrefixedArray(Int32ub, StatusSchema), "more" / Flag
+    ),
     m.OkResponse: Struct("request_id" / RequestId),
     m.ErrorResponse: Struct("request_id" / RequestId, "code" / Int16ub, "message" / Text),
     m.Output: Struct(
@@ -298,6 +311,16 @@ def encode_message(message: m.Message) -> bytes:
         # peer's fault, so it is not a ProtocolError.
         raise ValueError(f"cannot encode {message!r}: {exc}") from exc
     return frame_header(len(body) + 1, message.TYPE) + body
+
+
+def status_size(status: m.JobStatus) -> int:
+    """
+    Bytes of C{status} as a L{m.JobStatus} record on the wire.
+    """
+    try:
+        return len(StatusSchema.build(status))
+    except (ConstructError, UnicodeEncodeError) as exc:
+        raise ValueError(f"cannot encode {status!r}: {exc}") from exc
 
 
 def decode_body(message_type: int, body: bytes | memoryview) -> m.Message:
