@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -210,7 +211,7 @@ def test_io_write_limit_buffered(server, driver, io_file):
 
 
 def test_stop_kills_the_whole_job_and_removes_its_cgroup(server, driver):
-    marker = "1000.31337"
+    marker = _unique_marker()
     script = f"trap '' TERM; (trap '' TERM; setsid sleep {marker} &) ; sleep {marker}"
     job_id = start(server, "--", "sh", "-c", script)
     deadline = time.monotonic() + 10
@@ -227,6 +228,14 @@ def test_stop_kills_the_whole_job_and_removes_its_cgroup(server, driver):
         time.sleep(0.05)
     assert job_cgroup_dirs(job_id) == []
     figure(driver, "stop: setsid daemon ignoring TERM killed, 0 processes and 0 cgroup directories left")
+
+
+def _unique_marker() -> str:
+    """
+    A C{sleep} argument no other test run on this host uses at the same
+    time (test runs of other checkouts may run these tests beside us).
+    """
+    return f"1000.{os.getpid()}{secrets.randbelow(10**6):06d}"
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -359,7 +368,7 @@ def test_job_user(server):
 
 def test_background_grandchild_is_gone_when_the_job_ends(server):
     need_root()
-    marker = "1000.2718"
+    marker = _unique_marker()
     result = server.jobcli("run", "--", "sh", "-c", f"sleep {marker} & echo started")
     assert result.stdout == b"started\n"
     deadline = time.monotonic() + 5
