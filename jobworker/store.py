@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -60,6 +61,12 @@ def _env(value: Any) -> tuple[list[tuple[str, str]], list[str]]:
     ):
         return [(key, item) for key, item in value], []
     return [], ["env: not a list of [name, value] pairs"]
+
+
+class _NotAFile(Exception):
+    """
+    A job record path that holds a directory, a FIFO, a device.
+    """
 
 
 class StateDirLocked(Exception):
@@ -194,12 +201,19 @@ class JobStore:
         problems: list[str] = []
         data: Any = None
         try:
-            with open(path, "rb") as handle:
+            # O_NONBLOCK: open() of a FIFO put there would wait for a writer
+            # for ever, and the server would never start.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise _NotAFile()
                 content = handle.read(MAX_RECORD_BYTES + 1)
             if len(content) > MAX_RECORD_BYTES:
                 problems.append(f"the job record is larger than {MAX_RECORD_BYTES} bytes")
             else:
                 data = json.loads(content)
+        except _NotAFile:
+            problems.append("the job record is not a regular file")
         except OSError as exc:
             problems.append(f"the job record cannot be read: {exc.strerror or exc}")
         except (ValueError, RecursionError) as exc:
