@@ -1033,8 +1033,9 @@ class JobManager(Service):
         try:
             uid = self.uids.allocate(str(job_id))
         except OSError as exc:
-            log.error("job {job_id}: cannot claim a uid: {error}", job_id=job_id, error=exc)
-            raise RequestError(f"cannot claim a uid for the job: {exc.strerror or exc}", ErrorCode.START_FAILED) from None
+            # The lock file is the first file a start makes: no descriptors
+            # or a full disk here is OUT_OF_RESOURCES, as at every later step.
+            raise self._resource_error(job_id, "claim a uid for it", exc) from None
         log.debug("job {job_id} gets uid {uid}", job_id=job_id, uid=uid)
         return uid
 

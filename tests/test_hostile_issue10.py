@@ -7,6 +7,7 @@ reproduced a defect on the code it was written against; they are kept fast
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import uuid
@@ -142,3 +143,26 @@ def test_a_record_whose_output_end_is_at_the_u64_limit_still_encodes(tmp_path: P
     log = OutputLog.from_spool(FileSpool(str(path), create=False), expected_end=U64)
     status = m.JobStatus(uuid.uuid4(), "alice", ("true",), m.JobState.EXITED, exit_code=0, output_bytes=log.end)
     assert status_size(status) > 0
+
+
+# -- section 4: out of resources at start ----------------------------------------
+
+
+@pytest.mark.parametrize("errno_", [errno.EMFILE, errno.ENFILE, errno.ENOSPC])
+def test_a_uid_claim_that_fails_for_want_of_resources_is_out_of_resources(errno_: int) -> None:
+    # The first file a start opens is its uid's lock file; when that failed
+    # (no descriptors, a full disk) the start answered START_FAILED, not
+    # OUT_OF_RESOURCES naming the cause as every later step does.
+    from types import SimpleNamespace
+
+    from jobworker.errors import ErrorCode, RequestError
+    from jobworker.jobs import JobManager
+
+    def allocate(holder: str) -> int:
+        raise OSError(errno_, os.strerror(errno_))
+
+    manager = SimpleNamespace(uids=SimpleNamespace(allocate=allocate), _resource_error=JobManager._resource_error)
+    with pytest.raises(RequestError) as refused:
+        JobManager._allocate_uid(manager, uuid.uuid4(), "")  # type: ignore[arg-type]
+    assert refused.value.code is ErrorCode.OUT_OF_RESOURCES
+    assert os.strerror(errno_) in refused.value.message
