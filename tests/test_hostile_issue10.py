@@ -166,3 +166,40 @@ def test_a_uid_claim_that_fails_for_want_of_resources_is_out_of_resources(errno_
         JobManager._allocate_uid(manager, uuid.uuid4(), "")  # type: ignore[arg-type]
     assert refused.value.code is ErrorCode.OUT_OF_RESOURCES
     assert os.strerror(errno_) in refused.value.message
+
+
+# -- section 1: the time options -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--keepalive-interval", "nan"),  # every connection then died with an Unhandled Error
+        ("--keepalive-interval", "inf"),
+        ("--idle-timeout", "nan"),
+        ("--idle-timeout", "-1"),  # every connection closed at its hello
+        ("--idle-timeout", "0"),
+        ("--idle-timeout", "inf"),
+        ("--handshake-timeout", "-5"),
+        ("--handshake-timeout", "nan"),
+        ("--grace", "nan"),
+        ("--grace", "-1"),
+        ("--grace", "inf"),
+    ],
+)
+def test_server_time_options_must_be_finite_seconds(option: str, value: str) -> None:
+    from twisted.python import usage
+
+    from jobworker.service import Options
+
+    with pytest.raises(usage.UsageError, match=option.lstrip("-")):
+        Options().parseOptions([option, value])
+
+
+@pytest.mark.parametrize("option, value", [("--keepalive-interval", "0"), ("--grace", "0"), ("--idle-timeout", "0.5")])
+def test_server_time_options_within_the_rules(option: str, value: str) -> None:
+    from jobworker.service import Options
+
+    options = Options()
+    options.parseOptions([option, value])
+    assert options[option.lstrip("-")] == float(value)
