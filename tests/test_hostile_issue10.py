@@ -203,3 +203,19 @@ def test_server_time_options_within_the_rules(option: str, value: str) -> None:
     options = Options()
     options.parseOptions([option, value])
     assert options[option.lstrip("-")] == float(value)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "abc"])
+def test_jobcli_keepalive_must_be_finite_seconds(value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # "inf" passed, and the socket timeout then raised OverflowError; a bad
+    # JOBWORKER_KEEPALIVE raised a traceback before any argument was read.
+    from jobworker import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli._parser().parse_args(["--keepalive", value, "list"])
+    assert exited.value.code == 2
+    monkeypatch.setenv("JOBWORKER_KEEPALIVE", value)
+    with pytest.raises(SystemExit) as exited:
+        cli._parser().parse_args(["list"])
+    assert exited.value.code == 2
+    assert "keepalive" in capsys.readouterr().err
