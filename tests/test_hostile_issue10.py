@@ -19,7 +19,9 @@ import pytest
 from jobworker.outputlog import OutputLog, RECORD_HEADER_SIZE
 from jobworker.protocol.wire import status_size
 from jobworker.spool import FileSpool
+from jobworker.protocol import messages as m
 from jobworker.store import JobStore
+from tests.test_full_disk import small_disk  # noqa: F401 - a fixture
 
 U64 = 2**64 - 1
 
@@ -219,3 +221,46 @@ def test_jobcli_keepalive_must_be_finite_seconds(value: str, monkeypatch: pytest
         cli._parser().parse_args(["list"])
     assert exited.value.code == 2
     assert "keepalive" in capsys.readouterr().err
+
+
+def test_a_server_restarted_on_a_full_disk_starts_and_records_its_lost_job_later(certs, small_disk) -> None:
+    # After a crash, the restart finds the disk full: the helper's bytecode
+    # cannot be written and the lost job's record cannot be saved.  The
+    # server must start, list the job as lost, and save it once there is room.
+    import json
+    import time
+    from contextlib import closing
+
+    from tests.test_full_disk import launch
+
+    first = launch(certs, small_disk)
+    try:
+        with closing(first.client("admin")) as client:
+            job_id = client.start(["sleep", "1000.000424242"])
+            deadline = time.monotonic() + 10
+            while client.status(job_id).state is not m.JobState.RUNNING:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        first.process.kill()
+        first.process.wait()
+    finally:
+        first.stop()
+    (small_disk.path / "state" / "isolate.pyc").unlink(missing_ok=True)
+    small_disk.fill()
+    second = launch(certs, small_disk)
+    try:
+        listed = json.loads(second.jobcli("list", "--json", check=True, timeout=20).stdout)
+        assert [(job["id"], job["state"]) for job in listed] == [(str(job_id), "lost")]
+        assert second.jobcli("run", "--", "true").returncode != 0  # refused, not hung
+        small_disk.empty()
+        deadline = time.monotonic() + 10
+        while "its record is saved again" not in second.log():
+            assert time.monotonic() < deadline, second.log()[-2000:]
+            time.sleep(0.05)
+        assert second.jobcli("run", "--", "echo", "ok", timeout=20).stdout == b"ok\n"
+        log = second.log()
+        assert "Traceback" not in log and "Unhandled" not in log
+    finally:
+        second.stop()
+    record = json.loads((small_disk.path / "state" / "jobs" / f"{job_id}.json").read_text())
+    assert record["status"]["state"] == "lost"
