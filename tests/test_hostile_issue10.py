@@ -264,3 +264,58 @@ def test_a_server_restarted_on_a_full_disk_starts_and_records_its_lost_job_later
         second.stop()
     record = json.loads((small_disk.path / "state" / "jobs" / f"{job_id}.json").read_text())
     assert record["status"]["state"] == "lost"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    from tests.test_full_disk import SmallDisk
+    from tests.support import need_root
+
+    need_root()
+    disk = SmallDisk(tmp_path / "disk", 4 << 20)
+    yield disk
+    disk.unmount()
+
+
+def test_a_job_that_fills_the_disk_with_its_own_output(certs, tiny_disk) -> None:
+    # The disk fills with the job's own spool (4 MiB tmpfs, 6 MB of
+    # output): what could not be stored is one gap of the exact size, live
+    # and after a restart; removing the job gives the room back.
+    import sys
+    from contextlib import closing
+
+    from tests.test_full_disk import launch, read_output
+
+    total = 6_000_000
+    script = f"import sys; [sys.stdout.buffer.write(bytes([65 + i % 26]) * 250_000) for i in range({total // 250_000})]"
+    server = launch(certs, tiny_disk)
+    try:
+        with closing(server.client("admin")) as client:
+            job_id = client.start([sys.executable, "-c", script])
+            final = client.wait(job_id)
+        assert (final.state, final.exit_code, final.output_bytes) == (m.JobState.EXITED, 0, total)
+        pieces, status = read_output(server, job_id)
+        gaps = [piece for piece in pieces if piece[0] == 0]
+        stored = sum(len(data) for fd, _, data in pieces if fd == 1)
+        assert len(gaps) >= 1 and stored + sum(len(data) for _, _, data in gaps) == total
+        assert stored > 0
+        # Every byte served is the byte the job wrote there.
+        for fd, offset, data in pieces:
+            if fd == 1:
+                assert data[:1] == bytes([65 + offset // 250_000 % 26]), offset
+        live = [(fd, offset, len(data)) for fd, offset, data in pieces]
+    finally:
+        server.stop()
+    again = launch(certs, tiny_disk)
+    try:
+        pieces, _ = read_output(again, job_id)
+        after = [(fd, offset, len(data)) for fd, offset, data in pieces]
+        assert sum(length for _, _, length in after) == total
+        assert [piece for piece in after if piece[0] == 1][0] == [piece for piece in live if piece[0] == 1][0]
+        assert again.jobcli("rm", str(job_id), timeout=20).returncode == 0
+        assert again.jobcli("run", "--", "echo", "ok", timeout=20).stdout == b"ok\n"
+        log = again.log() + server.log()
+        assert "Traceback" not in log and "Unhandled" not in log
+    finally:
+        again.stop()
+    assert not list((tiny_disk.path / "state" / "jobs").glob("*.tmp"))
