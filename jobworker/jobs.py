@@ -52,7 +52,7 @@ from jobworker.outputlog import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpoo
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
 from jobworker.protocol.messages import UID_UNKNOWN, InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
 from jobworker.spool import FileSpool, SpoolFailure
-from jobworker.store import JobStore, LoadedRecord, StateDirLocked
+from jobworker.store import JobStore, LoadedRecord, StateDirLocked, discard
 from jobworker.uids import DEFAULT_LOCK_DIRECTORY, UidAllocator, UidLocks, UidRange, host_has_id, host_live_uids
 
 __all__ = ["Job", "JobManager", "JobManagerConfig", "ISOLATE_SCRIPT"]
@@ -928,12 +928,9 @@ class JobManager(Service):
             raise RequestError(f"job {job.job_id} is still running; stop it first", ErrorCode.JOB_RUNNING)
         self.jobs.pop(job.job_id, None)
         if job.spool is not None:
-            job.spool.remove()
-        else:
-            try:
-                os.unlink(self.store.spool_path(job.job_id))
-            except FileNotFoundError:
-                pass
+            job.spool.seal()
+        # A directory in the spool's place is logged and left (discard).
+        discard(self.store.spool_path(job.job_id))
         self.store.forget(job.job_id)
         job.output._notify()
 

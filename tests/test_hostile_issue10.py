@@ -320,3 +320,44 @@ def test_a_job_that_fills_the_disk_with_its_own_output(certs, tiny_disk) -> None
     finally:
         again.stop()
     assert not list((tiny_disk.path / "state" / "jobs").glob("*.tmp"))
+
+
+def test_a_job_whose_files_are_directories_is_listed_and_removed(certs, tmp_path: Path) -> None:
+    # A directory where a job's record or spool should be: listed with an
+    # error; `rm` raised IsADirectoryError (INTERNAL, a traceback) after it
+    # had already dropped the job from memory.
+    import json
+    from contextlib import closing
+
+    from tests.support import start_server
+
+    state = tmp_path / "state"
+    jobs = state / "jobs"
+    first = start_server(certs, state)
+    try:
+        with closing(first.client("admin")) as client:
+            ids = {name: client.start(["sh", "-c", f"echo {name}"]) for name in ("record-dir", "spool-dir")}
+            for job_id in ids.values():
+                client.wait(job_id)
+    finally:
+        first.stop()
+    record = jobs / f"{ids['record-dir']}.json"
+    record.unlink()
+    record.mkdir()
+    spool = jobs / f"{ids['spool-dir']}.out"
+    spool.unlink()
+    spool.mkdir()
+    second = start_server(certs, state)
+    try:
+        listed = {job["id"]: job for job in json.loads(second.jobcli("list", "--json", check=True, timeout=20).stdout)}
+        assert "not a regular file" in listed[str(ids["record-dir"])]["error"]
+        assert "output spool" in listed[str(ids["spool-dir"])]["error"]
+        for job_id in ids.values():
+            removed = second.jobcli("rm", str(job_id), timeout=20)
+            assert removed.returncode == 0, removed.stderr
+        assert json.loads(second.jobcli("list", "--json", check=True).stdout) == []
+        log = second.log()
+        assert "Traceback" not in log and "Unhandled" not in log
+        assert f"{ids['record-dir']}.json" in log  # what was left there is named
+    finally:
+        second.stop()
