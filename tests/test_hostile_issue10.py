@@ -361,3 +361,26 @@ def test_a_job_whose_files_are_directories_is_listed_and_removed(certs, tmp_path
         assert f"{ids['record-dir']}.json" in log  # what was left there is named
     finally:
         second.stop()
+
+
+# -- section 6: unexpected errors ------------------------------------------------------
+
+
+def test_a_job_whose_status_raises_does_not_break_the_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A status that cannot be encoded was handled, but one that raises (a
+    # usage read that fails in an unexpected way) made the whole ListRequest
+    # INTERNAL: one job broke `jobcli list` for everyone.
+    from twisted.logger import capturedLogs
+
+    from tests.test_server_protocol import T0, Session, list_all
+
+    session = Session(monkeypatch)
+    bad = session.manager.add(created_at=T0)
+    good = session.manager.add(created_at=T0 + 1)
+    bad.broken = True
+    with capturedLogs() as logged:
+        listed, _ = list_all(session)
+    assert [status.job_id for status in listed] == [bad.job_id, good.job_id]
+    assert listed[0].error and not listed[1].error
+    assert any(str(bad.job_id) in str(event.get("job_id", "")) for event in logged)
+    assert not session.closing
