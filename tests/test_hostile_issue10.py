@@ -384,3 +384,34 @@ def test_a_job_whose_status_raises_does_not_break_the_list(monkeypatch: pytest.M
     assert listed[0].error and not listed[1].error
     assert any(str(bad.job_id) in str(event.get("job_id", "")) for event in logged)
     assert not session.closing
+
+
+def test_paging_a_filtered_list_while_jobs_come_and_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Between pages: the cursor's own job is removed, a job not yet listed
+    # stops matching the filter, new jobs start.  No job is listed twice;
+    # every job that matched throughout is listed once, the new ones too.
+    from tests.test_server_protocol import T0, Session
+
+    session = Session(monkeypatch)
+    running = m.state_mask([m.JobState.RUNNING])
+    kept = [session.manager.add(owner="alice", created_at=T0 + i) for i in range(9)]
+    session.manager.add(owner="bob", created_at=T0 + 100)  # never matches the owner filter
+    listed: list[uuid.UUID] = []
+    after = (0, uuid.UUID(int=0))
+    added = []
+    for page_number in range(50):
+        session.write(m.ListRequest(page_number + 1, after[0], after[1], max_jobs=2, states=running, owner="alice"))
+        [page] = session.received()
+        assert isinstance(page, m.ListResponse), page
+        listed += [status.job_id for status in page.jobs]
+        if not page.more:
+            break
+        after = (page.jobs[-1].created_at, page.jobs[-1].job_id)
+        if page_number == 0:
+            session.manager.remove(session.manager.jobs[page.jobs[-1].job_id])
+            kept[5].state = m.JobState.EXITED  # no longer matches
+        if page_number < 3:
+            added.append(session.manager.add(owner="alice", created_at=T0 + 1000 + page_number))
+    assert len(listed) == len(set(listed))
+    expected = [job.job_id for job in kept if job is not kept[5]] + [job.job_id for job in added]
+    assert listed == expected
