@@ -415,3 +415,24 @@ def test_paging_a_filtered_list_while_jobs_come_and_go(monkeypatch: pytest.Monke
     assert len(listed) == len(set(listed))
     expected = [job.job_id for job in kept if job is not kept[5]] + [job.job_id for job in added]
     assert listed == expected
+
+
+def test_the_pending_cap_across_writes_counts_every_kind_of_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 128 waits over several writes fill the cap exactly: the next request
+    # of any kind (a status too, spec section 13: "the new one included")
+    # is refused, and one answer makes room for exactly one more.
+    from jobworker.errors import ErrorCode
+
+    from tests.test_server_protocol import Session, errors_of
+
+    session = Session(monkeypatch)
+    job = session.manager.add()
+    for first in range(1, 129, 32):
+        session.write(*(m.WaitRequest(i, job.job_id) for i in range(first, first + 32)))
+    assert errors_of(session.received()) == {}
+    session.write(m.WaitRequest(129, job.job_id), m.StatusRequest(130, job.job_id))
+    assert errors_of(session.received()) == {129: ErrorCode.TOO_MANY_REQUESTS, 130: ErrorCode.TOO_MANY_REQUESTS}
+    job.ended[0].callback(job.status())
+    session.received()
+    session.write(m.StatusRequest(131, job.job_id), m.WaitRequest(132, job.job_id), m.WaitRequest(133, job.job_id))
+    assert errors_of(session.received()) == {133: ErrorCode.TOO_MANY_REQUESTS}
