@@ -28,6 +28,7 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
+from jobworker import __version__
 from jobworker.blocking import BlockingClient, ConnectionFailed, parse_address
 from jobworker.errors import JobworkerError
 from jobworker.limits import LimitError, Limits, format_size, parse_count, parse_cpu, parse_duration, parse_size
@@ -58,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server",
         default=_env("JOBWORKER_SERVER", "localhost:8443"),
-        help="HOST:PORT of the server (env JOBWORKER_SERVER; default localhost:8443)",
+        help="HOST:PORT of the server, or unix:PATH of its UNIX socket (env JOBWORKER_SERVER; default localhost:8443)",
     )
+    parser.add_argument("--version", action="version", version=f"jobcli {__version__}")
     parser.add_argument("--ca", default=_env("JOBWORKER_CA", "certs/ca.pem"), help="CA certificate (env JOBWORKER_CA; default certs/ca.pem)")
     parser.add_argument("--cert", default=_env("JOBWORKER_CERT", "certs/admin.pem"), help="client certificate (env JOBWORKER_CERT; default certs/admin.pem)")
     parser.add_argument("--key", default=_env("JOBWORKER_KEY", "certs/admin.key"), help="client key (env JOBWORKER_KEY; default certs/admin.key)")
@@ -493,7 +495,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if command == "whoami":
             hello = client.hello
             assert hello is not None
-            print(f"{hello.identity} ({hello.role or 'no role'}) on {hello.server_name}")
+            print(f"{hello.identity} ({hello.role or 'no role'}) on {hello.server_name}" + (f" ({hello.server_version})" if hello.server_version else ""))
             return 0
     raise UsageError(f"unknown command {command}")
 
