@@ -436,3 +436,37 @@ def test_the_pending_cap_across_writes_counts_every_kind_of_request(monkeypatch:
     session.received()
     session.write(m.StatusRequest(131, job.job_id), m.WaitRequest(132, job.job_id), m.WaitRequest(133, job.job_id))
     assert errors_of(session.received()) == {133: ErrorCode.TOO_MANY_REQUESTS}
+
+
+def test_a_client_that_leaves_while_its_start_is_pending(certs, tmp_path: Path) -> None:
+    # The connection's pending Deferreds are cancelled when it goes (a
+    # GoAway, or a drop): for a start, that was the job's own "started"
+    # Deferred, which the job later fired again (AlreadyCalledError).  The
+    # job must start and end normally, and nothing be logged as unhandled.
+    import json
+    import time
+
+    from tests.support import start_server
+    from tests.test_e2e_protocol import RawClient
+
+    server = start_server(certs, tmp_path / "state")
+    try:
+        for leave in ("goaway", "drop"):
+            client = RawClient(server)
+            client.send(m.StartRequest(1, ("sh", "-c", f"echo {leave}")))
+            if leave == "goaway":
+                client.send(m.GoAway(0, "bye"))
+            client.sock.close()
+        deadline = time.monotonic() + 15
+        while True:
+            listed = json.loads(server.jobcli("list", "--json", check=True, timeout=20).stdout)
+            if len(listed) == 2 and all(job["state"] == "exited" for job in listed):
+                break
+            assert time.monotonic() < deadline, listed
+            time.sleep(0.1)
+        for job in listed:
+            assert server.jobcli("logs", job["id"], check=True).stdout in (b"goaway\n", b"drop\n")
+        log = server.log()
+        assert "Traceback" not in log and "Unhandled" not in log and "AlreadyCalled" not in log, log[-3000:]
+    finally:
+        server.stop()
