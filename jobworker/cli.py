@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import queue
 import signal
@@ -67,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keepalive",
         type=_seconds,
-        default=_seconds(_env("JOBWORKER_KEEPALIVE", "30")),
+        # A string: argparse converts it with type=, so a bad environment
+        # value is a usage error, not a traceback.
+        default=_env("JOBWORKER_KEEPALIVE", "30"),
         metavar="SECONDS",
         help="ping a server silent for this long; give up when it does not answer within as long again "
         "(env JOBWORKER_KEEPALIVE; default 30; 0: never)",
@@ -144,8 +147,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must not be negative")
+    if not 0 <= value < math.inf:  # NaN fails too; no socket timeout takes infinity
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite, non-negative number of seconds")
     return value
 
 

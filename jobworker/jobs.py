@@ -53,7 +53,7 @@ from jobworker.outputlog import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpoo
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
 from jobworker.protocol.messages import UID_UNKNOWN, InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
 from jobworker.spool import FileSpool, SpoolFailure
-from jobworker.store import JobStore, LoadedRecord, StateDirLocked
+from jobworker.store import JobStore, LoadedRecord, StateDirLocked, discard
 from jobworker.uids import DEFAULT_LOCK_DIRECTORY, UidAllocator, UidLocks, UidRange, host_has_id, host_live_uids
 
 __all__ = ["Job", "JobManager", "JobManagerConfig", "ISOLATE_SCRIPT"]
@@ -923,12 +923,9 @@ class JobManager(Service):
             raise RequestError(f"job {job.job_id} is still running; stop it first", ErrorCode.JOB_RUNNING)
         self.jobs.pop(job.job_id, None)
         if job.spool is not None:
-            job.spool.remove()
-        else:
-            try:
-                os.unlink(self.store.spool_path(job.job_id))
-            except FileNotFoundError:
-                pass
+            job.spool.seal()
+        # A directory in the spool's place is logged and left (discard).
+        discard(self.store.spool_path(job.job_id))
         self.store.forget(job.job_id)
         job.output._notify()
 
@@ -1028,8 +1025,9 @@ class JobManager(Service):
         try:
             uid = self.uids.allocate(str(job_id))
         except OSError as exc:
-            log.error("job {job_id}: cannot claim a uid: {error}", job_id=job_id, error=exc)
-            raise RequestError(f"cannot claim a uid for the job: {exc.strerror or exc}", ErrorCode.START_FAILED) from None
+            # The lock file is the first file a start makes: no descriptors
+            # or a full disk here is OUT_OF_RESOURCES, as at every later step.
+            raise self._resource_error(job_id, "claim a uid for it", exc) from None
         log.debug("job {job_id} gets uid {uid}", job_id=job_id, uid=uid)
         return uid
 

@@ -73,6 +73,10 @@ DEFAULT_RING_SIZE = 4 << 20  # 4 MiB: a live follower at hundreds of MB/s stays 
 DEFAULT_RETENTION = 1 << 30  # 1 GiB
 INDEX_EVERY = 64 << 10  # one index entry per 64 KiB of spooled output
 _SPOOL_READ_BLOCK = 256 << 10
+# The most output a job can have: offsets and gap lengths are u64 on the
+# wire, so a spool whose records add up to more is damaged (its end could
+# not be sent in a status).
+MAX_OUTPUT_END = 2**64 - 1
 
 
 class Chunk(NamedTuple):
@@ -187,7 +191,7 @@ class OutputLog:
                 break  # else a torn header: the server died mid-write
             fd, length = header[0], int.from_bytes(header[1:], "big")
             payload = 0 if fd == GAP_FD else length
-            if fd not in (GAP_FD, 1, 2) or (fd == GAP_FD and length == 0):
+            if fd not in (GAP_FD, 1, 2) or (fd == GAP_FD and length == 0) or offset + length > MAX_OUTPUT_END:
                 log._damaged(f"output spool: bad record header at byte {position}")
                 break
             if position + RECORD_HEADER_SIZE + payload > total:

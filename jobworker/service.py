@@ -34,6 +34,7 @@ from __future__ import annotations
 import fcntl
 import getopt
 import hashlib
+import math
 import os
 import re
 import sys
@@ -323,8 +324,13 @@ class Options(usage.Options):
                 self[name] = float(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name}: {self[name]!r} is not a number of seconds") from None
-        if self["keepalive-interval"] < 0:
-            raise usage.UsageError("--keepalive-interval must not be negative (0 turns keep-alive off)")
+            # NaN and infinity pass float() but no timer takes them (a NaN
+            # keep-alive interval broke every connection at its hello).
+            if not math.isfinite(self[name]) or self[name] < 0:
+                raise usage.UsageError(f"--{name}: {self[name]!r} is not a finite, non-negative number of seconds")
+        for name in ("handshake-timeout", "idle-timeout", "frame-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be above 0 seconds")
         for name in (
             "max-jobs-per-identity",
             "max-finished-jobs",

@@ -40,6 +40,12 @@ from typing import Callable, NamedTuple
 
 __all__ = ["FileSpool", "SpoolFailure", "HIGH_WATER", "LOW_WATER"]
 
+# O_NONBLOCK: a FIFO put in a spool's place behind the server's back must
+# not block the reactor in open() until someone writes to it (pread on it
+# then fails with ESPIPE, which the output log reports as damage); for a
+# regular file the flag changes nothing.
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+
 HIGH_WATER = 32 << 20
 LOW_WATER = 8 << 20
 
@@ -305,9 +311,9 @@ class FileSpool:
         # A sealed spool opens per read, so finished jobs hold none.
         if not self._sealed:
             if self._read_fd is None:
-                self._read_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                self._read_fd = os.open(self.path, _READ_FLAGS)
             return os.pread(self._read_fd, size, position)
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(self.path, _READ_FLAGS)
         try:
             return os.pread(fd, size, position)
         finally:

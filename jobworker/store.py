@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -31,7 +32,9 @@ from jobworker.logs import Logger
 from jobworker.protocol.messages import JobStatus
 from jobworker.records import salvage_status, status_to_dict
 
-__all__ = ["JobStore", "LoadedRecord", "StateDirLocked"]
+__all__ = ["JobStore", "LoadedRecord", "StateDirLocked", "discard"]
+
+log = Logger()
 
 # A record is a few KiB (at most ~512 KiB with the largest argv and env);
 # one bigger than this is not ours, and is not read into memory.
@@ -62,12 +65,29 @@ def _env(value: Any) -> tuple[list[tuple[str, str]], list[str]]:
     return [], ["env: not a list of [name, value] pairs"]
 
 
+def discard(path: str) -> None:
+    """
+    Unlink C{path} if it is there; log (without a traceback) when it is
+    something unlink cannot remove, such as a directory.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warn("could not remove {path}: {error}; left as it is", path=path, error=exc.strerror or exc)
+
+
+class _NotAFile(Exception):
+    """
+    A job record path that holds a directory, a FIFO, a device.
+    """
+
+
 class StateDirLocked(Exception):
     """
     Another server holds the state directory.
     """
-
-log = Logger()
 
 
 class JobStore:
@@ -146,11 +166,12 @@ class JobStore:
             os.close(directory)
 
     def forget(self, job_id: uuid.UUID) -> None:
+        """
+        Remove the job's record.  What cannot be removed (a directory put
+        in its place) is logged and left alone: it is not ours to delete.
+        """
         for path in (self._record_path(job_id), self._record_path(job_id) + ".tmp"):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            discard(path)
 
     def load(self) -> Iterator[LoadedRecord]:
         """
@@ -194,12 +215,25 @@ class JobStore:
         problems: list[str] = []
         data: Any = None
         try:
-            with open(path, "rb") as handle:
+            # O_NONBLOCK: open() of a FIFO put there would wait for a writer
+            # for ever, and the server would never start.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                is_file = stat.S_ISREG(os.fstat(fd).st_mode)
+            except OSError:
+                os.close(fd)
+                raise
+            if not is_file:
+                os.close(fd)
+                raise _NotAFile()
+            with open(fd, "rb") as handle:
                 content = handle.read(MAX_RECORD_BYTES + 1)
             if len(content) > MAX_RECORD_BYTES:
                 problems.append(f"the job record is larger than {MAX_RECORD_BYTES} bytes")
             else:
                 data = json.loads(content)
+        except _NotAFile:
+            problems.append("the job record is not a regular file")
         except OSError as exc:
             problems.append(f"the job record cannot be read: {exc.strerror or exc}")
         except (ValueError, RecursionError) as exc:

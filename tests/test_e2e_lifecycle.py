@@ -429,3 +429,39 @@ def test_run_with_timeout_exits_like_the_killed_job(server):
     result = server.jobcli("run", "--timeout", "1s", "--", "sh", "-c", "echo tick; sleep 30")
     assert result.returncode == 128 + signal.SIGTERM
     assert result.stdout == b"tick\n"
+
+
+# -- background children (hostile pass of issue 10) ---------------------------------
+
+
+def test_a_job_whose_background_child_holds_its_output_ends_with_its_command(server):
+    # The command exits; the child it left in the background (same process
+    # group, no cgroup in some modes) still holds stdout: the job must end
+    # anyway, with nothing left behind.
+    child = marker()
+    try:
+        began = time.monotonic()
+        result = server.jobcli("run", "--", "sh", "-c", f"sleep {child} & echo parent; exit 4", timeout=20)
+        assert (result.returncode, result.stdout) == (4, b"parent\n"), result.stderr
+        assert time.monotonic() - began < 8
+        assert gone_within(child, 5), f"sleep {child} outlived its job"
+    finally:
+        kill_leftovers(child)
+
+
+def test_stop_and_timeout_end_every_process_of_a_job(server):
+    stopped_child, timed_child = marker(), marker()
+    try:
+        stopped = start(server, "sh", "-c", f"sleep {stopped_child} & wait")
+        wait_running(server, stopped, stopped_child)
+        assert server.jobcli("stop", "--grace", "1", stopped, timeout=20).returncode == 0
+        assert wait(server, stopped).state is m.JobState.STOPPED
+        assert gone_within(stopped_child, 5), f"sleep {stopped_child} outlived stop"
+        timed = server.jobcli(
+            "start", "--timeout", "1s", "--", "sh", "-c", f"sleep {timed_child} & wait", check=True
+        ).stdout.decode().strip()
+        assert wait(server, timed).state is m.JobState.TIMEOUT
+        assert gone_within(timed_child, 5), f"sleep {timed_child} outlived the timeout"
+    finally:
+        kill_leftovers(stopped_child)
+        kill_leftovers(timed_child)

@@ -55,9 +55,9 @@ def list_page(
     Every page that could hold a job holds at least one: a status that alone
     would not fit is abridged (L{m.abridge}).
 
-    @param unencodable: called for a job whose status cannot be encoded at
-        all (a damaged record); returns the status to list instead.  Without
-        it, the error propagates.
+    @param unencodable: called for a job whose status cannot be read or
+        encoded at all (a damaged record, a bug); returns the status to list
+        instead.  Without it, the error propagates.
     """
     after = (request.after_created_at, request.after_job_id.int)
     budget = max_frame_size - LIST_RESPONSE_OVERHEAD
@@ -74,10 +74,12 @@ def list_page(
         if request.max_jobs and len(page) >= request.max_jobs:
             more = True
             break
-        status = job.status()
         try:
+            status = job.status()
             size = status_size(status)
-        except ValueError as exc:
+        except Exception as exc:
+            # Unencodable (ValueError) or not readable at all: either way
+            # one job must not make the list fail for everyone.
             if unencodable is None:
                 raise
             status = unencodable(job, exc)
