@@ -279,7 +279,8 @@ def test_start_on_a_full_disk_is_refused_with_the_cause(certs, small_disk):
         log = server.log()
         assert "Traceback" not in log and "Unhandled" not in log
         small_disk.empty()
-        assert server.jobcli("run", "--", "echo", "ok").stdout == b"ok\n"
+        ran = server.jobcli("run", "--", "echo", "ok")
+        assert (ran.returncode, ran.stdout) == (0, b"ok\n"), (ran.stderr, server.log()[-3000:])
     finally:
         server.stop()
 
