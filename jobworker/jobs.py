@@ -47,7 +47,7 @@ from zope.interface import implementer
 
 from jobworker.errors import ErrorCode, JobworkerError, RequestError
 from jobworker.isolate import compiled_helper
-from jobworker.limits import Limits
+from jobworker.limits import LIMIT_CONTROLLERS, Limits
 from jobworker.audit import log_excerpt, log_value
 from jobworker.outputlog import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpool, OutputLog
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
@@ -81,14 +81,6 @@ MAX_ENV_BYTES = 256 << 10
 
 DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
-# The cgroup controller each limit needs.
-_LIMIT_CONTROLLERS = {
-    "cpu_millicores": "cpu",
-    "memory_bytes": "memory",
-    "io_read_bps": "io",
-    "io_write_bps": "io",
-    "pids": "pids",
-}
 
 # After the helper ends, wait this long for the pipes' EOF before closing
 # them ourselves (a process that escaped the job could hold them open).
@@ -989,7 +981,7 @@ class JobManager(Service):
         controllers = self.cgroups.controllers
         dropped = {
             name: 0
-            for name, controller in _LIMIT_CONTROLLERS.items()
+            for name, controller in LIMIT_CONTROLLERS.items()
             if controller not in controllers and not getattr(requested, name)
         }
         return replace(limits, **dropped)

@@ -20,6 +20,7 @@ from fractions import Fraction
 from dataclasses import dataclass, fields, replace
 
 __all__ = [
+    "LIMIT_CONTROLLERS",
     "LimitError",
     "Limits",
     "parse_cpu",
@@ -48,6 +49,16 @@ MAX_CPU_MILLICORES = 1024 * 1000  # 1024 cores
 MAX_BYTES = 2**62
 MAX_DURATION_MS = 365 * 24 * 3600 * 1000  # one year
 MAX_PIDS = 4_194_304  # the kernel's PID_MAX_LIMIT
+
+# The cgroup controller each limit field needs, as the drivers name them
+# (a timeout needs none).
+LIMIT_CONTROLLERS = {
+    "cpu_millicores": "cpu",
+    "memory_bytes": "memory",
+    "io_read_bps": "io",
+    "io_write_bps": "io",
+    "pids": "pids",
+}
 
 # ASCII only: with Unicode case folding "ſ" would match "s" and "K" (Kelvin) "k".
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgtp])(i?b?)|(b?))\s*$", re.IGNORECASE | re.ASCII)

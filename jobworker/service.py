@@ -50,7 +50,7 @@ from twisted.python import usage
 
 import jobworker
 from jobworker.jobs import JobManager, JobManagerConfig
-from jobworker.limits import LimitError, Limits, host_caps, parse_count, parse_cpu, parse_duration, parse_size
+from jobworker.limits import LIMIT_CONTROLLERS, LimitError, Limits, host_caps, parse_count, parse_cpu, parse_duration, parse_size
 from jobworker.logs import Logger
 from jobworker.server import ServerFactory, ServerLimits
 from jobworker.uids import DEFAULT_FIRST_UID, DEFAULT_LAST_UID, parse_uid_range
@@ -87,14 +87,6 @@ _LIMIT_OPTIONS = [
     ("timeout", "timeout_ms", parse_duration, "run time, e.g. 1h"),
 ]
 
-# The cgroup controller each limit needs, as the drivers name them.
-_LIMIT_CONTROLLERS = {
-    "cpu_millicores": "cpu",
-    "memory_bytes": "memory",
-    "io_read_bps": "io",
-    "io_write_bps": "io",
-    "pids": "pids",
-}
 
 
 _CAP_DEFAULTS = {
@@ -440,7 +432,7 @@ def _check_controllers(driver: Any, default_limits: Limits, explicit: frozenset[
     """
     available = driver.controllers if driver is not None else frozenset()
     for name, field, _, _ in _LIMIT_OPTIONS:
-        controller = _LIMIT_CONTROLLERS.get(field)
+        controller = LIMIT_CONTROLLERS.get(field)
         if controller is None or not getattr(default_limits, field) or f"default-{name}" not in explicit:
             continue
         if controller not in available:
