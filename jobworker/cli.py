@@ -180,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
 
     completion = commands.add_parser("completion", help="print a shell completion script (bash or zsh)")
     completion.add_argument("shell", choices=("bash", "zsh"))
+    parser.set_defaults(_subcommands=commands.choices)
     return parser
 
 
@@ -592,6 +593,20 @@ def _duration(seconds: float) -> str:
     return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
+def _human_size(value: int) -> str:
+    """
+    Bytes as people read them: C{10 B}, C{1.8 KiB}, C{256 MiB} (binary
+    units, three significant digits at most).
+    """
+    if value < 1024:
+        return f"{value} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        value /= 1024  # type: ignore[assignment]
+        if value < 1024 or unit == "EiB":
+            return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
+    raise AssertionError("unreachable")
+
+
 def _age(microseconds: int, now: float) -> str:
     if not microseconds:
         return "-"
@@ -674,14 +689,14 @@ def _describe(status: m.JobStatus) -> str:
     lines.append(
         (
             "usage",
-            f"cpu={_duration(usage.cpu_usec / 1e6)} memory-peak={format_size(usage.memory_peak_bytes)} "
-            f"io-read={format_size(usage.io_read_bytes)} io-write={format_size(usage.io_write_bytes)} pids-peak={usage.pids_peak}",
+            f"cpu={_duration(usage.cpu_usec / 1e6)} memory-peak={_human_size(usage.memory_peak_bytes)} "
+            f"io-read={_human_size(usage.io_read_bytes)} io-write={_human_size(usage.io_write_bytes)} pids-peak={usage.pids_peak}",
         )
     )
     lines.append(
         (
             "output",
-            f"{format_size(status.output_bytes)}; end offset {status.output_bytes} "
+            f"{_human_size(status.output_bytes)}; end offset {status.output_bytes} "
             f"(jobcli logs -f --since-offset {status.output_bytes} resumes there)",
         )
     )
@@ -1103,7 +1118,10 @@ def _on_many(args: argparse.Namespace, targets: list[Target]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra:
+        # Reported by the command's own parser, with its exit code (125 for run).
+        args._subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         try:
             targets = _targets(args)
