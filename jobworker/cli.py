@@ -785,19 +785,29 @@ def _cmd_run(cmd: _Command) -> int:
         cmd.console.err(f"jobcli: job {job_id} (jobcli logs -f {_short(job_id)} resumes if the connection drops)")
     if threading.current_thread() is not threading.main_thread():
         return _ended(_stream(client, job_id, 0, True, cmd.console), cmd.console)
-    stopping = []
+    stopping: list[str] = []
 
     def interrupted(signum: int, frame: object) -> None:
         if stopping:
+            if stopping[0] == "sent":
+                raise KeyboardInterrupt
+            # Still sending the stop: leave once it is sent, not before,
+            # or the job would be left running after all.
+            stopping.append("again")
+            return
+        stopping.append("sending")
+        sys.stderr.write(f"jobcli: stopping job {job_id} (interrupt again to stop waiting; the stop goes on)\n")
+        try:
+            # The stop goes on a second connection: this one is mid-stream.
+            with _connect(args, cmd.target) as other:
+                try:
+                    other.stop(job_id)
+                except JobworkerError:
+                    pass
+        finally:
+            stopping[0] = "sent"
+        if len(stopping) > 1:
             raise KeyboardInterrupt
-        stopping.append(signum)
-        sys.stderr.write(f"jobcli: stopping job {job_id} (interrupt again to leave it running)\n")
-        # The stop goes on a second connection: this one is mid-stream.
-        with _connect(args, cmd.target) as other:
-            try:
-                other.stop(job_id)
-            except JobworkerError:
-                pass
 
     previous = signal.signal(signal.SIGINT, interrupted)
     try:
@@ -990,12 +1000,12 @@ def _cmd_config(cmd: _Command) -> int:
     from jobworker.clientconfig import config_path
 
     path = config_path()
-    found = path.is_file()
+    found = os.path.isfile(path)
     identity = _certificate_identity(target.cert.value)
     if cmd.args.json:
         cmd.results.append(
             {
-                "config_file": str(path),
+                "config_file": path,
                 "config_file_found": found,
                 "server": target.name,
                 "configured": target.configured,
@@ -1112,8 +1122,15 @@ def _on_many(args: argparse.Namespace, targets: list[Target]) -> int:
                 sys.stdout.flush()
         return code
 
-    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(targets)), thread_name_prefix="jobcli-host") as pool:
+    pool = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(targets)), thread_name_prefix="jobcli-host")
+    try:
         codes = list(pool.map(one, targets))
+    except KeyboardInterrupt:
+        # The workers block in reads that a signal does not end: leave
+        # without joining them (the jobs go on running).
+        sys.stdout.flush()
+        os._exit(130)
+    pool.shutdown()
     return max(codes)
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping
 
 __all__ = [
@@ -96,7 +95,7 @@ class ClientConfig:
     A parsed configuration file; C{path} is None when there was none.
     """
 
-    path: Path | None = None
+    path: str | None = None
     default: str | None = None
     defaults: Mapping[str, str] = field(default_factory=dict)
     servers: Mapping[str, ServerEntry] = field(default_factory=dict)
@@ -129,22 +128,22 @@ class Target:
     configured: bool  # a server of the configuration file
 
 
-def config_path(environ: Mapping[str, str] | None = None) -> Path:
+def config_path(environ: Mapping[str, str] | None = None) -> str:
     """
     Where the configuration file is looked for (see the module docstring).
     """
     environ = os.environ if environ is None else environ
     explicit = environ.get("JOBWORKER_CONFIG")
     if explicit:
-        return Path(explicit).expanduser()
+        return os.path.expanduser(explicit)
     base = environ.get("XDG_CONFIG_HOME")
     if not base or not os.path.isabs(base):
         # The XDG spec: a relative value is invalid and is ignored.
         base = os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".config")
-    return Path(base) / "jobworker" / "config.toml"
+    return os.path.join(base, "jobworker", "config.toml")
 
 
-def load_client_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> ClientConfig:
+def load_client_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> ClientConfig:
     """
     Read the configuration file at C{path} (default L{config_path}); a file
     that does not exist is an empty configuration.
@@ -153,9 +152,11 @@ def load_client_config(path: Path | str | None = None, environ: Mapping[str, str
         an unknown key, a value of the wrong type or a default that names no
         server.
     """
-    path = Path(path) if path is not None else config_path(environ)
+    # os.path, not pathlib: pathlib's imports cost jobcli 5 ms of start-up.
+    path = os.fspath(path) if path is not None else config_path(environ)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as file:
+            raw = file.read()
     except FileNotFoundError:
         return ClientConfig()
     except OSError as exc:
@@ -171,8 +172,8 @@ def load_client_config(path: Path | str | None = None, environ: Mapping[str, str
     return _parse(path, document)
 
 
-def _parse(path: Path, document: dict) -> ClientConfig:
-    base = path.parent
+def _parse(path: str, document: dict) -> ClientConfig:
+    base = os.path.dirname(os.path.abspath(path))
 
     def fail(message: str) -> ClientConfigError:
         return ClientConfigError(f"{path}: {message}")
@@ -189,7 +190,7 @@ def _parse(path: Path, document: dict) -> ClientConfig:
         found = {}
         for name in CREDENTIALS:
             if name in table:
-                found[name] = str(base / Path(text(f"{where}.{name}", table[name])).expanduser())
+                found[name] = os.path.join(base, os.path.expanduser(text(f"{where}.{name}", table[name])))
         return found
 
     unknown = sorted(set(document) - {"default", "defaults", "servers"})

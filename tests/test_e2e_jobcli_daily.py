@@ -547,9 +547,9 @@ def test_run_on_several_servers_prefixes_lines_and_exits_with_the_worst(fleet):
     assert worst.returncode == 125
     assert re.fullmatch(r"down: jobcli: cannot connect to 127\.0\.0\.1:\d+: Connection refused\n", worst.stderr.decode())
     started = time.monotonic()
-    both = fleet.jobcli("--server", "a,b", "run", "--", "sleep", "2")
-    # Concurrently: two two-second jobs take about two seconds, not four.
-    assert both.returncode == 0 and time.monotonic() - started < 3.5
+    both = fleet.jobcli("--server", "a,b", "run", "--", "sleep", "3")
+    # Concurrently: two three-second jobs take about three seconds, not six.
+    assert both.returncode == 0 and time.monotonic() - started < 5.5
 
 
 def test_start_status_list_and_stop_on_several_servers_json(fleet):
@@ -624,3 +624,43 @@ def test_zsh_completion_is_the_bash_function_through_bashcompinit(home):
     assert script.startswith("#compdef jobcli\n")
     assert "autoload -U +X bashcompinit && bashcompinit\n" in script
     assert complete(home, ["jobcli", "wa"], shell="zsh") == ["wait"]
+
+
+# -- Ctrl-C during run ---------------------------------------------------------------------
+
+
+def _running_jobcli(home: Home, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "jobcli"), "--server", "ops", *args], env=home.env, cwd=str(home.cwd),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_ctrl_c_stops_the_job_and_a_second_one_leaves_at_once(home):
+    # One Ctrl-C: the job is stopped, run streams to its end and exits with its code.
+    once = _running_jobcli(home, "run", "--", "sh", "-c", "echo ready; exec sleep 30")
+    assert once.stdout.readline() == b"ready\n"
+    once.send_signal(signal.SIGINT)
+    out, err = once.communicate(timeout=20)
+    assert once.returncode == 128 + signal.SIGTERM
+    lines = err.decode().splitlines()
+    assert re.fullmatch(rf"jobcli: stopping job {UUID_TEXT.pattern} \(interrupt again to stop waiting; the stop goes on\)", lines[0])
+    assert re.fullmatch(r"jobcli: job [0-9a-f]{12} was stopped by admin", lines[1]) and len(lines) == 2
+    # Two: jobcli leaves at once with 130, the job (deaf to SIGTERM) is
+    # still stopped, by SIGKILL at the end of the grace period.
+    twice = _running_jobcli(home, "run", "--", "sh", "-c", 'trap "" TERM; echo ready; while :; do sleep 0.05; done')
+    assert twice.stdout.readline() == b"ready\n"
+    twice.send_signal(signal.SIGINT)
+    job_id = None
+    deadline = time.monotonic() + 10
+    while job_id is None and time.monotonic() < deadline:
+        line = twice.stderr.readline().decode()
+        match = UUID_TEXT.search(line)
+        job_id = match.group(0) if match else None
+    assert job_id is not None
+    twice.send_signal(signal.SIGINT)
+    began = time.monotonic()
+    twice.communicate(timeout=10)
+    assert twice.returncode == 130 and time.monotonic() - began < 3
+    assert job_status(home, job_id)["state"] == "running"
+    assert home.jobcli("--server", "ops", "wait", job_id, timeout=30).returncode == 128 + signal.SIGKILL
