@@ -632,6 +632,13 @@ class BlockingClient:
             grace_ms = 10_000 if grace is None else max(0, round(grace * 1000))
         self.request(m.StopRequest(self.conn.next_request_id(), as_job_id(job_id), grace_ms, force))
 
+    def signal(self, job_id: JobRef, signum: int) -> None:
+        """
+        Send one signal (one of C{messages.SIGNALS_SENT}: HUP, INT, QUIT,
+        USR1, USR2, TERM) to the running job's command, without stopping it.
+        """
+        self.request(m.SignalRequest(self.conn.next_request_id(), as_job_id(job_id), signum))
+
     def remove(self, job_id: JobRef) -> None:
         self.request(m.RemoveRequest(self.conn.next_request_id(), as_job_id(job_id)))
 

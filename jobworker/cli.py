@@ -132,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     json_option(stop)
     stop.add_argument("job_ids", nargs="+", metavar="ID")
 
+    kill = commands.add_parser("kill", help="send one signal to a running job (default KILL: a forced stop)")
+    kill.add_argument("-s", "--signal", type=_signal_number, default=signal.SIGKILL, metavar="SIGNAL",
+                      help="HUP, INT, QUIT, USR1, USR2, TERM (sent to the command, the job goes on) or KILL (stops it); name or number")
+    json_option(kill)
+    kill.add_argument("job_ids", nargs="+", metavar="ID")
+
     status = commands.add_parser("status", help="show a job's status")
     json_option(status)
     status.add_argument("job_id", metavar="ID")
@@ -214,6 +220,21 @@ def _seconds(text: str) -> float:
     if not 0 <= value <= 4_000_000:  # the wire's grace is a u32 of milliseconds
         raise argparse.ArgumentTypeError(f"{text!r}: must be between 0 and 4000000")
     return value
+
+
+def _signal_number(text: str) -> int:
+    name = text.strip().upper()
+    try:
+        number = int(name)
+    except ValueError:
+        try:
+            number = signal.Signals["SIG" + name.removeprefix("SIG")].value
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a signal name or number") from None
+    if number != signal.SIGKILL and number not in m.SIGNALS_SENT:
+        names = ", ".join(sorted(signal.Signals(n).name[3:] for n in (*m.SIGNALS_SENT, signal.SIGKILL)))
+        raise argparse.ArgumentTypeError(f"{text!r}: a job can be sent only {names}")
+    return number
 
 
 def _offset(text: str) -> int:
@@ -847,6 +868,32 @@ def _cmd_stop(cmd: _Command) -> int:
     return code
 
 
+def _cmd_kill(cmd: _Command) -> int:
+    args = cmd.args
+    client = cmd.client
+    code = 0
+    for text, job_id in _each_job(cmd, args.job_ids):
+        if job_id is None:
+            code = 1
+            continue
+        try:
+            if args.signal == signal.SIGKILL:
+                # SIGKILL to the helper would orphan the command: it is the
+                # cgroup-wide kill of a forced stop.
+                client.stop(job_id, force=True)
+            else:
+                client.signal(job_id, args.signal)
+        except ConnectionFailed:
+            raise
+        except JobworkerError as exc:
+            cmd.console.err(f"jobcli: {exc}")
+            code = 1
+            continue
+        if args.json:
+            cmd.results.append({"id": str(job_id), "signal": args.signal})
+    return code
+
+
 def _each_job(cmd: _Command, texts: Sequence[str]) -> list[tuple[str, uuid.UUID | None]]:
     """
     Each id or prefix with its whole id, or None (and a line on stderr)
@@ -1043,6 +1090,7 @@ COMMANDS: dict[str, Callable[[_Command], int]] = {
     "run": _cmd_run,
     "stop": _cmd_stop,
     "rm": _cmd_rm,
+    "kill": _cmd_kill,
     "status": _cmd_status,
     "logs": _cmd_logs,
     "wait": _cmd_wait,
@@ -1054,7 +1102,7 @@ COMMANDS: dict[str, Callable[[_Command], int]] = {
 # Commands that run on every server of --server a,b,c at once.
 MULTI_HOST = {"run", "start", "status", "list", "stop"}
 # Commands whose --json prints a list (several results) on one server.
-JSON_LISTS = {"list", "stop", "rm"}
+JSON_LISTS = {"list", "stop", "rm", "kill"}
 
 
 def _own_error(args: argparse.Namespace) -> int:

@@ -457,6 +457,14 @@ class JobworkerClientProtocol(Protocol):
         request = m.StopRequest(self.conn.next_request_id(), as_job_id(job_id), round(grace * 1000), force)
         return self._request(request, m.OkResponse, _nothing)
 
+    def signal(self, job_id: JobRef, signum: int) -> defer.Deferred[None]:
+        """
+        Send one signal (one of C{messages.SIGNALS_SENT}) to the running
+        job's command, without stopping it; fires once it was sent.
+        """
+        request = m.SignalRequest(self.conn.next_request_id(), as_job_id(job_id), signum)
+        return self._request(request, m.OkResponse, _nothing)
+
     def status(self, job_id: JobRef) -> defer.Deferred[m.JobStatus]:
         request = m.StatusRequest(self.conn.next_request_id(), as_job_id(job_id))
         return self._request(request, m.StatusResponse, lambda response: response.status)

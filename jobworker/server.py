@@ -23,6 +23,7 @@ job manager at its own pace, is never slowed by it.
 
 from __future__ import annotations
 
+import signal
 import uuid
 from typing import Any, Callable
 
@@ -528,6 +529,16 @@ class ServerProtocol(Protocol, TimeoutMixin):
         job.stop(self.identity.name, grace)  # type: ignore[union-attr]
         return m.OkResponse(request.request_id)
 
+    def _signal(self, request: m.SignalRequest) -> m.Message:
+        job = self.manager.get(self.identity, Operation.STOP, request.job_id)  # type: ignore[arg-type]
+        if request.signal not in m.SIGNALS_SENT:
+            names = ", ".join(sorted(signal.Signals(number).name[3:] for number in m.SIGNALS_SENT))
+            raise RequestError(f"signal {request.signal} cannot be sent to a job (only {names}; KILL is a forced stop)", ErrorCode.BAD_REQUEST)
+        if job.is_final:
+            raise RequestError(f"job {job.job_id} has already ended ({job.state.label})", ErrorCode.JOB_FINISHED)
+        job.send_signal(request.signal)
+        return m.OkResponse(request.request_id)
+
     def _status(self, request: m.StatusRequest) -> m.Message:
         job = self.manager.get(self.identity, Operation.STATUS, request.job_id)  # type: ignore[arg-type]
         return m.StatusResponse(request.request_id, job.status())
@@ -574,6 +585,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
     _handlers: dict[type, Callable[..., Any]] = {
         m.StartRequest: _start,
         m.StopRequest: _stop,
+        m.SignalRequest: _signal,
         m.StatusRequest: _status,
         m.ListRequest: _list,
         m.WaitRequest: _wait,
@@ -665,6 +677,7 @@ def _fallback(response: m.Message) -> m.Message:
 _OPERATIONS = {
     m.StartRequest: Operation.START,
     m.StopRequest: Operation.STOP,
+    m.SignalRequest: Operation.STOP,
     m.StatusRequest: Operation.STATUS,
     m.ListRequest: Operation.LIST,
     m.WaitRequest: Operation.WAIT,

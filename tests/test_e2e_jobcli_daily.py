@@ -664,3 +664,45 @@ def test_ctrl_c_stops_the_job_and_a_second_one_leaves_at_once(home):
     assert twice.returncode == 130 and time.monotonic() - began < 3
     assert job_status(home, job_id)["state"] == "running"
     assert home.jobcli("--server", "ops", "wait", job_id, timeout=30).returncode == 128 + signal.SIGKILL
+
+
+# -- kill -s SIGNAL ---------------------------------------------------------------------------
+
+
+def test_kill_sends_one_signal_and_the_job_goes_on(home):
+    job_id = start_job(home, "sh", "-c", 'trap "echo got usr1" USR1; echo ready; while :; do sleep 0.05; done')
+    wait_for_output(home, job_id, b"ready\n")
+    sent = home.jobcli("--server", "ops", "kill", "-s", "USR1", job_id[:8])
+    assert sent.returncode == 0 and sent.stdout == b"" and sent.stderr == b"", sent.stderr
+    wait_for_output(home, job_id, b"got usr1\n")
+    assert job_status(home, job_id)["state"] == "running"
+    # Without -s: KILL, a forced stop.
+    assert json.loads(home.ok("--server", "ops", "kill", "--json", job_id)) == [{"id": job_id, "signal": signal.SIGKILL}]
+    assert home.jobcli("--server", "ops", "wait", job_id).returncode == 128 + signal.SIGKILL
+    assert job_status(home, job_id)["state"] == "stopped"
+    ended = home.jobcli("--server", "ops", "kill", "-s", "TERM", job_id)
+    assert ended.returncode == 1 and "has already ended" in ended.stderr.decode()
+
+
+def test_kill_with_a_signal_the_command_does_not_handle(home):
+    job_id = start_job(home, "sh", "-c", "echo ready; exec sleep 30")
+    wait_for_output(home, job_id, b"ready\n")
+    assert home.jobcli("--server", "ops", "kill", "-s", "10", job_id).returncode == 0
+    assert home.jobcli("--server", "ops", "wait", job_id).returncode == 128 + signal.SIGUSR1
+    final = job_status(home, job_id)
+    assert final["state"] == "signaled" and final["signal"] == signal.SIGUSR1
+
+
+def test_kill_refuses_signals_that_cannot_be_forwarded(home, server):
+    refused = home.jobcli("--server", "ops", "kill", "-s", "STOP", "abcd")
+    assert refused.returncode == 2
+    assert "'STOP': a job can be sent only HUP, INT, KILL, QUIT, TERM, USR1, USR2" in refused.stderr.decode()
+    # The server refuses them too, whatever the client.
+    from jobworker.errors import ErrorCode, RequestError
+
+    job_id = start_job(home, "sleep", "30")
+    with server.client("admin") as client:
+        with pytest.raises(RequestError) as caught:
+            client.signal(job_id, signal.SIGSTOP)
+        assert caught.value.code is ErrorCode.BAD_REQUEST
+        client.stop(job_id, force=True)
