@@ -97,6 +97,19 @@ Configuration (argv[1], a JSON object, or "-" to read it from stdin)
     must honour a client's C{"none"} has to refuse such a job itself.
   - C{no_new_privs}: bool (default true): set PR_SET_NO_NEW_PRIVS for the
     command.
+  - C{session_keyring}: bool (default true): give the command a new, empty
+    session keyring (keyrings(7)) before it drops privileges, rather than
+    the server's: a job must not read or write keys of the server's, nor
+    of other jobs, which would otherwise inherit the same one.  (Keyrings
+    are in no namespace.)  Skipped where the kernel has no keyrings or
+    keyctl(2) is filtered (ENOSYS, EPERM): then a job has none either.
+  - C{clear_user_keyrings}: bool (default false): for a uid of the job's
+    own: once the command runs as it, empty that uid's user, user-session
+    and persistent keyrings, which outlive every process of the uid (the
+    kernel keeps them for the uid, not for a process), so that a job never
+    finds keys that an earlier job with the same uid left there (one
+    that an earlier job made unreachable to its uid stays so, for this
+    job too).  Never for a named user: those keys are the user's.
   - C{scratch_bytes}: int (default 0: none): isolated jobs only: give each
     of C{/tmp}, C{/var/tmp} and C{/dev/shm} that exists a fresh directory
     (mode 1777) of one new tmpfs (nosuid, nodev) of at most this many bytes
@@ -239,6 +252,31 @@ SOCK_DGRAM = 2
 SOCK_CLOEXEC = 0o2000000
 # <dlfcn.h>
 RTLD_NOW = 2
+# <linux/keyctl.h>.  keyctl(2) predates the common syscall table, so its
+# number depends on the architecture (uname -m).
+SYS_KEYCTL = {
+    "x86_64": 250,
+    "aarch64": 219,
+    "riscv64": 219,
+    "ppc64le": 271,
+    "ppc64": 271,
+    "s390x": 280,
+    "i686": 288,
+    "i386": 288,
+    "armv7l": 311,
+    "armv6l": 311,
+}
+KEYCTL_JOIN_SESSION_KEYRING = 1
+KEYCTL_SETPERM = 5
+KEYCTL_CLEAR = 7
+KEYCTL_UNLINK = 9
+KEYCTL_GET_PERSISTENT = 22
+KEY_SPEC_SESSION_KEYRING = -3
+KEY_SPEC_USER_KEYRING = -4
+KEY_SPEC_USER_SESSION_KEYRING = -5
+# The permissions the kernel gives a uid's new user keyrings: all but
+# setattr to their possessor, all to their user (KEY_POS_* | KEY_USR_*).
+USER_KEYRING_PERM = 0x1F3F0000
 
 
 class StartError(Exception):
@@ -293,6 +331,8 @@ class JobConfig:
         "isolate",
         "network",
         "no_new_privs",
+        "session_keyring",
+        "clear_user_keyrings",
         "scratch_bytes",
         "private_sys",
         "read_only_root",
@@ -338,6 +378,8 @@ class JobConfig:
         if self.network not in ("none", "host"):
             raise _bad_config("network must be 'none' or 'host'")
         self.no_new_privs = _flag(raw, "no_new_privs", True)
+        self.session_keyring = _flag(raw, "session_keyring", True)
+        self.clear_user_keyrings = _flag(raw, "clear_user_keyrings", False)
         self.scratch_bytes = _optional_id(raw, "scratch_bytes") or 0
         self.private_sys = _flag(raw, "private_sys", False)
         self.read_only_root = _flag(raw, "read_only_root", False)
@@ -725,12 +767,104 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
         raise StartError.from_os_error("setup", f"set user {uid}:{gid}", e) from None
 
 
+def keyctl(operation: int, *args: int | bytes | None) -> int:
+    """
+    keyctl(2); C{OSError} on failure (ENOSYS on an architecture whose
+    syscall number L{SYS_KEYCTL} does not know).
+    """
+    number = SYS_KEYCTL.get(posix.uname().machine)
+    if number is None:
+        raise OSError(errno.ENOSYS, posix.strerror(errno.ENOSYS))
+    return c_call("syscall", number, operation, *args)
+
+
+# keyctl(2) refused as a whole: no keyrings in the kernel, or a seccomp
+# filter or LSM that forbids them; a job then cannot use any either.
+_NO_KEYRINGS = (errno.ENOSYS, errno.EPERM)
+
+# A keyring that this process may not use: an earlier job of its uid took
+# the permissions off it (or revoked it).
+_UNREACHABLE_KEYRING = (errno.EACCES, errno.ENOKEY, errno.EKEYREVOKED, errno.EKEYEXPIRED)
+
+
+def join_new_session_keyring() -> bool:
+    """
+    Replace the inherited session keyring with a new anonymous one; False
+    if this kernel offers no keyrings to us.
+
+    Done before privileges are dropped, so that the keyring (owned by the
+    server's user, possessed by the job alone) costs the job's uid none of
+    its key quota, which an earlier job with the same uid may have used up.
+    """
+    try:
+        keyctl(KEYCTL_JOIN_SESSION_KEYRING, None)
+    except OSError as e:
+        if e.errno in _NO_KEYRINGS:
+            return False
+        raise StartError.from_os_error("setup", "new session keyring", e) from None
+    return True
+
+
+def clear_user_keyrings() -> None:
+    """
+    Empty the current uid's user, user-session and persistent keyrings.
+
+    An earlier job of the uid may have taken the permissions off them, as
+    their owner may.  Those a keyring's owner may put back are put back
+    first; a keyring that still cannot be cleared is one this job cannot
+    reach either (the kernel looks up a uid's user and user-session
+    keyrings together, and refuses both if either refuses it), so nothing
+    in it can leak to the job and it is left as it is: refusing the job
+    would let one job make its uid unusable until the host reboots.
+    """
+    for ring, what in (
+        (KEY_SPEC_USER_KEYRING, "user keyring"),
+        (KEY_SPEC_USER_SESSION_KEYRING, "user session keyring"),
+    ):
+        try:
+            keyctl(KEYCTL_SETPERM, ring, USER_KEYRING_PERM)
+        except OSError:
+            pass  # the clear says whether it matters
+        if not _clear_keyring(ring, what):
+            return
+    try:
+        # Linked into the session keyring to be reached at all (-1: the
+        # current uid's).  Its owner cannot change its permissions.
+        persistent = keyctl(KEYCTL_GET_PERSISTENT, -1, KEY_SPEC_SESSION_KEYRING)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, *_NO_KEYRINGS, *_UNREACHABLE_KEYRING):
+            return  # no persistent keyrings here, or none this job can reach
+        raise StartError.from_os_error("setup", "persistent keyring", e) from None
+    if _clear_keyring(persistent, "persistent keyring"):
+        try:
+            keyctl(KEYCTL_UNLINK, persistent, KEY_SPEC_SESSION_KEYRING)
+        except OSError as e:
+            raise StartError.from_os_error("setup", "unlink persistent keyring", e) from None
+
+
+def _clear_keyring(ring: int, what: str) -> bool:
+    """
+    KEYCTL_CLEAR C{ring}; False if this process has no keyrings at all.
+    """
+    try:
+        keyctl(KEYCTL_CLEAR, ring)
+    except OSError as e:
+        if e.errno in _NO_KEYRINGS:
+            return False
+        if e.errno not in _UNREACHABLE_KEYRING:
+            raise StartError.from_os_error("setup", f"clear {what}", e) from None
+    return True
+
+
 def prepare_command(config: JobConfig) -> None:
     """
     The steps, common to both modes, between the privileged set-up and
-    execve(): user, no_new_privs, directory, clean signal state.
+    execve(): keyrings, user, no_new_privs, directory, clean signal state.
     """
+    keyrings = join_new_session_keyring() if config.session_keyring else True
     drop_privileges(config.uid, config.gid)
+    if config.clear_user_keyrings and keyrings:
+        clear_user_keyrings()
     if config.no_new_privs:
         try:
             prctl(PR_SET_NO_NEW_PRIVS, 1)

@@ -751,6 +751,13 @@ class JobManager(Service):
                 self._uid_locks = UidLocks(self.config.uid_lock_dir)
             except OSError as exc:
                 raise SystemExit(f"jobworker: cannot make {self.config.uid_lock_dir}: {exc}") from None
+            swept = self._uid_locks.sweep()
+            if swept:
+                log.info(
+                    "removed {count} uid claims left in {directory} by servers that died",
+                    count=len(swept),
+                    directory=self.config.uid_lock_dir,
+                )
             self.uids = UidAllocator(
                 self.config.job_uids,
                 is_taken=host_has_id,
@@ -1082,6 +1089,14 @@ class JobManager(Service):
             "isolate": isolate,
             "network": "host" if job.network is Network.HOST else "none",
             "no_new_privs": True,
+            # Keyrings are in no namespace: without these a job could read
+            # the server's session keyring and what other jobs put there,
+            # and find keys that an earlier job with its uid left behind.
+            # Not for a server without root: its jobs run as its own user,
+            # who may reach its keyrings anyway, and each keyring would
+            # cost that user one of its 200 keys (keyrings(7) quota).
+            "session_keyring": os.geteuid() == 0,
+            "clear_user_keyrings": dynamic_uid is not None,
         }
         if isolate:
             config.update(

@@ -306,6 +306,43 @@ class UidLocks:
         for uid in list(self._held):
             self.unclaim(uid)
 
+    def sweep(self) -> list[int]:
+        """
+        Remove the lock files that no live server holds: those of servers
+        that died (a crash cannot unlink them), whichever their range.
+        Called at start-up; returns the uids whose files went.
+
+        Safe against servers claiming meanwhile: a file is unlinked only
+        while locked, and only if it is still the one at its path, as in
+        L{unclaim}, so a claimer that raced us retries on a fresh file
+        (see L{claim}).  At most one file per uid of the ranges in use.
+        """
+        swept = []
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return swept
+        for name in names:
+            if not name.isdigit() or int(name) in self._held:
+                continue
+            path = os.path.join(self.directory, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue  # gone meanwhile, or not a plain file of ours
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = os.fstat(fd)
+                current = os.stat(path, follow_symlinks=False)
+                if (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+                    os.unlink(path)
+                    swept.append(int(name))
+            except OSError:
+                pass  # held by a live server, or gone meanwhile
+            finally:
+                os.close(fd)
+        return sorted(swept)
+
 
 def host_has_id(uid: int) -> bool:
     """

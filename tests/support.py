@@ -144,19 +144,26 @@ def make_pki(directory: Path) -> Path:
 
 
 def start_server(
-    certs: Path, state_dir: Path, *args: str, port: int | None = None, user: str | None = None
+    certs: Path,
+    state_dir: Path,
+    *args: str,
+    port: int | None = None,
+    user: str | None = None,
+    wrapper: list[str] | None = None,
 ) -> RunningServer:
     """
     Start a server and wait until it accepts connections (at most 20 s).
 
     With C{user}, the server runs as that user (via C{setpriv}, so the test
     process must be root): the state dir and the certificates must be
-    usable by it.
+    usable by it.  C{wrapper} is a command line that the server's command
+    line is appended to (it must exec it), to start it in some state.
     """
     port = port or free_port()
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir.parent / f"server-{port}.log"
     prefix = [] if user is None else ["setpriv", f"--reuid={user}", f"--regid={_primary_group(user)}", "--clear-groups", "--"]
+    prefix = [*(wrapper or []), *prefix]
     command = [
         *prefix,
         str(BIN / "twistd"), "-n", "--pidfile=", "jobworker",

@@ -47,6 +47,8 @@ def outside_tmp() -> Path:
         {"hide": "/etc"},
         {"hide": ["relative"]},
         {"inaccessible_file": "relative"},
+        {"session_keyring": 1},
+        {"clear_user_keyrings": "yes"},
     ],
 )
 def test_bad_tenant_options_are_setup_failures(options: dict) -> None:

@@ -217,3 +217,19 @@ def test_a_lock_on_a_file_unlinked_meanwhile_is_not_a_claim(tmp_path):
     assert os.path.exists(tmp_path / "9")
     os.close(stale)
     locks.close()
+
+
+def test_sweep_removes_only_claims_no_live_server_holds(tmp_path):
+    live, restarted = UidLocks(str(tmp_path)), UidLocks(str(tmp_path))
+    assert live.claim(5)
+    # What a server that died left: files nobody holds a lock on.
+    for name in ("6", "7"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "notes").write_bytes(b"")  # not a claim: left alone
+    assert restarted.claim(8)
+    assert restarted.sweep() == [6, 7]
+    assert sorted(os.listdir(tmp_path)) == ["5", "8", "notes"]
+    assert not restarted.claim(5)  # still the live server's
+    live.close()
+    restarted.close()
+    assert os.listdir(tmp_path) == ["notes"]
