@@ -229,7 +229,10 @@ def test_the_twisted_client_uses_the_config_file(home):
         "async def main(reactor):\n"
         "    client = await connect_configured(reactor, 'lab', config_path=sys.argv[1])\n"
         "    status = await client.wait(str(await client.start(['true'])))\n"
-        "    print(client.hello.identity if hasattr(client, 'hello') and client.hello else '', status.state.label)\n"
+        "    sleeper = await client.start(['sleep', '30'])\n"
+        "    await client.signal(str(sleeper), 10)\n"
+        "    signaled = await client.wait(sleeper)\n"
+        "    print(signaled.state.label, signaled.signal, status.state.label)\n"
         "    await client.close()\n"
         "task.react(lambda reactor: defer.ensureDeferred(main(reactor)))\n"
     )
@@ -238,7 +241,7 @@ def test_the_twisted_client_uses_the_config_file(home):
         env=home.env, cwd=str(home.cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
     )
     assert result.returncode == 0, result.stderr.decode()[-2000:]
-    assert result.stdout.decode().split()[-1] == "exited"
+    assert result.stdout.decode().split() == ["signaled", "10", "exited"]
 
 
 # -- 2. conventions ----------------------------------------------------------------------
