@@ -433,7 +433,7 @@ def test_logs_tail_of_a_long_log_reads_back_far_enough(home):
 
 
 def test_logs_tail_then_follow(home):
-    job_id = start_job(home, "sh", "-c", "echo one; echo two; sleep 1; echo three")
+    job_id = start_job(home, "sh", "-c", "echo one; echo two; sleep 3; echo three")
     wait_for_output(home, job_id, b"two\n")
     followed = home.jobcli("--server", "ops", "logs", "-f", "--tail", "1", job_id)
     assert followed.returncode == 0 and followed.stdout == b"two\nthree\n"
