@@ -30,8 +30,8 @@ BIN = os.path.join(VENV, "bin")
 STAMP = os.path.join(VENV, ".jobworker-installed")
 
 
-def _fingerprint(extras: str) -> str:
-    digest = hashlib.sha256(extras.encode())
+def _fingerprint() -> str:
+    digest = hashlib.sha256()
     for name in ("setup.cfg", "pyproject.toml"):
         with open(os.path.join(ROOT, name), "rb") as handle:
             digest.update(handle.read())
@@ -41,25 +41,32 @@ def _fingerprint(extras: str) -> str:
 def ensure_venv(extras: str) -> None:
     """
     Create the virtual environment and install jobworker (with C{extras}),
-    unless an install of the same packaging metadata is already there.
+    unless an install of the same packaging metadata with those extras (or
+    more) is already there.  The stamp records the metadata's hash and the
+    extras installed, so switching between serve ("") and test ("test")
+    installs nothing; a reinstall keeps the extras already there.
     """
     if not os.path.exists(os.path.join(BIN, "python")):
         print(f"dev.py: creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    wanted = _fingerprint(extras)
+    wanted = _fingerprint()
+    installed = set()
     try:
         with open(STAMP) as handle:
-            if handle.read() == wanted:
-                return
+            fingerprint, _, listed = handle.read().partition("\n")
+        installed = set(filter(None, listed.split(",")))
+        if fingerprint == wanted and set(filter(None, [extras])) <= installed:
+            return
     except FileNotFoundError:
         pass
+    everything = ",".join(sorted(installed | set(filter(None, [extras]))))
     print("dev.py: installing jobworker and its dependencies", flush=True)
     pip = [os.path.join(BIN, "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run(pip + ["--upgrade", "pip", "setuptools", "wheel"], check=True)
-    target = f".[{extras}]" if extras else "."
+    target = f".[{everything}]" if everything else "."
     subprocess.run(pip + ["--config-settings", "editable_mode=compat", "-e", target], check=True, cwd=ROOT)
     with open(STAMP, "w") as handle:
-        handle.write(wanted)
+        handle.write(f"{wanted}\n{everything}")
 
 
 def serve(arguments: list[str]) -> int:

@@ -33,7 +33,7 @@ from jobworker.protocol.connection import Connection, Role
 from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict
 from jobworker.protocol.wire import HEADER_SIZE
 
-__all__ = ["BlockingClient", "ConnectionFailed", "JobRef", "as_job_id", "parse_address", "tls_failure_cause"]
+__all__ = ["BlockingClient", "ConnectionFailed", "JobRef", "UnixAddress", "as_job_id", "parse_address", "tls_failure_cause"]
 
 # What a library caller may pass where a job id is wanted.
 JobRef = uuid.UUID | str
@@ -196,10 +196,25 @@ class ConnectionFailed(JobworkerError):
     """
 
 
-def parse_address(address: str, default_port: int = 8443) -> tuple[str, int]:
+class UnixAddress(str):
+    """
+    The path of a server's UNIX socket (C{jobcli --server unix:PATH}).  TLS
+    runs over it as over TCP; the server's certificate must name
+    L{UnixAddress.tls_name}, C{localhost}, as a development PKI's does.
+    """
+
+    tls_name = "localhost"
+
+
+def parse_address(address: str, default_port: int = 8443) -> tuple[str, int] | UnixAddress:
     """
     Split C{HOST:PORT} (C{[::1]:8443} for IPv6); the port is optional.
+    C{unix:PATH} names a UNIX socket.
     """
+    if address.startswith("unix:"):
+        if not address[5:]:
+            raise ValueError(f"bad address {address!r}: no socket path")
+        return UnixAddress(address[5:])
     host, port = address, default_port
     if address.startswith("["):
         end = address.find("]")
@@ -233,7 +248,7 @@ class BlockingClient:
 
     def __init__(
         self,
-        address: tuple[str, int],
+        address: tuple[str, int] | UnixAddress,
         context: ssl.SSLContext,
         *,
         timeout: float | None = 30.0,
@@ -260,13 +275,8 @@ class BlockingClient:
         self._need = HEADER_SIZE
 
     def connect(self) -> m.ServerHello:
-        host, port = self.address
+        raw, host, port = self._open_socket()
         try:
-            raw = socket.create_connection((host, port), timeout=self.timeout)
-        except OSError as exc:
-            raise ConnectionFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
-        try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             channel = _TLSChannel(raw, self.context, host)
             channel.handshake()
             self._sock = channel
@@ -284,6 +294,30 @@ class BlockingClient:
         if self.keepalive_interval:
             self._keepalive = KeepAlive(self.keepalive_interval, time.monotonic())
         return hello
+
+    def _open_socket(self) -> tuple[socket.socket, str, int | str]:
+        """
+        Connect the plain socket: TCP, or a UNIX socket for a L{UnixAddress}.
+
+        @return: the socket, the name to check the server's certificate
+            against, and a port (or C{"unix"}) for messages.
+        """
+        if isinstance(self.address, UnixAddress):
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raw.settimeout(self.timeout)
+            try:
+                raw.connect(str(self.address))
+            except OSError as exc:
+                raw.close()
+                raise ConnectionFailed(f"cannot connect to unix:{self.address}: {exc.strerror or exc}") from None
+            return raw, self.address.tls_name, f"unix:{self.address}"
+        host, port = self.address
+        try:
+            raw = socket.create_connection((host, port), timeout=self.timeout)
+        except OSError as exc:
+            raise ConnectionFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return raw, host, port
 
     def close(self) -> None:
         if self._sock is not None:

@@ -33,6 +33,7 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
+from jobworker import __version__
 from jobworker.blocking import BlockingClient, ConnectionFailed, parse_address
 from jobworker.clientconfig import ClientConfigError, Target, load_client_config, resolve_targets
 from jobworker.errors import ErrorCode, JobworkerError
@@ -84,9 +85,10 @@ def _parser() -> argparse.ArgumentParser:
         "--server",
         default=None,
         metavar="NAME|ADDRESS[,...]",
-        help="a server of the config file, or HOST:PORT; several, comma-separated, run the command on each "
+        help="a server of the config file, HOST:PORT, or unix:PATH of a UNIX socket; several, comma-separated, run the command on each "
         "(env JOBWORKER_SERVER; default: the config file's default, else localhost:8443)",
     )
+    parser.add_argument("--version", action="version", version=f"jobcli {__version__}")
     parser.add_argument("--ca", default=None, help="CA certificate (env JOBWORKER_CA; default: config file, else certs/ca.pem)")
     parser.add_argument("--cert", default=None, help="client certificate (env JOBWORKER_CERT; default: config file, else certs/admin.pem)")
     parser.add_argument("--key", default=None, help="client key (env JOBWORKER_KEY; default: config file, else certs/admin.key)")

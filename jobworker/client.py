@@ -61,7 +61,7 @@ from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapCl
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from jobworker.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 

@@ -41,7 +41,7 @@ from typing import Any, Callable
 from twisted.application.service import Service
 from twisted.internet import defer, error as twisted_error, protocol, threads
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.logger import Logger
+from jobworker.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 

@@ -30,11 +30,12 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from jobworker.logs import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from jobworker import __version__
 from jobworker.errors import ErrorCode, ProtocolError, RequestError
 from jobworker.jobs import Job, JobManager
 from jobworker.outputlog import GAP_FD
@@ -257,6 +258,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self.factory.server_name,
             self.identity.name,
             unit or "",
+            self.factory.server_version,
         )
         self.transport.write(self.conn.send(hello))
 
@@ -702,6 +704,7 @@ class ServerFactory(Factory):
         self.manager = manager
         self.reactor = reactor
         self.server_name = server_name
+        self.server_version = f"jobworker {__version__}"
         self.limits = limits or ServerLimits()
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:

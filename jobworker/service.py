@@ -1,31 +1,80 @@
 """
-The C{twistd jobworker} service: options and the service tree.
+The C{twistd jobworker} service: options, the configuration file, start-up
+checks and the service tree.
 
-    MultiService
-      +- JobManager                   stops every job on shutdown, and waits
-      +- StreamServerEndpointService  any endpoint string, wrapped in TLS
+    JobworkerService (MultiService)     start-up checks; the JSON log option
+      +- JobManager                     stops every job on shutdown, and waits
+      +- _Listener, one per --listen    any endpoint string, wrapped in TLS
+
+Configuration file
+==================
+
+Every option of L{Options} is also a key of the TOML file named by
+C{--config} (default L{CONFIG_PATH}, read only if it exists): the key is the
+long option's name (C{state-dir = "/var/lib/jobworker"}), a flag takes
+C{true} or C{false}, and a repeatable option (C{listen}) takes a list.  The
+value goes through the very code the command line's does (the option's
+coerce function, then L{Options.postOptions}), so an option added to the
+tables below is a configuration key at once, with the same checks.  An
+option given on the command line wins over the file's key; for a
+repeatable option the command line's values replace the file's list.
+
+Errors an operator can act on
+=============================
+
+Everything that can be checked before the reactor runs is checked in
+L{makeService} or while the listeners bind (L{_Listener}), and reported as
+L{StartupError}: one line on standard error naming the option, exit status
+1, no traceback.  Command-line usage errors stay twistd's (the usage text,
+then the error).
 """
 
 from __future__ import annotations
 
+import fcntl
+import getopt
 import hashlib
 import os
-from typing import Any
+import re
+import sys
+import tempfile
+import tomllib
+from typing import Any, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
+import jobworker
 from jobworker.jobs import JobManager, JobManagerConfig
 from jobworker.limits import LimitError, Limits, host_caps, parse_count, parse_cpu, parse_duration, parse_size
+from jobworker.logs import Logger
 from jobworker.server import ServerFactory, ServerLimits
 from jobworker.uids import DEFAULT_FIRST_UID, DEFAULT_LAST_UID, parse_uid_range
 
-__all__ = ["Options", "makeService"]
+__all__ = ["CONFIG_PATH", "Options", "StartupError", "makeService"]
 
 log = Logger()
+
+# Read when no --config is given, if it exists (like sshd's and dockerd's).
+CONFIG_PATH = "/etc/jobworker/jobworker.toml"
+
+# Options that are no server setting, so no configuration key.
+_NOT_CONFIG_KEYS = frozenset({"config", "help", "version"})
+
+
+class StartupError(SystemExit):
+    """
+    The server cannot start: the message, one line naming the option and
+    the cause, is printed on standard error and the process exits with
+    status 1 (as any C{SystemExit} with a text does), without a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"jobworker: {message}")
+
 
 _LIMIT_OPTIONS = [
     # (option suffix, Limits field, parser, help)
@@ -36,6 +85,15 @@ _LIMIT_OPTIONS = [
     ("pids", "pids", parse_count, "processes and threads"),
     ("timeout", "timeout_ms", parse_duration, "run time, e.g. 1h"),
 ]
+
+# The cgroup controller each limit needs, as the drivers name them.
+_LIMIT_CONTROLLERS = {
+    "cpu_millicores": "cpu",
+    "memory_bytes": "memory",
+    "io_read_bps": "io",
+    "io_write_bps": "io",
+    "pids": "pids",
+}
 
 
 _CAP_DEFAULTS = {
@@ -86,7 +144,7 @@ class Options(usage.Options):
     longdesc = "Run the jobworker server: runs jobs for clients authenticated by mutual TLS."
 
     optParameters = [
-        ["listen", "l", "tcp:8443", "Endpoint to listen on (any Twisted server endpoint string)."],
+        ["config", "c", None, f"TOML file of options (default {CONFIG_PATH}, if it exists); the command line overrides it."],
         ["ca", None, "certs/ca.pem", "CA certificate that client certificates must chain to."],
         ["cert", None, "certs/server.pem", "Server certificate (PEM)."],
         ["key", None, "certs/server.key", "Server private key (PEM)."],
@@ -105,6 +163,7 @@ class Options(usage.Options):
         ["idle-timeout", None, "300", "Seconds a connection may stay idle (no pending request, no open stream) before it is closed."],
         ["keepalive-interval", None, "30", "Seconds of silence from a client before it is pinged; a client that does not answer within as long again is disconnected. 0: no keep-alive."],
         ["server-name", None, "", "Name announced to clients (default: the host name)."],
+        ["log-format", None, "text", "twistd's log: text, or json (one JSON object per line; with twist, use its own --log-format)."],
     ] + [
         [f"default-{name}", None, "1024" if name == "pids" else None, f"Default job limit: {text}."]
         for name, _, _, text in _LIMIT_OPTIONS
@@ -118,9 +177,110 @@ class Options(usage.Options):
         ["no-private-sys", None, "Let jobs see the host's /sys instead of a read-only one of their own."],
     ]
 
+    # Options that may be given more than once, each use adding one value;
+    # as configuration keys they take a list.
+    repeatable = frozenset({"listen", "hide-path"})
+
     def __init__(self) -> None:
         super().__init__()
+        self["listen"] = []
         self["hide-paths"] = []
+        # Configuration keys read, each with the file it came from, so that
+        # an error found later names the key rather than an option the
+        # operator never typed.
+        self._from_config: dict[str, str] = {}
+        self.explicit: frozenset[str] = frozenset()
+
+    def opt_listen(self, endpoint: str) -> None:
+        """
+        Endpoint to listen on, any Twisted server endpoint string: tcp:8443,
+        tcp:8443:interface=10.0.0.5, unix:/run/jobworker/jobworker.sock,
+        systemd:domain=INET:index=0 (socket activation). Repeatable: the
+        server listens on each. Default tcp:8443.
+        """
+        self["listen"].append(endpoint)
+
+    opt_l = opt_listen
+
+    def opt_version(self) -> None:
+        """
+        Print the jobworker version and exit.
+        """
+        print(f"jobworker {jobworker.__version__}")
+        sys.exit(0)
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """
+        Read the configuration file, then the command line over it (see the
+        module docstring).
+
+        @raise StartupError: the file cannot be read, is not TOML, or has an
+            unknown key or a bad value; one line naming the key.
+        """
+        if options is None:
+            options = sys.argv[1:]
+        options = list(options)
+        try:
+            given, _ = getopt.getopt(options, self.shortOpt, self.longOpt)
+        except getopt.error as exc:
+            raise usage.UsageError(str(exc)) from None
+        on_command_line = set()
+        config_path, explicit = CONFIG_PATH, False
+        for option, value in given:
+            name = self.synonyms.get(option.lstrip("-"), option.lstrip("-"))
+            on_command_line.add(name)
+            if name == "config":
+                config_path, explicit = value, True
+        if config_path and (explicit or os.path.exists(config_path)):
+            self._read_config(config_path, skip=on_command_line)
+        # What the operator set, as opposed to the built-in defaults.
+        self.explicit = frozenset(on_command_line | set(self._from_config))
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as exc:
+            for key, path in self._from_config.items():
+                if re.search(rf"--{re.escape(key)}(?![\w-])", str(exc)):
+                    raise StartupError(f"{path}: key {key!r}: {exc}") from None
+            raise
+
+    def _read_config(self, path: str, skip: set[str]) -> None:
+        try:
+            with open(path, "rb") as file:
+                table = tomllib.load(file)
+        except OSError as exc:
+            raise StartupError(f"--config {path}: cannot read it: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise StartupError(f"--config {path}: not valid TOML: {exc}") from None
+        self["config"] = path
+        parameters = {name[:-1] for name in self.longOpt if name.endswith("=")}
+        flags = {name for name in self.longOpt if not name.endswith("=")}
+        for key, value in table.items():
+            if key in _NOT_CONFIG_KEYS or (key not in parameters and key not in flags):
+                raise StartupError(f"{path}: unknown key {key!r} (the keys are the long options of twistd jobworker --help)")
+            if key in skip:
+                continue  # the command line wins
+            self._from_config[key] = path
+            where = f"{path}: key {key!r}"
+            if key in flags:
+                if not isinstance(value, bool):
+                    raise StartupError(f"{where}: {value!r} is not true or false")
+                if value:
+                    self._dispatch[key](key, "")
+                continue
+            values = value if key in self.repeatable and isinstance(value, list) else [value]
+            for item in values:
+                allowed = (str,) if key in self.repeatable else (str, int, float)
+                if isinstance(item, bool) or not isinstance(item, allowed):
+                    kind = "a list of texts" if key in self.repeatable else "a text or a number"
+                    raise StartupError(f"{where}: {item!r} is not {kind}")
+                handler = self._dispatch[key]
+                try:
+                    if isinstance(handler, usage.CoerceParameter):
+                        handler.dispatch(key, str(item))
+                    else:
+                        handler(key, str(item))
+                except usage.UsageError as exc:
+                    raise StartupError(f"{where}: {exc}") from None
 
     def opt_hide_path(self, path: str) -> None:
         """
@@ -129,6 +289,10 @@ class Options(usage.Options):
         self["hide-paths"].append(os.path.abspath(path))
 
     def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = ["tcp:8443"]
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format: {self['log-format']!r} is not text or json")
         try:
             self["default-limits"] = self._limits("default")
             self["caps"] = self._caps()
@@ -137,9 +301,9 @@ class Options(usage.Options):
             elif self["tmp-size"].strip().lower() == "none":
                 self["tmp-bytes"] = 0
             else:
-                self["tmp-bytes"] = parse_size(self["tmp-size"], what="tmp-size")
-            self["retention-bytes"] = parse_size(self["retention"], what="retention")
-            self["ring-bytes"] = parse_size(self["ring-size"], what="ring-size")
+                self["tmp-bytes"] = parse_size(self["tmp-size"], what="--tmp-size")
+            self["retention-bytes"] = parse_size(self["retention"], what="--retention")
+            self["ring-bytes"] = parse_size(self["ring-size"], what="--ring-size")
         except LimitError as exc:
             raise usage.UsageError(str(exc)) from None
         try:
@@ -182,7 +346,10 @@ class Options(usage.Options):
             if text is None:
                 values[field] = getattr(derived, field)
             elif text.strip().lower() != "none":
-                values[field] = parse(text)
+                try:
+                    values[field] = parse(text)
+                except LimitError as exc:
+                    raise LimitError(f"--max-{name}: {exc}") from None
         return Limits(**values)
 
     def _limits(self, prefix: str) -> Limits:
@@ -190,7 +357,10 @@ class Options(usage.Options):
         for name, field, parse, _ in _LIMIT_OPTIONS:
             text = self[f"{prefix}-{name}"]
             if text:
-                values[field] = parse(text)
+                try:
+                    values[field] = parse(text)
+                except LimitError as exc:
+                    raise LimitError(f"--{prefix}-{name}: {exc}") from None
         return Limits(**values)
 
 
@@ -202,14 +372,165 @@ def _cgroup_driver(choice: str, prefix: str) -> Any:
     try:
         driver = detect(prefix=prefix, version=None if choice == "auto" else choice)
     except ValueError as exc:
-        raise SystemExit(f"jobworker: --cgroup-prefix: {exc}") from None
+        raise StartupError(f"--cgroup-prefix: {exc}") from None
     if driver is None:
         if choice != "auto":
-            raise SystemExit(f"jobworker: --cgroups {choice}: no usable cgroup hierarchy on this host")
+            raise StartupError(f"--cgroups {choice}: no usable cgroup hierarchy on this host")
         return None
     if choice != "auto" and driver.name != choice:
-        raise SystemExit(f"jobworker: --cgroups {choice}: this host has cgroup {driver.name}")
+        raise StartupError(f"--cgroups {choice}: this host has cgroup {driver.name}")
     return driver
+
+
+def _check_controllers(driver: Any, default_limits: Limits, explicit: frozenset[str]) -> None:
+    """
+    Refuse to start when a default limit the operator set (C{explicit}
+    names the options set on the command line or in the config file) needs
+    a controller this server does not have: it would silently not hold.
+    Built-in defaults that cannot be enforced are dropped with a warning
+    instead, as the job manager does.
+    """
+    available = driver.controllers if driver is not None else frozenset()
+    for name, field, _, _ in _LIMIT_OPTIONS:
+        controller = _LIMIT_CONTROLLERS.get(field)
+        if controller is None or not getattr(default_limits, field) or f"default-{name}" not in explicit:
+            continue
+        if controller not in available:
+            where = f"cgroup {driver.name}" if driver is not None else "no cgroup driver"
+            raise StartupError(
+                f"--default-{name}: needs the {controller} cgroup controller, which this server does not have "
+                f"({where}; controllers: {', '.join(sorted(available)) or 'none'})"
+            )
+
+
+def _check_tls_files(ca: str, cert: str, key: str) -> Any:
+    """
+    Build the server's TLS settings, naming the option whose file is wrong.
+    """
+    from jobworker.pki import CredentialError, read_certificates
+    from jobworker.tls import server_tls_options
+
+    for option, path in (("--ca", ca), ("--cert", cert)):
+        try:
+            read_certificates(path)
+        except CredentialError as exc:
+            raise StartupError(f"{option}: {exc}") from None
+    try:
+        return server_tls_options(ca, cert, key)
+    except CredentialError as exc:
+        raise StartupError(f"--key: {exc}") from None
+    except Exception as exc:  # OpenSSL refusing what cryptography read
+        raise StartupError(f"--cert/--key: cannot use {cert} with {key}: {exc}") from None
+
+
+def _check_state_dir(state_dir: str) -> None:
+    """
+    The state dir must exist (or be made), be writable, and not be in use
+    by another server.  The lock taken here is let go at once: the job
+    store takes its own when the service starts.  Checking now turns a
+    traceback from the reactor's start-up into one line.
+    """
+    where = f"--state-dir {state_dir}"
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"{where}: cannot create it: {exc.strerror}") from None
+    if not os.path.isdir(state_dir):
+        raise StartupError(f"{where}: not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=state_dir):
+            pass
+    except OSError as exc:
+        raise StartupError(f"{where}: cannot write in it: {exc.strerror}") from None
+    lock_path = os.path.join(state_dir, "lock")
+    try:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError(f"{where}: cannot open {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StartupError(f"{where}: another jobworker server is using it (it holds {lock_path})") from None
+    finally:
+        os.close(descriptor)
+
+
+def _fail_after_logging_began(message: str) -> None:
+    """
+    Stop start-up once twistd has begun logging: it has replaced
+    C{sys.stderr} with its log by then, so the line goes to the real
+    standard error and, through the exit, to the log as well.
+    """
+    error = StartupError(message)
+    if sys.stderr is not sys.__stderr__ and sys.__stderr__ is not None:
+        sys.__stderr__.write(f"{error.code}\n")
+        sys.__stderr__.flush()
+    raise error
+
+
+class _Listener(StreamServerEndpointService):
+    """
+    One C{--listen} endpoint.  Binds synchronously while the service starts
+    (as root, before twistd drops privileges), so that a port in use stops
+    the server with one line naming the endpoint.
+    """
+
+    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
+        super().__init__(endpoint, factory)
+        self.description = description
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as exc:
+            cause = exc.socketError.strerror if getattr(exc.socketError, "strerror", None) else exc.socketError
+            _fail_after_logging_began(f"--listen {self.description}: cannot listen: {cause}")
+        except OSError as exc:
+            _fail_after_logging_began(f"--listen {self.description}: cannot listen: {exc.strerror or exc}")
+        except Exception as exc:
+            # systemd: without LISTEN_FDS, for instance.
+            _fail_after_logging_began(f"--listen {self.description}: cannot listen: {exc}")
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        log.info("listening on {endpoint} ({address})", endpoint=self.description, address=str(port.getHost()))
+        return port
+
+
+class JobworkerService(MultiService):
+    """
+    The service tree's top: the job manager and the listeners.  When
+    twistd adds it to its application, it sets the JSON log observer if
+    C{--log-format json} asks for one (twistd takes an application's
+    L{ILogObserver} component as its log).
+    """
+
+    def __init__(self, log_format: str = "text", log_file: str | None = None) -> None:
+        super().__init__()
+        self.log_format = log_format
+        self.log_file = log_file
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if self.log_format == "json" and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            from jobworker.logs import json_observer
+
+            parent.setComponent(ILogObserver, json_observer(_log_stream(self.log_file)))
+        return super().setServiceParent(parent)
+
+
+def _log_stream(path: str | None) -> Any:
+    """
+    Where twistd's log goes: standard output for C{None} or C{"-"}, else a
+    file rotated by Twisted's L{LogFile} like twistd's own.
+    """
+    if path in (None, "", "-"):
+        return sys.stdout
+    from twisted.python.logfile import LogFile
+
+    return LogFile.fromFullPath(path)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -217,8 +538,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    from jobworker.tls import BulkTLSMemoryBIOFactory, server_tls_options
+    from jobworker.tls import BulkTLSMemoryBIOFactory
 
+    log.info(
+        "jobworker {version} starting (config {config})",
+        version=jobworker.__version__,
+        config=options["config"] or "none",
+    )
     privileged = os.geteuid() == 0
     isolate = not options["no-isolation"]
     if isolate and not privileged:
@@ -248,6 +574,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ),
         caps=", ".join(f"{name}={value}" for name, value in vars(config.caps).items() if value) or "none",
     )
+    tls = _check_tls_files(options["ca"], options["cert"], options["key"])
+    _check_state_dir(options["state-dir"])
     driver = _cgroup_driver(options["cgroups"], options["cgroup-prefix"]) if privileged else None
     if driver is not None:
         log.info(
@@ -258,7 +586,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         )
     else:
         log.warn("no cgroup driver: resource limits will be refused")
-    tls = server_tls_options(options["ca"], options["cert"], options["key"])
+    _check_controllers(driver, options["default-limits"], getattr(options, "explicit", frozenset()))
     manager = JobManager(reactor, config, cgroup_driver=driver)
     limits = ServerLimits(
         handshake_timeout_s=options["handshake-timeout"],
@@ -268,10 +596,26 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     factory = ServerFactory(
         manager, reactor, server_name=options["server-name"] or os.uname().nodename, limits=limits
     )
-    top = MultiService()
+    # Its "Starting factory <object>" lines say nothing an operator can use
+    # (the listeners are logged above) and carry an object no JSON holds.
+    factory.noisy = False
+    twistd = getattr(options, "parent", None)
+    log_file = twistd.get("logfile") if twistd is not None else None
+    if twistd is not None and not log_file and not twistd.get("nodaemon"):
+        log_file = "twistd.log"  # where twistd itself logs when it daemonizes
+    top = JobworkerService(options["log-format"], log_file)
     manager.setServiceParent(top)
-    endpoint = serverFromString(reactor, options["listen"])
-    listener = StreamServerEndpointService(endpoint, BulkTLSMemoryBIOFactory(tls, False, factory))
-    listener._raiseSynchronously = True
-    listener.setServiceParent(top)
+    for description in options["listen"]:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (IndexError, KeyError) as exc:
+            if description.startswith("systemd:"):
+                raise StartupError(
+                    f"--listen {description}: systemd passed no such socket (LISTEN_FDS, LISTEN_FDNAMES; "
+                    "start the server through its .socket unit)"
+                ) from None
+            raise StartupError(f"--listen {description}: not an endpoint: {exc!r}") from None
+        except (ValueError, TypeError) as exc:
+            raise StartupError(f"--listen {description}: not an endpoint: {exc}") from None
+        _Listener(description, endpoint, BulkTLSMemoryBIOFactory(tls, False, factory)).setServiceParent(top)
     return top

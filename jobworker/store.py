@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from twisted.logger import Logger
+from jobworker.logs import Logger
 
 from jobworker.protocol.messages import JobStatus
 from jobworker.records import salvage_status, status_to_dict

@@ -101,9 +101,9 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
         "server_hello",
         [
             ("server_hello.basic", "the server's first frame for a client with CN alice, OU user",
-             m.ServerHello(2, 1 << 20, "jobworker", "alice", "user")),
+             m.ServerHello(2, 1 << 20, "jobworker", "alice", "user", "jobworker 0.1.0")),
             ("server_hello.utf8_no_role", "non-ASCII texts; a certificate without an OU gives role \"\"",
-             m.ServerHello(2, 16 << 20, "wörker-東京", "zoë", "")),
+             m.ServerHello(2, 16 << 20, "wörker-東京", "zoë", "", "")),
         ],
     ),
     (

@@ -89,7 +89,7 @@ statuses = st.builds(
 
 MESSAGE_STRATEGIES: dict[type[m.Message], st.SearchStrategy[m.Message]] = {
     m.ServerHello: st.builds(
-        m.ServerHello, version=u16, max_frame_size=u32, server_name=text, identity=text, role=text
+        m.ServerHello, version=u16, max_frame_size=u32, server_name=text, identity=text, role=text, server_version=text
     ),
     m.ClientHello: st.builds(m.ClientHello, version=u16, max_frame_size=u32),
     m.GoAway: st.builds(m.GoAway, code=u16, message=text),

@@ -120,6 +120,23 @@ def test_install_contains_the_plugin_and_the_package(installed):
     assert not (installed / "twisted" / "plugins" / "__init__.py").exists()
     for module in ("cli.py", "service.py", "server.py", "isolate.py", "protocol/wire.py", "cgroups/__init__.py"):
         assert (installed / "jobworker" / module).is_file(), module
+    # PEP 561: embedders' type checkers use our annotations.
+    assert (installed / "jobworker" / "py.typed").is_file()
+
+
+def test_license_matches_the_metadata(installed):
+    from email.parser import Parser
+
+    (info,) = installed.glob("jobworker-*.dist-info")
+    metadata = Parser().parsestr((info / "METADATA").read_text())
+    import jobworker
+
+    assert metadata["Version"] == jobworker.__version__
+    assert metadata["License"] == "MIT"
+    license_text = (REPO / "LICENSE").read_text()
+    assert license_text.startswith("MIT License")
+    shipped = list(info.rglob("LICENSE"))
+    assert shipped and shipped[0].read_text() == license_text
 
 
 def test_installed_plugin_is_discovered(installed):
@@ -130,7 +147,7 @@ def test_installed_plugin_is_discovered(installed):
     # ... from the install, not from the checkout.
     assert Path(report["plugin_file"]).resolve().is_relative_to(installed.resolve()), report
     assert Path(report["service_file"]).resolve().is_relative_to(installed.resolve()), report
-    assert report["listen_default"] == "tcp:8443"
+    assert report["listen_default"] == []  # tcp:8443 unless --listen is given (see test_config)
 
 
 def test_twistd_help_lists_jobworker(installed):

@@ -244,6 +244,7 @@ class ServerHello(Message):
     server_name: str
     identity: str  # the client's identity as the server saw it (certificate CN)
     role: str  # the client's role (certificate OU), "" when none
+    server_version: str = ""  # the server software and its version, for display ("jobworker 0.1.0")
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,7 @@ SCHEMAS: dict[type[m.Message], Any] = {
         "server_name" / Text,
         "identity" / Text,
         "role" / Text,
+        "server_version" / Text,
     ),
     m.ClientHello: Struct("version" / Int16ub, "max_frame_size" / Int32ub),
     m.GoAway: Struct("code" / Int16ub, "message" / Text),
