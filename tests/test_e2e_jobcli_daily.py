@@ -709,3 +709,21 @@ def test_kill_refuses_signals_that_cannot_be_forwarded(home, server):
             client.signal(job_id, signal.SIGSTOP)
         assert caught.value.code is ErrorCode.BAD_REQUEST
         client.stop(job_id, force=True)
+
+
+def test_a_config_file_address_may_be_a_unix_socket(home, certs, tmp_path):
+    socket_path = tmp_path / "jobworker.sock"
+    unix_server = start_server(certs, tmp_path / "unix" / "state", "--listen", f"unix:{socket_path}")
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pki = home.config_dir / "pki"
+        home.write_config(
+            f'default = "local"\n[servers.local]\naddress = "unix:{socket_path}"\n'
+            f'ca = "{pki}/ca.pem"\ncert = "{pki}/bob.pem"\nkey = "{pki}/bob.key"\n'
+        )
+        assert home.ok("whoami").startswith("bob (user) on ")
+        assert home.ok("run", "--", "echo", "over unix") == "over unix\n"
+    finally:
+        unix_server.stop()
