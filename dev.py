@@ -11,6 +11,12 @@ Set up and run jobworker on a fresh machine with nothing but python3.
         make .venv, install jobworker with its test dependencies, and run the
         whole test suite
 
+    python3 dev.py guest [--timeout S] [--accel auto|kvm|tcg] [pytest options...]
+        make .venv as for test, then boot a pure cgroup v2 Linux guest under
+        qemu and run the privileged suites in it as root with CI=true (see
+        .ci/guest.py; it installs qemu-system-x86, busybox-static and
+        e2fsprogs with apt-get when they are missing)
+
 The install is editable (in "compat" mode, so that twistd finds the plugin
 in twisted/plugins/ of this checkout): edits take effect without
 reinstalling.  Standard library only.
@@ -93,11 +99,22 @@ def test(arguments: list[str]) -> int:
     os.execv(command[0], command)
 
 
+def guest(arguments: list[str]) -> int:
+    # The guest runs this checkout's .venv, shared read-only over 9p.
+    ensure_venv("test")
+    os.chdir(ROOT)
+    command = [sys.executable, os.path.join(ROOT, ".ci", "guest.py")] + arguments
+    os.execv(command[0], command)
+
+
+COMMANDS = {"serve": serve, "test": test, "guest": guest}
+
+
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("serve", "test"):
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    return {"serve": serve, "test": test}[sys.argv[1]](sys.argv[2:])
+    return COMMANDS[sys.argv[1]](sys.argv[2:])
 
 
 if __name__ == "__main__":

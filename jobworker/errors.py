@@ -53,6 +53,7 @@ class ErrorCode(IntEnum):
     UNSUPPORTED_VERSION = 103
     FLOW_CONTROL_ERROR = 104
     TIMEOUT = 105
+    TOO_MANY_CONNECTIONS = 106
 
 
 class JobworkerError(Exception):

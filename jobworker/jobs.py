@@ -48,6 +48,7 @@ from zope.interface import implementer
 from jobworker.errors import ErrorCode, JobworkerError, RequestError
 from jobworker.isolate import compiled_helper
 from jobworker.limits import Limits
+from jobworker.audit import log_excerpt, log_value
 from jobworker.outputlog import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpool, OutputLog
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
 from jobworker.protocol.messages import UID_UNKNOWN, InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
@@ -562,10 +563,7 @@ class Job:
     def _kill_all(self) -> None:
         self._timers.pop("kill", None)
         if self.cgroup is not None:
-            try:
-                self.cgroup.kill()
-            except OSError as exc:
-                log.warn("job {job_id}: cgroup kill failed: {error}", job_id=self.job_id, error=exc)
+            self.manager._kill_cgroup(self.cgroup, self.job_id)
         self._signal_helper(signal.SIGKILL)
 
     # -- end -------------------------------------------------------------------
@@ -575,10 +573,7 @@ class Job:
         # Whatever the helper left behind goes now: processes that escaped
         # into the background would otherwise hold the pipes open.
         if self.cgroup is not None:
-            try:
-                self.cgroup.kill()
-            except OSError:
-                pass
+            self.manager._kill_cgroup(self.cgroup, self.job_id)
         elif not self.manager.config.isolate and self.pid is not None:
             # The group outlives its leader while a member lives, and its
             # id is not reused while it does; once it is empty the id is
@@ -889,8 +884,8 @@ class JobManager(Service):
         log.info(
             "job {job_id} starting for {owner}: {argv}",
             job_id=job_id,
-            owner=identity.name,
-            argv=list(job.argv),
+            owner=log_value(identity.name),
+            argv=log_excerpt(list(job.argv)),
         )
         return started
 
@@ -1121,6 +1116,24 @@ class JobManager(Service):
             paths = [self.store.state_dir, *self.config.hidden_paths]
             self._hidden = list(dict.fromkeys(os.path.realpath(path) for path in paths))
         return self._hidden
+
+    def _kill_cgroup(self, cgroup: Any, job_id: uuid.UUID) -> defer.Deferred[None]:
+        """
+        SIGKILL every process of C{cgroup}, in the thread pool: a driver
+        freezes the cgroup and polls until it is empty, for up to seconds.
+        """
+        killing = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), cgroup.kill)
+
+        def failed(failure: Any) -> None:
+            if failure.check(OSError, JobworkerError):
+                log.warn("job {job_id}: cgroup kill failed: {error}", job_id=job_id, error=failure.value)
+            else:
+                log.failure("job {job_id}: cgroup kill failed", failure, job_id=job_id)
+
+        killing.addErrback(failed)
+        self._cleanups.add(killing)
+        killing.addBoth(lambda _: self._cleanups.discard(killing))
+        return killing
 
     def _remove_cgroup(self, cgroup: Any) -> defer.Deferred[None]:
         removal = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), cgroup.remove)

@@ -19,6 +19,24 @@ transport asks it to (C{pauseProducing}: the TCP buffer is full) and when no
 stream has both data and window.  Nothing here buffers output: a follower
 that reads slowly only lags on its cursor, and the job, which is read by the
 job manager at its own pace, is never slowed by it.
+
+Responses are flow controlled the same way
+==========================================
+
+A client that sends requests and does not read the answers must not make
+the server hold them all (1,000 pipelined status requests for a job with a
+256 KiB command are 260 MB of answers).  Frames that arrive wait in the
+core (undecoded, L{Connection.next_message}) and are served in order, at
+most L{INBOX_TURN} per turn of the reactor, while the transport has room;
+once it asks the pump to pause (more than L{WRITE_BUFFER} bytes unsent),
+serving stops and the connection stops reading from the socket, so the
+client's further requests wait in the kernel's buffers, and TCP's own flow
+control slows the client down.  When the transport has drained, serving
+and reading resume.  What one connection holds in answers is so bounded
+by L{WRITE_BUFFER} plus one response (at most the client's frame size),
+plus the answers of its waits that end meanwhile (at most
+C{max_pending_requests}), and the core holds at most what one read from
+the socket decoded.
 """
 
 from __future__ import annotations
@@ -36,14 +54,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from jobworker import __version__
+from jobworker.audit import RateLimit, Suppressed, log_value
 from jobworker.errors import ErrorCode, ProtocolError, RequestError
 from jobworker.jobs import Job, JobManager
+from jobworker.memory import release_free_memory
 from jobworker.outputlog import GAP_FD
 from jobworker.policy import Identity, Operation, Role
 from jobworker.protocol import messages as m
 from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict as KeepAliveVerdict
 from jobworker.protocol.listing import list_page
-from jobworker.tls import peer_names
+from jobworker.tls import drop_traceback, peer_names
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, Role as WireRole
 
 __all__ = ["ServerProtocol", "ServerFactory", "ServerLimits"]
@@ -64,6 +84,19 @@ PUMP_BUDGET = 8 << 20
 # Bytes of encrypted output one connection may hold in user space before
 # the pump is paused.
 WRITE_BUFFER = 512 << 10
+# Requests one connection has served per turn of the reactor; the rest wait
+# for the next turn, after the other connections' (one read of 64 KiB can
+# hold 2,600 status requests: a fifth of a second of the server's time).
+INBOX_TURN = 64
+# Bytes read from the socket at once.  Twisted reads bufferSize bytes, which
+# tune_transport raises to WRITE_BUFFER for the writes; but each read goes
+# whole into OpenSSL's memory BIO, which keeps the largest buffer it ever
+# held, so a client sending fast would leave 512 KiB behind per connection.
+# What clients send is small (requests): 64 KiB, Twisted's own default.
+READ_SIZE = 64 << 10
+# After a connection closes, freed memory goes back to the kernel at most
+# this often (see jobworker.memory), seconds.
+RELEASE_MEMORY_EVERY_S = 1.0
 # Error messages are cut to this many characters: they may quote client
 # input (an environment variable name), and must always fit a frame.
 MAX_ERROR_MESSAGE = 1000
@@ -86,6 +119,36 @@ class ServerLimits:
     @ivar max_pending_requests: requests awaiting their answer (mostly waits).
     @ivar max_streams: output streams open at once on one connection.
     @ivar max_frame_size: the largest frame we accept from the client.
+    @ivar frame_timeout_s: a frame must arrive whole within this many
+        seconds of its first byte.  Without it a client trickling one byte
+        at a time holds up to a maximum frame of receive buffer and keeps
+        the idle timer from ever firing.  30 s passes a 1 MiB frame at
+        35 KB/s.
+    @ivar max_connections: connections open at once, in total, TLS
+        handshake finished or not.  Beyond it a new connection is closed at
+        once, before its handshake (nothing can be said to a peer before
+        TLS, and a handshake is the costly part).  Each connection may hold
+        about 2 MiB (a partial frame, unsent answers, TLS buffers), so 512
+        bound that to 1 GiB however many identities there are.
+    @ivar max_connections_per_identity: connections one identity (the
+        certificate's CN) may hold at once.  Beyond it the new connection
+        gets C{GoAway(TOO_MANY_CONNECTIONS)} instead of the hello: 128 are
+        plenty for scripts and followers run in parallel (C{jobcli logs -f}
+        is one connection each).
+    @ivar max_partial_bytes_per_identity: bytes of incomplete frames one
+        identity may have buffered on all its connections together (each may
+        hold up to a maximum frame); the connection that goes over gets
+        C{GoAway(TOO_MANY_CONNECTIONS)}.  This, not the connection count,
+        bounds what trickled frames can pin: 32 MiB per identity.
+    @ivar max_streams_per_identity: output streams (followers) one identity
+        may have open on all its connections together; the next follow gets
+        C{TOO_MANY_STREAMS}.  Each stream is served on the reactor thread, so
+        thousands of them slow every other client down.
+    @ivar audit_burst: audit lines one identity may write per
+        C{audit_interval_s}; beyond it they are counted and summarized once
+        the interval ends (L{jobworker.audit.RateLimit}).  1,000 per 10 s
+        is 20 KB/s of log per identity at most, 50 times what a person at a
+        terminal makes.  0 turns the limit off.
     """
 
     def __init__(
@@ -97,6 +160,13 @@ class ServerLimits:
         max_pending_requests: int = 128,
         max_streams: int = 256,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        frame_timeout_s: float = 30.0,
+        max_connections: int = 512,
+        max_connections_per_identity: int = 128,
+        max_streams_per_identity: int = 256,
+        max_partial_bytes_per_identity: int = 32 << 20,
+        audit_burst: int = 1000,
+        audit_interval_s: float = 10.0,
     ) -> None:
         self.handshake_timeout_s = handshake_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -104,6 +174,13 @@ class ServerLimits:
         self.max_pending_requests = max_pending_requests
         self.max_streams = max_streams
         self.max_frame_size = max_frame_size
+        self.frame_timeout_s = frame_timeout_s
+        self.max_connections = max_connections
+        self.max_connections_per_identity = max_connections_per_identity
+        self.max_streams_per_identity = max_streams_per_identity
+        self.max_partial_bytes_per_identity = max_partial_bytes_per_identity
+        self.audit_burst = audit_burst
+        self.audit_interval_s = audit_interval_s
 
 
 class _Stream:
@@ -135,6 +212,10 @@ class _StreamPump:
 
     def resumeProducing(self) -> None:
         self.paused = False
+        if self.protocol is None:
+            return
+        # Answers first: they were waiting for the same room.
+        self.protocol.serve_inbox()
         self.wake()
 
     def stopProducing(self) -> None:
@@ -145,7 +226,7 @@ class _StreamPump:
         Something changed (output, a window, the transport): send soon.
         Coalesces many wake-ups into one turn of the reactor.
         """
-        if self._scheduled is None and not self.paused:
+        if self._scheduled is None and not self.paused and self.protocol is not None:
             self._scheduled = self.protocol.reactor.callLater(0, self._run)
 
     def cancel(self) -> None:
@@ -153,9 +234,22 @@ class _StreamPump:
             self._scheduled.cancel()
         self._scheduled = None
 
+    def detach(self) -> None:
+        """
+        The connection is gone: let go of it.  The transport's producer
+        reference would otherwise close a cycle (transport -> pump ->
+        protocol -> transport) that holds the connection's buffers until the
+        garbage collector's next full pass.
+        """
+        self.cancel()
+        self.paused = True
+        self.protocol = None  # type: ignore[assignment]
+
     def _run(self) -> None:
         self._scheduled = None
         protocol = self.protocol
+        if protocol is None:
+            return
         budget = PUMP_BUDGET
         while not self.paused and budget > 0 and protocol.streams:
             progressed = False
@@ -206,6 +300,37 @@ def tune_transport(transport: Any) -> None:
     if hasattr(tcp, "bufferSize") and hasattr(tcp, "SEND_LIMIT"):
         tcp.bufferSize = WRITE_BUFFER
         tcp.SEND_LIMIT = WRITE_BUFFER
+        if hasattr(tcp, "_dataReceived") and hasattr(tcp, "socket"):
+            tcp.doRead = _small_reads(tcp)
+
+
+def _small_reads(tcp: Any) -> Callable[[], Any]:
+    """
+    Twisted's C{tcp.Connection.doRead}, reading L{READ_SIZE} bytes at a time
+    rather than C{bufferSize} (see L{READ_SIZE}).  Bound to the transport as
+    an instance attribute; it refers to the transport weakly, so the two
+    make no cycle.
+    """
+    import weakref
+    from errno import EWOULDBLOCK
+
+    from twisted.internet import main
+
+    connection = weakref.ref(tcp)
+
+    def doRead() -> Any:
+        tcp = connection()
+        if tcp is None:
+            return main.CONNECTION_LOST
+        try:
+            data = tcp.socket.recv(READ_SIZE)
+        except OSError as error:
+            if error.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        return tcp._dataReceived(data)
+
+    return doRead
 
 
 @implementer(IHandshakeListener)
@@ -215,6 +340,12 @@ class ServerProtocol(Protocol, TimeoutMixin):
     """
 
     identity: Identity | None = None
+    # Whether this connection is counted in the factory's totals (see
+    # ServerLimits.max_connections and max_connections_per_identity).
+    _counted = False
+    _identity_counted = False
+    _timed_out = False  # the handshake timeout closed it (logged there)
+    _partial_held = 0  # bytes of an incomplete frame counted to the identity
 
     def __init__(self, factory: ServerFactory) -> None:
         self.factory = factory
@@ -229,6 +360,13 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._goaway_sent = False
         self._peer = "?"
         self._subscriptions: dict[int, Callable[[], None]] = {}
+        # Whether reading from the socket is paused because received frames
+        # wait to be served (see "Responses are flow controlled" in the
+        # module docstring; the core keeps them until next_message).
+        self._reading_paused = False
+        self._inbox_turn: Any = None  # the next turn of serve_inbox, if due
+        # Fires when the frame being received is late (frame_timeout_s).
+        self._frame_timer: Any = None
         # The idle timer runs only while the connection is idle (spec 5.7).
         self._idle_call: Any = None
         self._keepalive: KeepAlive | None = None
@@ -243,6 +381,16 @@ class ServerProtocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        if not self.factory.connection_opened():
+            log.warn(
+                "refusing connection from {peer}: {count} connections open, the most allowed (--max-connections)",
+                peer=self._peer,
+                count=self.factory.open_connections,
+                limit="max-connections",
+            )
+            self.transport.abortConnection()
+            return
+        self._counted = True
         self.setTimeout(self.limits.handshake_timeout_s)
         tune_transport(self.transport)
         self.transport.registerProducer(self.pump, True)
@@ -251,7 +399,23 @@ class ServerProtocol(Protocol, TimeoutMixin):
         certificate = self.transport.getPeerCertificate()
         name, unit = peer_names(certificate) if certificate is not None else (None, None)
         self.identity = Identity(name or "", Role.from_ou(unit))
-        log.info("connection from {peer} as {identity}", peer=self._peer, identity=str(self.identity))
+        log.info("connection from {peer} as {identity}", peer=self._peer, identity=log_value(str(self.identity)))
+        if not self.factory.identity_connected(self.identity.name):
+            limit = self.limits.max_connections_per_identity
+            log.warn(
+                "refusing connection from {peer}: too many connections for {identity} (--max-connections-per-identity {limit})",
+                peer=self._peer,
+                identity=log_value(self.identity.name),
+                limit=limit,
+            )
+            self._fail(
+                ProtocolError(
+                    f"identity {self.identity.name!r} already has {limit} connections open, the most allowed",
+                    ErrorCode.TOO_MANY_CONNECTIONS,
+                )
+            )
+            return
+        self._identity_counted = True
         hello = m.ServerHello(
             m.PROTOCOL_VERSION,
             self.conn.max_frame_size,
@@ -264,6 +428,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         # TimeoutMixin times the handshake only; the idle timeout is ours.
+        self._timed_out = True
         log.info("closing handshake timed-out connection from {peer}", peer=self._peer)
         self._fail(ProtocolError("handshake timeout", ErrorCode.TIMEOUT))
 
@@ -275,13 +440,90 @@ class ServerProtocol(Protocol, TimeoutMixin):
             return
         if self._keepalive is not None:
             self._keepalive.received(self.reactor.seconds())
-        was_open = self.conn.is_open
         try:
             self.conn.feed(data)
-            # One message at a time: a request is pending from the moment
-            # it is dispatched, so the cap counts exactly what this
-            # connection has asked and not been answered (spec section 7).
-            while not self._goaway_sent:
+        except ProtocolError as error:
+            log.info("protocol error from {peer}: {error}", peer=self._peer, error=error.message)
+            self._fail(error)
+            return
+        self._watch_frame(new_frame=self.conn.frames_waiting)
+        if not self._account_partial():
+            return
+        self.serve_inbox()
+
+    def _account_partial(self) -> bool:
+        """
+        Count this connection's incomplete frame in its identity's total;
+        False (and the connection failed) when that total is over
+        C{max_partial_bytes_per_identity}.
+        """
+        name = self.identity.name if self.identity else ""
+        held = self.conn.receive_buffered
+        total = self.factory.partial_held(name, held - self._partial_held)
+        self._partial_held = held
+        limit = self.limits.max_partial_bytes_per_identity
+        if total <= limit:
+            return True
+        log.warn(
+            "closing connection from {peer}: {identity} has {total} bytes of unfinished frames on its connections (limit {limit})",
+            peer=self._peer,
+            identity=log_value(name),
+            total=total,
+            limit=limit,
+        )
+        self._fail(
+            ProtocolError(
+                f"identity {name!r} has more than {limit} bytes of unfinished frames on its connections",
+                ErrorCode.TOO_MANY_CONNECTIONS,
+            )
+        )
+        return False
+
+    def _watch_frame(self, new_frame: bool) -> None:
+        """
+        Time the frame being received: from its first byte, it has
+        C{frame_timeout_s}.  C{new_frame}: frames completed since the last
+        call, so what is buffered now is a later frame's start.
+        """
+        timer = self._frame_timer
+        if self.conn.receive_buffered and not self._reading_paused and self.connected:
+            if timer is not None and timer.active() and not new_frame:
+                return
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._frame_timer = self.reactor.callLater(self.limits.frame_timeout_s, self._frame_late)
+        elif timer is not None:
+            if timer.active():
+                timer.cancel()
+            self._frame_timer = None
+
+    def _frame_late(self) -> None:
+        self._frame_timer = None
+        log.info(
+            "closing connection from {peer}: a frame took over {timeout} s to arrive ({size} bytes so far)",
+            peer=self._peer,
+            timeout=self.limits.frame_timeout_s,
+            size=self.conn.receive_buffered,
+        )
+        self._fail(ProtocolError(f"a frame took longer than {self.limits.frame_timeout_s:g} s to arrive", ErrorCode.TIMEOUT))
+
+    def serve_inbox(self) -> None:
+        """
+        Serve the received messages in order while the transport has room
+        for their answers, at most L{INBOX_TURN} per turn of the reactor;
+        stop reading the socket while some must wait.
+
+        One message at a time: a request is pending from the moment it is
+        dispatched, so the cap counts exactly what this connection has asked
+        and not been answered (spec section 7).
+        """
+        turn, self._inbox_turn = self._inbox_turn, None
+        if turn is not None and turn.active():
+            turn.cancel()  # called directly before its turn came
+        budget = INBOX_TURN
+        was_open = self.conn.is_open
+        try:
+            while budget and not self.pump.paused and not self._goaway_sent and self.connected:
                 message = self.conn.next_message()
                 if message is None:
                     break
@@ -289,10 +531,23 @@ class ServerProtocol(Protocol, TimeoutMixin):
                     was_open = True
                     self._opened()
                 self._dispatch(message)
+                budget -= 1
         except ProtocolError as error:
             log.info("protocol error from {peer}: {error}", peer=self._peer, error=error.message)
             self._fail(error)
             return
+        waiting = self.conn.frames_waiting and not self._goaway_sent and self.connected
+        if waiting and not budget:
+            # Other connections get their turn before the rest of this one's.
+            self._inbox_turn = self.reactor.callLater(0, self.serve_inbox)
+        if waiting != self._reading_paused and self.connected and self.transport is not None:
+            self._reading_paused = waiting
+            if waiting:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+            # A frame we stopped reading is not the client's delay.
+            self._watch_frame(new_frame=True)
         self._update_idle()
 
     def _opened(self) -> None:
@@ -372,6 +627,12 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def _close(self) -> None:
         self._stop_timers()
+        # Nothing more will be read: what a late frame held goes now, not
+        # when the peer has finished closing (up to ABORT_GRACE_S).
+        self.conn.discard_received()
+        if self._partial_held:
+            self.factory.partial_held(self.identity.name if self.identity else "", -self._partial_held)
+            self._partial_held = 0
         # The TLS layer shuts down only once no producer is registered.
         self.pump.stopProducing()
         self.transport.unregisterProducer()
@@ -381,14 +642,41 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._stop_timers()
-        self.pump.cancel()
+        if self._counted and self.identity is None and not self._timed_out:
+            # The TLS handshake never finished: refused (a certificate the
+            # CA did not issue, a TLS version or group not offered) or
+            # abandoned.  The client cannot be told more than the alert.
+            log.info(
+                "TLS handshake with {peer} failed: {reason}",
+                peer=self._peer,
+                reason=log_value(_tls_reason(reason)),
+            )
+        if self._partial_held:
+            self.factory.partial_held(self.identity.name if self.identity else "", -self._partial_held)
+            self._partial_held = 0
+        if self._counted:
+            self._counted = False
+            self.factory.connection_closed(self.identity.name if self._identity_counted and self.identity else None)
+        self.pump.detach()
+        if self._inbox_turn is not None and self._inbox_turn.active():
+            self._inbox_turn.cancel()
+        self._inbox_turn = None
+        if self._frame_timer is not None and self._frame_timer.active():
+            self._frame_timer.cancel()
+        self._frame_timer = None
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
+        self._abort_call = None
         for stream_id in list(self.streams):
             self._drop_stream(stream_id)
         for wait in list(self._waits):
             wait.cancel()
         self._waits.clear()
+        if reason is not None:
+            # A failure raised inside the transport's own connectionLost
+            # (a TLS error on a reset connection) holds the frames of that
+            # call, and through them the transports: another cycle.
+            drop_traceback(reason)
 
     # -- requests --------------------------------------------------------------
 
@@ -398,7 +686,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if isinstance(message, m.GoAway):
             # Close at once (spec sections 5.6, 10.1): nothing more is read,
             # answered or sent, and the waits of this connection are dropped.
-            log.info("client {peer} went away: {code} {message}", peer=self._peer, code=message.code, message=message.message)
+            log.info(
+                "client {peer} went away: {code} {message}", peer=self._peer, code=message.code, message=log_value(message.message)
+            )
             self._goaway_sent = True
             self._close()
             for wait in list(self._waits):
@@ -434,7 +724,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
                 "internal error serving {operation} for {identity}",
                 failure,
                 operation=operation.value,
-                identity=str(self.identity),
+                identity=log_value(str(self.identity)),
             )
             self._audit(operation, job_id, "internal-error")
             if self.conn.is_pending(request_id):
@@ -487,10 +777,19 @@ class ServerProtocol(Protocol, TimeoutMixin):
         result.addCallbacks(done, failed)
 
     def _audit(self, operation: Operation, job_id: uuid.UUID | None, verdict: str) -> None:
+        """
+        One audit line, as C{key=value} pairs whose values cannot break the
+        line (L{log_value}); at most C{audit_burst} per identity per
+        C{audit_interval_s}, the rest summarized (L{ServerFactory.audit}).
+        """
+        name = self.identity.name if self.identity else ""
+        if not self.factory.audit(name, f"{operation.value} {verdict}"):
+            return
         log.info(
-            "audit identity={identity} role={role} operation={operation} job={job_id} verdict={verdict}",
-            identity=self.identity.name if self.identity else "",
-            role=self.identity.role.value if self.identity and self.identity.role else "",
+            "audit identity={identity} role={role} peer={peer} operation={operation} job={job_id} verdict={verdict}",
+            identity=log_value(name),
+            role=self.identity.role.value if self.identity and self.identity.role else '""',
+            peer=log_value(self._peer),
             operation=operation.value,
             job_id=str(job_id) if job_id else "-",
             verdict=verdict,
@@ -570,6 +869,11 @@ class ServerProtocol(Protocol, TimeoutMixin):
             raise RequestError(
                 f"at most {self.limits.max_streams} output streams per connection", ErrorCode.TOO_MANY_STREAMS
             )
+        if self.factory.streams_of(self.identity.name) >= self.limits.max_streams_per_identity:  # type: ignore[union-attr]
+            raise RequestError(
+                f"at most {self.limits.max_streams_per_identity} output streams per identity, on all its connections",
+                ErrorCode.TOO_MANY_STREAMS,
+            )
         if request.offset > job.output.end and job.is_final:
             raise RequestError(
                 f"offset {request.offset} is past the end of the output ({job.output.end} bytes)",
@@ -578,6 +882,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._respond(m.OkResponse(request.request_id))
         stream = _Stream(request.stream_id, job, request.offset, request.follow)
         self.streams[stream.stream_id] = stream
+        self.factory.stream_opened(self.identity.name)  # type: ignore[union-attr]
         subscription = self.pump.wake
         job.output.subscribe(subscription)
         self._subscriptions[stream.stream_id] = subscription
@@ -649,6 +954,8 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def _drop_stream(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            self.factory.stream_closed(self.identity.name)  # type: ignore[union-attr]
         subscription = self._subscriptions.pop(stream_id, None)
         if stream is not None and subscription is not None:
             stream.job.output.unsubscribe(subscription)
@@ -706,6 +1013,145 @@ class ServerFactory(Factory):
         self.server_name = server_name
         self.server_version = f"jobworker {__version__}"
         self.limits = limits or ServerLimits()
+        # Open connections: all of them, and those past the handshake by
+        # identity; open output streams by identity.
+        self.open_connections = 0
+        self._connections_of: dict[str, int] = {}
+        self._streams_of: dict[str, int] = {}
+        self._partial_of: dict[str, int] = {}
+        self._audit_limit = RateLimit(self.limits.audit_burst, self.limits.audit_interval_s)
+        self._audit_timer: Any = None
+        self._release_call: Any = None
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:
         return ServerProtocol(self)
+
+    def doStop(self) -> None:
+        self.stop_audit_timer()
+        if self._release_call is not None and self._release_call.active():
+            self._release_call.cancel()
+        self._release_call = None
+        super().doStop()
+
+    # -- accounting (ServerLimits.max_connections and friends) ------------------
+
+    def connection_opened(self) -> bool:
+        """
+        Count a new connection; False (and not counted) when it is one too many.
+        """
+        if self.open_connections >= self.limits.max_connections:
+            return False
+        self.open_connections += 1
+        return True
+
+    def identity_connected(self, identity: str) -> bool:
+        """
+        Count a connection as C{identity}'s; False (and not counted) when it
+        is one too many for it.
+        """
+        count = self._connections_of.get(identity, 0)
+        if count >= self.limits.max_connections_per_identity:
+            return False
+        self._connections_of[identity] = count + 1
+        return True
+
+    def connection_closed(self, identity: str | None) -> None:
+        self.open_connections -= 1
+        if identity is not None:
+            _decrement(self._connections_of, identity)
+        if self._release_call is None:
+            # What the connection held (its buffers) is free now, but the
+            # allocator keeps it resident unless told otherwise.
+            self._release_call = self.reactor.callLater(RELEASE_MEMORY_EVERY_S, self._release_memory)
+
+    def _release_memory(self) -> None:
+        self._release_call = None
+        release_free_memory()
+
+    def partial_held(self, identity: str, change: int) -> int:
+        """
+        Add C{change} to the bytes of unfinished frames C{identity} holds on
+        all its connections; return the new total.
+        """
+        total = self._partial_of.get(identity, 0) + change
+        if total > 0:
+            self._partial_of[identity] = total
+        else:
+            self._partial_of.pop(identity, None)
+        return max(total, 0)
+
+    def connections_of(self, identity: str) -> int:
+        return self._connections_of.get(identity, 0)
+
+    def streams_of(self, identity: str) -> int:
+        return self._streams_of.get(identity, 0)
+
+    def stream_opened(self, identity: str) -> None:
+        self._streams_of[identity] = self._streams_of.get(identity, 0) + 1
+
+    def stream_closed(self, identity: str) -> None:
+        _decrement(self._streams_of, identity)
+
+    # -- audit rate limit --------------------------------------------------------
+
+    def audit(self, identity: str, kind: str) -> bool:
+        """
+        May an audit line of C{identity}'s, of C{kind} ("operation
+        verdict"), be written now?  Summaries due are written first.
+        """
+        admitted, due = self._audit_limit.admit(identity, kind, self.reactor.seconds())
+        self._log_suppressed(due)
+        if not admitted and self._audit_timer is None:
+            # The summary must come when the interval ends, not whenever
+            # the identity next makes a request.
+            self._audit_timer = self.reactor.callLater(self.limits.audit_interval_s, self._audit_interval_ended)
+        return admitted
+
+    def _audit_interval_ended(self) -> None:
+        self._audit_timer = None
+        self._log_suppressed(self._audit_limit.expire(self.reactor.seconds()))
+        if self._audit_limit.pending():
+            self._audit_timer = self.reactor.callLater(self.limits.audit_interval_s, self._audit_interval_ended)
+
+    def stop_audit_timer(self) -> None:
+        """
+        Write what is held back and stop the timer (at shutdown).
+        """
+        if self._audit_timer is not None and self._audit_timer.active():
+            self._audit_timer.cancel()
+        self._audit_timer = None
+        self._log_suppressed(self._audit_limit.expire(float("inf")))
+
+    def _log_suppressed(self, due: list[Suppressed]) -> None:
+        for summary in due:
+            log.warn(
+                "audit suppressed={count} identity={identity} interval={interval}s kinds={kinds}",
+                count=summary.count,
+                identity=log_value(summary.key),
+                interval=f"{summary.interval_s:g}",
+                kinds=log_value(", ".join(f"{kind}: {n}" for kind, n in sorted(summary.by_kind.items()))),
+                audit=True,
+                suppressed=summary.count,
+            )
+
+
+def _tls_reason(reason: Failure | None) -> str:
+    """
+    Why a TLS handshake failed, in OpenSSL's words where it gave some.
+    """
+    if reason is None:
+        return "connection closed"
+    value = reason.value
+    errors = getattr(value, "args", ())
+    if errors and isinstance(errors[0], list) and errors[0]:
+        # pyOpenSSL: [(library, function, reason), ...]
+        return "; ".join(str(error[-1]) for error in errors[0] if isinstance(error, tuple)) or str(value)
+    return f"{type(value).__name__}: {value}" if str(value) else type(value).__name__
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

@@ -42,7 +42,7 @@ import tomllib
 from typing import Any, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
@@ -162,6 +162,14 @@ class Options(usage.Options):
         ["handshake-timeout", None, "10", "Seconds a client has to finish TLS and the hello."],
         ["idle-timeout", None, "300", "Seconds a connection may stay idle (no pending request, no open stream) before it is closed."],
         ["keepalive-interval", None, "30", "Seconds of silence from a client before it is pinged; a client that does not answer within as long again is disconnected. 0: no keep-alive."],
+        ["frame-timeout", None, "30", "Seconds one frame may take to arrive from its first byte."],
+        ["max-connections", None, "512", "Connections open at once, in total; beyond it new ones are closed before TLS."],
+        ["max-connections-per-identity", None, "128", "Connections one identity may hold; beyond it: GoAway TOO_MANY_CONNECTIONS."],
+        ["max-unfinished-frames-per-identity", None, "32M", "Bytes of incomplete frames one identity may have buffered on all its connections."],
+        ["max-followers-per-identity", None, "256", "Output streams one identity may have open, on all its connections."],
+        ["audit-rate-limit", None, "1000/10", "Audit lines per identity per seconds (N/S); the rest are counted in a summary line. 0 for no limit."],
+        ["log-rotate-size", None, "10M", "With twistd --logfile: rotate the log file at this size."],
+        ["log-keep", None, "10", "With twistd --logfile: rotated log files kept; older ones are deleted."],
         ["server-name", None, "", "Name announced to clients (default: the host name)."],
         ["log-format", None, "text", "twistd's log: text, or json (one JSON object per line; with twist, use its own --log-format)."],
     ] + [
@@ -310,18 +318,36 @@ class Options(usage.Options):
             self["job-uid-range"] = parse_uid_range(self["job-uids"])
         except ValueError as exc:
             raise usage.UsageError(f"--job-uids: {exc}") from None
-        for name in ("grace", "handshake-timeout", "idle-timeout", "keepalive-interval"):
+        for name in ("grace", "handshake-timeout", "idle-timeout", "keepalive-interval", "frame-timeout"):
             try:
                 self[name] = float(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name}: {self[name]!r} is not a number of seconds") from None
         if self["keepalive-interval"] < 0:
             raise usage.UsageError("--keepalive-interval must not be negative (0 turns keep-alive off)")
-        for name in ("max-jobs-per-identity", "max-finished-jobs"):
+        for name in (
+            "max-jobs-per-identity",
+            "max-finished-jobs",
+            "max-connections",
+            "max-connections-per-identity",
+            "max-followers-per-identity",
+        ):
             try:
                 self[name] = int(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name}: {self[name]!r} is not a whole number") from None
+        self["audit-burst"], self["audit-interval"] = _rate(self["audit-rate-limit"])
+        try:
+            self["max-unfinished-bytes"] = parse_size(self["max-unfinished-frames-per-identity"], what="max-unfinished-frames-per-identity")
+        except LimitError as exc:
+            raise usage.UsageError(str(exc)) from None
+        try:
+            self["log-rotate-bytes"] = parse_size(self["log-rotate-size"], what="log-rotate-size")
+            self["log-keep"] = int(self["log-keep"])
+        except (LimitError, ValueError) as exc:
+            raise usage.UsageError(f"--log-rotate-size/--log-keep: {exc}") from None
+        if self["log-keep"] < 1 or self["log-rotate-bytes"] < 4096:
+            raise usage.UsageError("--log-keep must be at least 1 and --log-rotate-size at least 4K")
         if self["cgroups"] not in ("auto", "v1", "v2", "none"):
             raise usage.UsageError("--cgroups must be auto, v1, v2 or none")
         if self["state-dir"] is None:
@@ -362,6 +388,22 @@ class Options(usage.Options):
                 except LimitError as exc:
                     raise LimitError(f"--{prefix}-{name}: {exc}") from None
         return Limits(**values)
+
+
+def _rate(text: str) -> tuple[int, float]:
+    """
+    Parse C{--audit-rate-limit}: C{N/SECONDS}, or C{0} for no limit.
+    """
+    if text.strip() == "0":
+        return 0, 1.0
+    count, slash, seconds = text.partition("/")
+    try:
+        burst, interval = int(count), float(seconds) if slash else 0.0
+    except ValueError:
+        burst, interval = -1, 0.0
+    if burst < 1 or interval <= 0:
+        raise usage.UsageError(f"--audit-rate-limit: {text!r} is not N/SECONDS (e.g. 1000/10) or 0")
+    return burst, interval
 
 
 def _cgroup_driver(choice: str, prefix: str) -> Any:
@@ -506,10 +548,14 @@ class JobworkerService(MultiService):
     L{ILogObserver} component as its log).
     """
 
-    def __init__(self, log_format: str = "text", log_file: str | None = None) -> None:
+    def __init__(
+        self, log_format: str = "text", log_file: str | None = None, rotate_bytes: int = 10 << 20, keep: int = 10
+    ) -> None:
         super().__init__()
         self.log_format = log_format
         self.log_file = log_file
+        self.rotate_bytes = rotate_bytes
+        self.keep = keep
 
     def setServiceParent(self, parent: Any) -> Any:
         if self.log_format == "json" and hasattr(parent, "setComponent"):
@@ -517,20 +563,83 @@ class JobworkerService(MultiService):
 
             from jobworker.logs import json_observer
 
-            parent.setComponent(ILogObserver, json_observer(_log_stream(self.log_file)))
+            parent.setComponent(ILogObserver, json_observer(_log_stream(self.log_file, self.rotate_bytes, self.keep)))
         return super().setServiceParent(parent)
 
 
-def _log_stream(path: str | None) -> Any:
+def _log_stream(path: str | None, rotate_bytes: int, keep: int) -> Any:
     """
     Where twistd's log goes: standard output for C{None} or C{"-"}, else a
-    file rotated by Twisted's L{LogFile} like twistd's own.
+    file rotated by Twisted's L{LogFile} at C{rotate_bytes}, with at most
+    C{keep} rotated files kept (C{--log-rotate-size}, C{--log-keep}).
     """
     if path in (None, "", "-"):
         return sys.stdout
     from twisted.python.logfile import LogFile
 
-    return LogFile.fromFullPath(path)
+    return LogFile.fromFullPath(path, rotateLength=rotate_bytes, maxRotatedFiles=keep)
+
+
+class LogFileBounds(Service):
+    """
+    Bound the log file that C{twistd --logfile} (or a daemon's default
+    C{twistd.log}) writes: rotate it at C{rotate_bytes} and keep at most
+    C{keep} rotated files.  twistd makes that file with Twisted's defaults,
+    rotation at 1 MB and every rotated file kept for ever, and offers no
+    option to change them; so when the service starts (twistd's logging has
+    begun by then) this finds the C{LogFile} behind the global log
+    observers and sets its two limits, and deletes rotated files beyond
+    C{keep} left by earlier runs.  Logging to stdout (C{-n}, under systemd:
+    journald rotates and rate-limits) or syslog needs none of this.
+    """
+
+    def __init__(self, rotate_bytes: int, keep: int) -> None:
+        self.rotate_bytes = rotate_bytes
+        self.keep = keep
+        self.bounded: list[Any] = []
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.python.logfile import LogFile
+
+        for log_file in _log_files():
+            if not isinstance(log_file, LogFile):
+                continue  # a DailyLogFile: rotated by date, not ours to change
+            log_file.rotateLength = self.rotate_bytes
+            log_file.maxRotatedFiles = self.keep
+            for number in log_file.listLogs():
+                if number > self.keep:
+                    try:
+                        os.remove(f"{log_file.path}.{number}")
+                    except OSError as exc:
+                        log.warn("could not remove an old log file: {error}", error=exc)
+            self.bounded.append(log_file)
+            log.info(
+                "log file {path}: rotated at {size} bytes, {keep} rotated files kept",
+                path=log_file.path,
+                size=self.rotate_bytes,
+                keep=self.keep,
+            )
+
+
+def _log_files() -> list[Any]:
+    """
+    The log files the global log observers write to, as far as they can be
+    seen: twistd's is a C{textFileLogObserver(LogFile)} (a
+    C{twisted.logger.FileLogObserver} that keeps its file as C{_outFile});
+    a legacy C{twisted.python.log.FileLogObserver} wrapped for the new
+    system keeps the file's C{write}.
+    """
+    from twisted.logger import globalLogPublisher
+    from twisted.python.logfile import BaseLogFile
+
+    found = []
+    for observer in list(getattr(globalLogPublisher, "_observers", ())):
+        candidates = [getattr(observer, "_outFile", None)]
+        legacy = getattr(getattr(observer, "legacyObserver", None), "__self__", None)
+        candidates.append(getattr(getattr(legacy, "write", None), "__self__", None))
+        found.extend(candidate for candidate in candidates if isinstance(candidate, BaseLogFile))
+    return found
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -592,6 +701,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         handshake_timeout_s=options["handshake-timeout"],
         idle_timeout_s=options["idle-timeout"],
         keepalive_interval_s=options["keepalive-interval"],
+        frame_timeout_s=options["frame-timeout"],
+        max_connections=options["max-connections"],
+        max_connections_per_identity=options["max-connections-per-identity"],
+        max_streams_per_identity=options["max-followers-per-identity"],
+        max_partial_bytes_per_identity=options["max-unfinished-bytes"],
+        audit_burst=options["audit-burst"],
+        audit_interval_s=options["audit-interval"],
     )
     factory = ServerFactory(
         manager, reactor, server_name=options["server-name"] or os.uname().nodename, limits=limits
@@ -603,7 +719,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     log_file = twistd.get("logfile") if twistd is not None else None
     if twistd is not None and not log_file and not twistd.get("nodaemon"):
         log_file = "twistd.log"  # where twistd itself logs when it daemonizes
-    top = JobworkerService(options["log-format"], log_file)
+    top = JobworkerService(options["log-format"], log_file, options["log-rotate-bytes"], options["log-keep"])
+    LogFileBounds(options["log-rotate-bytes"], options["log-keep"]).setServiceParent(top)
     manager.setServiceParent(top)
     for description in options["listen"]:
         try:

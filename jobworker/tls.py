@@ -23,7 +23,9 @@ The policy, on both sides:
     certificate afresh.  (OpenSSL still sends TLS 1.3 C{NewSessionTicket}
     messages holding a session id for its cache; with the cache off they
     resume nothing.  Stopping them needs C{SSL_CTX_set_num_tickets}, which
-    pyOpenSSL does not offer.)
+    pyOpenSSL does not offer, nor the binding under it: the OpenSSL that
+    C{cryptography} links in statically does not export it.)
+  - Key exchange with X25519 or P-256 only (L{KEY_EXCHANGE_GROUPS}).
   - The client checks that the server's certificate names the host it
     dialled, a DNS name or an IP address, using C{service_identity}.
 
@@ -58,6 +60,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from jobworker.audit import log_value
 from jobworker.pki import (
     CredentialError,
     StrPath,
@@ -67,6 +70,7 @@ from jobworker.pki import (
 
 __all__ = [
     "BulkTLSMemoryBIOFactory",
+    "drop_traceback",
     "CredentialError",
     "server_tls_options",
     "client_tls_options",
@@ -81,6 +85,13 @@ _log = Logger()
 # matters to a service that streams output at hundreds of MB/s; Go's TLS
 # stack makes the same choice.
 TLS13_CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+# The key exchange groups the server accepts, in its order of preference:
+# X25519 (fast, constant time, what every current client offers first) and
+# P-256 (for clients limited to NIST curves).  The finite-field groups
+# (ffdhe2048..8192) cost many times more per handshake for no security a
+# 128-bit suite needs, and the other curves add code paths nobody needs;
+# a client that offers none of these two is refused.
+KEY_EXCHANGE_GROUPS = b"X25519:P-256"
 
 
 class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
@@ -120,6 +131,16 @@ class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
             view = view[sent:]
             self._flushSendBIO(len(data))
 
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        super()._tlsShutdownFinished(reason)
+        if reason is not None:
+            # The failure holds the traceback of the TLS error, whose frames
+            # hold the failure (a local of Twisted's) and both transports: a
+            # cycle that would keep a dead connection's buffers until the
+            # garbage collector's next full pass.  What it says (the type,
+            # the message, the frames as text) is kept.
+            drop_traceback(reason)
+
     def _flushSendBIO(self, hint: int = 0) -> None:
         # Ciphertext is the plaintext plus 22 bytes per record of at most
         # 16 KiB; read it all, however much the last write made.
@@ -132,6 +153,19 @@ class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
             write_through(self.transport, data)
             if len(data) < size:
                 return
+
+
+def drop_traceback(failure: Failure) -> None:
+    """
+    Let go of C{failure}'s traceback object (and so of the frames, and
+    everything their locals hold), keeping what it says: its type, value
+    and the frames as text.  As C{Failure.cleanFailure}, without replacing
+    the failure's state.
+    """
+    failure.tb = None
+    value = failure.value
+    if isinstance(value, BaseException):
+        value.__traceback__ = None
 
 
 def write_through(transport: Any, data: bytes) -> None:
@@ -205,6 +239,7 @@ def server_tls_options(
     context.set_options(SSL.OP_NO_TICKET | SSL.OP_CIPHER_SERVER_PREFERENCE)
     context.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    _offer_groups(context, KEY_EXCHANGE_GROUPS)
     context.use_certificate(chain[0])
     for intermediate in chain[1:]:
         context.add_extra_chain_cert(intermediate)
@@ -219,6 +254,23 @@ def server_tls_options(
     context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_client)
     _write_whole_buffers(context)
     return _ServerTLSOptions(context)
+
+
+def _offer_groups(context: SSL.Context, groups: bytes) -> None:
+    """
+    Accept only C{groups} (OpenSSL's names, colon separated) for the key
+    exchange.
+
+    pyOpenSSL has no method for it (C{set_tmp_ecdh} picks one curve for TLS
+    1.2 only); C{SSL_CTX_set1_curves_list}, which OpenSSL 3 and later apply
+    to every group, finite-field ones included, is in the binding pyOpenSSL
+    uses.  Unlike L{_write_whole_buffers} this is a security setting, so its
+    absence is an error, not a warning.
+    """
+    from OpenSSL._util import lib
+
+    if lib.SSL_CTX_set1_curves_list(context._context, groups) != 1:
+        raise RuntimeError(f"OpenSSL refused the key exchange groups {groups.decode()}")
 
 
 def _write_whole_buffers(context: SSL.Context) -> None:
@@ -335,6 +387,19 @@ class _ServerTLSOptions:
         return self._context
 
 
+def _peer_of(connection: SSL.Connection) -> str:
+    """
+    The address of the peer of a TLS connection: Twisted keeps the
+    connection's protocol as its application data.
+    """
+    try:
+        protocol = connection.get_app_data()
+        peer = protocol.transport.getPeer()
+        return f"{peer.host}:{peer.port}"
+    except Exception:
+        return "?"
+
+
 def _verify_client(
     connection: SSL.Connection, certificate: X509, error: int, depth: int, ok: int
 ) -> bool:
@@ -361,9 +426,10 @@ def _verify_client(
         if ExtendedKeyUsageOID.CLIENT_AUTH in usages:
             return True
         _log.warn(
-            "refused client certificate {subject}: its extended key usage"
+            "refused client certificate {subject} from {peer}: its extended key usage"
             " does not include clientAuth",
-            subject=leaf.subject.rfc4514_string(),
+            subject=log_value(leaf.subject.rfc4514_string()),
+            peer=_peer_of(connection),
         )
     except Exception:
         # An exception escaping into OpenSSL would be re-raised later from an

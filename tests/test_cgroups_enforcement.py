@@ -28,7 +28,7 @@ import pytest
 from jobworker.cgroups import CgroupDriver, CgroupV2Driver, JobCgroup, detect
 from jobworker.cgroups._host import read_keyed
 from jobworker.limits import Limits
-from tests.support import need, need_root
+from tests.support import backing_disk, need, need_root
 
 # Per test run, so two runs on one machine never clean up each other's jobs.
 PREFIX = f"jobworker-test-{os.getpid()}"
@@ -71,8 +71,19 @@ def make_driver(layout: str) -> CgroupDriver:
             )
     assert driver is not None
     driver.prepare()
+    # For figure(): the layout is the test id's, which says more than the
+    # driver's name ("v2-freeze-kill").
+    driver.test_layout = layout
     print(f"\n[{layout}] {driver!r}")
     return driver
+
+
+def figure(driver: CgroupDriver, text: str) -> None:
+    """
+    Print one measurement as a C{figure:} line, tagged with the layout
+    (C{.ci/guest.py} and C{.ci/run} quote these lines at the end).
+    """
+    print(f"figure: [{driver.test_layout}] driver {text}")
 
 
 def _prepared(layout: str):
@@ -138,6 +149,22 @@ def directories(cgroup: JobCgroup) -> list[str]:
     return [os.path.dirname(path) for path in cgroup.procs_files]
 
 
+def pressure(cgroup: JobCgroup, resource: str) -> str:
+    """
+    For a figure: the time the job's tasks stalled on C{resource} ("some"
+    in C{<resource>.pressure}, cgroup v2's PSI), or nothing where there is
+    no such file (v1).
+    """
+    directory = next(iter(cgroup.controller_dirs.values()))
+    try:
+        with open(os.path.join(directory, f"{resource}.pressure")) as f:
+            some = f.readline().split()
+    except OSError:
+        return ""
+    total = int(dict(item.split("=") for item in some[1:])["total"])
+    return f"; PSI {resource} some {total / 1e6:.2f} s"
+
+
 def test_cpu_limit(driver):
     need("cpu" in driver.controllers, f"no cpu controller ({driver.name})")
     need("cpu_usec" in driver.usage_supported(), f"no CPU accounting ({driver.name})")
@@ -152,9 +179,11 @@ def test_cpu_limit(driver):
     stat = read_keyed(os.path.join(cgroup.controller_dirs["cpu"], "cpu.stat"))
     throttled_usec = stat.get("throttled_usec", stat.get("throttled_time", 0) // 1000)
     share = usage.cpu_usec / 1e6 / wall
-    print(
+    figure(
+        driver,
         f"cpu 200 millicores: {usage.cpu_usec / 1e6:.3f} s CPU in {wall:.3f} s = {share:.3f} of a core; "
         f"throttled {stat['nr_throttled']} of {stat['nr_periods']} periods, {throttled_usec / 1e6:.3f} s"
+        f"{pressure(cgroup, 'cpu')}",
     )
     assert 0.1 <= share <= 0.3
     assert stat["nr_throttled"] > 0 and throttled_usec > 0
@@ -169,8 +198,10 @@ def test_memory_limit_oom_kills(driver):
     process = start(cgroup, python(code), stdout=subprocess.PIPE, text=True)
     out, _ = process.communicate(timeout=30)
     usage = cgroup.usage()
-    print(
-        f"memory 64 MiB: exit {process.returncode}, peak {usage.memory_peak_bytes / 2**20:.1f} MiB, oom_killed {usage.oom_killed}"
+    figure(
+        driver,
+        f"memory 64 MiB: exit {process.returncode}, peak {usage.memory_peak_bytes / 2**20:.1f} MiB, "
+        f"oom_killed {usage.oom_killed}{pressure(cgroup, 'memory')}",
     )
     assert process.returncode == -9, out
     assert usage.oom_killed
@@ -178,25 +209,11 @@ def test_memory_limit_oom_kills(driver):
     cgroup.remove()
 
 
-def _backing_disk(path: str) -> str | None:
-    """
-    The whole-disk name (as in /sys/block) of the device holding C{path},
-    C{None} for a filesystem without one (tmpfs, overlay, btrfs subvolume).
-    """
-    number = os.stat(path).st_dev
-    sysfs = f"/sys/dev/block/{os.major(number)}:{os.minor(number)}"
-    if not os.path.exists(sysfs):
-        return None
-    device = os.path.realpath(sysfs)
-    if os.path.exists(os.path.join(device, "partition")):
-        device = os.path.dirname(device)
-    return os.path.basename(device)
-
-
 def test_io_write_limit(driver):
     need("io" in driver.controllers, f"no io controller ({driver.name})")
-    candidates = ["/var/tmp", os.path.dirname(os.path.abspath(__file__))]
-    found = [(d, _backing_disk(d)) for d in candidates if os.path.isdir(d)]
+    # /srv: the guest's virtio disk (.ci/guest.py); /var/tmp: on most hosts.
+    candidates = ["/srv", "/var/tmp", os.path.dirname(os.path.abspath(__file__))]
+    found = [(d, backing_disk(d)) for d in candidates if os.path.isdir(d)]
     found = [(d, disk) for d, disk in found if disk is not None]
     need(bool(found), f"none of {candidates} is on a block device")
     directory, disk = found[0]
@@ -220,9 +237,10 @@ def test_io_write_limit(driver):
     finally:
         os.unlink(target)
     usage = cgroup.usage()
-    print(
+    figure(
+        driver,
         f"io write 5 MiB/s on {disk}: 20 MiB direct in {elapsed:.2f} s = {20 / elapsed:.2f} MiB/s; "
-        f"usage says {usage.io_write_bytes / 2**20:.1f} MiB written"
+        f"usage says {usage.io_write_bytes / 2**20:.1f} MiB written{pressure(cgroup, 'io')}",
     )
     assert process.returncode == 0, err
     assert 2.5 <= elapsed <= 7
@@ -258,7 +276,8 @@ time.sleep(60)
     finally:
         cgroup.kill()
         process.wait(timeout=10)
-    print(
+    figure(
+        driver,
         f"pids 20: {children} children forked, {refused} forks refused (errno {errnos}), {len(inside)} processes in the cgroup, peak {usage.pids_peak}"
     )
     assert int(refused) > 0 and errnos == str(errno.EAGAIN)
@@ -319,7 +338,7 @@ def test_kill_reaches_a_daemon(any_driver):
     deadline = time.monotonic() + 5
     while alive(daemon) and time.monotonic() < deadline:
         time.sleep(0.05)
-    print(f"kill: daemon {daemon} and parent {parent} gone, kill() took {killed * 1000:.1f} ms")
+    figure(any_driver, f"kill: daemon {daemon} and parent {parent} gone, kill() took {killed * 1000:.1f} ms")
     assert not alive(daemon) and not alive(parent)
     assert not any(os.path.exists(d) for d in directories(cgroup))
 
@@ -341,7 +360,8 @@ def test_remove_leaves_nothing(any_driver):
     assert not any(os.path.exists(d) for d in directories(cgroup))
     cgroup.remove()
     assert cgroup.pids() == []
-    print(
+    figure(
+        any_driver,
         f"remove: 2 processes in a job cgroup and its nested child gone, no directory left in {len(directories(cgroup))} hierarchies"
     )
 

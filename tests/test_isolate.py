@@ -20,12 +20,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from jobworker import isolate
-from tests.support import need, need_root
+from tests.support import cgroup_layout, need, need_root
 
 PATH = "/usr/bin:/bin"
 PYTHON = sys.executable
@@ -676,66 +677,93 @@ def test_environment_is_exactly_the_given_one() -> None:
 # -- cgroups ------------------------------------------------------------------
 
 
-def current_v1_cgroup(controller: str) -> tuple[Path, str] | None:
+@dataclass(frozen=True)
+class JoinedCgroup:
     """
-    The mount point of the v1 hierarchy that has C{controller} and this
-    process's cgroup in it (a path from that root), or C{None}.
+    A job cgroup made by the service's own driver, for the helper to join.
+
+    @ivar procs_files: what the server passes the helper as C{cgroup_procs}.
+    @ivar pids_directory: the directory with the job's C{pids.max}.
+    @ivar proc_line: the line of C{/proc/PID/cgroup} that names the job's
+        pids cgroup, without the hierarchy id: C{"pids:/path"} on v1,
+        C{":/path"} on v2.
     """
+
+    layout: str
+    procs_files: list[str]
+    pids_directory: Path
+    proc_line: str
+
+
+def _mount_point(directory: str) -> str:
+    """
+    The cgroup filesystem mount that holds C{directory}.
+    """
+    best = ""
     with open("/proc/self/mounts") as f:
         for line in f:
-            _, mount_point, fs_type, options = line.split()[:4]
-            if fs_type == "cgroup" and controller in options.split(","):
-                break
-        else:
-            return None
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            if controller in controllers.split(","):
-                return Path(mount_point), path
-    return None
+            _, mount_point, fs_type = line.split()[:3]
+            if fs_type in ("cgroup", "cgroup2") and (directory + "/").startswith(mount_point.rstrip("/") + "/"):
+                best = max(best, mount_point, key=len)
+    assert best, f"{directory} is on no cgroup mount"
+    return best
 
 
-@pytest.fixture
-def pids_cgroup() -> Iterator[tuple[Path, str]]:
+@pytest.fixture(params=[cgroup_layout()])
+def pids_cgroup(request: pytest.FixtureRequest) -> Iterator[JoinedCgroup]:
     """
-    A fresh cgroup in the v1 pids hierarchy, under our own: its directory
-    and its path as /proc/PID/cgroup shows it.
+    A fresh job cgroup with the pids controller, made by the cgroup driver
+    this host's service would use (v1 or v2), under our own cgroup.
     """
+    from jobworker.cgroups import detect
+    from jobworker.limits import Limits
+
     need_root()
-    found = current_v1_cgroup("pids")
-    need(found is not None, "needs a cgroup v1 pids hierarchy")
-    assert found is not None
-    mount_point, parent = found
-    path = f"{parent.rstrip('/')}/jobworker-test-{random.randrange(10**9)}"
-    directory = mount_point / path.lstrip("/")
-    directory.mkdir()
+    layout = request.param
+    need(layout != "none", "needs a cgroup hierarchy")
+    driver = detect(prefix=f"jobworker-test-{os.getpid()}")
+    assert driver is not None and driver.name == layout
+    need("pids" in driver.controllers, f"needs the pids controller ({layout})")
+    driver.prepare()
     try:
-        yield directory, path
+        job = driver.create(f"isolate-{random.randrange(10**9)}", Limits())
+        directory = job.controller_dirs["pids"]
+        path = "/" + os.path.relpath(directory, _mount_point(directory))
+        line = f"pids:{path}" if layout == "v1" else f":{path}"
+        try:
+            yield JoinedCgroup(layout, list(job.procs_files), Path(directory), line)
+        finally:
+            # The helper may still be exiting for a moment after its last word.
+            wait_until(lambda: not job.pids(), "cgroup empty")
+            job.remove()
     finally:
-        # The helper may still be exiting for a moment after its last word.
-        wait_until(lambda: not (directory / "cgroup.procs").read_text(), "cgroup empty")
-        directory.rmdir()
+        driver.cleanup_stale()
+        driver.release()
 
 
 @pytest.mark.privileged
 @pytest.mark.parametrize("isolated", MODES)
 def test_command_runs_in_the_joined_cgroup(
-    isolated: bool, pids_cgroup: tuple[Path, str]
+    isolated: bool, pids_cgroup: JoinedCgroup
 ) -> None:
     if isolated:
         need_namespaces()
-    directory, path = pids_cgroup
     job = run(
         config(
             ["cat", "/proc/self/cgroup"],
-            cgroup_procs=[str(directory / "cgroup.procs")],
+            cgroup_procs=pids_cgroup.procs_files,
             isolate=isolated,
         )
     )
     assert job.returncode == 0
-    pids_lines = [line for line in job.stdout_lines() if ":pids:" in line]
-    assert [line.split(":", 1)[1] for line in pids_lines] == [f"pids:{path}"]
+    print(f"[{pids_cgroup.layout}] the command's /proc/self/cgroup: {job.stdout_lines()}")
+    # v1: the line of the pids hierarchy; v2: the one line of the unified
+    # hierarchy ("0::/path").
+    if pids_cgroup.layout == "v1":
+        lines = [line.split(":", 1)[1] for line in job.stdout_lines() if ":pids:" in line]
+    else:
+        lines = [line.split(":", 1)[1] for line in job.stdout_lines() if line.startswith("0::")]
+    assert lines == [pids_cgroup.proc_line]
 
 
 TRY_TO_FORK = """
@@ -765,7 +793,7 @@ else:
     ],
 )
 def test_cgroup_limit_applies_from_the_start(
-    isolated: bool, pids_max: int, outcome: str, pids_cgroup: tuple[Path, str]
+    isolated: bool, pids_max: int, outcome: str, pids_cgroup: JoinedCgroup
 ) -> None:
     """
     The limit holds from the command's first instruction: with room for no
@@ -773,12 +801,11 @@ def test_cgroup_limit_applies_from_the_start(
     """
     if isolated:
         need_namespaces()
-    directory, _ = pids_cgroup
-    (directory / "pids.max").write_text(str(pids_max))
+    (pids_cgroup.pids_directory / "pids.max").write_text(str(pids_max))
     job = run(
         config(
             [PYTHON, "-I", "-S", "-c", TRY_TO_FORK],
-            cgroup_procs=[str(directory / "cgroup.procs")],
+            cgroup_procs=pids_cgroup.procs_files,
             isolate=isolated,
         )
     )

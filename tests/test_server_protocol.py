@@ -143,12 +143,22 @@ class Session:
 
     def write(self, *messages: m.Message) -> None:
         """
-        Send C{messages} to the server in one read.
+        Send C{messages} to the server in one read, and let it serve them
+        all (it serves INBOX_TURN per turn of the reactor).
         """
         self.protocol.dataReceived(b"".join(self.client.send(message) for message in messages))
+        self.serve()
+
+    def serve(self) -> None:
+        """
+        Let the server's turns for what it has read run.
+        """
+        while self.protocol._inbox_turn is not None and self.protocol._inbox_turn.active():
+            self.clock.advance(0)
 
     def write_raw(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
+        self.serve()
 
     def received(self) -> list[m.Message]:
         data = self.transport.value()

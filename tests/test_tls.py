@@ -343,7 +343,8 @@ def test_server_logs_refused_key_usage(pki: PKI, capture_log: list[dict]) -> Non
     """
     connect_in_memory(pki.server_options(), pki.client_options("no-eku"))
     messages = [event for event in capture_log if event.get("subject")]
-    assert [event["subject"] for event in messages] == ["OU=user,CN=no-eku"]
+    # Quoted (it holds "=" and ","), so the line stays unambiguous.
+    assert [event["subject"] for event in messages] == ['"OU=user,CN=no-eku"']
     assert "clientAuth" in messages[0]["log_format"]
 
 
@@ -803,3 +804,42 @@ async def test_twisted_client_over_loopback(pki: PKI) -> None:
     finally:
         await port.stopListening()
     assert [peer.names for peer in peers] == [("viewer", "viewer")]
+
+
+# Key exchange groups.
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientOffering:
+    """
+    Good client options (alice's) whose connections offer only C{groups}
+    (OpenSSL's names, colon separated) for the key exchange.
+    """
+
+    def __init__(self, pki: PKI, groups: bytes) -> None:
+        self._options = pki.client_options("alice")
+        self._groups = groups
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        from OpenSSL._util import lib
+
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        assert lib.SSL_set1_curves_list(connection._ssl, self._groups) == 1
+        return connection
+
+
+@pytest.mark.parametrize("groups", [b"X25519", b"P-256"])
+def test_server_accepts_the_groups_it_offers(pki: PKI, groups: bytes) -> None:
+    client, server, _ = connect_in_memory(pki.server_options(), ClientOffering(pki, groups))
+    assert server.handshake_done and server.received == b"hello"
+
+
+@pytest.mark.parametrize("groups", [b"ffdhe2048", b"ffdhe3072", b"ffdhe2048:ffdhe3072:ffdhe4096", b"P-384", b"X448"])
+def test_server_refuses_other_groups(pki: PKI, groups: bytes) -> None:
+    """
+    Only X25519 and P-256 are offered: finite-field groups (slow, and
+    larger handshakes for no gain) and the rarer curves are refused, so a
+    client that offers nothing else cannot connect.
+    """
+    client, server, _ = connect_in_memory(pki.server_options(), ClientOffering(pki, groups))
+    assert_refused(client, server)

@@ -164,6 +164,28 @@ class Connection:
         return self._state is _State.CLOSED
 
     @property
+    def receive_buffered(self) -> int:
+        """
+        Bytes received of a frame not yet complete (0 on a frame boundary).
+        """
+        return len(self._frames)
+
+    @property
+    def frames_waiting(self) -> bool:
+        """
+        Whether frames fed in wait for L{next_message}.
+        """
+        return bool(self._undecoded) and self._state is not _State.CLOSED
+
+    def discard_received(self) -> None:
+        """
+        Drop the bytes of an incomplete frame and the frames not yet decoded
+        (the connection is closing: nothing more will be decoded).
+        """
+        self._frames.close()
+        self._undecoded.clear()
+
+    @property
     def pending_requests(self) -> int:
         return len(self._pending)
 

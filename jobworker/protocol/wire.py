@@ -20,6 +20,7 @@ and knows nothing of connections or state.
 
 from __future__ import annotations
 
+import io
 import struct
 import uuid
 from dataclasses import fields
@@ -27,6 +28,7 @@ from typing import Any
 
 from construct import (
     Adapter,
+    Container,
     Bytes,
     ConstructError,
     Flag,
@@ -276,6 +278,7 @@ _PARSERS = {
     for cls, body in _BODIES.items()
 }
 _FRAME_HEADER = Struct("length" / Int32ub, "type" / Int8ub).compile()
+_NO_ROOT = Container()
 
 # Output frames carry nearly every byte the service sends, so they have a
 # fast path: the frame header and the fixed 13-byte head packed by one
@@ -337,12 +340,21 @@ def decode_body(message_type: int, body: bytes | memoryview) -> m.Message:
             f"unknown message type 0x{message_type:02x}", ErrorCode.UNKNOWN_MESSAGE
         )
     cls, parser = entry
+    # construct's top parse context refers to itself (C{_root}) and holds
+    # every parsed value and the stream: a cycle that kept each decoded
+    # message, and a copy of its body, until the garbage collector's next
+    # full pass (256 KiB per large start request).  A C{_root} given in
+    # advance (no schema here reads it) makes no cycle; closing the stream
+    # frees the copy of the body at once.
+    stream = io.BytesIO(body)
     try:
-        parsed = parser.parse(bytes(body))
+        parsed = parser.parse_stream(stream, _root=_NO_ROOT)
     except ProtocolError:
         raise
     except (ConstructError, UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"malformed {cls.__name__} frame: {_first_line(exc)}") from exc
+    finally:
+        stream.close()
     return parsed if cls is m.Output else parsed.value
 
 
