@@ -33,7 +33,65 @@ from jobworker.protocol.connection import Connection, Role
 from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict
 from jobworker.protocol.wire import HEADER_SIZE
 
-__all__ = ["BlockingClient", "ConnectionFailed", "UnixAddress", "parse_address"]
+__all__ = ["BlockingClient", "ConnectionFailed", "JobRef", "UnixAddress", "as_job_id", "parse_address", "tls_failure_cause"]
+
+# What a library caller may pass where a job id is wanted.
+JobRef = uuid.UUID | str
+
+# A job id prefix shorter than this matches too much to be safe to act on
+# (stop, rm): 4 hex digits leave 1 in 65,536 chance per other job.
+MIN_PREFIX = 4
+# How many candidates an ambiguous prefix's error names.
+MAX_CANDIDATES = 10
+
+
+def as_job_id(job_id: JobRef) -> uuid.UUID:
+    """
+    A job id given as a L{uuid.UUID} or its text (with or without dashes).
+
+    @raise RequestError: (C{BAD_REQUEST}) text that is not a whole id.
+    """
+    if isinstance(job_id, uuid.UUID):
+        return job_id
+    try:
+        return uuid.UUID(job_id)
+    except (ValueError, TypeError, AttributeError):
+        raise RequestError(f"{job_id!r} is not a job id", ErrorCode.BAD_REQUEST) from None
+
+
+def tls_failure_cause(exc: ssl.SSLError, host: str) -> str:
+    """
+    What an C{ssl} error of the handshake or of the first read means to a
+    user: which side refused which certificate, and why.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = (exc.verify_message or "").lower()
+        if "hostname mismatch" in detail or "ip address mismatch" in detail:
+            return f"server name mismatch: the server's certificate is not for {host!r} (dial a name the certificate carries)"
+        if "expired" in detail:
+            return "the server's certificate has expired"
+        if "not yet valid" in detail:
+            return "the server's certificate is not valid yet (check the clocks)"
+        if "issuer" in detail or "self-signed" in detail or "self signed" in detail:
+            return "unknown CA: the server's certificate is not signed by the CA given (--ca)"
+        return f"the server's certificate was refused: {exc.verify_message or exc.reason}"
+    reason = (exc.reason or "").upper()
+    if "ALERT" in reason:
+        # TLS 1.3: the server checks our certificate after the handshake
+        # has ended on our side, so its verdict is an alert on a later read.
+        if "UNKNOWN_CA" in reason:
+            return "the server refused our client certificate: it is not signed by a CA the server trusts (unknown CA)"
+        if "EXPIRED" in reason:
+            return "the server refused our client certificate: it has expired"
+        if "CERTIFICATE_REQUIRED" in reason:
+            return "the server requires a client certificate"
+        if "CERTIFICATE" in reason or "BAD_CERT" in reason or "DECRYPT" in reason or "HANDSHAKE" in reason:
+            return f"the server refused our client certificate ({exc.reason})"
+        if "PROTOCOL_VERSION" in reason:
+            return "the server does not speak TLS 1.3"
+    if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason:
+        return "the server does not speak TLS there (a plain-text port?)"
+    return str(exc.reason or exc)
 
 # Received bytes land in one reused buffer (see _receive_frames): a fresh
 # 1 MiB bytes object per recv() costs an mmap and hundreds of page faults
@@ -224,7 +282,7 @@ class BlockingClient:
             self._sock = channel
         except ssl.SSLError as exc:
             raw.close()
-            raise ConnectionFailed(f"TLS handshake with {host}:{port} failed: {exc.reason or exc}") from None
+            raise ConnectionFailed(f"TLS handshake with {host}:{port} failed: {tls_failure_cause(exc, host)}") from None
         except OSError as exc:
             raw.close()
             raise ConnectionFailed(f"TLS handshake with {host}:{port} failed: {exc}") from None
@@ -392,7 +450,7 @@ class BlockingClient:
             try:
                 size = self._sock.recv_into(view[filled:])
             except ssl.SSLError as exc:
-                raise ConnectionFailed(f"the server refused the connection: {exc.reason or exc}") from None
+                raise ConnectionFailed(f"the server refused the connection: {tls_failure_cause(exc, self.address[0] if isinstance(self.address, tuple) else 'localhost')}") from None
             except socket.timeout:
                 if self.conn.is_open and self._keepalive is not None:
                     continue  # the keep-alive decides, in _wait_readable
@@ -464,18 +522,104 @@ class BlockingClient:
 
     # -- operations ------------------------------------------------------------
 
+    @classmethod
+    def from_config(
+        cls,
+        server: str | None = None,
+        *,
+        config_path: str | None = None,
+        timeout: float | None = 30.0,
+        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+    ) -> BlockingClient:
+        """
+        A client (not yet connected; use it in a C{with} block) for the
+        server C{server} names, with the credentials that C{jobcli} would
+        use: see L{jobworker.clientconfig} for the order of flags, the
+        environment and the configuration file (C{config_path}, default
+        C{$XDG_CONFIG_HOME/jobworker/config.toml}).
+
+        @raise jobworker.clientconfig.ClientConfigError: a bad file, or
+            C{server} names several servers.
+        @raise jobworker.clienttls.ClientTLSError: unusable credentials.
+        """
+        from jobworker.clientconfig import ClientConfigError, load_client_config, resolve_targets
+        from jobworker.clienttls import client_ssl_context
+
+        targets = resolve_targets(load_client_config(config_path), server=server)
+        if len(targets) != 1:
+            raise ClientConfigError(f"{server!r} names {len(targets)} servers; a client talks to one")
+        target = targets[0]
+        try:
+            address = parse_address(target.address.value)
+        except ValueError as exc:
+            raise ClientConfigError(f"{target.address.value!r} ({target.address.source}): {exc}") from None
+        context = client_ssl_context(target.ca.value, target.cert.value, target.key.value)
+        return cls(address, context, timeout=timeout, keepalive_interval=keepalive_interval)
+
+    def resolve_job_ids(self, refs: Iterable[JobRef]) -> list[uuid.UUID]:
+        """
+        Whole job ids for ids or unique prefixes of ids (at least
+        L{MIN_PREFIX} hex digits, dashes ignored), in the order given.
+
+        Whole ids are taken as they are, without asking the server; the
+        prefixes cost one (paged) list of the jobs this client may see.
+
+        @raise RequestError: C{BAD_REQUEST} for text that is no prefix or
+            one that is too short or matches several jobs (the message
+            names them), C{NOT_FOUND} for a prefix that matches none.
+        """
+        resolved: list[uuid.UUID | None] = []
+        prefixes: dict[int, str] = {}
+        for index, ref in enumerate(refs):
+            if isinstance(ref, uuid.UUID):
+                resolved.append(ref)
+                continue
+            text = str(ref).strip().lower()
+            digits = text.replace("-", "")
+            if len(digits) == 32:
+                resolved.append(as_job_id(text))
+                continue
+            if not digits or any(c not in "0123456789abcdef" for c in digits) or len(digits) > 32:
+                raise RequestError(f"{ref!r} is not a job id or a prefix of one", ErrorCode.BAD_REQUEST)
+            if len(digits) < MIN_PREFIX:
+                raise RequestError(
+                    f"job id prefix {ref!r} is too short: give at least {MIN_PREFIX} characters", ErrorCode.BAD_REQUEST
+                )
+            prefixes[index] = digits
+            resolved.append(None)
+        if prefixes:
+            known = [job.job_id for job in self.iter_jobs()]
+            for index, digits in prefixes.items():
+                matches = [job_id for job_id in known if job_id.hex.startswith(digits)]
+                if not matches:
+                    raise RequestError(f"no job matches the id prefix {digits!r}", ErrorCode.NOT_FOUND)
+                if len(matches) > 1:
+                    named = ", ".join(str(job_id) for job_id in matches[:MAX_CANDIDATES])
+                    more = f" and {len(matches) - MAX_CANDIDATES} more" if len(matches) > MAX_CANDIDATES else ""
+                    raise RequestError(
+                        f"job id prefix {digits!r} is ambiguous: it matches {named}{more}", ErrorCode.BAD_REQUEST
+                    )
+                resolved[index] = matches[0]
+        return resolved  # type: ignore[return-value]
+
+    def resolve_job_id(self, ref: JobRef) -> uuid.UUID:
+        """
+        L{resolve_job_ids} for one id or prefix.
+        """
+        return self.resolve_job_ids([ref])[0]
+
     def start(self, argv: list[str], **options: object) -> uuid.UUID:
         response = self.request(m.StartRequest(self.conn.next_request_id(), tuple(argv), **options))  # type: ignore[arg-type]
         assert isinstance(response, m.StartResponse)
         return response.job_id
 
-    def status(self, job_id: uuid.UUID) -> m.JobStatus:
-        response = self.request(m.StatusRequest(self.conn.next_request_id(), job_id))
+    def status(self, job_id: JobRef) -> m.JobStatus:
+        response = self.request(m.StatusRequest(self.conn.next_request_id(), as_job_id(job_id)))
         assert isinstance(response, m.StatusResponse)
         return response.status
 
-    def wait(self, job_id: uuid.UUID) -> m.JobStatus:
-        response = self.request(m.WaitRequest(self.conn.next_request_id(), job_id))
+    def wait(self, job_id: JobRef) -> m.JobStatus:
+        response = self.request(m.WaitRequest(self.conn.next_request_id(), as_job_id(job_id)))
         assert isinstance(response, m.StatusResponse)
         return response.status
 
@@ -508,15 +652,33 @@ class BlockingClient:
             last = response.jobs[-1]
             after_created_at, after_job_id = last.created_at, last.job_id
 
-    def stop(self, job_id: uuid.UUID, *, grace_ms: int = 10_000, force: bool = False) -> None:
-        self.request(m.StopRequest(self.conn.next_request_id(), job_id, grace_ms, force))
+    def stop(
+        self, job_id: JobRef, *, grace: float | None = None, grace_ms: int | None = None, force: bool = False
+    ) -> None:
+        """
+        SIGTERM, then SIGKILL after C{grace} seconds (as in
+        L{jobworker.client}; default 10; C{grace_ms} in milliseconds is the
+        older spelling), or SIGKILL at once with C{force}.
+        """
+        if grace is not None and grace_ms is not None:
+            raise TypeError("give grace (seconds) or grace_ms, not both")
+        if grace_ms is None:
+            grace_ms = 10_000 if grace is None else max(0, round(grace * 1000))
+        self.request(m.StopRequest(self.conn.next_request_id(), as_job_id(job_id), grace_ms, force))
 
-    def remove(self, job_id: uuid.UUID) -> None:
-        self.request(m.RemoveRequest(self.conn.next_request_id(), job_id))
+    def signal(self, job_id: JobRef, signum: int) -> None:
+        """
+        Send one signal (one of C{messages.SIGNALS_SENT}: HUP, INT, QUIT,
+        USR1, USR2, TERM) to the running job's command, without stopping it.
+        """
+        self.request(m.SignalRequest(self.conn.next_request_id(), as_job_id(job_id), signum))
+
+    def remove(self, job_id: JobRef) -> None:
+        self.request(m.RemoveRequest(self.conn.next_request_id(), as_job_id(job_id)))
 
     def follow(
         self,
-        job_id: uuid.UUID,
+        job_id: JobRef,
         *,
         offset: int = 0,
         follow: bool = True,
@@ -530,7 +692,7 @@ class BlockingClient:
         C{auto_credit=False}, when the caller says so with L{grant}.
         """
         stream_id = self.conn.next_stream_id()
-        self.request(m.FollowRequest(self.conn.next_request_id(), job_id, stream_id, offset, window, follow))
+        self.request(m.FollowRequest(self.conn.next_request_id(), as_job_id(job_id), stream_id, offset, window, follow))
         while True:
             message = self._next_message()
             if getattr(message, "stream_id", None) != stream_id:

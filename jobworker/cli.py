@@ -3,12 +3,18 @@ C{jobcli}: the command-line client.
 
 Exit codes: C{run}, C{wait} and C{logs -f} exit with the job's own code
 (128+N when signal N ended it, 127 command not found, 126 not executable)
-and 125 for an error of jobcli itself; every other command exits 0 on
-success and 1 with a one-line message on stderr on error.
+and 125 for an error of jobcli itself (a usage error of C{run} included);
+every other command exits 0 on success, 1 with a one-line message on
+stderr on error, and 2 for a usage error.  With several servers
+(C{--server a,b}) jobcli exits with the highest code of them all.
 
 C{run}, C{wait} and C{logs -f} wait as long as the job runs, however
 quiet it is (like C{ssh} and C{docker logs -f}); a server that vanished is
 noticed by keep-alive within twice C{--keepalive} seconds (default 30).
+
+Which server and credentials are used: L{jobworker.clientconfig}
+(C{--server}, the environment, C{~/.config/jobworker/config.toml});
+C{jobcli config} shows the choice and why.
 
 This module and what it imports stay clear of Twisted, so a one-shot
 command starts fast (see L{jobworker.blocking}).
@@ -18,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import queue
 import signal
@@ -30,7 +35,8 @@ from typing import Any, Callable, Sequence
 
 from jobworker import __version__
 from jobworker.blocking import BlockingClient, ConnectionFailed, parse_address
-from jobworker.errors import JobworkerError
+from jobworker.clientconfig import ClientConfigError, Target, load_client_config, resolve_targets
+from jobworker.errors import ErrorCode, JobworkerError
 from jobworker.limits import LimitError, Limits, format_size, parse_count, parse_cpu, parse_duration, parse_size
 from jobworker.protocol import messages as m
 from jobworker.records import exit_status, status_to_dict
@@ -38,44 +44,66 @@ from jobworker.records import exit_status, status_to_dict
 __all__ = ["main"]
 
 OWN_ERROR = 125  # run/wait/logs -f: jobcli itself failed
+USAGE_ERROR = 2  # argparse's code, for every command but run
 MAX_TEXT_BYTES = 65535  # one string on the wire (u16 length)
+SHORT_ID = 12  # hex digits of a short id (as docker's)
+# Connections open at once with --server a,b,c: enough to drive a rack in
+# one go, few enough not to exhaust our descriptors or a shared bastion.
+MAX_PARALLEL = 16
+# A memory limit below this is taken for a forgotten unit (--memory 10):
+# no job starts in 1 MiB, and the kernel would OOM-kill it at once.
+MIN_MEMORY = 1 << 20
 
 
 class UsageError(Exception):
     pass
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name) or default
+class _Parser(argparse.ArgumentParser):
+    """
+    argparse with a per-command exit code for usage errors: C{run}'s is
+    125 (jobcli's own failure, as its job's codes take the rest).
+    """
+
+    usage_exit = USAGE_ERROR
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_exit, f"{self.prog}: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jobcli",
         description="Run and watch jobs on a jobworker server.",
-        epilog="Credentials default to the development PKI in ./certs (admin); set "
-        "JOBWORKER_CA, JOBWORKER_CERT and JOBWORKER_KEY to use your own.",
+        epilog="The server and credentials come from --server/--ca/--cert/--key, else JOBWORKER_SERVER, "
+        "JOBWORKER_CA, JOBWORKER_CERT and JOBWORKER_KEY, else the client config file "
+        "($XDG_CONFIG_HOME/jobworker/config.toml, or $JOBWORKER_CONFIG), else localhost:8443 and the "
+        "development PKI in ./certs (admin). 'jobcli config' shows what would be used and why.",
     )
     parser.add_argument(
         "--server",
-        default=_env("JOBWORKER_SERVER", "localhost:8443"),
-        help="HOST:PORT of the server, or unix:PATH of its UNIX socket (env JOBWORKER_SERVER; default localhost:8443)",
+        default=None,
+        metavar="NAME|ADDRESS[,...]",
+        help="a server of the config file, HOST:PORT, or unix:PATH of a UNIX socket; several, comma-separated, run the command on each "
+        "(env JOBWORKER_SERVER; default: the config file's default, else localhost:8443)",
     )
     parser.add_argument("--version", action="version", version=f"jobcli {__version__}")
-    parser.add_argument("--ca", default=_env("JOBWORKER_CA", "certs/ca.pem"), help="CA certificate (env JOBWORKER_CA; default certs/ca.pem)")
-    parser.add_argument("--cert", default=_env("JOBWORKER_CERT", "certs/admin.pem"), help="client certificate (env JOBWORKER_CERT; default certs/admin.pem)")
-    parser.add_argument("--key", default=_env("JOBWORKER_KEY", "certs/admin.key"), help="client key (env JOBWORKER_KEY; default certs/admin.key)")
+    parser.add_argument("--ca", default=None, help="CA certificate (env JOBWORKER_CA; default: config file, else certs/ca.pem)")
+    parser.add_argument("--cert", default=None, help="client certificate (env JOBWORKER_CERT; default: config file, else certs/admin.pem)")
+    parser.add_argument("--key", default=None, help="client key (env JOBWORKER_KEY; default: config file, else certs/admin.key)")
     parser.add_argument(
         "--keepalive",
         type=_seconds,
-        # A string: argparse converts it with type=, so a bad environment
-        # value is a usage error, not a traceback.
-        default=_env("JOBWORKER_KEEPALIVE", "30"),
+        default=None,
         metavar="SECONDS",
         help="ping a server silent for this long; give up when it does not answer within as long again "
         "(env JOBWORKER_KEEPALIVE; default 30; 0: never)",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def json_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
 
     def job_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL", help="set an environment variable (repeatable)")
@@ -83,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--user", default="", help="run as this user (admin only; default: the server's job user)")
         sub.add_argument("--network", choices=("none", "host"), default="none", help="none: loopback only (default); host: the host's network (admin only)")
         sub.add_argument("--cpu", type=_limit(parse_cpu), default=0, metavar="CORES", help="CPU limit in cores, e.g. 0.5 or 2")
-        sub.add_argument("--memory", type=_limit(lambda t: parse_size(t, what="memory")), default=0, metavar="BYTES", help="memory limit, e.g. 256M, 1G")
+        sub.add_argument("--memory", type=_limit(_parse_memory), default=0, metavar="BYTES", help="memory limit with a unit, e.g. 256M, 1G (K, M, G, T are binary; at least 1M)")
         sub.add_argument("--io-read-bps", type=_limit(lambda t: parse_size(t, what="io-read-bps")), default=0, metavar="BYTES", help="disk read bandwidth per second, e.g. 10M")
         sub.add_argument("--io-write-bps", type=_limit(lambda t: parse_size(t, what="io-write-bps")), default=0, metavar="BYTES", help="disk write bandwidth per second, e.g. 5M")
         sub.add_argument("--pids", type=_limit(parse_count), default=0, metavar="N", help="most processes and threads at once")
@@ -91,30 +119,52 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
     start = commands.add_parser("start", help="start a job; print its id")
+    json_option(start)
     job_options(start)
     run = commands.add_parser("run", help="start a job, stream its output, exit with its code")
+    run.usage_exit = OWN_ERROR  # type: ignore[attr-defined]
+    run.add_argument("-v", "--verbose", action="store_true", help="print the job's id on stderr first (also when stderr is a terminal)")
     job_options(run)
 
-    stop = commands.add_parser("stop", help="stop a job: SIGTERM, then SIGKILL after the grace period")
+    stop = commands.add_parser("stop", help="stop jobs: SIGTERM, then SIGKILL after the grace period; wait until they ended")
     group = stop.add_mutually_exclusive_group()
-    group.add_argument("--grace", type=float, default=10.0, metavar="SECONDS", help="seconds between SIGTERM and SIGKILL (default 10)")
+    group.add_argument("--grace", type=_seconds, default=10.0, metavar="SECONDS", help="seconds between SIGTERM and SIGKILL (default 10)")
     group.add_argument("--force", action="store_true", help="SIGKILL at once")
-    stop.add_argument("job_id", metavar="ID")
+    stop.add_argument("--no-wait", action="store_true", help="return once the stop has begun, without waiting for the end")
+    json_option(stop)
+    stop.add_argument("job_ids", nargs="+", metavar="ID")
+
+    kill = commands.add_parser("kill", help="send one signal to a running job (default KILL: a forced stop)")
+    kill.add_argument("-s", "--signal", type=_signal_number, default=signal.SIGKILL, metavar="SIGNAL",
+                      help="HUP, INT, QUIT, USR1, USR2, TERM (sent to the command, the job goes on) or KILL (stops it); name or number")
+    json_option(kill)
+    kill.add_argument("job_ids", nargs="+", metavar="ID")
 
     status = commands.add_parser("status", help="show a job's status")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    json_option(status)
     status.add_argument("job_id", metavar="ID")
 
     logs = commands.add_parser("logs", help="print a job's output from its first byte")
     logs.add_argument("-f", "--follow", action="store_true", help="follow until the job ends; exit with its code")
-    logs.add_argument("--since-offset", type=int, default=0, metavar="N", help="start at byte offset N (resume)")
+    where = logs.add_mutually_exclusive_group()
+    where.add_argument(
+        "--since-offset", type=_offset, default=0, metavar="N",
+        help="start at byte offset N of the output, both streams counted together (jobcli status shows the end offset)",
+    )
+    where.add_argument("-n", "--tail", type=_lines, default=None, metavar="N", help="only the last N lines (of the streams shown)")
+    streams = logs.add_mutually_exclusive_group()
+    streams.add_argument("--stdout", action="store_true", help="only the job's stdout")
+    streams.add_argument("--stderr", action="store_true", help="only the job's stderr")
     logs.add_argument("job_id", metavar="ID")
 
     wait = commands.add_parser("wait", help="wait for a job to end; exit with its code")
+    json_option(wait)
     wait.add_argument("job_id", metavar="ID")
 
-    listing = commands.add_parser("list", help="list the jobs you may see")
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing = commands.add_parser("list", help="list the jobs you may see, newest first")
+    json_option(listing)
+    listing.add_argument("-q", "--quiet", action="store_true", help="print job ids only")
+    listing.add_argument("--no-trunc", action="store_true", help="whole ids and commands")
     listing.add_argument(
         "--state",
         action="append",
@@ -125,10 +175,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--owner", default="", metavar="NAME", help="only jobs of this owner (certificate CN)")
 
-    remove = commands.add_parser("rm", help="forget a finished job and delete its output")
-    remove.add_argument("job_id", metavar="ID")
+    remove = commands.add_parser("rm", help="forget finished jobs and delete their output")
+    remove.add_argument("-f", "--force", action="store_true", help="stop a job that still runs (SIGKILL) first")
+    json_option(remove)
+    remove.add_argument("job_ids", nargs="+", metavar="ID")
 
-    commands.add_parser("whoami", help="show the identity and role the server sees")
+    whoami = commands.add_parser("whoami", help="show the identity and role the server sees")
+    json_option(whoami)
+
+    config = commands.add_parser("config", help="show which server and credentials would be used, and why")
+    json_option(config)
+
+    completion = commands.add_parser("completion", help="print a shell completion script (bash or zsh)")
+    completion.add_argument("shell", choices=("bash", "zsh"))
+    parser.set_defaults(_subcommands=commands.choices)
     return parser
 
 
@@ -142,13 +202,60 @@ def _limit(parse: Callable[[str], int]) -> Callable[[str], int]:
     return convert
 
 
+def _parse_memory(text: str) -> int:
+    """
+    A memory limit: a size with a unit.  A bare number is bytes (as for
+    docker, systemd and the kernel), and one below L{MIN_MEMORY} is refused
+    as a forgotten unit rather than started to be OOM-killed at once.
+    """
+    value = parse_size(text, what="memory")
+    if value < MIN_MEMORY:
+        raise LimitError(f"memory: {text!r} is {value} bytes, less than 1M: give a unit, e.g. {text.strip()}M")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value < math.inf:  # NaN fails too; no socket timeout takes infinity
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite, non-negative number of seconds")
+    if not 0 <= value <= 4_000_000:  # the wire's grace is a u32 of milliseconds
+        raise argparse.ArgumentTypeError(f"{text!r}: must be between 0 and 4000000")
+    return value
+
+
+def _signal_number(text: str) -> int:
+    name = text.strip().upper()
+    try:
+        number = int(name)
+    except ValueError:
+        try:
+            number = signal.Signals["SIG" + name.removeprefix("SIG")].value
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a signal name or number") from None
+    if number != signal.SIGKILL and number not in m.SIGNALS_SENT:
+        names = ", ".join(sorted(signal.Signals(n).name[3:] for n in (*m.SIGNALS_SENT, signal.SIGKILL)))
+        raise argparse.ArgumentTypeError(f"{text!r}: a job can be sent only {names}")
+    return number
+
+
+def _offset(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte offset") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _lines(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of lines") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
     return value
 
 
@@ -163,25 +270,39 @@ def _states(text: str) -> list[m.JobState]:
     return states
 
 
-def _job_id(text: str) -> uuid.UUID:
+def _keepalive(args: argparse.Namespace) -> float:
+    if args.keepalive is not None:
+        return args.keepalive
+    text = os.environ.get("JOBWORKER_KEEPALIVE") or "30"
     try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise UsageError(f"{text!r} is not a job id") from None
+        return _seconds(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"JOBWORKER_KEEPALIVE: {exc}") from None
 
 
-def _connect(args: argparse.Namespace) -> BlockingClient:
+def _targets(args: argparse.Namespace) -> list[Target]:
+    try:
+        config = load_client_config()
+        return resolve_targets(config, server=args.server, ca=args.ca, cert=args.cert, key=args.key)
+    except ClientConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _connect(args: argparse.Namespace, target: Target) -> BlockingClient:
     from jobworker.clienttls import ClientTLSError, client_ssl_context
 
     try:
-        address = parse_address(args.server)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        address = parse_address(target.address.value)
+    except ValueError:
+        raise UsageError(
+            f"{target.address.value!r} ({target.address.source}) is not a server of the config file "
+            "nor an address (HOST[:PORT], [IPv6]:PORT)"
+        ) from None
     try:
-        context = client_ssl_context(args.ca, args.cert, args.key)
+        context = client_ssl_context(target.ca.value, target.cert.value, target.key.value)
     except ClientTLSError as exc:
         raise UsageError(str(exc)) from None
-    return BlockingClient(address, context, keepalive_interval=args.keepalive)
+    return BlockingClient(address, context, keepalive_interval=_keepalive(args))
 
 
 def _start_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
@@ -189,7 +310,7 @@ def _start_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        raise UsageError("no command given (jobcli start -- CMD [ARG...])")
+        raise UsageError(f"no command given (jobcli {args.command} -- CMD [ARG...])")
     env = []
     for item in args.env:
         key, sep, value = item.partition("=")
@@ -216,6 +337,56 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+class _Console:
+    """
+    Where a command's output goes: straight to our stdout and stderr, or,
+    with several servers, line by line with the server's name in front
+    (C{lab: ...}, as C{pdsh} does), whole lines only, under one lock so the
+    lines of two servers never mix.
+    """
+
+    def __init__(self, prefix: str | None = None, lock: threading.Lock | None = None) -> None:
+        self.prefix = prefix.encode("utf-8", "replace") + b": " if prefix is not None else None
+        self._lock = lock or threading.Lock()
+        self._pending = {1: b"", 2: b""}
+
+    def write(self, fd: int, data: bytes) -> None:
+        if self.prefix is None:
+            (sys.stdout if fd == 1 else sys.stderr).flush()
+            _write_all(fd, data)
+            return
+        text = self._pending[fd] + data
+        lines = text.split(b"\n")
+        self._pending[fd] = lines.pop()
+        if lines:
+            self._emit(fd, lines)
+
+    def _emit(self, fd: int, lines: list[bytes]) -> None:
+        assert self.prefix is not None
+        block = b"".join(self.prefix + line + b"\n" for line in lines)
+        with self._lock:
+            (sys.stdout if fd == 1 else sys.stderr).flush()
+            _write_all(fd, block)
+
+    def out(self, text: str) -> None:
+        """
+        A line (or lines) of our own on stdout.
+        """
+        self.write(1, (text + "\n").encode("utf-8", "surrogateescape"))
+
+    def err(self, text: str) -> None:
+        self.write(2, (text + "\n").encode("utf-8", "surrogateescape"))
+
+    def flush(self) -> None:
+        """
+        The last line of each stream, even without its newline.
+        """
+        for fd in (1, 2):
+            if self.prefix is not None and self._pending[fd]:
+                rest, self._pending[fd] = self._pending[fd], b""
+                self._emit(fd, [rest])
 
 
 class _OutputWriter:
@@ -304,32 +475,59 @@ class _OutputWriter:
             raise self.error
 
 
-def _stream(client: BlockingClient, job_id: uuid.UUID, offset: int, follow: bool) -> m.JobStatus:
+def _stream(
+    client: BlockingClient,
+    job_id: uuid.UUID,
+    offset: int,
+    follow: bool,
+    console: _Console,
+    fds: frozenset[int] = frozenset((1, 2)),
+) -> m.JobStatus:
+    """
+    Copy the job's output from C{offset} to our stdout and stderr (only the
+    streams in C{fds}); return the status that ended the stream.
+    """
     status = None
     gaps = dropped = 0
-    writer = _OutputWriter()
+    # Straight to our own stdout: through a thread of its own, so a slow
+    # reader of ours never stalls keep-alive (see _OutputWriter); with a
+    # prefix, whole lines through the console, credit as they are handled.
+    writer = _OutputWriter() if console.prefix is None else None
     stream_id: list[int] = []
 
     def written() -> None:
+        assert writer is not None
         size = writer.take_written()
         if size and stream_id:
             client.grant(stream_id[0], size)
 
-    client.wake_on(writer.wake_fd, written)
+    def note(text: str) -> None:
+        if writer is not None:
+            writer.write(2, f"jobcli: {text}\n".encode())
+        else:
+            console.err(f"jobcli: {text}")
+
+    if writer is not None:
+        client.wake_on(writer.wake_fd, written)
     try:
         for message in client.follow(job_id, offset=offset, follow=follow, auto_credit=False):
             if not stream_id:
                 stream_id.append(message.stream_id)
             if isinstance(message, m.Output):
-                writer.write(message.fd, message.data, len(message.data))
+                if message.fd not in fds:
+                    client.grant(message.stream_id, len(message.data))
+                elif writer is not None:
+                    writer.write(message.fd, message.data, len(message.data))
+                else:
+                    console.write(message.fd, message.data)
+                    client.grant(message.stream_id, len(message.data))
             elif isinstance(message, m.Gap):
                 # The first gap is reported when it happens; the rest in one
                 # total at the end, so a long lagging follow does not flood.
                 if not gaps:
-                    writer.write(
-                        2,
-                        f"jobcli: {message.length} bytes of output at offset {message.offset} "
-                        "were not kept by the server (its retention limit, a full disk or damage; see jobcli status)\n".encode(),
+                    note(
+                        f"{message.length} bytes of output at offset {message.offset} "
+                        "were not kept by the server (its retention limit, a full disk or damage; see jobcli status)"
                     )
                 gaps += 1
                 dropped += message.length
@@ -343,16 +541,117 @@ def _stream(client: BlockingClient, job_id: uuid.UUID, offset: int, follow: bool
         # What arrived before the error is still written out.
         client.wake_on(None)
         try:
-            writer.finish()
+            if writer is not None:
+                writer.finish()
+            console.flush()
         except Exception:
             pass
         raise
     client.wake_on(None)
-    writer.finish()
+    if writer is not None:
+        writer.finish()
+    console.flush()
     if gaps > 1:
-        sys.stderr.write(f"jobcli: in all, {dropped} bytes of output in {gaps} gaps were not kept by the server\n")
+        console.err(f"jobcli: in all, {dropped} bytes of output in {gaps} gaps were not kept by the server")
     assert status is not None
     return status
+
+
+def _tail_offset(client: BlockingClient, job_id: uuid.UUID, lines: int, fds: frozenset[int]) -> int:
+    """
+    The offset from which the output of C{fds} holds its last C{lines}
+    lines, as C{tail -n} counts them (a last line without its newline is a
+    line).  Reads back from the end in growing windows (64 KiB, times 4),
+    so a short tail of a long log costs little.
+    """
+    end = client.status(job_id).output_bytes
+    if lines == 0:
+        return end
+    window = 64 << 10
+    while True:
+        start = max(0, end - window)
+        chunks = [
+            (message.offset, message.data)
+            for message in client.follow(job_id, offset=start, follow=False)
+            if isinstance(message, m.Output) and message.fd in fds
+        ]
+        # Newlines from the end; the one that ends the output is no separator.
+        wanted = lines
+        if chunks and chunks[-1][1].endswith(b"\n"):
+            wanted += 1
+        for chunk_offset, data in reversed(chunks):
+            position = len(data)
+            while wanted:
+                position = data.rfind(b"\n", 0, position)
+                if position < 0:
+                    break
+                wanted -= 1
+                if not wanted:
+                    return chunk_offset + position + 1
+        if start == 0:
+            return 0
+        window *= 4
+
+
+# -- formatting ----------------------------------------------------------------------------
+
+
+def _short(job_id: uuid.UUID) -> str:
+    return job_id.hex[:SHORT_ID]
+
+
+def _duration(seconds: float) -> str:
+    """
+    A duration as people read it: C{850ms}, C{4.2s}, C{3m05s}, C{2h03m}, C{3d04h}.
+    """
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _human_size(value: int) -> str:
+    """
+    Bytes as people read them: C{10 B}, C{1.8 KiB}, C{256 MiB} (binary
+    units, three significant digits at most).
+    """
+    if value < 1024:
+        return f"{value} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        value /= 1024  # type: ignore[assignment]
+        if value < 1024 or unit == "EiB":
+            return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _age(microseconds: int, now: float) -> str:
+    if not microseconds:
+        return "-"
+    return _duration(max(0.0, now - microseconds / 1e6)) + " ago"
+
+
+def _run_time(status: m.JobStatus, now: float) -> float | None:
+    """
+    Seconds the job ran (or runs so far); None when it never started.
+    """
+    if not status.started_at:
+        return None
+    end = status.ended_at / 1e6 if status.ended_at else now
+    return max(0.0, end - status.started_at / 1e6)
+
+
+def _format_time(microseconds: int, now: float) -> str:
+    if not microseconds:
+        return "-"
+    local = time.localtime(microseconds / 1e6)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", local) + f".{microseconds // 1000 % 1000:03d} " + time.strftime("%z", local)
+    return f"{stamp} ({_age(microseconds, now)})"
 
 
 def _status_json(status: m.JobStatus) -> dict[str, Any]:
@@ -365,13 +664,8 @@ def _status_json(status: m.JobStatus) -> dict[str, Any]:
     return data
 
 
-def _format_time(microseconds: int) -> str:
-    if not microseconds:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(microseconds / 1e6)) + f".{microseconds // 1000 % 1000:03d}"
-
-
 def _describe(status: m.JobStatus) -> str:
+    now = time.time()
     lines = [
         ("id", str(status.job_id)),
         ("owner", status.owner),
@@ -387,10 +681,12 @@ def _describe(status: m.JobStatus) -> str:
         lines.append(("error", status.error))
     if status.stopped_by:
         lines.append(("stopped by", status.stopped_by))
+    ran = _run_time(status, now)
     lines += [
-        ("created", _format_time(status.created_at)),
-        ("started", _format_time(status.started_at)),
-        ("ended", _format_time(status.ended_at)),
+        ("created", _format_time(status.created_at, now)),
+        ("started", _format_time(status.started_at, now)),
+        ("ended", _format_time(status.ended_at, now)),
+        ("duration", "-" if ran is None else _duration(ran) + ("" if status.state.is_final else " so far")),
         # "" is the server's default: a uid of the job's own.
         ("user", status.user or "(dynamic)"),
         *([("uid", str(status.uid))] if status.uid != m.UID_UNKNOWN else []),
@@ -410,116 +706,507 @@ def _describe(status: m.JobStatus) -> str:
     if limits.pids:
         described.append(f"pids={limits.pids}")
     if limits.timeout_ms:
-        described.append(f"timeout={limits.timeout_ms / 1000:g}s")
+        described.append(f"timeout={_duration(limits.timeout_ms / 1000)}")
     lines.append(("limits", " ".join(described) or "none"))
     usage = status.usage
     lines.append(
         (
             "usage",
-            f"cpu={usage.cpu_usec / 1e6:.3f}s memory-peak={usage.memory_peak_bytes} "
-            f"io-read={usage.io_read_bytes} io-write={usage.io_write_bytes} pids-peak={usage.pids_peak}",
+            f"cpu={_duration(usage.cpu_usec / 1e6)} memory-peak={_human_size(usage.memory_peak_bytes)} "
+            f"io-read={_human_size(usage.io_read_bytes)} io-write={_human_size(usage.io_write_bytes)} pids-peak={usage.pids_peak}",
         )
     )
-    lines.append(("output", f"{status.output_bytes} bytes"))
+    lines.append(
+        (
+            "output",
+            f"{_human_size(status.output_bytes)}; end offset {status.output_bytes} "
+            f"(jobcli logs -f --since-offset {status.output_bytes} resumes there)",
+        )
+    )
     if status.abridged:
         lines.append(("note", "texts and command cut to fit the connection's frame size"))
     return "\n".join(f"{key + ':':<12}{value}" for key, value in lines)
 
 
-def _run(args: argparse.Namespace, client: BlockingClient) -> int:
-    argv, options = _start_options(args)
-    job_id = client.start(argv, **options)
-    stopping = []
+def _end_note(status: m.JobStatus) -> str | None:
+    """
+    One line for a job that did not end by itself (as C{systemd-run --wait}
+    says), or None.
+    """
+    short = _short(status.job_id)
+    state = status.state
+    if state is m.JobState.OOM:
+        limit = f" of {format_size(status.limits.memory_bytes)}" if status.limits.memory_bytes else ""
+        return f"job {short} was killed by the kernel: out of memory (its memory limit{limit})"
+    if state is m.JobState.TIMEOUT:
+        limit = f" of {_duration(status.limits.timeout_ms / 1000)}" if status.limits.timeout_ms else ""
+        return f"job {short} was stopped: it ran past its timeout{limit}"
+    if state is m.JobState.STOPPED:
+        return f"job {short} was stopped" + (f" by {status.stopped_by}" if status.stopped_by else "")
+    if state is m.JobState.LOST:
+        return f"job {short} was lost: the server went down while it ran, its end is unknown"
+    if state is m.JobState.FAILED and status.error:
+        return status.error
+    return None
 
-    def interrupted(signum: int, frame: object) -> None:
-        if stopping:
-            raise KeyboardInterrupt
-        stopping.append(signum)
-        sys.stderr.write(f"jobcli: stopping job {job_id} (interrupt again to leave it running)\n")
-        # The stop goes on a second connection: this one is mid-stream.
-        with _connect(args) as other:
-            try:
-                other.stop(job_id)
-            except JobworkerError:
-                pass
 
-    previous = signal.signal(signal.SIGINT, interrupted)
-    try:
-        status = _stream(client, job_id, 0, True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if status.state is m.JobState.FAILED and status.error:
-        sys.stderr.write(f"jobcli: {status.error}\n")
+def _ended(status: m.JobStatus, console: _Console) -> int:
+    note = _end_note(status)
+    if note:
+        console.err(f"jobcli: {note}")
     return exit_status(status)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    command = args.command
-    with _connect(args) as client:
-        if command == "start":
-            argv, options = _start_options(args)
-            print(client.start(argv, **options))
-            return 0
-        if command == "run":
-            return _run(args, client)
-        if command == "stop":
-            client.stop(_job_id(args.job_id), grace_ms=max(0, round(args.grace * 1000)), force=args.force)
-            return 0
-        if command == "status":
-            status = client.status(_job_id(args.job_id))
-            print(json.dumps(_status_json(status), indent=2) if args.json else _describe(status))
-            return 0
-        if command == "logs":
-            if args.since_offset < 0:
-                raise UsageError("--since-offset must not be negative")
-            status = _stream(client, _job_id(args.job_id), args.since_offset, args.follow)
-            return exit_status(status) if args.follow else 0
-        if command == "wait":
-            return exit_status(client.wait(_job_id(args.job_id)))
-        if command == "list":
-            # Every page first: a refusal is then one line on stderr, not a
-            # table header with nothing under it.
-            jobs = client.list(states=[state for group in args.state for state in group], owner=args.owner)
-            if args.json:
-                print(json.dumps([_status_json(job) for job in jobs], indent=2))
-            else:
-                print(f"{'ID':<36}  {'OWNER':<12}  {'STATE':<9}  {'EXIT':>4}  COMMAND")
-                for job in jobs:
-                    code = str(exit_status(job)) if job.state.is_final else ""
-                    command = " ".join(job.argv) + (" …" if job.abridged else "")
-                    print(f"{job.job_id!s:<36}  {job.owner:<12.12}  {job.state.label:<9}  {code:>4}  {command}")
-            return 0
-        if command == "rm":
-            client.remove(_job_id(args.job_id))
-            return 0
-        if command == "whoami":
-            hello = client.hello
-            assert hello is not None
-            print(f"{hello.identity} ({hello.role or 'no role'}) on {hello.server_name}" + (f" ({hello.server_version})" if hello.server_version else ""))
-            return 0
-    raise UsageError(f"unknown command {command}")
+# -- commands ------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    own_error = OWN_ERROR if args.command in ("run", "wait") or (args.command == "logs" and args.follow) else 1
+class _Command:
+    """
+    One command against one server: its arguments, where its output goes,
+    and the connection (opened on first use).
+    """
+
+    def __init__(self, args: argparse.Namespace, target: Target, console: _Console) -> None:
+        self.args = args
+        self.target = target
+        self.console = console
+        self.results: list[Any] = []  # what --json prints, one per result
+        self._client: BlockingClient | None = None
+
+    @property
+    def client(self) -> BlockingClient:
+        if self._client is None:
+            client = _connect(self.args, self.target)
+            client.connect()
+            self._client = client
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def job_ids(self, texts: Sequence[str]) -> list[uuid.UUID]:
+        return self.client.resolve_job_ids(texts)
+
+
+def _cmd_start(cmd: _Command) -> int:
+    argv, options = _start_options(cmd.args)
+    job_id = cmd.client.start(argv, **options)
+    if cmd.args.json:
+        cmd.results.append({"id": str(job_id)})
+    else:
+        cmd.console.out(str(job_id))
+    return 0
+
+
+def _cmd_run(cmd: _Command) -> int:
+    args = cmd.args
+    argv, options = _start_options(args)
+    client = cmd.client
+    job_id = client.start(argv, **options)
+    if args.verbose or (cmd.console.prefix is None and sys.stderr.isatty()):
+        cmd.console.err(f"jobcli: job {job_id} (jobcli logs -f {_short(job_id)} resumes if the connection drops)")
+    if threading.current_thread() is not threading.main_thread():
+        return _ended(_stream(client, job_id, 0, True, cmd.console), cmd.console)
+    stopping: list[str] = []
+
+    def interrupted(signum: int, frame: object) -> None:
+        if stopping:
+            if stopping[0] == "sent":
+                raise KeyboardInterrupt
+            # Still sending the stop: leave once it is sent, not before,
+            # or the job would be left running after all.
+            stopping.append("again")
+            return
+        stopping.append("sending")
+        sys.stderr.write(f"jobcli: stopping job {job_id} (interrupt again to stop waiting; the stop goes on)\n")
+        try:
+            # The stop goes on a second connection: this one is mid-stream.
+            with _connect(args, cmd.target) as other:
+                try:
+                    other.stop(job_id)
+                except JobworkerError:
+                    pass
+        finally:
+            stopping[0] = "sent"
+        if len(stopping) > 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupted)
     try:
-        return _dispatch(args)
+        status = _stream(client, job_id, 0, True, cmd.console)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return _ended(status, cmd.console)
+
+
+def _cmd_stop(cmd: _Command) -> int:
+    args = cmd.args
+    client = cmd.client
+    code = 0
+    stopped = []
+    for text, job_id in _each_job(cmd, args.job_ids):
+        if job_id is None:
+            code = 1
+            continue
+        try:
+            client.stop(job_id, grace=args.grace, force=args.force)
+        except JobworkerError as exc:
+            # As docker stop: a job that has ended is stopped already.
+            if getattr(exc, "code", None) is not ErrorCode.JOB_FINISHED:
+                cmd.console.err(f"jobcli: {exc}")
+                code = 1
+                continue
+        stopped.append(job_id)
+    for job_id in stopped:
+        try:
+            final = client.status(job_id) if args.no_wait else client.wait(job_id)
+        except JobworkerError as exc:
+            cmd.console.err(f"jobcli: {exc}")
+            code = 1
+            continue
+        if args.json:
+            cmd.results.append(_status_json(final))
+    return code
+
+
+def _cmd_kill(cmd: _Command) -> int:
+    args = cmd.args
+    client = cmd.client
+    code = 0
+    for text, job_id in _each_job(cmd, args.job_ids):
+        if job_id is None:
+            code = 1
+            continue
+        try:
+            if args.signal == signal.SIGKILL:
+                # SIGKILL to the helper would orphan the command: it is the
+                # cgroup-wide kill of a forced stop.
+                client.stop(job_id, force=True)
+            else:
+                client.signal(job_id, args.signal)
+        except ConnectionFailed:
+            raise
+        except JobworkerError as exc:
+            cmd.console.err(f"jobcli: {exc}")
+            code = 1
+            continue
+        if args.json:
+            cmd.results.append({"id": str(job_id), "signal": args.signal})
+    return code
+
+
+def _each_job(cmd: _Command, texts: Sequence[str]) -> list[tuple[str, uuid.UUID | None]]:
+    """
+    Each id or prefix with its whole id, or None (and a line on stderr)
+    when it resolves to none; commands on several jobs go on with the rest.
+    """
+    found: list[tuple[str, uuid.UUID | None]] = []
+    for text in texts:
+        try:
+            found.append((text, cmd.client.resolve_job_id(text)))
+        except ConnectionFailed:
+            raise
+        except JobworkerError as exc:
+            cmd.console.err(f"jobcli: {exc}")
+            found.append((text, None))
+    return found
+
+
+def _cmd_rm(cmd: _Command) -> int:
+    args = cmd.args
+    client = cmd.client
+    code = 0
+    for text, job_id in _each_job(cmd, args.job_ids):
+        if job_id is None:
+            code = 1
+            continue
+        try:
+            if args.force:
+                try:
+                    client.stop(job_id, force=True)
+                except JobworkerError as exc:
+                    if getattr(exc, "code", None) is not ErrorCode.JOB_FINISHED:
+                        raise
+                client.wait(job_id)
+            client.remove(job_id)
+        except ConnectionFailed:
+            raise
+        except JobworkerError as exc:
+            message = str(exc)
+            if getattr(exc, "code", None) is ErrorCode.JOB_RUNNING:
+                message += " (stop it first, or use rm -f)"
+            cmd.console.err(f"jobcli: {message}")
+            code = 1
+            continue
+        if args.json:
+            cmd.results.append({"id": str(job_id), "removed": True})
+    return code
+
+
+def _cmd_status(cmd: _Command) -> int:
+    status = cmd.client.status(cmd.client.resolve_job_id(cmd.args.job_id))
+    if cmd.args.json:
+        cmd.results.append(_status_json(status))
+    else:
+        cmd.console.out(_describe(status))
+    return 0
+
+
+def _cmd_logs(cmd: _Command) -> int:
+    args = cmd.args
+    client = cmd.client
+    job_id = client.resolve_job_id(args.job_id)
+    fds = frozenset((1,)) if args.stdout else frozenset((2,)) if args.stderr else frozenset((1, 2))
+    offset = args.since_offset
+    if args.tail is not None:
+        offset = _tail_offset(client, job_id, args.tail, fds)
+    status = _stream(client, job_id, offset, args.follow, cmd.console, fds)
+    return _ended(status, cmd.console) if args.follow else 0
+
+
+def _cmd_wait(cmd: _Command) -> int:
+    status = cmd.client.wait(cmd.client.resolve_job_id(cmd.args.job_id))
+    if cmd.args.json:
+        cmd.results.append(_status_json(status))
+    return _ended(status, cmd.console)
+
+
+def _cmd_list(cmd: _Command) -> int:
+    args = cmd.args
+    # Every page first: a refusal is then one line on stderr, not a table
+    # header with nothing under it.  The server pages oldest first.
+    jobs = list(cmd.client.list(states=[state for group in args.state for state in group], owner=args.owner))
+    jobs.sort(key=lambda job: (job.created_at, job.job_id.int), reverse=True)
+    if args.json:
+        cmd.results.extend(_status_json(job) for job in jobs)
+        return 0
+    ident = (lambda job: str(job.job_id)) if args.no_trunc else (lambda job: _short(job.job_id))
+    if args.quiet:
+        for job in jobs:
+            cmd.console.out(ident(job))
+        return 0
+    width = 36 if args.no_trunc else SHORT_ID
+    now = time.time()
+    rows = [f"{'ID':<{width}}  {'OWNER':<12}  {'STATE':<9}  {'EXIT':>4}  {'CREATED':<12}  {'DURATION':<9}  COMMAND"]
+    for job in jobs:
+        code = str(exit_status(job)) if job.state.is_final else ""
+        command = " ".join(job.argv) + (" …" if job.abridged else "")
+        if not args.no_trunc and len(command) > 60:
+            command = command[:59] + "…"
+        ran = _run_time(job, now)
+        owner = job.owner if args.no_trunc else f"{job.owner:<12.12}"
+        rows.append(
+            f"{ident(job):<{width}}  {owner:<12}  {job.state.label:<9}  {code:>4}  "
+            f"{_age(job.created_at, now):<12}  {'-' if ran is None else _duration(ran):<9}  {command}"
+        )
+    cmd.console.out("\n".join(rows))
+    return 0
+
+
+def _cmd_whoami(cmd: _Command) -> int:
+    hello = cmd.client.hello
+    assert hello is not None
+    version = getattr(hello, "server_version", "")
+    if cmd.args.json:
+        cmd.results.append(
+            {
+                "identity": hello.identity,
+                "role": hello.role or None,
+                "server_name": hello.server_name,
+                "server_version": version or None,
+                "protocol_version": hello.version,
+            }
+        )
+    else:
+        cmd.console.out(f"{hello.identity} ({hello.role or 'no role'}) on {hello.server_name}" + (f" ({version})" if version else ""))
+    return 0
+
+
+def _certificate_identity(path: str) -> dict[str, Any] | None:
+    """
+    The subject CN and OU (identity and role) and end of validity of a PEM
+    certificate, read by the standard library's own decoder; None when it
+    cannot be read.
+    """
+    decode = getattr(getattr(__import__("ssl"), "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        decoded = decode(path)
+    except Exception:  # noqa: BLE001 - any unreadable file: nothing to show
+        return None
+    subject = {key: value for rdn in decoded.get("subject", ()) for key, value in rdn}
+    return {
+        "identity": subject.get("commonName"),
+        "role": subject.get("organizationalUnitName"),
+        "not_after": decoded.get("notAfter"),
+    }
+
+
+def _cmd_config(cmd: _Command) -> int:
+    target = cmd.target
+    from jobworker.clientconfig import config_path
+
+    path = config_path()
+    found = os.path.isfile(path)
+    identity = _certificate_identity(target.cert.value)
+    if cmd.args.json:
+        cmd.results.append(
+            {
+                "config_file": path,
+                "config_file_found": found,
+                "server": target.name,
+                "configured": target.configured,
+                **{item: {"value": getattr(target, item).value, "source": getattr(target, item).source} for item in ("address", "ca", "cert", "key")},
+                "certificate": identity,
+            }
+        )
+        return 0
+    lines = [
+        f"config file: {path}" + ("" if found else " (not found)"),
+        f"server:      {target.name}" + (" (from the config file)" if target.configured else ""),
+    ]
+    for item in ("address", "ca", "cert", "key"):
+        setting = getattr(target, item)
+        lines.append(f"{item + ':':<13}{setting.value}  [{setting.source}]")
+    if identity is None:
+        lines.append("identity:    (the certificate cannot be read)")
+    else:
+        lines.append(
+            f"identity:    {identity['identity']} (role {identity['role'] or 'none'}), certificate valid until {identity['not_after']}"
+        )
+    cmd.console.out("\n".join(lines))
+    return 0
+
+
+def _cmd_completion(cmd: _Command) -> int:
+    from jobworker.completion import completion_script
+
+    cmd.console.out(completion_script(_parser(), cmd.args.shell))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[_Command], int]] = {
+    "start": _cmd_start,
+    "run": _cmd_run,
+    "stop": _cmd_stop,
+    "rm": _cmd_rm,
+    "kill": _cmd_kill,
+    "status": _cmd_status,
+    "logs": _cmd_logs,
+    "wait": _cmd_wait,
+    "list": _cmd_list,
+    "whoami": _cmd_whoami,
+    "config": _cmd_config,
+    "completion": _cmd_completion,
+}
+# Commands that run on every server of --server a,b,c at once.
+MULTI_HOST = {"run", "start", "status", "list", "stop"}
+# Commands whose --json prints a list (several results) on one server.
+JSON_LISTS = {"list", "stop", "rm", "kill"}
+
+
+def _own_error(args: argparse.Namespace) -> int:
+    return OWN_ERROR if args.command in ("run", "wait") or (args.command == "logs" and args.follow) else 1
+
+
+def _execute(cmd: _Command) -> tuple[int, str | None]:
+    """
+    Run one command on one server; its exit code and, on error, the
+    one-line message (already written to the console).
+    """
+    args = cmd.args
+    try:
+        return COMMANDS[args.command](cmd), None
     except (UsageError, JobworkerError) as exc:
-        sys.stderr.write(f"jobcli: {exc}\n")
+        message = str(exc)
+        cmd.console.flush()
+        cmd.console.err(f"jobcli: {message}")
         if isinstance(exc, JobworkerError) and args.command == "run":
             code = getattr(exc, "code", None)
-            if code is not None and code.name == "COMMAND_NOT_FOUND":
-                return 127
-            if code is not None and code.name == "COMMAND_NOT_EXECUTABLE":
-                return 126
-        return own_error
+            if code is ErrorCode.COMMAND_NOT_FOUND:
+                return 127, message
+            if code is ErrorCode.COMMAND_NOT_EXECUTABLE:
+                return 126, message
+        return _own_error(args), message
     except (ValueError, UnicodeError) as exc:
         # A message the protocol cannot carry (for instance text that is not
         # valid UTF-8): say so in one line, never with a traceback.
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        sys.stderr.write(f"jobcli: {first[:300]}\n")
-        return own_error
+        cmd.console.err(f"jobcli: {first[:300]}")
+        return _own_error(args), first[:300]
+    finally:
+        cmd.close()
+
+
+def _print_json(args: argparse.Namespace, results: list[Any]) -> None:
+    if args.command in JSON_LISTS:
+        print(json.dumps(results, indent=2))
+    elif results:
+        print(json.dumps(results[0], indent=2))
+
+
+def _on_many(args: argparse.Namespace, targets: list[Target]) -> int:
+    """
+    The command on every server at once (at most L{MAX_PARALLEL}
+    connections), each output line prefixed by the server's name; the
+    highest exit code of all.  With C{--json}, one JSON object per server
+    and line: C{{"server": NAME, "exit_code": N, "result": ..., "error": ...}}.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+    as_json = getattr(args, "json", False)
+
+    def one(target: Target) -> int:
+        console = _Console(target.name, lock)
+        cmd = _Command(args, target, console)
+        code, error = _execute(cmd)
+        console.flush()
+        if as_json:
+            result: Any = cmd.results if args.command in JSON_LISTS else (cmd.results[0] if cmd.results else None)
+            line = json.dumps({"server": target.name, "exit_code": code, "result": result, "error": error})
+            with lock:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+        return code
+
+    pool = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(targets)), thread_name_prefix="jobcli-host")
+    try:
+        codes = list(pool.map(one, targets))
+    except KeyboardInterrupt:
+        # The workers block in reads that a signal does not end: leave
+        # without joining them (the jobs go on running).
+        sys.stdout.flush()
+        os._exit(130)
+    pool.shutdown()
+    return max(codes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = _parser().parse_known_args(argv)
+    if extra:
+        # Reported by the command's own parser, with its exit code (125 for run).
+        args._subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        try:
+            targets = _targets(args)
+        except UsageError as exc:
+            sys.stderr.write(f"jobcli: {exc}\n")
+            return _own_error(args)
+        if len(targets) > 1:
+            if args.command not in MULTI_HOST:
+                sys.stderr.write(
+                    f"jobcli: {args.command} works on one server at a time; several at once: {', '.join(sorted(MULTI_HOST))}\n"
+                )
+                return _own_error(args)
+            return _on_many(args, targets)
+        cmd = _Command(args, targets[0], _Console())
+        code, _ = _execute(cmd)
+        if getattr(args, "json", False) and (code == 0 or cmd.results):
+            _print_json(args, cmd.results)
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -65,7 +65,7 @@ from jobworker.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from jobworker.blocking import DEFAULT_WINDOW, parse_address
+from jobworker.blocking import DEFAULT_WINDOW, JobRef, as_job_id, parse_address
 from jobworker.errors import ErrorCode, JobworkerError, ProtocolError, RequestError
 from jobworker.limits import Limits
 from jobworker.protocol import messages as m
@@ -78,6 +78,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClientConnectionLost",
     "Follower",
+    "connect_configured",
     "JobworkerClientProtocol",
     "OutputReceiver",
     "connect",
@@ -445,7 +446,7 @@ class JobworkerClientProtocol(Protocol):
         )
         return self._request(request, m.StartResponse, lambda response: response.job_id)
 
-    def stop(self, job_id: uuid.UUID, *, grace: float = 10.0, force: bool = False) -> defer.Deferred[None]:
+    def stop(self, job_id: JobRef, *, grace: float = 10.0, force: bool = False) -> defer.Deferred[None]:
         """
         Stop a job: SIGTERM, then SIGKILL of all its processes after
         C{grace} seconds (at once with C{force}).  Fires when the server has
@@ -453,18 +454,26 @@ class JobworkerClientProtocol(Protocol):
         """
         if not 0 <= grace <= 0xFFFFFFFF / 1000:
             return defer.fail(ValueError(f"grace must be between 0 and {0xFFFFFFFF // 1000} seconds"))
-        request = m.StopRequest(self.conn.next_request_id(), job_id, round(grace * 1000), force)
+        request = m.StopRequest(self.conn.next_request_id(), as_job_id(job_id), round(grace * 1000), force)
         return self._request(request, m.OkResponse, _nothing)
 
-    def status(self, job_id: uuid.UUID) -> defer.Deferred[m.JobStatus]:
-        request = m.StatusRequest(self.conn.next_request_id(), job_id)
+    def signal(self, job_id: JobRef, signum: int) -> defer.Deferred[None]:
+        """
+        Send one signal (one of C{messages.SIGNALS_SENT}) to the running
+        job's command, without stopping it; fires once it was sent.
+        """
+        request = m.SignalRequest(self.conn.next_request_id(), as_job_id(job_id), signum)
+        return self._request(request, m.OkResponse, _nothing)
+
+    def status(self, job_id: JobRef) -> defer.Deferred[m.JobStatus]:
+        request = m.StatusRequest(self.conn.next_request_id(), as_job_id(job_id))
         return self._request(request, m.StatusResponse, lambda response: response.status)
 
-    def wait(self, job_id: uuid.UUID) -> defer.Deferred[m.JobStatus]:
+    def wait(self, job_id: JobRef) -> defer.Deferred[m.JobStatus]:
         """
         Fires with the job's final status once it has ended.
         """
-        request = m.WaitRequest(self.conn.next_request_id(), job_id)
+        request = m.WaitRequest(self.conn.next_request_id(), as_job_id(job_id))
         return self._request(request, m.StatusResponse, lambda response: response.status)
 
     def list(
@@ -767,3 +776,31 @@ def connect(
     connecting.addCallback(lambda _: protocol)
     connecting.addTimeout(timeout, reactor)
     return connecting
+
+
+def connect_configured(
+    reactor: IReactorTCP | IReactorTime | Any,
+    server: str | None = None,
+    *,
+    config_path: StrPath | None = None,
+    **options: Any,
+) -> defer.Deferred[JobworkerClientProtocol]:
+    """
+    L{connect} to the server C{server} names, with the credentials
+    C{jobcli} would use (L{jobworker.clientconfig}: flags aside, the
+    environment, then the configuration file at C{config_path}, default
+    C{$XDG_CONFIG_HOME/jobworker/config.toml}).  C{options} are those of
+    L{connect}.
+
+    @raise jobworker.clientconfig.ClientConfigError: (synchronously) a bad
+        file, or C{server} names several servers.
+    """
+    from jobworker.clientconfig import ClientConfigError, load_client_config, resolve_targets
+
+    targets = resolve_targets(load_client_config(config_path), server=server)
+    if len(targets) != 1:
+        raise ClientConfigError(f"{server!r} names {len(targets)} servers; a client talks to one")
+    target = targets[0]
+    return connect(
+        reactor, target.address.value, ca=target.ca.value, cert=target.cert.value, key=target.key.value, **options
+    )

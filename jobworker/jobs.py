@@ -528,6 +528,18 @@ class Job:
         log.info("job {job_id} ran past its timeout of {ms} ms", job_id=self.job_id, ms=self.limits.timeout_ms)
         self.stop("timeout", self.manager.config.default_grace_s, reason=JobState.TIMEOUT)
 
+    def send_signal(self, signum: int) -> None:
+        """
+        Send C{signum} to the running command's process group (through the
+        isolation helper, which forwards it); nothing when the job has
+        ended.  Only signals the helper forwards may be sent
+        (L{jobworker.protocol.messages.SIGNALS_SENT}).
+        """
+        if self.is_final:
+            return
+        log.info("job {job_id}: signal {signum} sent", job_id=self.job_id, signum=signum)
+        self._signal_helper(signum)
+
     def _signal_helper(self, signum: int) -> None:
         if self.transport is None or self._helper_status is not None:
             return

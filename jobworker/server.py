@@ -41,6 +41,7 @@ the socket decoded.
 
 from __future__ import annotations
 
+import signal
 import uuid
 from typing import Any, Callable
 
@@ -829,6 +830,16 @@ class ServerProtocol(Protocol, TimeoutMixin):
         job.stop(self.identity.name, grace)  # type: ignore[union-attr]
         return m.OkResponse(request.request_id)
 
+    def _signal(self, request: m.SignalRequest) -> m.Message:
+        job = self.manager.get(self.identity, Operation.STOP, request.job_id)  # type: ignore[arg-type]
+        if request.signal not in m.SIGNALS_SENT:
+            names = ", ".join(sorted(signal.Signals(number).name[3:] for number in m.SIGNALS_SENT))
+            raise RequestError(f"signal {request.signal} cannot be sent to a job (only {names}; KILL is a forced stop)", ErrorCode.BAD_REQUEST)
+        if job.is_final:
+            raise RequestError(f"job {job.job_id} has already ended ({job.state.label})", ErrorCode.JOB_FINISHED)
+        job.send_signal(request.signal)
+        return m.OkResponse(request.request_id)
+
     def _status(self, request: m.StatusRequest) -> m.Message:
         job = self.manager.get(self.identity, Operation.STATUS, request.job_id)  # type: ignore[arg-type]
         return m.StatusResponse(request.request_id, job.status())
@@ -881,6 +892,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
     _handlers: dict[type, Callable[..., Any]] = {
         m.StartRequest: _start,
         m.StopRequest: _stop,
+        m.SignalRequest: _signal,
         m.StatusRequest: _status,
         m.ListRequest: _list,
         m.WaitRequest: _wait,
@@ -974,6 +986,7 @@ def _fallback(response: m.Message) -> m.Message:
 _OPERATIONS = {
     m.StartRequest: Operation.START,
     m.StopRequest: Operation.STOP,
+    m.SignalRequest: Operation.STOP,
     m.StatusRequest: Operation.STATUS,
     m.ListRequest: Operation.LIST,
     m.WaitRequest: Operation.WAIT,

@@ -246,6 +246,13 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
         ],
     ),
     (
+        "signal_request",
+        [
+            ("signal_request.usr1", "send SIGUSR1 (10) to the job's command; the job goes on",
+             m.SignalRequest(14, JOB_A, 10)),
+        ],
+    ),
+    (
         "start_response",
         [
             ("start_response.basic", "the new job's id", m.StartResponse(1, JOB_A)),

@@ -121,8 +121,11 @@ def test_user_lists_only_own_jobs(server):
     assert bobs not in alice_sees and admins not in alice_sees
     owners = {job["owner"] for job in json.loads(server.jobcli("list", "--json", identity="alice", check=True).stdout)}
     assert owners == {"alice"}
-    text = server.jobcli("list", identity="alice", check=True).stdout.decode()
+    # The table shows short ids (12 hex digits); --no-trunc whole ones.
+    text = server.jobcli("list", "--no-trunc", identity="alice", check=True).stdout.decode()
     assert alices in text and bobs not in text and admins not in text
+    short = server.jobcli("list", identity="alice", check=True).stdout.decode()
+    assert alices.replace("-", "")[:12] in short and bobs.replace("-", "")[:12] not in short
     for everyone in ("admin", "viewer"):
         assert {alices, bobs, admins} <= listed_ids(server, everyone)
 

@@ -329,7 +329,8 @@ def test_list_shows_jobs(server):
     assert mine[0]["state"] == "exited" and mine[0]["exit_code"] == 9
     assert mine[0]["command"] == ["sh", "-c", "exit 9"]
     text = server.jobcli("list", check=True).stdout.decode()
-    line = next((line for line in text.splitlines() if job_id in line), None)
+    # The table shows short ids (12 hex digits, as docker's).
+    line = next((line for line in text.splitlines() if line.startswith(uuid.UUID(job_id).hex[:12] + " ")), None)
     assert line is not None, text
     assert "bob" in line and "exited" in line
 

@@ -109,6 +109,7 @@ MESSAGE_STRATEGIES: dict[type[m.Message], st.SearchStrategy[m.Message]] = {
         m.StopRequest, request_id=u32, job_id=st.uuids(), grace_ms=u32, force=st.booleans()
     ),
     m.StatusRequest: st.builds(m.StatusRequest, request_id=u32, job_id=st.uuids()),
+    m.SignalRequest: st.builds(m.SignalRequest, request_id=u32, job_id=st.uuids(), signal=st.integers(0, 255)),
     m.ListRequest: st.builds(
         m.ListRequest,
         request_id=u32,

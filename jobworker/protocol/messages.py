@@ -43,6 +43,8 @@ __all__ = [
     "WaitRequest",
     "FollowRequest",
     "RemoveRequest",
+    "SignalRequest",
+    "SIGNALS_SENT",
     "WindowUpdate",
     "CancelStream",
     "StartResponse",
@@ -312,6 +314,26 @@ class StopRequest(Message):
     force: bool = False  # SIGKILL at once
 
 
+# The signals a SignalRequest may send (spec section 6.1): those a job's
+# isolation helper catches and forwards to the command's process group
+# (jobworker.isolate), so each reaches the command and never the helper.
+# SIGKILL is a stop with force (StopRequest), SIGSTOP cannot be caught.
+SIGNALS_SENT = frozenset({1, 2, 3, 10, 12, 15})  # HUP INT QUIT USR1 USR2 TERM
+
+
+@dataclass(frozen=True)
+class SignalRequest(Message):
+    """
+    Send one signal to a running job's command (its process group), without
+    stopping it: the job's state follows from what the command then does.
+    """
+
+    TYPE: ClassVar[int] = 0x19
+    request_id: int
+    job_id: uuid.UUID
+    signal: int  # one of SIGNALS_SENT (Linux numbers)
+
+
 @dataclass(frozen=True)
 class StatusRequest(Message):
     TYPE: ClassVar[int] = 0x12
@@ -462,4 +484,5 @@ REQUEST_TYPES = (
     WaitRequest,
     FollowRequest,
     RemoveRequest,
+    SignalRequest,
 )

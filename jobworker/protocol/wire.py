@@ -253,6 +253,7 @@ SCHEMAS: dict[type[m.Message], Any] = {
         "follow" / Flag,
     ),
     m.RemoveRequest: Struct("request_id" / RequestId, "job_id" / JobId),
+    m.SignalRequest: Struct("request_id" / RequestId, "job_id" / JobId, "signal" / Int8ub),
     m.WindowUpdate: Struct("stream_id" / StreamId, "increment" / Int32ub),
     m.CancelStream: Struct("stream_id" / StreamId),
     m.StartResponse: Struct("request_id" / RequestId, "job_id" / JobId),
