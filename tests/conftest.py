@@ -4,7 +4,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import RunningServer, make_pki, start_server
+from tests.support import RunningServer, make_pki, remove_leftover_cgroups, start_server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_cgroups_left_behind():
+    """
+    At the end of the run, remove what servers killed on purpose left in
+    the cgroup hierarchies (see L{remove_leftover_cgroups}).
+    """
+    yield
+    for path in remove_leftover_cgroups():
+        print(f"\nA cgroup of this test run still holds a process: {path}")
 
 
 @pytest.fixture(scope="session")

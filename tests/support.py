@@ -194,6 +194,35 @@ def _joiner(procs_files: list[str]):
 SERVER_START_TIMEOUT = 60
 
 
+# The real paths of the state dirs that servers of this test run used.  A
+# server names its cgroup subtree after its state dir (the default
+# --cgroup-prefix, jobworker-<hash>); a test that kills a server and does
+# not restart one on the same state dir leaves that subtree behind, and
+# remove_leftover_cgroups() takes it away at the end of the run.
+STATE_DIRS: set[str] = set()
+
+
+def remove_leftover_cgroups() -> list[str]:
+    """
+    Remove the empty cgroup subtrees left by this run's servers (see
+    L{STATE_DIRS}), deepest first; return those that still hold a process
+    (a real leak, left for someone to look at).
+    """
+    import hashlib
+
+    names = {"jobworker-" + hashlib.sha256(path.encode()).hexdigest()[:10] for path in STATE_DIRS}
+    kept = []
+    for top, directories, _ in os.walk("/sys/fs/cgroup"):
+        for name in [d for d in directories if d in names]:
+            directories.remove(name)  # not walked into by the search
+            for below, _, _ in sorted(os.walk(os.path.join(top, name)), key=lambda entry: -len(entry[0])):
+                try:
+                    os.rmdir(below)
+                except OSError:
+                    kept.append(below)
+    return kept
+
+
 def start_server(
     certs: Path,
     state_dir: Path,
@@ -218,6 +247,7 @@ def start_server(
     """
     port = port or free_port()
     state_dir.mkdir(parents=True, exist_ok=True)
+    STATE_DIRS.add(os.path.realpath(state_dir))
     log_path = state_dir.parent / f"server-{port}.log"
     prefix = [] if user is None else ["setpriv", f"--reuid={user}", f"--regid={_primary_group(user)}", "--clear-groups", "--"]
     prefix = [*(wrapper or []), *prefix]
