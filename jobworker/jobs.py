@@ -49,6 +49,7 @@ from jobworker.errors import ErrorCode, JobworkerError, RequestError
 from jobworker.isolate import compiled_helper
 from jobworker.limits import LIMIT_CONTROLLERS, Limits
 from jobworker.audit import log_excerpt, log_value
+from jobworker.jobnames import NameError_, check_labels, check_name
 from jobworker.outputlog import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpool, OutputLog
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
 from jobworker.protocol.messages import UID_UNKNOWN, InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
@@ -269,6 +270,8 @@ class Job:
         self.owner = owner
         self.argv = tuple(request.argv)
         self.env = tuple(request.env)
+        self.name = request.name
+        self.labels = tuple(request.labels)
         self.workdir = request.workdir or "/"
         self.network = request.network
         self.user = user
@@ -277,6 +280,7 @@ class Job:
         self.limits = limits
         self.output = output
         self.spool = spool
+        self.times: FileSpool | None = None  # the times file (jobworker.outputlog)
         self.state = JobState.STARTING
         self.exit_code = -1
         self.signal = 0
@@ -336,6 +340,8 @@ class Job:
             user=self.user,
             network=self.network,
             uid=self.uid,
+            name=self.name,
+            labels=self.labels,
         )
 
     def _error_text(self) -> str:
@@ -638,6 +644,8 @@ class Job:
         self.output.close()
         if self.spool is not None:
             self.spool.seal()
+        if self.times is not None:
+            self.times.seal()
         log.info(
             "job {job_id} ended: {state} exit_code={exit_code} signal={signal}",
             job_id=self.job_id,
@@ -821,6 +829,7 @@ class JobManager(Service):
             raise RequestError(f"invalid limits: {request.limits.reason}", ErrorCode.INVALID_LIMITS)
         is_admin = identity.role is Role.ADMIN
         self._check_request(request)
+        self._check_name_and_labels(identity.name, request)
         limits = self._limits_for(request.limits, is_admin)
         user = self._user_for(request.user, is_admin)
         if request.network is Network.HOST and not is_admin:
@@ -841,8 +850,10 @@ class JobManager(Service):
         except BaseException:
             self._forget_uid(dynamic_uid)
             raise
-        output = OutputLog(spool, ring_size=self.config.ring_size, retention=self.config.retention)
+        times = self._open_times(job_id)
+        output = OutputLog(spool, ring_size=self.config.ring_size, retention=self.config.retention, times=times)
         job = Job(self, job_id, identity.name, request, limits, user, output, spool)
+        job.times = times
         try:
             helper_config = self._helper_config(job, request, dynamic_uid)
             if self.cgroups is not None:
@@ -870,6 +881,8 @@ class JobManager(Service):
             if job.cgroup is not None:
                 self._remove_cgroup(job.cgroup)
             spool.remove()
+            if times is not None:
+                times.remove()
             self.store.forget(job_id)
             self._forget_uid(dynamic_uid)
             raise
@@ -928,8 +941,11 @@ class JobManager(Service):
         self.jobs.pop(job.job_id, None)
         if job.spool is not None:
             job.spool.seal()
+        if job.times is not None:
+            job.times.seal()
         # A directory in the spool's place is logged and left (discard).
         discard(self.store.spool_path(job.job_id))
+        discard(self.store.times_path(job.job_id))
         self.store.forget(job.job_id)
         job.output._notify()
 
@@ -941,6 +957,40 @@ class JobManager(Service):
             raise RequestError("permission denied", ErrorCode.PERMISSION_DENIED)
         if verdict is Verdict.NOT_FOUND:
             raise RequestError("no such job", ErrorCode.NOT_FOUND)
+
+    def _open_times(self, job_id: uuid.UUID) -> FileSpool | None:
+        """
+        The job's times file; None when it cannot be made (the job runs,
+        its output's times are then known only while the server runs).
+        """
+        try:
+            return FileSpool(self.store.times_path(job_id))
+        except OSError as exc:
+            log.warn("job {job_id}: no times file: {error}", job_id=job_id, error=exc.strerror or exc)
+            return None
+
+    def _check_name_and_labels(self, owner: str, request: StartRequest) -> None:
+        """
+        A start request's name and labels follow L{jobworker.jobnames}, and
+        the name is not that of another of C{owner}'s jobs not removed (as
+        docker's container names: a finished job keeps its name until it
+        is removed).
+
+        @raise RequestError: C{BAD_REQUEST} for the syntax or a cap,
+            C{NAME_IN_USE} for a name taken.
+        """
+        try:
+            check_name(request.name)
+            check_labels(request.labels)
+        except NameError_ as exc:
+            raise RequestError(str(exc), ErrorCode.BAD_REQUEST) from None
+        if request.name:
+            for job in self.jobs.values():
+                if job.owner == owner and job.name == request.name:
+                    raise RequestError(
+                        f"the name {request.name!r} is in use by job {job.job_id} (remove it first, or choose another)",
+                        ErrorCode.NAME_IN_USE,
+                    )
 
     @staticmethod
     def _check_request(request: StartRequest) -> None:
@@ -1199,12 +1249,22 @@ class JobManager(Service):
             user=status.user,
             network=status.network,
             limits=status.limits,
+            name=status.name,
+            labels=status.labels,
         )
         path = self.store.spool_path(status.job_id)
         spool: FileSpool | None
+        times: FileSpool | None
+        try:
+            # No times file: a spool written before times were recorded.
+            times = FileSpool(self.store.times_path(status.job_id), create=False)
+        except OSError:
+            times = None
         try:
             spool = FileSpool(path, create=False)
-            output = OutputLog.from_spool(spool, ring_size=self.config.ring_size, expected_end=status.output_bytes)
+            output = OutputLog.from_spool(
+                spool, ring_size=self.config.ring_size, expected_end=status.output_bytes, times=times
+            )
         except OSError as exc:
             spool = None
             output = OutputLog.from_spool(MemorySpool(), expected_end=status.output_bytes)
@@ -1212,7 +1272,10 @@ class JobManager(Service):
                 output.damage = f"output spool {path} cannot be read: {exc.strerror or exc}"
         if output.damage is not None:
             log.error("job {job_id}: {damage}; readers get a gap there", job_id=status.job_id, damage=output.damage)
+        if output.times_damage is not None:
+            log.error("job {job_id}: {damage}; later output has no times", job_id=status.job_id, damage=output.times_damage)
         job = Job(self, status.job_id, status.owner, request, status.limits, status.user, output, spool)
+        job.times = times
         job._started = None
         for name in ("state", "exit_code", "signal", "created_at", "started_at", "ended_at", "error", "stopped_by", "usage", "uid"):
             setattr(job, name, getattr(status, name))
