@@ -175,12 +175,12 @@ class JobStatus:
     user: str = ""
     network: Network = Network.NONE
     uid: int = UID_UNKNOWN  # the uid the command runs as
-    name: str = ""  # "" = no name (jobworker.jobnames has the syntax)
-    labels: tuple[tuple[str, str], ...] = ()  # (key, value), in the order given
     # True when the texts and argv above were cut to fit a frame (spec
     # section 6.2, "Abridged statuses"); the full status is not lost, only
     # not sent in this frame.
     abridged: bool = False
+    name: str = ""  # "" = no name (jobworker.jobnames has the syntax)
+    labels: tuple[tuple[str, str], ...] = ()  # (key, value), in the order given
 
 
 # An abridged status (spec section 6.2) keeps at most this many argv items
