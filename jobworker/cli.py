@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--io-write-bps", type=_limit(lambda t: parse_size(t, what="io-write-bps")), default=0, metavar="BYTES", help="disk write bandwidth per second, e.g. 5M")
         sub.add_argument("--pids", type=_limit(parse_count), default=0, metavar="N", help="most processes and threads at once")
         sub.add_argument("--timeout", type=_limit(parse_duration), default=0, metavar="DURATION", help="stop the job after this long, e.g. 30s, 5m")
-        sub.add_argument("--name", type=_job_name, default="", metavar="NAME",
+        sub.add_argument("--name", type=_job_name, default=None, metavar="NAME",
                          help="a name for the job, unique among your jobs not removed; usable wherever an id is "
                          "(letters, digits, _ . -; at most 128 bytes)")
         sub.add_argument("-l", "--label", action="append", default=[], type=_label, metavar="KEY=VALUE",
@@ -187,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
         help="only jobs in these states (" + ", ".join(state.label for state in m.JobState) + "; repeatable)",
     )
     listing.add_argument("--owner", default="", metavar="NAME", help="only jobs of this owner (certificate CN)")
-    listing.add_argument("--name", type=_job_name, default="", metavar="NAME", help="only the job of this name")
+    listing.add_argument("--name", type=_job_name, default=None, metavar="NAME", help="only the job of this name")
     listing.add_argument("-l", "--label", action="append", default=[], type=_label_filter, metavar="KEY[=VALUE]",
                          help="only jobs with this label (and value); repeatable, all must match")
 
@@ -475,7 +475,7 @@ def _start_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]
         "user": args.user,
         "network": network,
         "limits": limits,
-        "name": args.name,
+        "name": args.name or "",
         "labels": labels,
     }
 
@@ -1145,7 +1145,7 @@ def _cmd_list(cmd: _Command) -> int:
     # header with nothing under it.  The server pages oldest first.
     jobs = list(
         cmd.client.list(
-            states=[state for group in args.state for state in group], owner=args.owner, name=args.name, labels=args.label
+            states=[state for group in args.state for state in group], owner=args.owner, name=args.name or "", labels=args.label
         )
     )
     jobs.sort(key=lambda job: (job.created_at, job.job_id.int), reverse=True)
@@ -1365,6 +1365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         # Reported by the command's own parser, with its exit code (125 for run).
         args._subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("start", "run"):
+        try:
+            # Each label was checked alone; together they have caps too.
+            check_labels(args.label)
+        except NameError_ as exc:
+            args._subcommands[args.command].error(f"argument -l/--label: {exc}")
     try:
         try:
             targets = _targets(args)
