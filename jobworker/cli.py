@@ -31,7 +31,8 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from jobworker import __version__
 from jobworker.blocking import BlockingClient, ConnectionFailed, parse_address
@@ -325,7 +326,7 @@ def _start_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]
         pids=args.pids,
         timeout_ms=args.timeout,
     )
-    for index, item in enumerate([*argv, *(k for k, _ in env), *(v for _, v in env), args.workdir]):
+    for item in [*argv, *(k for k, _ in env), *(v for _, v in env), args.workdir]:
         size = len(item.encode("utf-8", "surrogateescape"))
         if size > MAX_TEXT_BYTES:
             raise UsageError(f"an argument or environment string of {size} bytes is longer than the protocol's {MAX_TEXT_BYTES}")
@@ -845,7 +846,7 @@ def _cmd_stop(cmd: _Command) -> int:
     client = cmd.client
     code = 0
     stopped = []
-    for text, job_id in _each_job(cmd, args.job_ids):
+    for _text, job_id in _each_job(cmd, args.job_ids):
         if job_id is None:
             code = 1
             continue
@@ -874,7 +875,7 @@ def _cmd_kill(cmd: _Command) -> int:
     args = cmd.args
     client = cmd.client
     code = 0
-    for text, job_id in _each_job(cmd, args.job_ids):
+    for _text, job_id in _each_job(cmd, args.job_ids):
         if job_id is None:
             code = 1
             continue
@@ -917,7 +918,7 @@ def _cmd_rm(cmd: _Command) -> int:
     args = cmd.args
     client = cmd.client
     code = 0
-    for text, job_id in _each_job(cmd, args.job_ids):
+    for _text, job_id in _each_job(cmd, args.job_ids):
         if job_id is None:
             code = 1
             continue
@@ -1211,10 +1212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # The reader of our output went away (jobcli logs ID | head).
-        try:
-            sys.stdout = None  # type: ignore[assignment]
-        finally:
-            return 141
+        sys.stdout = None
+        return 141
 
 
 if __name__ == "__main__":

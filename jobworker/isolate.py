@@ -175,6 +175,7 @@ import errno
 import gc
 import sys
 
+# isort: split
 # The C modules, not os.py and signal.py: those wrappers import posixpath,
 # stat, _collections_abc and enum, which cost every job milliseconds and
 # memory.
@@ -660,7 +661,7 @@ def mount_scratch(size: int) -> None:
         except OSError as e:
             raise StartError.from_os_error("setup", f"mkdir {source}", e) from None
         sources.append(source)
-    for path, source in zip(targets, sources):
+    for path, source in zip(targets, sources, strict=True):
         _mount(source.encode(), path, None, MS_BIND, None, "bind scratch on")
 
 

@@ -36,7 +36,8 @@ import os
 import queue
 import threading
 from collections import deque
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 __all__ = ["FileSpool", "SpoolFailure", "HIGH_WATER", "LOW_WATER"]
 

@@ -24,11 +24,11 @@ import json
 import os
 import stat
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from jobworker.logs import Logger
-
 from jobworker.protocol.messages import JobStatus
 from jobworker.records import salvage_status, status_to_dict
 

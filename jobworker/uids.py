@@ -34,8 +34,8 @@ import fcntl
 import grp
 import os
 import pwd
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from jobworker.errors import ErrorCode, RequestError
 

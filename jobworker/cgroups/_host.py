@@ -13,8 +13,8 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from jobworker.cgroups._interface import CgroupError
 from jobworker.errors import ErrorCode, RequestError

@@ -53,7 +53,7 @@ forking fast can then take several rounds.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from jobworker.cgroups._devices import BlockDevice
 from jobworker.cgroups._host import (
@@ -64,8 +64,8 @@ from jobworker.cgroups._host import (
     make_each,
     optional_int,
     optional_keyed,
-    poll,
     pids_below,
+    poll,
     read_text,
     remove_directories,
     remove_empty,

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from jobworker.cgroups._devices import BlockDevice
 from jobworker.cgroups._host import (
@@ -66,9 +66,9 @@ from jobworker.cgroups._host import (
     make_each,
     optional_int,
     optional_keyed,
+    pids_below,
     poll,
     read_keyed,
-    pids_below,
     read_pids,
     read_text,
     remove_directories,
