@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     json_option(start)
     job_options(start)
     run = commands.add_parser("run", help="start a job, stream its output, exit with its code")
-    run.usage_exit = OWN_ERROR  # type: ignore[attr-defined]
+    run.usage_exit = OWN_ERROR
     run.add_argument("-v", "--verbose", action="store_true", help="print the job's id on stderr first (also when stderr is a terminal)")
     job_options(run)
 
@@ -273,7 +273,8 @@ def _states(text: str) -> list[m.JobState]:
 
 def _keepalive(args: argparse.Namespace) -> float:
     if args.keepalive is not None:
-        return args.keepalive
+        seconds: float = args.keepalive
+        return seconds
     text = os.environ.get("JOBWORKER_KEEPALIVE") or "30"
     try:
         return _seconds(text)
@@ -982,7 +983,9 @@ def _cmd_list(cmd: _Command) -> int:
     if args.json:
         cmd.results.extend(_status_json(job) for job in jobs)
         return 0
-    ident = (lambda job: str(job.job_id)) if args.no_trunc else (lambda job: _short(job.job_id))
+    ident: Callable[[m.JobStatus], str] = (
+        (lambda job: str(job.job_id)) if args.no_trunc else (lambda job: _short(job.job_id))
+    )
     if args.quiet:
         for job in jobs:
             cmd.console.out(ident(job))

@@ -58,7 +58,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -160,11 +160,13 @@ def read_credentials(
         raise CredentialError(
             f"{key_path} holds no unencrypted PEM private key ({e})"
         ) from None
-    if not isinstance(key, CertificateIssuerPrivateKeyTypes):
+    # A Union works with isinstance at run time (3.10+); mypy takes only
+    # classes, hence the ignore and the cast below.
+    if not isinstance(key, CertificateIssuerPrivateKeyTypes):  # type: ignore[arg-type]
         raise CredentialError(f"{key_path}: a {type(key).__name__} cannot sign")
     if key.public_key() != chain[0].public_key():
         raise CredentialError(f"{key_path} is not the private key of {cert_path}")
-    return chain, key
+    return chain, cast(CertificateIssuerPrivateKeyTypes, key)
 
 
 def make_ca(

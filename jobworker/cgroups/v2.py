@@ -135,7 +135,7 @@ class CgroupV2Job:
     def __init__(self, path: str, calls: HostCalls, *, use_cgroup_kill: bool = True) -> None:
         self.path = path
         self.path_description = path
-        self.procs_files = (os.path.join(path, "cgroup.procs"),)
+        self.procs_files: tuple[str, ...] = (os.path.join(path, "cgroup.procs"),)
         self.controller_dirs = {name: path for name in LIMIT_CONTROLLERS + ("freezer",)}
         self._calls = calls
         self._use_cgroup_kill = use_cgroup_kill
