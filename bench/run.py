@@ -33,8 +33,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
@@ -551,7 +552,7 @@ class JobworkerServer:
         """
         result = subprocess.run(
             [os.path.join(VENV_BIN, "python"), CLIENTS, *args],
-            env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+            env=self.env, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
         )  # fmt: skip
         if result.returncode != 0:
             raise BenchError(f"clients.py {args[0]} exited {result.returncode}: {result.stderr.decode(errors='replace')[-2000:]}")

@@ -11,19 +11,18 @@ client sends.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import ssl
 import threading
 import uuid
-import contextlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from jobworker.blocking import CIPHER_READ, BlockingClient, ConnectionFailed, _TLSChannel
 from jobworker.clienttls import client_ssl_context

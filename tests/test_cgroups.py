@@ -14,8 +14,7 @@ import shutil
 import signal
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from jobworker.cgroups import CgroupError, CgroupV1Driver, CgroupV2Driver, Usage, detect
 from jobworker.cgroups._devices import throttled_block_devices

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from twisted.internet import defer
@@ -404,7 +405,7 @@ def test_credit_only_after_the_callback_returns() -> None:
     def slow(fd: int, data: bytes) -> None:
         updates_seen_in_callback.append(server.receive())
 
-    follower = client.follow(JOB, slow, window=100)
+    client.follow(JOB, slow, window=100)
     request = server.receive_one(m.FollowRequest)
     server.send(m.OkResponse(request.request_id), output(request, 0, b"x" * 100))
     assert updates_seen_in_callback == [[]]

@@ -29,8 +29,7 @@ import pytest
 
 from jobworker.errors import ErrorCode, ProtocolError
 from jobworker.limits import Limits
-from jobworker.protocol import messages as m
-from jobworker.protocol import wire
+from jobworker.protocol import messages as m, wire
 from jobworker.protocol.framing import FrameBuffer
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "protocol-spec"
@@ -234,7 +233,7 @@ def table_after(heading: re.Pattern[str], lines: list[str] | None = None) -> lis
     C{heading}, as dicts keyed by the header cells.
     """
     lines = _readme() if lines is None else lines
-    for index, line in enumerate(lines):
+    for index, line in enumerate(lines):  # noqa: B007 - index is used after the loop
         if line.startswith("#") and heading.search(line.lstrip("#").strip()):
             break
     else:

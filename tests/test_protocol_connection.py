@@ -13,8 +13,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from jobworker.errors import ErrorCode, ProtocolError
 from jobworker.protocol import messages as m

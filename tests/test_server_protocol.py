@@ -22,7 +22,7 @@ from twisted.logger import capturedLogs
 import jobworker.server as server_module
 from jobworker.errors import ErrorCode, RequestError
 from jobworker.outputlog import MemorySpool, OutputLog
-from jobworker.policy import Identity, Operation, Role as PolicyRole, authorize, may_see, Verdict
+from jobworker.policy import Identity, Operation, Verdict, authorize, may_see
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, MIN_FRAME_SIZE, Connection, Role
 from jobworker.server import ServerFactory, ServerLimits

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,18 +26,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from service_identity import VerificationError
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     SSL4ServerEndpoint,
     TCP4ClientEndpoint,
     connectProtocol,
     wrapClientTLS,
 )
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IListeningPort,
@@ -95,7 +94,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     directory = tmp_path_factory.mktemp("pki")
     make_dev_pki(directory)
     ca = directory / "ca.pem", directory / "ca.key"
-    yesterday = datetime.now(timezone.utc) - timedelta(days=1)
+    yesterday = datetime.now(UTC) - timedelta(days=1)
     make_client_cert(
         directory,
         *ca,
@@ -443,7 +442,7 @@ _KEY = ec.generate_private_key(ec.SECP256R1())
 
 def certificate_for(attributes: list[tuple[x509.ObjectIdentifier, str]]) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(oid, value) for oid, value in attributes])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(name)
