@@ -36,7 +36,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 __all__ = ["FileSpool", "SpoolFailure", "HIGH_WATER", "LOW_WATER"]
@@ -63,7 +63,7 @@ class SpoolFailure(NamedTuple):
     error: OSError
 
 
-def _after(pieces: list[bytes | memoryview], skip: int) -> list[bytes | memoryview]:
+def _after(pieces: Sequence[bytes | memoryview], skip: int) -> Sequence[bytes | memoryview]:
     """
     C{pieces} without their first C{skip} bytes (after a short write).
     """

@@ -365,12 +365,12 @@ class ProtocolTarget:
         self.certificate = _client_certificate()
         self.failures: list[str] = []
         self._observer = self._watch
-        globalLogPublisher.addObserver(self._observer)
+        globalLogPublisher.addObserver(self._observer)  # type: ignore[arg-type]  # a callable of one event is an observer
 
     def close(self) -> None:
         from twisted.logger import globalLogPublisher
 
-        globalLogPublisher.removeObserver(self._observer)
+        globalLogPublisher.removeObserver(self._observer)  # type: ignore[arg-type]  # a callable of one event is an observer
 
     def _watch(self, event: dict) -> None:
         if event.get("log_failure") is not None or event.get("isError"):

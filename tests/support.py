@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,7 +229,7 @@ def start_server(
     port: int | None = None,
     user: str | None = None,
     wrapper: list[str] | None = None,
-    cgroup_procs: list[str] = (),
+    cgroup_procs: Sequence[str] = (),
 ) -> RunningServer:
     """
     Start a server and wait until it accepts connections (at most

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -594,7 +594,7 @@ class StallingEndpoint:
 
 def test_connect_times_out_connecting(certs) -> None:
     clock = MemoryReactorClock()
-    endpoint = SilentEndpoint()
+    endpoint: Any = SilentEndpoint()  # a duck-typed IStreamClientEndpoint
     connecting = connect(
         clock, endpoint, ca=certs / "ca.pem", cert=certs / "alice.pem", key=certs / "alice.key",
         hostname="localhost", timeout=5,
@@ -608,7 +608,7 @@ def test_connect_times_out_connecting(certs) -> None:
 
 def test_connect_times_out_waiting_for_the_hello(certs) -> None:
     clock = MemoryReactorClock()
-    endpoint = StallingEndpoint()
+    endpoint: Any = StallingEndpoint()  # a duck-typed IStreamClientEndpoint
     connecting = connect(
         clock, endpoint, ca=certs / "ca.pem", cert=certs / "alice.pem", key=certs / "alice.key",
         hostname="localhost", timeout=5,
@@ -620,8 +620,9 @@ def test_connect_times_out_waiting_for_the_hello(certs) -> None:
 
 
 def test_connect_needs_a_hostname_with_an_endpoint(certs) -> None:
+    endpoint: Any = SilentEndpoint()  # a duck-typed IStreamClientEndpoint
     with pytest.raises(ValueError, match="hostname"):
-        connect(MemoryReactorClock(), SilentEndpoint(), ca=certs / "ca.pem", cert=certs / "alice.pem", key=certs / "alice.key")
+        connect(MemoryReactorClock(), endpoint, ca=certs / "ca.pem", cert=certs / "alice.pem", key=certs / "alice.key")
 
 
 # -- against a real server ----------------------------------------------------------------
@@ -632,7 +633,7 @@ def test_connect_needs_a_hostname_with_an_endpoint(certs) -> None:
 REAL_TEST_TIMEOUT_S = 60
 
 
-def real_server_test(test: Callable[..., Awaitable[None]]) -> Callable[..., defer.Deferred[None]]:
+def real_server_test(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., defer.Deferred[None]]:
     """
     Run an async test in the reactor (pytest-twisted waits for the Deferred
     it returns), cancelled after L{REAL_TEST_TIMEOUT_S}.

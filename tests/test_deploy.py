@@ -380,6 +380,7 @@ def _need_systemd_tool(name: str) -> str:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
         found = shutil.which(name)
     need(found is not None, f"needs {name} (Debian package systemd)")
+    assert found is not None  # need() did not return otherwise
     return found
 
 

@@ -323,8 +323,8 @@ def test_an_ambiguous_prefix_lists_the_candidates():
     from jobworker.protocol import messages as m
 
     ids = [uuid.UUID("abcd1234" + "0" * 24), uuid.UUID("abcd5678" + "0" * 24), uuid.UUID("ffff" + "0" * 28)]
-    client = BlockingClient(("127.0.0.1", 1), None)  # type: ignore[arg-type]
-    client.iter_jobs = lambda **_: iter(m.JobStatus(job_id, "a", ("x",), m.JobState.EXITED) for job_id in ids)  # type: ignore[method-assign]
+    client = BlockingClient(("127.0.0.1", 1), None)
+    client.iter_jobs = lambda **_: iter(m.JobStatus(job_id, "a", ("x",), m.JobState.EXITED) for job_id in ids)
     with pytest.raises(RequestError) as caught:
         client.resolve_job_ids(["abcd"])
     assert caught.value.code is ErrorCode.BAD_REQUEST

@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -360,7 +361,7 @@ def test_every_stream_ends_whatever_the_client_frame_size(server, raw) -> None:
     assert complete.argv == argv and not complete.abridged
 
 
-BAD_STARTS = {
+BAD_STARTS: dict[str, dict[str, Any]] = {
     "NUL in user": dict(argv=["true"], user="no\0body"),
     "NUL in argv[0]": dict(argv=["tr\0ue"]),
     "NUL in an argument": dict(argv=["echo", "a\0b"]),

@@ -40,7 +40,7 @@ def load(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-def names(certificate: x509.Certificate, oid: x509.ObjectIdentifier) -> list[str]:
+def names(certificate: x509.Certificate, oid: x509.ObjectIdentifier) -> list[str | bytes]:
     return [attribute.value for attribute in certificate.subject.get_attributes_for_oid(oid)]
 
 

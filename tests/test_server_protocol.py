@@ -12,6 +12,7 @@ statuses of any size, paged lists, and unexpected errors.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -470,7 +471,7 @@ def test_a_user_lists_only_its_own_jobs(monkeypatch: pytest.MonkeyPatch) -> None
 # -- unexpected errors -------------------------------------------------------------
 
 
-def failures(logged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def failures(logged: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [event for event in logged if "log_failure" in event]
 
 

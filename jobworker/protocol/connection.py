@@ -220,7 +220,7 @@ class Connection:
 
     # -- receiving -----------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[m.Message]:
+    def receive_data(self, data: bytes | memoryview) -> list[m.Message]:
         """
         Feed bytes from the peer; return the messages they complete.
 
