@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from jobworker.cgroups._interface import CgroupError
+from jobworker.host.cgroups._interface import CgroupError
 from jobworker.errors import ErrorCode, RequestError
 
 __all__ = [
@@ -76,7 +76,7 @@ def _mkdir(path: str) -> None:
 class HostCalls:
     """
     The kernel as the drivers use it.  The defaults are the real calls;
-    L{jobworker.cgroups.testing} supplies a fake.
+    L{jobworker.host.cgroups.testing} supplies a fake.
     """
 
     mkdir: Callable[[str], None] = _mkdir
