@@ -428,7 +428,7 @@ class RssSampler:
 
 # -- cgroups ------------------------------------------------------------------
 
-# The v1 hierarchies jobworker's cgroup driver uses (see jobworker/cgroups/v1.py).
+# The v1 hierarchies jobworker's cgroup driver uses (see jobworker/host/cgroups/v1.py).
 V1_CONTROLLERS = {"cpu", "cpuacct", "memory", "blkio", "pids", "freezer"}
 
 

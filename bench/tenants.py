@@ -6,7 +6,7 @@ job of this checkout against a baseline revision without it, in one run.
     python3 bench/tenants.py [--baseline REV] [--runs 20] [--jobs 20]
 
 The baseline (default: the parent of the commit that added
-C{jobworker/uids.py}, i.e. the tree just before the tenant work) is checked
+C{jobworker/host/uids.py}, i.e. the tree just before the tenant work) is checked
 out in a temporary git worktree and run with this checkout's virtualenv, its
 own code first on C{PYTHONPATH}, for the server, C{jobcli} and
 C{bench/clients.py} alike, so that each side speaks its own protocol.  Both
@@ -49,11 +49,11 @@ _spec.loader.exec_module(bench)  # type: ignore[union-attr]
 
 def default_baseline() -> str:
     added = subprocess.run(
-        ["git", "log", "--diff-filter=A", "--format=%H", "--", "jobworker/uids.py"],
+        ["git", "log", "--diff-filter=A", "--format=%H", "--", "jobworker/host/uids.py"],
         cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     if not added:
-        raise SystemExit("bench/tenants.py: no commit adds jobworker/uids.py; give --baseline")
+        raise SystemExit("bench/tenants.py: no commit adds jobworker/host/uids.py; give --baseline")
     return f"{added[-1]}^"
 
 
@@ -156,7 +156,7 @@ def namespace_setup_s(workspace, runs: int) -> dict[str, list[float]]:
     where the end-to-end latency is dominated by Python start-ups and noise.
     """
     sys.path.insert(0, REPO)
-    from jobworker import isolate
+    from jobworker.host import isolate
 
     state = workspace.path("setup-state")
     os.makedirs(state, exist_ok=True)
@@ -203,7 +203,7 @@ def namespace_setup_s(workspace, runs: int) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", default=None, help="revision without tenant isolation (default: before jobworker/uids.py)")
+    parser.add_argument("--baseline", default=None, help="revision without tenant isolation (default: before jobworker/host/uids.py)")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--setup-runs", type=int, default=200)

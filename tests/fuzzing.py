@@ -37,7 +37,7 @@ from typing import Any
 
 from jobworker.errors import ErrorCode, ProtocolError, RequestError
 from jobworker.limits import Limits
-from jobworker.outputlog import MemorySpool, OutputLog
+from jobworker.output.log import MemorySpool, OutputLog
 from jobworker.policy import Operation
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role
@@ -357,7 +357,7 @@ class ProtocolTarget:
         from twisted.internet.testing import MemoryReactorClock
         from twisted.logger import globalLogPublisher
 
-        from jobworker.server import ServerFactory, ServerLimits
+        from jobworker.server.connection import ServerFactory, ServerLimits
 
         self.clock = MemoryReactorClock()
         self.manager = FakeManager(jobs)

@@ -50,7 +50,7 @@ def cgroup_layout() -> str:
     it in their ids (C{[v1]}, C{[v2]}) so that every report says which
     driver ran; it only reads /proc, so it is safe at collection time.
     """
-    from jobworker.cgroups import detect
+    from jobworker.host.cgroups import detect
 
     try:
         driver = detect()

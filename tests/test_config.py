@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.service import CONFIG_PATH, Options, StartupError
+from jobworker.server.service import CONFIG_PATH, Options, StartupError
 from tests.support import REPO
 
 EXAMPLE = REPO / "contrib" / "jobworker.toml"

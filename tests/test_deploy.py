@@ -289,7 +289,7 @@ def test_startup_error_missing_cgroup_controller_on_this_host(certs, tmp_path):
     with a default pids limit is refused at start-up, naming the option.
     """
     need_root()
-    from jobworker.cgroups import detect
+    from jobworker.host.cgroups import detect
 
     v2 = detect(version="v2")
     if v2 is not None and "pids" in v2.controllers:
@@ -425,7 +425,7 @@ def test_systemd_unit_matches_what_the_service_does(tmp_path):
     assert settings["Delegate"] == "yes"
     # The server stops every job itself on SIGTERM: systemd signals it alone.
     assert settings["KillMode"] == "mixed"
-    from jobworker.service import Options
+    from jobworker.server.service import Options
 
     grace = float(Options().defaults["grace"])
     assert float(settings["TimeoutStopSec"]) > grace + 5
@@ -433,7 +433,7 @@ def test_systemd_unit_matches_what_the_service_does(tmp_path):
     # the documented default.
     command = settings["ExecStart"].split()
     assert command[1:5] == ["--nodaemon", "--pidfile=", "jobworker", "--config"]
-    from jobworker.service import CONFIG_PATH
+    from jobworker.server.service import CONFIG_PATH
 
     assert command[5] == CONFIG_PATH
     # Every left-out option is named with its reason.

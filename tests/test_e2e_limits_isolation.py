@@ -35,7 +35,7 @@ def driver(request):
     The cgroup driver the server picks on this host (not prepared: the
     server does that), for its name and controllers.
     """
-    from jobworker.cgroups import detect
+    from jobworker.host.cgroups import detect
 
     need_root()
     need(request.param != "none", "no usable cgroup hierarchy")
@@ -428,7 +428,7 @@ def delegated_server(certs, tmp_path_factory, driver):
     @return: the server and the unit's cgroup directories (one on v2, one
         per hierarchy on v1).
     """
-    from jobworker.cgroups import detect
+    from jobworker.host.cgroups import detect
 
     need_root()
     outer = detect(prefix=f"jobworker-test-slices-{os.getpid()}")

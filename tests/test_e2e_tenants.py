@@ -336,7 +336,7 @@ def tenants_big_shm(certs, tmp_path_factory):
     sets, so that the memory limit, not the size, stops the writer.
     """
     need_root()
-    from jobworker.cgroups import detect
+    from jobworker.host.cgroups import detect
 
     driver = detect()
     need(driver is not None and "memory" in driver.controllers, "needs the memory controller")

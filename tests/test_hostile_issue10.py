@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from jobworker.outputlog import RECORD_HEADER_SIZE, OutputLog
+from jobworker.jobs.store import JobStore
+from jobworker.output.log import RECORD_HEADER_SIZE, OutputLog
+from jobworker.output.spool import FileSpool
 from jobworker.protocol import messages as m
 from jobworker.protocol.wire import status_size
-from jobworker.spool import FileSpool
-from jobworker.store import JobStore
 from tests.test_full_disk import small_disk  # noqa: F401 - a fixture
 
 U64 = 2**64 - 1
@@ -159,7 +159,7 @@ def test_a_uid_claim_that_fails_for_want_of_resources_is_out_of_resources(errno_
     from types import SimpleNamespace
 
     from jobworker.errors import ErrorCode, RequestError
-    from jobworker.jobs import JobManager
+    from jobworker.jobs.manager import JobManager
 
     def allocate(holder: str) -> int:
         raise OSError(errno_, os.strerror(errno_))
@@ -193,7 +193,7 @@ def test_a_uid_claim_that_fails_for_want_of_resources_is_out_of_resources(errno_
 def test_server_time_options_must_be_finite_seconds(option: str, value: str) -> None:
     from twisted.python import usage
 
-    from jobworker.service import Options
+    from jobworker.server.service import Options
 
     with pytest.raises(usage.UsageError, match=option.lstrip("-")):
         Options().parseOptions([option, value])
@@ -201,7 +201,7 @@ def test_server_time_options_must_be_finite_seconds(option: str, value: str) -> 
 
 @pytest.mark.parametrize("option, value", [("--keepalive-interval", "0"), ("--grace", "0"), ("--idle-timeout", "0.5")])
 def test_server_time_options_within_the_rules(option: str, value: str) -> None:
-    from jobworker.service import Options
+    from jobworker.server.service import Options
 
     options = Options()
     options.parseOptions([option, value])

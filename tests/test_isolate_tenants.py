@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker import isolate
+from jobworker.host import isolate
 from tests.support import need_root
 from tests.test_isolate import PYTHON, TIMEOUT, need_namespaces, run, shell
 

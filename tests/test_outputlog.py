@@ -1,6 +1,6 @@
 """
-Tests for a job's output log (L{jobworker.outputlog}) and its on-disk spool
-(L{jobworker.spool}).
+Tests for a job's output log (L{jobworker.output.log}) and its on-disk spool
+(L{jobworker.output.spool}).
 
 The log is checked against a reference model: the plain list of every
 record appended.  Whatever the ring size and retention limit, a reader from
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from jobworker.outputlog import RECORD_HEADER_SIZE, Chunk, MemorySpool, OutputLog
-from jobworker.spool import FileSpool, SpoolFailure
+from jobworker.output.log import RECORD_HEADER_SIZE, Chunk, MemorySpool, OutputLog
+from jobworker.output.spool import FileSpool, SpoolFailure
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -549,7 +549,7 @@ def test_file_spool_writes_the_pieces_of_an_append_in_order(tmp_path: Path) -> N
 
 
 def test_pieces_after_a_short_write() -> None:
-    from jobworker.spool import _after
+    from jobworker.output.spool import _after
 
     pieces = [b"abc", b"", b"defg", b"h"]
     for skip in range(9):
@@ -653,7 +653,7 @@ class FillingDisk:
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import jobworker.spool
+        import jobworker.output.spool
 
         self.full = False
         self.room = 0  # bytes a write may still take once full
@@ -668,7 +668,7 @@ class FillingDisk:
             self.room -= len(data)
             return real(fd, [data], offset)
 
-        monkeypatch.setattr(jobworker.spool.os, "pwritev", pwritev)
+        monkeypatch.setattr(jobworker.output.spool.os, "pwritev", pwritev)
 
 
 def test_a_brief_full_disk_becomes_a_gap_and_spooling_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -729,7 +729,7 @@ class FlakySpool(MemorySpool):
         if self.failure is not None:
             return
         if self.full:
-            from jobworker.spool import SpoolFailure
+            from jobworker.output.spool import SpoolFailure
 
             self.failure = SpoolFailure(self.size, mark, OSError(errno.ENOSPC, "full"))
             return

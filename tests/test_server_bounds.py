@@ -27,7 +27,7 @@ from twisted.logger import globalLogPublisher
 from jobworker.errors import ErrorCode
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role
-from jobworker.server import WRITE_BUFFER, ServerFactory, ServerLimits
+from jobworker.server.connection import WRITE_BUFFER, ServerFactory, ServerLimits
 from jobworker.tls import BulkTLSMemoryBIOFactory, client_tls_options, server_tls_options
 from tests.fuzzing import FakeManager
 
@@ -585,9 +585,9 @@ async def test_a_connection_aborted_after_its_goaway_is_freed_without_the_garbag
     server aborts the connection after its grace period, and that path too
     leaves nothing for the garbage collector.
     """
-    import jobworker.server
+    import jobworker.server.connection
 
-    monkeypatch.setattr(jobworker.server, "ABORT_GRACE_S", 0.3)
+    monkeypatch.setattr(jobworker.server.connection, "ABORT_GRACE_S", 0.3)
     harness = Harness(certs, ServerLimits(frame_timeout_s=0.3))
     await harness.listen()
     gc.collect()
@@ -652,7 +652,7 @@ async def test_a_flood_of_requests_does_not_hold_up_another_connection(certs: Pa
     reactor: another client's request, sent just after a flood of
     thousands in one write, is answered long before the flood is.
     """
-    from jobworker.server import INBOX_TURN
+    from jobworker.server.connection import INBOX_TURN
 
     harness = Harness(certs, ServerLimits(audit_burst=10))
     await harness.listen()

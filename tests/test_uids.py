@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jobworker.errors import ErrorCode
-from jobworker.uids import (
+from jobworker.host.uids import (
     DEFAULT_FIRST_UID,
     DEFAULT_LAST_UID,
     UidAllocator,

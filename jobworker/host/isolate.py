@@ -4,7 +4,7 @@ into its cgroups and namespaces, drops privileges and execs the command.
 
 The server runs it by path, never imports it for this::
 
-    python -I -S /path/to/jobworker/isolate.py CONFIG_JSON
+    python -I -S /path/to/jobworker/host/isolate.py CONFIG_JSON
 
 (or with C{-} for CONFIG_JSON and the configuration written to stdin) or,
 faster, runs the bytecode that L{compiled_helper} returns the same way, with

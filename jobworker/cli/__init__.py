@@ -1085,7 +1085,7 @@ def _cmd_config(cmd: _Command) -> int:
 
 
 def _cmd_completion(cmd: _Command) -> int:
-    from jobworker.completion import completion_script
+    from jobworker.cli.completion import completion_script
 
     cmd.console.out(completion_script(_parser(), cmd.args.shell))
     return 0

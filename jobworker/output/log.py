@@ -46,7 +46,7 @@ Reads from the spool are bounded by the caller's C{limit}, so serving a
 follower far behind never blocks the reactor for long.
 
 This module does no I/O of its own: the spool is an object with
-C{append}/C{pread} (L{jobworker.spool.FileSpool} on disk,
+C{append}/C{pread} (L{jobworker.output.spool.FileSpool} on disk,
 L{MemorySpool} in tests).
 """
 

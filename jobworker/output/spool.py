@@ -22,7 +22,7 @@ after it, and reports the L{failure}: the file position it stopped at and
 the caller's C{mark} (the data offset) of the first record it lost.  It
 accepts and drops appends until its owner calls L{resume}; the owner (the
 output log) then knows exactly which bytes the file lacks and records them
-as a gap (see L{jobworker.outputlog}).
+as a gap (see L{jobworker.output.log}).
 
 Records are written at the position the spool expects (C{pwritev}), not
 appended, so that a file truncated behind the server's back keeps the
@@ -110,7 +110,7 @@ class _Writer:
 
 class FileSpool:
     """
-    An append-only file that an L{jobworker.outputlog.OutputLog} writes its
+    An append-only file that an L{jobworker.output.log.OutputLog} writes its
     records to.
 
     @ivar on_drained: called (from the writer thread) when a congested
