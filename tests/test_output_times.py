@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobworker.outputlog import (
+from jobworker.output.log import (
     GAP_FD,
     MARK_STEP_US,
     TIME_FILE_MAGIC,
@@ -23,7 +23,7 @@ from jobworker.outputlog import (
 )
 from jobworker.protocol import messages as m
 from jobworker.protocol import wire
-from jobworker.spool import FileSpool
+from jobworker.output.spool import FileSpool
 
 T0 = 1_780_000_000_000_000  # µs
 

@@ -7,7 +7,8 @@ builds the response; the server supplies the jobs the caller may see.
 from __future__ import annotations
 
 import uuid
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from jobworker.errors import ErrorCode, RequestError
 from jobworker.jobnames import MAX_LABEL_FILTERS, NameError_, check_label_filter, check_name, labels_match

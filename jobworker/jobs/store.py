@@ -4,7 +4,7 @@ The state directory: one JSON record and one output spool per job.
 Layout::
 
     STATE_DIR/jobs/<uuid>.json   the job's record (status, environment)
-    STATE_DIR/jobs/<uuid>.out    its output spool (see jobworker.outputlog)
+    STATE_DIR/jobs/<uuid>.out    its output spool (see jobworker.output.log)
     STATE_DIR/jobs/<uuid>.times  when its output was read (ditto); may be absent
 
 Records are replaced atomically (write a temporary file completely, fsync,
@@ -25,11 +25,11 @@ import json
 import os
 import stat
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from jobworker.logs import Logger
-
 from jobworker.protocol.messages import JobStatus
 from jobworker.records import salvage_status, status_to_dict
 
@@ -103,7 +103,7 @@ class JobStore:
         @raise StateDirLocked: another server is using it.
         """
         os.makedirs(self.jobs_dir, mode=0o700, exist_ok=True)
-        self._lock_fd = os.open(os.path.join(self.state_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock_fd: int | None = os.open(os.path.join(self.state_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -112,8 +112,9 @@ class JobStore:
             raise StateDirLocked(f"another jobworker server is using the state directory {self.state_dir}") from None
 
     def close(self) -> None:
-        if getattr(self, "_lock_fd", None) is not None:
-            os.close(self._lock_fd)
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)
             self._lock_fd = None
 
     def spool_path(self, job_id: uuid.UUID) -> str:
@@ -121,7 +122,7 @@ class JobStore:
 
     def times_path(self, job_id: uuid.UUID) -> str:
         """
-        The times file beside the job's spool (see L{jobworker.outputlog}).
+        The times file beside the job's spool (see L{jobworker.output.log}).
         """
         return os.path.join(self.jobs_dir, f"{job_id}.times")
 

@@ -67,17 +67,18 @@ readers are told so; a times file that is damaged is read up to the damage
 and noted in L{OutputLog.times_damage}: the output itself loses nothing.
 
 This module does no I/O of its own: the spool is an object with
-C{append}/C{pread} (L{jobworker.spool.FileSpool} on disk,
+C{append}/C{pread} (L{jobworker.output.spool.FileSpool} on disk,
 L{MemorySpool} in tests).
 """
 
 from __future__ import annotations
 
+import time
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import deque
-from typing import Callable, NamedTuple, Protocol
-import time
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 __all__ = [
     "Chunk",
@@ -650,6 +651,7 @@ class OutputLog:
                     break  # the record goes whole in the next read; see read()
                 want = min(length - skip, limit - taken)
                 data_at = position + RECORD_HEADER_SIZE + skip
+                data: bytes | memoryview
                 if data_at - block_start + want <= len(block):
                     # A view, not a copy: the block is ours alone.
                     data = memoryview(block)[data_at - block_start : data_at - block_start + want]
