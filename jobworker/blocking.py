@@ -607,9 +607,9 @@ class BlockingClient:
                 continue
             # A name next, as docker does (a whole id, then a name, then an
             # id prefix): the server finds it (one list request, filtered).
-            named = self._job_named(str(ref))
-            if named is not None:
-                resolved.append(named)
+            by_name = self._job_named(str(ref))
+            if by_name is not None:
+                resolved.append(by_name)
                 continue
             if not hexadecimal or len(digits) > 32:
                 raise RequestError(f"no job has the id or name {str(ref)[:80]!r}", ErrorCode.NOT_FOUND)

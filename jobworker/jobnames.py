@@ -22,7 +22,7 @@ Syntax (as docker's container names, and as Kubernetes label keys):
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = [
     "MAX_NAME_BYTES",

@@ -7,11 +7,10 @@ of an OOM kill; each through the real C{jobcli} against a real server.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -40,13 +39,13 @@ def stamped_lines(data: bytes) -> list[tuple[float, bytes]]:
     for line in data.splitlines():
         match = STAMPED.match(line)
         assert match is not None, line
-        when = datetime.strptime(match.group(1).decode(), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        when = datetime.strptime(match.group(1).decode(), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
         found.append((when.timestamp(), match.group(2)))
     return found
 
 
 def rfc3339(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
 # -- logs --timestamps ---------------------------------------------------------------------
@@ -101,7 +100,7 @@ def test_since_a_time_and_a_duration(server):
     middle = (lines[1][0] + lines[2][0]) / 2
     assert ok(server, "logs", "--since", rfc3339(middle), job_id) == "late1\nlate2\nlate3\n"
     # An ISO time with an offset other than UTC means the same moment.
-    local = datetime.fromtimestamp(middle, timezone.utc).astimezone().isoformat()
+    local = datetime.fromtimestamp(middle, UTC).astimezone().isoformat()
     assert ok(server, "logs", "--since", local, job_id) == "late1\nlate2\nlate3\n"
     assert ok(server, "logs", "--since", "1h", job_id) == "early1\nearly2\nlate1\nlate2\nlate3\n"
     # With --tail: the last N lines of what was read since then.

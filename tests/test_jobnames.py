@@ -24,8 +24,7 @@ from jobworker.jobnames import (
     check_name,
     labels_match,
 )
-from jobworker.protocol import messages as m
-from jobworker.protocol import wire
+from jobworker.protocol import messages as m, wire
 from jobworker.protocol.listing import check_list_filters, list_page
 from jobworker.records import salvage_status, status_from_dict, status_to_dict
 

@@ -10,8 +10,7 @@ import os
 import uuid
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from jobworker.output.log import (
     GAP_FD,
@@ -21,9 +20,8 @@ from jobworker.output.log import (
     OutputLog,
     TimeMarks,
 )
-from jobworker.protocol import messages as m
-from jobworker.protocol import wire
 from jobworker.output.spool import FileSpool
+from jobworker.protocol import messages as m, wire
 
 T0 = 1_780_000_000_000_000  # µs
 
@@ -197,7 +195,7 @@ def test_a_file_spool_and_times_file_survive_a_reopen(tmp_path):
 
 def _reopen_with_times(content: bytes, marks=((0, T0), (4, T0 + 1_000_000), (8, T0 + 2_000_000))) -> OutputLog:
     log, spool, _ = make_log()
-    for index, (offset, at) in enumerate(marks):
+    for _offset, at in marks:
         log.append(1, b"abc\n", at=at)
     log.close()
     return OutputLog.from_spool(MemorySpool(spool.pread(0, spool.size)), times=MemorySpool(content))
