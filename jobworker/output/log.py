@@ -128,6 +128,8 @@ class TimeMarks:
         self.times = array("Q")
         self.max_marks = max_marks
         self.step_us = step_us
+        # The time of the last mark (0: none): the hot path's one check.
+        self.last_time = 0
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -152,6 +154,7 @@ class TimeMarks:
             self.step_us *= 2
         self.offsets.append(offset)
         self.times.append(at)
+        self.last_time = at
         return offset, at
 
     def between(self, start: int, end: int) -> list[tuple[int, int]]:
@@ -413,9 +416,14 @@ class OutputLog:
         self._check_spool()
         offset = self.end
         self.end += len(data)
-        mark = self.marks.add(offset, self._clock() if at is None else at)
-        if mark is not None and offset < self.retention:
-            self._write_mark(*mark)
+        if at is None:
+            at = self._clock()
+        marks = self.marks
+        # One comparison per chunk when chunks come fast (most get no mark).
+        if at - marks.last_time >= marks.step_us:
+            mark = marks.add(offset, at)
+            if mark is not None and offset < self.retention:
+                self._write_mark(*mark)
         room = self.retention - self._spooled_end
         if room > 0 and self._spooled_end == offset:
             head = data if len(data) <= room else data[:room]
