@@ -851,3 +851,49 @@ def test_list_reads_every_page_with_the_filters() -> None:
     assert (page.after_created_at, page.after_job_id) == (10, first.job_id)
     server.send(m.ListResponse(page.request_id, (second,)))
     assert result_of(listed) == (first, second)
+
+
+@real_server_test
+async def test_real_names_labels_and_output_times(server) -> None:
+    """
+    The embeddable client starts a named, labelled job, lists by label on
+    the server, and follows with times: C{time_mark} is called before the
+    output it dates, C{since} skips what was read before.
+    """
+    import time as _time
+
+    client = await connect_to(server)
+    try:
+        name = f"tw-{uuid.uuid4().hex[:8]}"
+        job_id = await client.start(["sh", "-c", "echo a; sleep 0.5; echo b"], name=name, labels={"via": name})
+        await client.wait(job_id)
+        [listed] = await client.list(labels=[f"via={name}"])
+        assert (listed.job_id, listed.name, listed.labels) == (job_id, name, (("via", name),))
+        events: list[tuple[str, object, object]] = []
+        follower = client.follow(
+            job_id,
+            lambda fd, data: events.append(("output", fd, data)),
+            follow=False,
+            timestamps=True,
+            time_mark=lambda offset, when: events.append(("mark", offset, when)),
+        )
+        await follower.done
+        marks = [(offset, when) for kind, offset, when in events if kind == "mark"]
+        assert [offset for offset, _ in marks] == [0, 2]
+        assert b"".join(data for kind, _, data in events if kind == "output") == b"a\nb\n"  # type: ignore[misc]
+        # Each mark comes before the output that holds its offset.
+        delivered = 0
+        for kind, offset, data in events:
+            if kind == "mark":
+                assert delivered <= offset  # type: ignore[operator]
+            else:
+                delivered += len(data)  # type: ignore[arg-type]
+        (_, first), (_, second) = marks
+        assert isinstance(first, float) and isinstance(second, float)
+        assert 0.4 <= second - first < 5 and abs(first - _time.time()) < 60
+        assert follower.time == second
+        later: list[bytes] = []
+        await client.follow(job_id, lambda fd, data: later.append(data), follow=False, since=(first + second) / 2).done
+        assert b"".join(later) == b"b\n"
+    finally:
+        await client.close()
