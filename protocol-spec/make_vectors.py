@@ -4,7 +4,7 @@ Write the golden vectors of the jobworker wire protocol.
 The vectors in C{protocol-spec/vectors/} were generated once with this
 script, from the reference implementation (L{jobworker.protocol.wire}), and
 then reviewed against C{README.md} by hand.  They are now the reference: the
-test suite (C{tests/test_golden_vectors.py}) checks that the implementation
+test suite (C{tests/unit/test_golden_vectors.py}) checks that the implementation
 still produces and accepts exactly these bytes, so a change to the encoder
 that alters a single byte fails the tests instead of silently changing the
 protocol.

@@ -32,8 +32,8 @@ from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE
 from jobworker.protocol.flow import MAX_WINDOW
 from jobworker.protocol.framing import FrameBuffer
 from jobworker.protocol.wire import HEADER_SIZE, OUTPUT_HEAD_SIZE, decode_body, encode_message
-from tests.test_framing import SETTINGS, split_at
-from tests.test_tls import PKI, pki  # noqa: F401 - the fixture
+from tests.unit.test_framing import SETTINGS, split_at
+from tests.unit.test_tls import PKI, pki  # noqa: F401 - the fixture
 
 # The client never handshakes here; one context serves every test.
 CONTEXT = ssl.create_default_context()
