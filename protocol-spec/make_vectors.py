@@ -43,10 +43,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from jobworker.errors import ErrorCode  # noqa: E402
-from jobworker.limits import Limits  # noqa: E402
-from jobworker.protocol import messages as m  # noqa: E402
-from jobworker.protocol.wire import encode_message  # noqa: E402
+from jobworker.errors import ErrorCode  # noqa: E402 - after the sys.path line above
+from jobworker.limits import Limits  # noqa: E402 - after the sys.path line above
+from jobworker.protocol import messages as m  # noqa: E402 - after the sys.path line above
+from jobworker.protocol.wire import encode_message  # noqa: E402 - after the sys.path line above
 
 VECTOR_DIR = HERE / "vectors"
 

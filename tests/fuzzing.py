@@ -364,7 +364,7 @@ class ProtocolTarget:
 
         self.clock = MemoryReactorClock()
         self.manager = FakeManager(jobs)
-        self.factory = ServerFactory(self.manager, self.clock, server_name="fuzz", limits=ServerLimits(audit_burst=0))  # type: ignore[arg-type]
+        self.factory = ServerFactory(self.manager, self.clock, server_name="fuzz", limits=ServerLimits(audit_burst=0))  # type: ignore[arg-type]  # a stand-in manager
         self.certificate = _client_certificate()
         self.failures: list[str] = []
         self._observer = self._watch

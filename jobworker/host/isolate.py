@@ -484,7 +484,7 @@ def c_call(name: str, *args: int | bytes | None) -> int:
         class CInt(_ctypes._SimpleCData):  # type: ignore[type-arg]
             _type_ = "i"
 
-        class CULong(_ctypes._SimpleCData):  # type: ignore[type-arg]
+        class CULong(_ctypes._SimpleCData):  # type: ignore[type-arg]  # as CInt
             _type_ = "L"
 
         class CFunction(_ctypes.CFuncPtr):

@@ -90,7 +90,7 @@ def handshake(hello_pieces: list[bytes] | None = None) -> tuple[BlockingClient, 
     """
     client = BlockingClient(("127.0.0.1", 1), CONTEXT)
     sock = ScriptedSocket(hello_pieces or [encode_message(HELLO)])
-    client._sock = sock  # type: ignore[assignment]
+    client._sock = sock  # type: ignore[assignment]  # a scripted socket
     hello = client._next_message()
     assert hello == HELLO
     client.hello = hello
@@ -167,7 +167,7 @@ def whole_frames_only(client: BlockingClient) -> list[int]:
         counts.append(frames)
         return receive(data)
 
-    client.conn.receive_data = checked  # type: ignore[method-assign]
+    client.conn.receive_data = checked  # type: ignore[method-assign]  # watched
     return counts
 
 
@@ -362,7 +362,7 @@ def test_server_closing_mid_frame_fails(cut: int) -> None:
 
 def test_server_closing_before_the_hello_fails() -> None:
     client = BlockingClient(("127.0.0.1", 1), CONTEXT)
-    client._sock = ScriptedSocket([encode_message(HELLO)[:5]])  # type: ignore[assignment]
+    client._sock = ScriptedSocket([encode_message(HELLO)[:5]])  # type: ignore[assignment]  # a scripted socket
     with pytest.raises(ConnectionFailed):
         client._next_message()
 

@@ -165,7 +165,7 @@ def test_a_uid_claim_that_fails_for_want_of_resources_is_out_of_resources(errno_
 
     manager = SimpleNamespace(uids=SimpleNamespace(allocate=allocate), _resource_error=JobManager._resource_error)
     with pytest.raises(RequestError) as refused:
-        JobManager._allocate_uid(manager, uuid.uuid4(), "")  # type: ignore[arg-type]
+        JobManager._allocate_uid(manager, uuid.uuid4(), "")  # type: ignore[arg-type]  # a stand-in manager
     assert refused.value.code is ErrorCode.OUT_OF_RESOURCES
     assert os.strerror(errno_) in refused.value.message
 

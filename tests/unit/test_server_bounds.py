@@ -72,7 +72,7 @@ class Harness:
         self.certs = certs
         self.manager = FakeManager()
         self.protocols: list[weakref.ref[Any]] = []
-        factory = ServerFactory(self.manager, global_reactor, server_name="test", limits=limits)  # type: ignore[arg-type]
+        factory = ServerFactory(self.manager, global_reactor, server_name="test", limits=limits)  # type: ignore[arg-type]  # a stand-in manager
         build = factory.buildProtocol
 
         def building(addr: Any) -> Any:
@@ -80,7 +80,7 @@ class Harness:
             self.protocols.append(weakref.ref(protocol))
             return protocol
 
-        factory.buildProtocol = building  # type: ignore[method-assign]
+        factory.buildProtocol = building  # type: ignore[method-assign]  # watched
         self.factory = factory
         self.port: Any = None
 
