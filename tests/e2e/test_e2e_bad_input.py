@@ -164,6 +164,32 @@ def test_malformed_frame_gets_goaway_protocol_error(server, raw):
     assert_still_serving(server)
 
 
+@pytest.mark.parametrize("where", ["name", "label key", "label value", "list name filter", "list label filter"])
+def test_invalid_utf8_in_a_name_or_label_gets_goaway_protocol_error(server, raw, where):
+    """
+    Text on the wire is UTF-8 (spec section 4): a job name, a label or a
+    list filter that is not is the peer's protocol error, whatever field it
+    is in; the server says so and serves on.
+    """
+    from jobworker.protocol.wire import encode_message
+
+    marker = "QQQQ"
+    message = {
+        "name": m.StartRequest(1, ("true",), name=marker),
+        "label key": m.StartRequest(1, ("true",), labels=((marker, "v"),)),
+        "label value": m.StartRequest(1, ("true",), labels=(("k", marker),)),
+        "list name filter": m.ListRequest(1, name=marker),
+        "list label filter": m.ListRequest(1, labels=(marker,)),
+    }[where]
+    frame = encode_message(message)
+    assert frame.count(marker.encode()) == 1
+    connection = raw()
+    connection.hello()
+    connection.send(frame.replace(marker.encode(), b"\xff\xfe\xc3\x28"))
+    connection.expect_goaway(ErrorCode.PROTOCOL_ERROR)
+    assert_still_serving(server)
+
+
 def test_unknown_message_type_gets_goaway_unknown_message(server, raw):
     connection = raw()
     connection.hello()
