@@ -5,8 +5,10 @@ Exit codes: C{run}, C{wait} and C{logs -f} exit with the job's own code
 (128+N when signal N ended it, 127 command not found, 126 not executable)
 and 125 for an error of jobcli itself (a usage error of C{run} included);
 every other command exits 0 on success, 1 with a one-line message on
-stderr on error, and 2 for a usage error.  With several servers
-(C{--server a,b}) jobcli exits with the highest code of them all.
+stderr on error, and 2 for a usage error (C{logs --since} in the future
+or unparsable is one, with C{-f} too: no job's code is involved yet).
+With several servers (C{--server a,b}) jobcli exits with the highest code
+of them all.
 
 C{run}, C{wait} and C{logs -f} wait as long as the job runs, however
 quiet it is (like C{ssh} and C{docker logs -f}); a server that vanished is
