@@ -312,7 +312,7 @@ def test_names_and_labels_one_past_each_cap_and_hostile_text(server):
 
 def test_run_and_wait_say_when_the_kernel_killed_the_job_for_memory(server):
     need_root()
-    from jobworker.cgroups import detect
+    from jobworker.host.cgroups import detect
 
     driver = detect()
     need(driver is not None and "memory" in driver.controllers, "no memory controller")
