@@ -11,6 +11,7 @@ import uuid
 from dataclasses import asdict, fields
 from typing import Any, Callable
 
+from jobworker.host.contract import EXIT_SETUP_FAILED
 from jobworker.limits import Limits
 from jobworker.protocol.messages import UID_UNKNOWN, JobState, JobStatus, JobUsage, Network
 
@@ -265,4 +266,4 @@ def exit_status(status: JobStatus) -> int:
         return 128 + status.signal
     if status.exit_code >= 0:
         return status.exit_code
-    return 125
+    return EXIT_SETUP_FAILED

@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from jobworker.errors import ErrorCode, JobworkerError, RequestError
+from jobworker.host import contract
 from jobworker.host.isolate import compiled_helper
 from jobworker.limits import LIMIT_CONTROLLERS, Limits
 from jobworker.audit import log_excerpt, log_value
@@ -228,7 +229,7 @@ class _HelperProtocol(protocol.ProcessProtocol):
         self._status = b""
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
-        if fd != 3:
+        if fd != contract.STATUS_FD:
             return
         self._status += data
         while b"\n" in self._status:
@@ -236,11 +237,11 @@ class _HelperProtocol(protocol.ProcessProtocol):
             self.job._status_line(line.decode("utf-8", "replace"))
         # A status line is short; a helper writing megabytes without a
         # newline is broken, and must not make us hold them.
-        if len(self._status) > 4096:
+        if len(self._status) > contract.MAX_STATUS_LINE:
             self._status = b""
 
     def childConnectionLost(self, fd: int) -> None:
-        if fd == 3:
+        if fd == contract.STATUS_FD:
             self.job._status_closed()
 
     def processEnded(self, reason: Failure) -> None:
@@ -364,7 +365,7 @@ class Job:
 
     # -- start -----------------------------------------------------------------
 
-    def spawn(self, reactor: Any, helper_config: dict[str, Any]) -> defer.Deferred[Job]:
+    def spawn(self, reactor: Any, helper_config: dict[str, object]) -> defer.Deferred[Job]:
         stdout_r, stdout_w = _output_pipe()
         stderr_r, stderr_w = _output_pipe()
         readers = []
@@ -377,7 +378,7 @@ class Job:
                 [sys.executable, "-I", "-S", self.manager.helper_path, "-"],
                 env={},
                 path="/",
-                childFDs={0: "w", 1: stdout_w, 2: stderr_w, 3: "r"},
+                childFDs={0: "w", 1: stdout_w, 2: stderr_w, contract.STATUS_FD: "r"},
             )
             self.pid = self.transport.pid
             self.transport.write(json.dumps(helper_config).encode())
@@ -465,18 +466,18 @@ class Job:
 
     def _status_line(self, line: str) -> None:
         word, _, rest = line.partition(" ")
-        if word == "started":
+        if word == contract.STARTED:
             self._mark_running()
-        elif word == "failed":
+        elif word == contract.FAILED:
             kind, _, detail = rest.partition(" ")
             _errno, _, message = detail.partition(" ")
             self._failed = (kind, message or detail)
-        elif word in ("exit", "signal"):
+        elif word in (contract.EXIT, contract.SIGNAL):
             try:
                 self._status_final = (word, int(rest))
             except ValueError:
                 log.warn("job {job_id}: bad status line {line!r}", job_id=self.job_id, line=line)
-        elif word != "pid":
+        elif word != contract.PID:
             log.warn("job {job_id}: unknown status line {line!r}", job_id=self.job_id, line=line)
 
     def _status_closed(self) -> None:
@@ -601,7 +602,7 @@ class Job:
         exit_code, signum = self._helper_status or (None, None)
         if self._status_final is not None:
             word, number = self._status_final
-            exit_code, signum = (number, None) if word == "exit" else (None, number)
+            exit_code, signum = (number, None) if word == contract.EXIT else (None, number)
         if self.cgroup is not None:
             self.usage = self._read_usage()
         oom = bool(self.cgroup is not None and self._last_oom)
@@ -612,14 +613,14 @@ class Job:
             self.exit_code = exit_code
         self.ended_at = _now_us()
         if self._failed is not None or self.state is JobState.STARTING:
-            kind, message = self._failed or ("setup", "the helper ended before the command started")
+            kind, message = self._failed or (contract.SETUP, "the helper ended before the command started")
             self.state = JobState.FAILED
             self.error = message
             code = {
-                "not_found": ErrorCode.COMMAND_NOT_FOUND,
-                "not_executable": ErrorCode.COMMAND_NOT_EXECUTABLE,
+                contract.NOT_FOUND: ErrorCode.COMMAND_NOT_FOUND,
+                contract.NOT_EXECUTABLE: ErrorCode.COMMAND_NOT_EXECUTABLE,
             }.get(kind, ErrorCode.START_FAILED)
-            self.exit_code = {"not_found": 127, "not_executable": 126}.get(kind, 125)
+            self.exit_code = contract.EXIT_CODES.get(kind, contract.EXIT_SETUP_FAILED)
             self.signal = 0
             started, self._started = self._started, None
             if started is not None:
@@ -853,7 +854,7 @@ class JobManager(Service):
                 except (OSError, JobworkerError) as exc:
                     log.error("job {job_id}: cannot make its cgroup: {error}", job_id=job_id, error=exc)
                     raise RequestError(f"cannot set up the job's cgroup: {exc}", ErrorCode.START_FAILED) from None
-                helper_config["cgroup_procs"] = list(job.cgroup.procs_files)
+                helper_config.update(contract.helper_config(cgroup_procs=list(job.cgroup.procs_files)))
             else:
                 self._refuse_unenforceable(request.limits)
             self.jobs[job_id] = job
@@ -1044,7 +1045,7 @@ class JobManager(Service):
         if self.uids is not None and self.uids.holder_of(job.uid) == str(job.job_id):
             self.uids.release(job.uid)
 
-    def _helper_config(self, job: Job, request: StartRequest, dynamic_uid: int | None = None) -> dict[str, Any]:
+    def _helper_config(self, job: Job, request: StartRequest, dynamic_uid: int | None = None) -> dict[str, object]:
         isolate = self.config.isolate
         scratch = self.config.scratch_bytes if isolate else 0
         if dynamic_uid is not None:
@@ -1064,35 +1065,37 @@ class JobManager(Service):
             home = entry.pw_dir or "/"
         env = dict(DEFAULT_ENV, HOME=home)
         env.update(dict(request.env))
-        config: dict[str, Any] = {
-            "argv": list(job.argv),
-            "env": env,
-            "cwd": job.workdir,
-            "uid": uid,
-            "gid": gid,
-            "cgroup_procs": [],
-            "isolate": isolate,
-            "network": "host" if job.network is Network.HOST else "none",
-            "no_new_privs": True,
+        config = contract.helper_config(
+            argv=list(job.argv),
+            env=env,
+            cwd=job.workdir,
+            uid=uid,
+            gid=gid,
+            cgroup_procs=[],
+            isolate=isolate,
+            network=contract.NETWORK_HOST if job.network is Network.HOST else contract.NETWORK_NONE,
+            no_new_privs=True,
             # Keyrings are in no namespace: without these a job could read
             # the server's session keyring and what other jobs put there,
             # and find keys that an earlier job with its uid left behind.
             # Not for a server without root: its jobs run as its own user,
             # who may reach its keyrings anyway, and each keyring would
             # cost that user one of its 200 keys (keyrings(7) quota).
-            "session_keyring": os.geteuid() == 0,
-            "clear_user_keyrings": dynamic_uid is not None,
-        }
+            session_keyring=os.geteuid() == 0,
+            clear_user_keyrings=dynamic_uid is not None,
+        )
         if isolate:
             config.update(
-                scratch_bytes=scratch,
-                private_sys=self.config.private_sys,
-                # A uid of its own can write only where everyone can: keep
-                # it out of the host's shared places, where a later job with
-                # the same uid (or any job) could read what it left.
-                read_only_root=dynamic_uid is not None,
-                hide=self._hidden_paths(),
-                inaccessible_file=self.inaccessible_file,
+                contract.helper_config(
+                    scratch_bytes=scratch,
+                    private_sys=self.config.private_sys,
+                    # A uid of its own can write only where everyone can: keep
+                    # it out of the host's shared places, where a later job with
+                    # the same uid (or any job) could read what it left.
+                    read_only_root=dynamic_uid is not None,
+                    hide=self._hidden_paths(),
+                    inaccessible_file=self.inaccessible_file,
+                )
             )
         return config
 
