@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -47,12 +47,14 @@ from zope.interface import implementer
 
 from jobworker.errors import ErrorCode, JobworkerError, RequestError
 from jobworker.host import contract
+from jobworker.jobs.admission import AdmissionConfig, admit, check_verdict
+from jobworker.jobs.spec import JobSpec
 from jobworker.host.isolate import compiled_helper
-from jobworker.limits import LIMIT_CONTROLLERS, Limits
+from jobworker.limits import Limits
 from jobworker.audit import log_excerpt, log_value
 from jobworker.output.log import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpool, OutputLog
-from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
-from jobworker.protocol.messages import UID_UNKNOWN, InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
+from jobworker.policy import Identity, Operation, Verdict, authorize, may_see
+from jobworker.protocol.messages import UID_UNKNOWN, JobState, JobStatus, JobUsage, Network, StartRequest
 from jobworker.output.spool import FileSpool, SpoolFailure
 from jobworker.jobs.store import JobStore, LoadedRecord, StateDirLocked, discard
 from jobworker.host.uids import DEFAULT_LOCK_DIRECTORY, UidAllocator, UidLocks, UidRange, host_has_id, host_live_uids
@@ -73,12 +75,6 @@ ISOLATE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 PIPE_SIZE = 1 << 20
 READ_SIZE = 256 << 10
 READS_PER_TURN = 4
-
-# Limits on a start request, so one request cannot make us hold much.
-MAX_ARGV_ITEMS = 4096
-MAX_ARGV_BYTES = 256 << 10
-MAX_ENV_ITEMS = 1024
-MAX_ENV_BYTES = 256 << 10
 
 DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
@@ -258,24 +254,15 @@ class Job:
         self,
         manager: JobManager,
         job_id: uuid.UUID,
-        owner: str,
-        request: StartRequest,
-        limits: Limits,
-        user: str,
+        spec: JobSpec,
         output: OutputLog,
         spool: FileSpool | None,
     ) -> None:
         self.manager = manager
         self.job_id = job_id
-        self.owner = owner
-        self.argv = tuple(request.argv)
-        self.env = tuple(request.env)
-        self.workdir = request.workdir or "/"
-        self.network = request.network
-        self.user = user
+        self.spec = spec
         # The uid the command runs as; UID_UNKNOWN until known.
         self.uid = UID_UNKNOWN
-        self.limits = limits
         self.output = output
         self.spool = spool
         self.state = JobState.STARTING
@@ -309,6 +296,34 @@ class Job:
         output.on_damage = self._output_damaged
 
     # -- queries ---------------------------------------------------------------
+
+    @property
+    def owner(self) -> str:
+        return self.spec.owner
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return self.spec.argv
+
+    @property
+    def env(self) -> tuple[tuple[str, str], ...]:
+        return self.spec.env
+
+    @property
+    def workdir(self) -> str:
+        return self.spec.workdir
+
+    @property
+    def network(self) -> Network:
+        return self.spec.network
+
+    @property
+    def user(self) -> str:
+        return self.spec.user
+
+    @property
+    def limits(self) -> Limits:
+        return self.spec.limits
 
     @property
     def is_final(self) -> bool:
@@ -492,10 +507,9 @@ class Job:
         self.state = JobState.RUNNING
         self.started_at = _now_us()
         self.manager._job_changed(self)
-        if self.limits.timeout_ms:
-            self._timers["timeout"] = self.manager.reactor.callLater(
-                self.limits.timeout_ms / 1000, self._timed_out
-            )
+        timeout_s = self.spec.timeout_s
+        if timeout_s is not None:
+            self._timers["timeout"] = self.manager.reactor.callLater(timeout_s, self._timed_out)
         started, self._started = self._started, None
         if started is not None:
             started.callback(self)
@@ -817,23 +831,11 @@ class JobManager(Service):
         """
         if self._shutting_down:
             raise RequestError("the server is shutting down", ErrorCode.SHUTTING_DOWN)
-        self._check_verdict(authorize(identity, Operation.START))
-        if isinstance(request.limits, InvalidLimits):
-            raise RequestError(f"invalid limits: {request.limits.reason}", ErrorCode.INVALID_LIMITS)
-        is_admin = identity.role is Role.ADMIN
-        self._check_request(request)
-        limits = self._limits_for(request.limits, is_admin)
-        user = self._user_for(request.user, is_admin)
-        if request.network is Network.HOST and not is_admin:
-            raise RequestError("only an admin may use the host network", ErrorCode.PERMISSION_DENIED)
         running = sum(1 for job in self.jobs.values() if job.owner == identity.name and not job.is_final)
-        if running >= self.config.max_jobs_per_identity:
-            raise RequestError(
-                f"{identity.name} already has {running} running jobs (the limit)", ErrorCode.TOO_MANY_JOBS
-            )
+        spec = admit(identity, request, self.admission_config(), running=running)
         job_id = uuid.uuid4()
         # First of all that the job holds, so that running out makes nothing.
-        dynamic_uid = self._allocate_uid(job_id, user)
+        dynamic_uid = self._allocate_uid(job_id, spec.user)
         try:
             spool = FileSpool(self.store.spool_path(job_id))
         except OSError as exc:
@@ -843,20 +845,18 @@ class JobManager(Service):
             self._forget_uid(dynamic_uid)
             raise
         output = OutputLog(spool, ring_size=self.config.ring_size, retention=self.config.retention)
-        job = Job(self, job_id, identity.name, request, limits, user, output, spool)
+        job = Job(self, job_id, spec, output, spool)
         try:
-            helper_config = self._helper_config(job, request, dynamic_uid)
+            helper_config = self._helper_config(job, dynamic_uid)
             if self.cgroups is not None:
                 try:
-                    job.cgroup = self.cgroups.create(str(job_id), self._enforceable(limits, request.limits))
+                    job.cgroup = self.cgroups.create(str(job_id), spec.cgroup_limits)
                 except RequestError:
                     raise
                 except (OSError, JobworkerError) as exc:
                     log.error("job {job_id}: cannot make its cgroup: {error}", job_id=job_id, error=exc)
                     raise RequestError(f"cannot set up the job's cgroup: {exc}", ErrorCode.START_FAILED) from None
                 helper_config.update(contract.helper_config(cgroup_procs=list(job.cgroup.procs_files)))
-            else:
-                self._refuse_unenforceable(request.limits)
             self.jobs[job_id] = job
             try:
                 self.store.save(job)
@@ -882,6 +882,23 @@ class JobManager(Service):
         )
         return started
 
+    def admission_config(self) -> AdmissionConfig:
+        """
+        The settings admission decides a start by, as they stand now (the
+        uid range is known once the service has started).
+        """
+        if self.uids is not None:
+            default_user = ""
+        else:
+            default_user = self.config.job_user or pwd.getpwuid(os.getuid()).pw_name
+        return AdmissionConfig(
+            default_limits=self.config.default_limits,
+            caps=self.config.caps,
+            default_user=default_user,
+            controllers=None if self.cgroups is None else frozenset(self.cgroups.controllers),
+            max_jobs_per_identity=self.config.max_jobs_per_identity,
+        )
+
     @staticmethod
     def _resource_error(job_id: uuid.UUID, step: str, exc: OSError) -> RequestError:
         """
@@ -905,18 +922,18 @@ class JobManager(Service):
             not leak); C{PERMISSION_DENIED} when the role lacks the operation.
         """
         if authorize(identity, operation) is Verdict.DENIED:
-            self._check_verdict(Verdict.DENIED)
+            check_verdict(Verdict.DENIED)
         job = self.jobs.get(job_id)
         if job is None:
             raise RequestError(f"no job {job_id}", ErrorCode.NOT_FOUND)
         verdict = authorize(identity, operation, job.owner)
         if verdict is Verdict.NOT_FOUND:
             raise RequestError(f"no job {job_id}", ErrorCode.NOT_FOUND)
-        self._check_verdict(verdict)
+        check_verdict(verdict)
         return job
 
     def list(self, identity: Identity) -> list[Job]:
-        self._check_verdict(authorize(identity, Operation.LIST))
+        check_verdict(authorize(identity, Operation.LIST))
         jobs = [job for job in self.jobs.values() if may_see(identity, job.owner)]
         return sorted(jobs, key=lambda job: job.created_at)
 
@@ -935,91 +952,6 @@ class JobManager(Service):
         job.output._notify()
 
     # -- internals -------------------------------------------------------------
-
-    @staticmethod
-    def _check_verdict(verdict: Verdict) -> None:
-        if verdict is Verdict.DENIED:
-            raise RequestError("permission denied", ErrorCode.PERMISSION_DENIED)
-        if verdict is Verdict.NOT_FOUND:
-            raise RequestError("no such job", ErrorCode.NOT_FOUND)
-
-    @staticmethod
-    def _check_request(request: StartRequest) -> None:
-        if not request.argv or not request.argv[0]:
-            raise RequestError("empty command", ErrorCode.BAD_REQUEST)
-        argv_bytes = sum(len(arg.encode()) + 1 for arg in request.argv)
-        if len(request.argv) > MAX_ARGV_ITEMS or argv_bytes > MAX_ARGV_BYTES:
-            raise RequestError(
-                f"command line too long ({len(request.argv)} arguments, {argv_bytes} bytes; "
-                f"at most {MAX_ARGV_ITEMS} and {MAX_ARGV_BYTES})",
-                ErrorCode.BAD_REQUEST,
-            )
-        env_bytes = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in request.env)
-        if len(request.env) > MAX_ENV_ITEMS or env_bytes > MAX_ENV_BYTES:
-            raise RequestError(
-                f"environment too large ({len(request.env)} variables, {env_bytes} bytes; "
-                f"at most {MAX_ENV_ITEMS} and {MAX_ENV_BYTES})",
-                ErrorCode.BAD_REQUEST,
-            )
-        for item in (*request.argv, *(k for k, _ in request.env), *(v for _, v in request.env), request.workdir, request.user):
-            if "\0" in item:
-                raise RequestError("NUL byte in the command, environment, workdir or user", ErrorCode.BAD_REQUEST)
-        for key, _ in request.env:
-            if not key or "=" in key:
-                raise RequestError(f"bad environment variable name {key[:64]!r}", ErrorCode.BAD_REQUEST)
-        if request.workdir and not request.workdir.startswith("/"):
-            raise RequestError("workdir must be an absolute path", ErrorCode.BAD_REQUEST)
-
-    def _limits_for(self, requested: Limits, is_admin: bool) -> Limits:
-        """
-        The limits a job gets: what was asked, the server's defaults for the
-        rest, and for a non-admin the caps: asking above a cap is refused,
-        and a default above a cap (or no default where a cap exists)
-        becomes the cap.
-        """
-        limits = requested.with_defaults(self.config.default_limits)
-        if is_admin:
-            return limits
-        over = requested.describe_above(self.config.caps)
-        if over:
-            raise RequestError(f"limits above what this server allows a non-admin: {over}", ErrorCode.INVALID_LIMITS)
-        return limits.capped(self.config.caps)
-
-    def _enforceable(self, limits: Limits, requested: Limits) -> Limits:
-        """
-        Drop the server's default limits that this host cannot enforce (they
-        are logged at start-up); a limit the client asked for stays, so the
-        driver refuses it with a clear error.
-        """
-        controllers = self.cgroups.controllers
-        dropped = {
-            name: 0
-            for name, controller in LIMIT_CONTROLLERS.items()
-            if controller not in controllers and not getattr(requested, name)
-        }
-        return replace(limits, **dropped)
-
-    def _refuse_unenforceable(self, requested: Limits) -> None:
-        resource_limits = replace(requested, timeout_ms=0)
-        if not resource_limits.is_empty():
-            raise RequestError(
-                "this server has no cgroup support, so it cannot enforce the requested limits",
-                ErrorCode.UNSUPPORTED_LIMIT,
-            )
-
-    def _user_for(self, requested: str, is_admin: bool) -> str:
-        """
-        The account the job runs as: C{""} for a uid of its own.
-        """
-        if self.uids is not None:
-            default = ""
-        else:
-            default = self.config.job_user or pwd.getpwuid(os.getuid()).pw_name
-        if not requested or requested == default:
-            return default
-        if not is_admin:
-            raise RequestError("only an admin may choose the job user", ErrorCode.PERMISSION_DENIED)
-        return requested
 
     def _allocate_uid(self, job_id: uuid.UUID, user: str) -> int | None:
         """
@@ -1045,7 +977,7 @@ class JobManager(Service):
         if self.uids is not None and self.uids.holder_of(job.uid) == str(job.job_id):
             self.uids.release(job.uid)
 
-    def _helper_config(self, job: Job, request: StartRequest, dynamic_uid: int | None = None) -> dict[str, object]:
+    def _helper_config(self, job: Job, dynamic_uid: int | None = None) -> dict[str, object]:
         isolate = self.config.isolate
         scratch = self.config.scratch_bytes if isolate else 0
         if dynamic_uid is not None:
@@ -1064,7 +996,7 @@ class JobManager(Service):
                 uid = gid = None
             home = entry.pw_dir or "/"
         env = dict(DEFAULT_ENV, HOME=home)
-        env.update(dict(request.env))
+        env.update(dict(job.env))
         config = contract.helper_config(
             argv=list(job.argv),
             env=env,
@@ -1194,14 +1126,15 @@ class JobManager(Service):
 
     def _job_from_record(self, record: LoadedRecord) -> Job:
         status: JobStatus = record.status
-        request = StartRequest(
-            request_id=0,
-            argv=status.argv,
+        spec = JobSpec(
+            owner=status.owner,
+            argv=tuple(status.argv),
             env=tuple(record.env),
             workdir=status.workdir,
-            user=status.user,
             network=status.network,
+            user=status.user,
             limits=status.limits,
+            cgroup_limits=status.limits,
         )
         path = self.store.spool_path(status.job_id)
         spool: FileSpool | None
@@ -1215,7 +1148,7 @@ class JobManager(Service):
                 output.damage = f"output spool {path} cannot be read: {exc.strerror or exc}"
         if output.damage is not None:
             log.error("job {job_id}: {damage}; readers get a gap there", job_id=status.job_id, damage=output.damage)
-        job = Job(self, status.job_id, status.owner, request, status.limits, status.user, output, spool)
+        job = Job(self, status.job_id, spec, output, spool)
         job._started = None
         for name in ("state", "exit_code", "signal", "created_at", "started_at", "ended_at", "error", "stopped_by", "usage", "uid"):
             setattr(job, name, getattr(status, name))
