@@ -14,9 +14,9 @@ import shutil
 import signal
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
+from jobworker.errors import ErrorCode, RequestError
 from jobworker.host.cgroups import CgroupError, CgroupV1Driver, CgroupV2Driver, Usage, detect
 from jobworker.host.cgroups._devices import throttled_block_devices
 from jobworker.host.cgroups._host import REMOVE_TIMEOUT
@@ -30,7 +30,6 @@ from jobworker.host.cgroups._procfs import (
     parse_proc_cgroup,
 )
 from jobworker.host.cgroups.testing import FakeCgroupHost
-from jobworker.errors import ErrorCode, RequestError
 from jobworker.limits import Limits
 
 ALL_LIMITS = Limits(

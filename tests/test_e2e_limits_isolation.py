@@ -24,7 +24,6 @@ import pytest
 from jobworker.limits import Limits
 from tests.support import backing_disk, cgroup_layout, need, need_root, start_server
 
-
 # A place for test directories outside /tmp, which a job has its own of.
 # In the guest (.ci/guest.py), /srv is its virtio disk.
 OUTSIDE_TMP = "/srv" if os.path.isdir("/srv") else "/var/lib"

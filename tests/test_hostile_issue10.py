@@ -11,16 +11,17 @@ import errno
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from jobworker.output.log import OutputLog, RECORD_HEADER_SIZE
-from jobworker.protocol.wire import status_size
+from jobworker.jobs.store import JobStore
+from jobworker.output.log import RECORD_HEADER_SIZE, OutputLog
 from jobworker.output.spool import FileSpool
 from jobworker.protocol import messages as m
-from jobworker.jobs.store import JobStore
+from jobworker.protocol.wire import status_size
 from tests.test_full_disk import small_disk  # noqa: F401 - a fixture
 
 U64 = 2**64 - 1
@@ -270,8 +271,8 @@ def test_a_server_restarted_on_a_full_disk_starts_and_records_its_lost_job_later
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path):
-    from tests.test_full_disk import SmallDisk
     from tests.support import need_root
+    from tests.test_full_disk import SmallDisk
 
     need_root()
     disk = SmallDisk(tmp_path / "disk", 4 << 20)
@@ -424,7 +425,6 @@ def test_the_pending_cap_across_writes_counts_every_kind_of_request(monkeypatch:
     # of any kind (a status too, spec section 13: "the new one included")
     # is refused, and one answer makes room for exactly one more.
     from jobworker.errors import ErrorCode
-
     from tests.test_server_protocol import Session, errors_of
 
     session = Session(monkeypatch)

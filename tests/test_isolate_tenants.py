@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ OUTSIDE_TMP = "/srv" if os.path.isdir("/srv") else "/var/lib"
 
 
 @pytest.fixture
-def outside_tmp() -> Path:
+def outside_tmp() -> Iterator[Path]:
     """
     A world-readable directory outside /tmp (a job's /tmp is its own).
     """

@@ -108,7 +108,7 @@ def _probe(installed: Path, body: str) -> subprocess.CompletedProcess:
     env.pop("PYTHONSTARTUP", None)
     return subprocess.run(
         [str(BIN / "python"), "-c", code],
-        cwd=str(installed), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+        cwd=str(installed), env=env, capture_output=True, timeout=120,
     )
 
 
@@ -171,7 +171,7 @@ def test_console_scripts(script, usage, installed):
         path = directory / script
         assert path.is_file() and os.access(path, os.X_OK), path
     result = subprocess.run(
-        [str(BIN / script), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, cwd=str(REPO),
+        [str(BIN / script), "--help"], capture_output=True, timeout=60, cwd=str(REPO),
     )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.startswith(usage), result.stdout[:200]

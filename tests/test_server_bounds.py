@@ -13,8 +13,9 @@ from __future__ import annotations
 import gc
 import uuid
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -29,7 +30,6 @@ from jobworker.protocol.connection import Connection, Role
 from jobworker.server.connection import WRITE_BUFFER, ServerFactory, ServerLimits
 from jobworker.tls import BulkTLSMemoryBIOFactory, client_tls_options, server_tls_options
 from tests.fuzzing import FakeManager
-
 
 # -- a raw client over real TLS ---------------------------------------------------
 
@@ -137,9 +137,9 @@ def unsent_bytes(protocol: Any) -> int:
 @pytest.fixture
 def log_events() -> Iterator[list[dict]]:
     events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
+    globalLogPublisher.addObserver(events.append)  # type: ignore[arg-type]  # a callable of one event is an observer
     yield events
-    globalLogPublisher.removeObserver(events.append)
+    globalLogPublisher.removeObserver(events.append)  # type: ignore[arg-type]  # a callable of one event is an observer
 
 
 # -- unsent responses -------------------------------------------------------------
@@ -175,7 +175,7 @@ async def test_responses_a_client_does_not_read_are_bounded(certs: Path) -> None
                 break
             await sleep(0.02)
         assert [type(message) for message in client.messages] == [m.StatusResponse] * count
-        assert [message.request_id for message in client.messages] == list(range(1, count + 1))  # type: ignore[attr-defined]
+        assert [message.request_id for message in client.messages] == list(range(1, count + 1))
         client.transport.loseConnection()
         await client.lost
     finally:
@@ -408,7 +408,7 @@ async def test_audit_lines_quote_what_the_client_chose_and_name_the_peer(
     await harness.listen()
     try:
         job = harness.manager.add()
-        for name, cn in tricky.items():
+        for name in tricky:
             client = await harness.connect(name, directory=tmp_path)
             client.send(m.StatusRequest(client.conn.next_request_id(), job.job_id))
             await sleep(0.1)

@@ -12,6 +12,7 @@ statuses of any size, paged lists, and unexpected errors.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from twisted.logger import capturedLogs
 import jobworker.server.connection as server_module
 from jobworker.errors import ErrorCode, RequestError
 from jobworker.output.log import MemorySpool, OutputLog
-from jobworker.policy import Identity, Operation, Role as PolicyRole, authorize, may_see, Verdict
+from jobworker.policy import Identity, Operation, Verdict, authorize, may_see
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, MIN_FRAME_SIZE, Connection, Role
 from jobworker.server.connection import ServerFactory, ServerLimits
@@ -470,7 +471,7 @@ def test_a_user_lists_only_its_own_jobs(monkeypatch: pytest.MonkeyPatch) -> None
 # -- unexpected errors -------------------------------------------------------------
 
 
-def failures(logged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def failures(logged: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [event for event in logged if "log_failure" in event]
 
 

@@ -10,9 +10,9 @@ import os
 import pytest
 from twisted.python import usage
 
-from jobworker.server import service
-from jobworker.limits import Limits, host_caps
 from jobworker.host.uids import UidRange
+from jobworker.limits import Limits, host_caps
+from jobworker.server import service
 
 
 def options(*argv: str) -> service.Options:

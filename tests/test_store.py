@@ -9,14 +9,15 @@ import errno
 import json
 import os
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import jobworker.jobs.store
-from jobworker.protocol.messages import JobState, JobStatus
 from jobworker.jobs.store import JobStore
+from jobworker.protocol.messages import JobState, JobStatus
 
 
 @dataclass
@@ -31,7 +32,7 @@ class FakeJob:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> JobStore:
+def store(tmp_path: Path) -> Iterator[JobStore]:
     opened = JobStore(str(tmp_path))
     opened.open()
     yield opened
