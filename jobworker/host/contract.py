@@ -15,6 +15,13 @@ imports.  It is pure data (no I/O), so the protocol layer may import it too.
 The formats themselves are described in the helper's docstring.
 """
 
+from __future__ import annotations  # the annotations below are never evaluated
+
+# mypy takes any TYPE_CHECKING as true; importing typing would cost each job.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 # The descriptor of the status pipe the helper inherits (write end).
 STATUS_FD = 3
 
@@ -61,7 +68,7 @@ FORWARDED_SIGNALS = (15, 2, 1, 3, 10, 12)
 # Every key the helper accepts, with the value it takes when the key is
 # missing; "argv" has none (it is required).  The helper refuses any other
 # key, so that a misspelt option is not silently lost.
-CONFIG_DEFAULTS = {
+CONFIG_DEFAULTS: dict[str, Any] = {
     "argv": None,
     "env": {},
     "cwd": "/",

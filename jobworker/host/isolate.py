@@ -214,7 +214,7 @@ if __package__:
 else:
     sys.path.insert(0, __file__.rpartition("/")[0] or ".")
     try:
-        from contract import (  # type: ignore[no-redef]
+        from contract import (  # type: ignore[import-not-found,no-redef]
             CONFIG_DEFAULTS,
             CONFIG_KEYS,
             EXIT,

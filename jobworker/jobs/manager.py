@@ -261,6 +261,9 @@ class Job:
         self.manager = manager
         self.job_id = job_id
         self.spec = spec
+        # An attribute, not a property of the spec: listing pages read it
+        # (jobworker.protocol.listing.ListedJob).
+        self.owner = spec.owner
         # The uid the command runs as; UID_UNKNOWN until known.
         self.uid = UID_UNKNOWN
         self.output = output
@@ -296,10 +299,6 @@ class Job:
         output.on_damage = self._output_damaged
 
     # -- queries ---------------------------------------------------------------
-
-    @property
-    def owner(self) -> str:
-        return self.spec.owner
 
     @property
     def argv(self) -> tuple[str, ...]:
