@@ -48,6 +48,7 @@ from zope.interface import implementer
 from jobworker.errors import ErrorCode, JobworkerError, RequestError
 from jobworker.host import contract
 from jobworker.jobs.admission import AdmissionConfig, admit, check_verdict
+from jobworker.jobs.lifecycle import Event, LifeCycle, Phase
 from jobworker.jobs.spec import JobSpec
 from jobworker.host.isolate import compiled_helper
 from jobworker.limits import Limits
@@ -230,7 +231,7 @@ class _HelperProtocol(protocol.ProcessProtocol):
         self._status += data
         while b"\n" in self._status:
             line, self._status = self._status.split(b"\n", 1)
-            self.job._status_line(line.decode("utf-8", "replace"))
+            self.job.helper_status_line(line.decode("utf-8", "replace"))
         # A status line is short; a helper writing megabytes without a
         # newline is broken, and must not make us hold them.
         if len(self._status) > contract.MAX_STATUS_LINE:
@@ -238,11 +239,11 @@ class _HelperProtocol(protocol.ProcessProtocol):
 
     def childConnectionLost(self, fd: int) -> None:
         if fd == contract.STATUS_FD:
-            self.job._status_closed()
+            self.job.helper_status_closed()
 
     def processEnded(self, reason: Failure) -> None:
         value = reason.value
-        self.job._helper_ended(getattr(value, "exitCode", None), getattr(value, "signal", None))
+        self.job.helper_ended(getattr(value, "exitCode", None), getattr(value, "signal", None))
 
 
 class Job:
@@ -283,20 +284,37 @@ class Job:
         # has reaped the helper, and without namespaces the pid is also the
         # job's process group, which may outlive the helper.
         self.pid: int | None = None
+        # The phase of its processes (see jobworker.jobs.lifecycle); what
+        # each transition learnt is kept beside it.
+        self.life = LifeCycle()
         self._started: defer.Deferred[Job] | None = defer.Deferred()
         self._ended_waiters: list[defer.Deferred[JobStatus]] = []
-        self._status_final: tuple[str, int] | None = None  # ("exit"|"signal", n) from the helper
-        self._helper_status: tuple[int | None, int | None] | None = None
-        self._open_pipes = 0
-        self._failed: tuple[str, str] | None = None
+        # FINAL_LINE: ("exit"|"signal", n), the command's end, from the helper.
+        self._final_line: tuple[str, int] | None = None
+        # HELPER_ENDED: the helper's own exit code and signal.
+        self._helper_exit: tuple[int | None, int | None] = (None, None)
+        # FAILED_LINE: (kind, message).
+        self._start_failure: tuple[str, str] | None = None
+        # STOP: the state a stop ends the job in (the first stop's).
         self._stop_reason: JobState | None = None
+        self._open_pipes = 0
         self._timers: dict[str, Any] = {}
-        self._finishing = False
         self._readers: list[_PipeReader] = []
         self._reading = False
         self._last_oom = False  # from the last usage read of the cgroup
         self._losing_output = False  # the spool failed and has not recovered
         output.on_damage = self._output_damaged
+
+    def restore(self, status: JobStatus) -> None:
+        """
+        Take the fate a job record tells, for a job of an earlier server:
+        its processes are gone, so its life cycle is over (a record that
+        says otherwise is marked lost by the manager).
+        """
+        self.life = LifeCycle(Phase.ENDED)
+        self._started = None
+        for name in ("state", "exit_code", "signal", "created_at", "started_at", "ended_at", "error", "stopped_by", "usage", "uid"):
+            setattr(self, name, getattr(status, name))
 
     # -- queries ---------------------------------------------------------------
 
@@ -478,34 +496,60 @@ class Job:
             if not reader.closed:
                 self.manager.reactor.addReader(reader)
 
-    def _status_line(self, line: str) -> None:
+    def helper_status_line(self, line: str) -> None:
+        """
+        One line from the helper's status pipe (fd 3), its newline removed.
+        A line the contract does not allow where it comes is logged and
+        dropped: the helper runs the job's code's neighbour, not ours.
+        """
         word, _, rest = line.partition(" ")
         if word == contract.STARTED:
-            self._mark_running()
+            if self._take(Event.STARTED, line):
+                self._now_running()
         elif word == contract.FAILED:
             kind, _, detail = rest.partition(" ")
             _errno, _, message = detail.partition(" ")
-            self._failed = (kind, message or detail)
+            if self._take(Event.FAILED_LINE, line):
+                self._start_failure = (kind, message or detail)
         elif word in (contract.EXIT, contract.SIGNAL):
             try:
-                self._status_final = (word, int(rest))
+                number = int(rest)
             except ValueError:
                 log.warn("job {job_id}: bad status line {line!r}", job_id=self.job_id, line=line)
+                return
+            if self._take(Event.FINAL_LINE, line):
+                self._final_line = (word, number)
         elif word != contract.PID:
             log.warn("job {job_id}: unknown status line {line!r}", job_id=self.job_id, line=line)
 
-    def _status_closed(self) -> None:
-        # Without isolation, the helper's exec closes fd 3 (close-on-exec):
-        # EOF with no failure means the command is running.
-        if self._failed is None and self.state is JobState.STARTING and self._helper_status is None:
-            self._mark_running()
+    def _take(self, event: Event, line: str) -> bool:
+        if not self.life.allows(event):
+            log.warn(
+                "job {job_id}: status line {line!r} out of turn (phase {phase}); ignored",
+                job_id=self.job_id,
+                line=line,
+                phase=self.life.phase.value,
+            )
+            return False
+        self.life.fire(event)
+        return True
 
-    def _mark_running(self) -> None:
-        if self.state is not JobState.STARTING:
-            return
+    def helper_status_closed(self) -> None:
+        """
+        The status pipe reached EOF.  Without isolation, the helper's exec
+        closes it (close-on-exec): EOF with no failure means the command is
+        running.
+        """
+        was = self.life.phase
+        if self.life.allows(Event.STATUS_EOF):
+            self.life.fire(Event.STATUS_EOF)
+        if was is Phase.STARTING and self.life.phase is Phase.RUNNING:
+            self._now_running()
+
+    def _now_running(self) -> None:
         self.state = JobState.RUNNING
         self.started_at = _now_us()
-        self.manager._job_changed(self)
+        self.manager.job_changed(self)
         timeout_s = self.spec.timeout_s
         if timeout_s is not None:
             self._timers["timeout"] = self.manager.reactor.callLater(timeout_s, self._timed_out)
@@ -523,6 +567,7 @@ class Job:
         """
         if self.is_final:
             return
+        self.life.fire(Event.STOP)
         if self._stop_reason is None:
             self._stop_reason = reason
             self.stopped_by = by
@@ -555,7 +600,7 @@ class Job:
         self._signal_helper(signum)
 
     def _signal_helper(self, signum: int) -> None:
-        if self.transport is None or self._helper_status is not None:
+        if self.transport is None or not self.life.phase.is_alive:
             return
         try:
             if self.manager.config.isolate:
@@ -569,17 +614,21 @@ class Job:
     def _kill_all(self) -> None:
         self._timers.pop("kill", None)
         if self.cgroup is not None:
-            self.manager._kill_cgroup(self.cgroup, self.job_id)
+            self.manager.kill_cgroup(self.cgroup, self.job_id)
         self._signal_helper(signal.SIGKILL)
 
     # -- end -------------------------------------------------------------------
 
-    def _helper_ended(self, exit_code: int | None, signum: int | None) -> None:
-        self._helper_status = (exit_code, signum)
+    def helper_ended(self, exit_code: int | None, signum: int | None) -> None:
+        """
+        The helper was reaped, with this exit code or signal.
+        """
+        self.life.fire(Event.HELPER_ENDED)
+        self._helper_exit = (exit_code, signum)
         # Whatever the helper left behind goes now: processes that escaped
         # into the background would otherwise hold the pipes open.
         if self.cgroup is not None:
-            self.manager._kill_cgroup(self.cgroup, self.job_id)
+            self.manager.kill_cgroup(self.cgroup, self.job_id)
         elif not self.manager.config.isolate and self.pid is not None:
             # The group outlives its leader while a member lives, and its
             # id is not reused while it does; once it is empty the id is
@@ -602,9 +651,9 @@ class Job:
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        if self._helper_status is None or self._open_pipes > 0 or self._finishing:
+        if self.life.phase is not Phase.DRAINING or self._open_pipes > 0:
             return
-        self._finishing = True
+        self.life.fire(Event.OUTPUT_CLOSED)
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
@@ -612,9 +661,9 @@ class Job:
         self._settle()
 
     def _settle(self) -> None:
-        exit_code, signum = self._helper_status or (None, None)
-        if self._status_final is not None:
-            word, number = self._status_final
+        exit_code, signum = self._helper_exit
+        if self._final_line is not None:
+            word, number = self._final_line
             exit_code, signum = (number, None) if word == contract.EXIT else (None, number)
         if self.cgroup is not None:
             self.usage = self._read_usage()
@@ -625,8 +674,8 @@ class Job:
         elif exit_code is not None:
             self.exit_code = exit_code
         self.ended_at = _now_us()
-        if self._failed is not None or self.state is JobState.STARTING:
-            kind, message = self._failed or (contract.SETUP, "the helper ended before the command started")
+        if self._start_failure is not None or self.state is JobState.STARTING:
+            kind, message = self._start_failure or (contract.SETUP, "the helper ended before the command started")
             self.state = JobState.FAILED
             self.error = message
             code = {
@@ -660,12 +709,13 @@ class Job:
             signal=self.signal,
         )
         cgroup, self.cgroup = self.cgroup, None
-        removal = self.manager._remove_cgroup(cgroup) if cgroup is not None else defer.succeed(None)
+        removal = self.manager.remove_cgroup(cgroup) if cgroup is not None else defer.succeed(None)
         removal.addBoth(lambda _: self._announce_end())
 
     def _announce_end(self) -> None:
-        self.manager._job_changed(self)
-        self.manager._job_ended(self)
+        self.life.fire(Event.SETTLED)
+        self.manager.job_changed(self)
+        self.manager.job_ended(self)
         final = self.status()
         waiters, self._ended_waiters = self._ended_waiters, []
         for waiter in waiters:
@@ -743,7 +793,7 @@ class JobManager(Service):
                 job.state = JobState.LOST
                 job.ended_at = _now_us()
                 job.error = "the server stopped while the job was running"
-                self._job_changed(job)
+                self.job_changed(job)
                 log.warn("job {job_id} was running when the server died: lost", job_id=job.job_id)
             self.jobs[job.job_id] = job
         self._prune()
@@ -868,7 +918,7 @@ class JobManager(Service):
         except Exception:
             self.jobs.pop(job_id, None)
             if job.cgroup is not None:
-                self._remove_cgroup(job.cgroup)
+                self.remove_cgroup(job.cgroup)
             spool.remove()
             self.store.forget(job_id)
             self._forget_uid(dynamic_uid)
@@ -1041,7 +1091,7 @@ class JobManager(Service):
             self._hidden = list(dict.fromkeys(os.path.realpath(path) for path in paths))
         return self._hidden
 
-    def _kill_cgroup(self, cgroup: Any, job_id: uuid.UUID) -> defer.Deferred[None]:
+    def kill_cgroup(self, cgroup: Any, job_id: uuid.UUID) -> defer.Deferred[None]:
         """
         SIGKILL every process of C{cgroup}, in the thread pool: a driver
         freezes the cgroup and polls until it is empty, for up to seconds.
@@ -1059,7 +1109,7 @@ class JobManager(Service):
         killing.addBoth(lambda _: self._cleanups.discard(killing))
         return killing
 
-    def _remove_cgroup(self, cgroup: Any) -> defer.Deferred[None]:
+    def remove_cgroup(self, cgroup: Any) -> defer.Deferred[None]:
         removal = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), cgroup.remove)
         removal.addErrback(
             lambda f: log.failure("could not remove cgroup {cgroup}", f, cgroup=getattr(cgroup, "path_description", cgroup))
@@ -1068,7 +1118,7 @@ class JobManager(Service):
         removal.addBoth(lambda _: self._cleanups.discard(removal))
         return removal
 
-    def _job_changed(self, job: Job) -> None:
+    def job_changed(self, job: Job) -> None:
         self._unsaved.discard(job.job_id)
         try:
             self.store.save(job)
@@ -1112,7 +1162,7 @@ class JobManager(Service):
         if final and self._save_retry is not None and self._save_retry.active():
             self._save_retry.cancel()
 
-    def _job_ended(self, job: Job) -> None:
+    def job_ended(self, job: Job) -> None:
         self._release_uid(job)
         self._prune()
 
@@ -1148,7 +1198,5 @@ class JobManager(Service):
         if output.damage is not None:
             log.error("job {job_id}: {damage}; readers get a gap there", job_id=status.job_id, damage=output.damage)
         job = Job(self, status.job_id, spec, output, spool)
-        job._started = None
-        for name in ("state", "exit_code", "signal", "created_at", "started_at", "ended_at", "error", "stopped_by", "usage", "uid"):
-            setattr(job, name, getattr(status, name))
+        job.restore(status)
         return job
