@@ -7,11 +7,7 @@ signal list agree with it.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -47,27 +43,3 @@ def test_the_helper_parses_every_contract_key_with_its_default() -> None:
     assert isolate.parse_config(json.dumps(full)).argv == ["true"]
     with pytest.raises(isolate.StartError, match="unknown keys"):
         isolate.parse_config(json.dumps({"argv": ["true"], "bogus": 1}))
-
-
-def test_compiled_helper_brings_its_contract(tmp_path: Path) -> None:
-    """
-    The bytecode runs from a directory of its own (the state dir), with the
-    package nowhere on its path: the contract's bytecode lies beside it.
-    """
-    helper = isolate.compiled_helper(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["contract.pyc", "isolate.pyc"]
-    read_end, write_end = os.pipe()
-    run = subprocess.run(
-        [sys.executable, "-I", "-S", helper, json.dumps({"argv": ["/no/such/command"], "isolate": False})],
-        pass_fds=(),
-        preexec_fn=lambda: os.dup2(write_end, contract.STATUS_FD),
-        close_fds=False,
-        capture_output=True,
-        cwd="/",
-        timeout=30,
-    )
-    os.close(write_end)
-    status = os.read(read_end, 4096).decode()
-    os.close(read_end)
-    assert run.returncode == contract.EXIT_NOT_FOUND, run.stderr
-    assert status.startswith(f"{contract.FAILED} {contract.NOT_FOUND} ")
