@@ -359,3 +359,16 @@ def test_a_job_that_ends_before_its_timeout_leaves_no_timer(setup: Setup) -> Non
     setup.finish(helper, code=0)
     assert job.state is JobState.EXITED
     assert setup.reactor.getDelayedCalls() == []
+
+
+def test_a_job_stopped_while_starting_still_starts_and_ends_stopped(setup: Setup) -> None:
+    started, helper = setup.start()
+    [job] = setup.manager.jobs.values()
+    job.stop("alice", GRACE_S)
+    assert helper.signals == [signal.SIGTERM]
+    helper.say("started")
+    assert result_of(started) is job
+    helper.say(f"signal {signal.SIGTERM}")
+    setup.finish(helper, code=128 + signal.SIGTERM)
+    assert job.state is JobState.STOPPED and job.stopped_by == "alice"
+    assert setup.reactor.getDelayedCalls() == []
