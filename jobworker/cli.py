@@ -420,8 +420,12 @@ class _OutputWriter:
 
     WAKE_BYTES = 1 << 20
 
-    def __init__(self) -> None:
-        self._sinks = {fd: _Sink(fd) for fd in (1, 2)}
+    def __init__(self, fds: Sequence[int] = (1, 2)) -> None:
+        """
+        @param fds: the descriptors that L{write} is given (stdout and
+            stderr; others in tests).
+        """
+        self._sinks = {fd: _Sink(fd) for fd in fds}
         self._queue: queue.SimpleQueue[tuple[int, bytes | memoryview, int] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._written = 0
