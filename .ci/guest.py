@@ -161,9 +161,9 @@ def run_checked(command: list[str], *, timeout: float, cwd: str | None = None) -
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
         )
     except subprocess.TimeoutExpired:
-        raise GuestError(f"{shlex.join(command)} took more than {timeout:g} s")
+        raise GuestError(f"{shlex.join(command)} took more than {timeout:g} s") from None
     except FileNotFoundError:
-        raise GuestError(f"{command[0]} is not installed")
+        raise GuestError(f"{command[0]} is not installed") from None
     if result.returncode != 0:
         raise GuestError(f"{shlex.join(command)} exited {result.returncode}:\n{result.stdout[-4000:]}")
     return result.stdout
@@ -252,6 +252,7 @@ def current_kernel_package(apt: Apt) -> tuple[str, str]:
             if version is None:
                 shown = run_checked(["apt-cache", "show", "--no-all-versions", package], timeout=60)
                 version = re.search(r"^Version: (\S+)", shown, re.M)
+            assert version is not None, f"apt-cache show {package} names no version"
             return package, version.group(1)
         except GuestError:
             if attempt or apt.updated or os.geteuid() != 0:
@@ -598,7 +599,7 @@ class Boot:
         self._reader.join(5)
 
 
-def boot(accel: str, kernel, initramfs: str, disk: str, results: str, cache: str, timeout: float) -> tuple[int | None, str]:
+def boot(accel: str, kernel: dict[str, str], initramfs: str, disk: str, results: str, cache: str, timeout: float) -> tuple[int | None, str]:
     """
     Boot the guest and wait for it to power off.
 

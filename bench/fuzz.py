@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -51,7 +52,7 @@ def rss_kib(pid: str = "self") -> int:
     return 0
 
 
-def show(name: str, report: FuzzReport, seconds: float, growth: dict[str, int]) -> dict:
+def show(name: str, report: FuzzReport, seconds: float, growth: dict[str, int]) -> dict[str, Any]:
     row = {
         "target": name,
         "inputs": report.inputs,

@@ -18,8 +18,7 @@ import enum
 import sys
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, LogLevel, jsonFileLogObserver
-from twisted.logger import Logger as _TwistedLogger
+from twisted.logger import ILogObserver, Logger as _TwistedLogger, LogLevel, jsonFileLogObserver
 from zope.interface import provider
 
 __all__ = ["Logger", "json_value", "json_observer"]

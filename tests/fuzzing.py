@@ -30,13 +30,14 @@ import random
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from jobworker.errors import ErrorCode, ProtocolError, RequestError
 from jobworker.limits import Limits
-from jobworker.outputlog import MemorySpool, OutputLog
+from jobworker.output.log import MemorySpool, OutputLog
 from jobworker.policy import Operation
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role
@@ -331,7 +332,7 @@ def _client_certificate() -> Any:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alice"), x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "admin")])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -356,7 +357,7 @@ class ProtocolTarget:
         from twisted.internet.testing import MemoryReactorClock
         from twisted.logger import globalLogPublisher
 
-        from jobworker.server import ServerFactory, ServerLimits
+        from jobworker.server.connection import ServerFactory, ServerLimits
 
         self.clock = MemoryReactorClock()
         self.manager = FakeManager(jobs)
@@ -364,21 +365,21 @@ class ProtocolTarget:
         self.certificate = _client_certificate()
         self.failures: list[str] = []
         self._observer = self._watch
-        globalLogPublisher.addObserver(self._observer)
+        globalLogPublisher.addObserver(self._observer)  # type: ignore[arg-type]  # a callable of one event is an observer
 
     def close(self) -> None:
         from twisted.logger import globalLogPublisher
 
-        globalLogPublisher.removeObserver(self._observer)
+        globalLogPublisher.removeObserver(self._observer)  # type: ignore[arg-type]  # a callable of one event is an observer
 
     def _watch(self, event: dict) -> None:
         if event.get("log_failure") is not None or event.get("isError"):
             self.failures.append(str(event.get("log_failure") or event.get("log_format")))
 
     def feed(self, rng: random.Random, data: bytes, report: FuzzReport) -> None:
+        from twisted.internet.error import ConnectionDone
         from twisted.internet.testing import StringTransportWithDisconnection
         from twisted.python.failure import Failure
-        from twisted.internet.error import ConnectionDone
 
         certificate = self.certificate
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import re
 
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from jobworker.audit import RateLimit, log_excerpt, log_value
-
 
 PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"]+)(?: |$)')
 

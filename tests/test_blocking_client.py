@@ -11,19 +11,18 @@ client sends.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import ssl
 import threading
 import uuid
-import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from jobworker.blocking import CIPHER_READ, BlockingClient, ConnectionFailed, _TLSChannel
 from jobworker.clienttls import client_ssl_context
@@ -51,7 +50,7 @@ class ScriptedSocket:
     split, as a socket would), then 0 for end of file.
     """
 
-    def __init__(self, pieces: list[bytes] = ()) -> None:
+    def __init__(self, pieces: Sequence[bytes] = ()) -> None:
         self.pieces = [piece for piece in pieces if piece]
         self.sent: list[bytes] = []
         self.reads = 0
@@ -144,7 +143,7 @@ def records(stream: bytes, cuts: list[int], record: int) -> list[bytes]:
     C{stream} cut at C{cuts}, and every piece longer than C{record} cut into
     C{record}-sized reads, as TLS hands them over.
     """
-    pieces = []
+    pieces: list[bytes] = []
     for piece in split_at(stream, cuts):
         pieces.extend(piece[at : at + record] for at in range(0, len(piece), record))
     return pieces
@@ -158,7 +157,7 @@ def whole_frames_only(client: BlockingClient) -> list[int]:
     counts: list[int] = []
     receive = client.conn.receive_data
 
-    def checked(data: memoryview) -> list[m.Message]:
+    def checked(data: bytes | memoryview) -> list[m.Message]:
         position = frames = 0
         while position < len(data):
             assert len(data) - position >= HEADER_SIZE, "fed a partial header"
@@ -381,7 +380,7 @@ class CountingSocket(socket.socket):
 
     reads = 0
 
-    def recv_into(self, buffer, nbytes=0, flags=0):  # type: ignore[no-untyped-def, override]
+    def recv_into(self, buffer, nbytes=0, flags=0):
         self.reads += 1
         return super().recv_into(buffer, nbytes, flags)
 

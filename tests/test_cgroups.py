@@ -1,6 +1,6 @@
 """
 Unprivileged tests of the cgroup drivers, on the fake cgroup host of
-L{jobworker.cgroups.testing}, and of the parsers they rely on.
+L{jobworker.host.cgroups.testing}, and of the parsers they rely on.
 
 What the kernel does with the limits is measured for real, as root, in
 C{test_cgroups_enforcement.py}.
@@ -14,14 +14,14 @@ import shutil
 import signal
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
-from jobworker.cgroups import CgroupError, CgroupV1Driver, CgroupV2Driver, Usage, detect
-from jobworker.cgroups._devices import throttled_block_devices
-from jobworker.cgroups._host import REMOVE_TIMEOUT
-from jobworker.cgroups._limits import cpu_bandwidth
-from jobworker.cgroups._procfs import (
+from jobworker.errors import ErrorCode, RequestError
+from jobworker.host.cgroups import CgroupError, CgroupV1Driver, CgroupV2Driver, Usage, detect
+from jobworker.host.cgroups._devices import throttled_block_devices
+from jobworker.host.cgroups._host import REMOVE_TIMEOUT
+from jobworker.host.cgroups._limits import cpu_bandwidth
+from jobworker.host.cgroups._procfs import (
     Membership,
     Mount,
     cgroup_directory,
@@ -29,8 +29,7 @@ from jobworker.cgroups._procfs import (
     parse_mountinfo,
     parse_proc_cgroup,
 )
-from jobworker.cgroups.testing import FakeCgroupHost
-from jobworker.errors import ErrorCode, RequestError
+from jobworker.host.cgroups.testing import FakeCgroupHost
 from jobworker.limits import Limits
 
 ALL_LIMITS = Limits(

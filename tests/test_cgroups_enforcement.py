@@ -25,8 +25,8 @@ import time
 
 import pytest
 
-from jobworker.cgroups import CgroupDriver, CgroupV2Driver, JobCgroup, detect
-from jobworker.cgroups._host import read_keyed
+from jobworker.host.cgroups import CgroupDriver, CgroupV2Driver, JobCgroup, detect
+from jobworker.host.cgroups._host import read_keyed
 from jobworker.limits import Limits
 from tests.support import backing_disk, need, need_root
 

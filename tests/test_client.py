@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 from twisted.internet import defer
@@ -404,7 +405,7 @@ def test_credit_only_after_the_callback_returns() -> None:
     def slow(fd: int, data: bytes) -> None:
         updates_seen_in_callback.append(server.receive())
 
-    follower = client.follow(JOB, slow, window=100)
+    client.follow(JOB, slow, window=100)
     request = server.receive_one(m.FollowRequest)
     server.send(m.OkResponse(request.request_id), output(request, 0, b"x" * 100))
     assert updates_seen_in_callback == [[]]
@@ -593,7 +594,7 @@ class StallingEndpoint:
 
 def test_connect_times_out_connecting(certs) -> None:
     clock = MemoryReactorClock()
-    endpoint = SilentEndpoint()
+    endpoint: Any = SilentEndpoint()  # a duck-typed IStreamClientEndpoint
     connecting = connect(
         clock, endpoint, ca=certs / "ca.pem", cert=certs / "alice.pem", key=certs / "alice.key",
         hostname="localhost", timeout=5,
@@ -607,7 +608,7 @@ def test_connect_times_out_connecting(certs) -> None:
 
 def test_connect_times_out_waiting_for_the_hello(certs) -> None:
     clock = MemoryReactorClock()
-    endpoint = StallingEndpoint()
+    endpoint: Any = StallingEndpoint()  # a duck-typed IStreamClientEndpoint
     connecting = connect(
         clock, endpoint, ca=certs / "ca.pem", cert=certs / "alice.pem", key=certs / "alice.key",
         hostname="localhost", timeout=5,
@@ -619,8 +620,9 @@ def test_connect_times_out_waiting_for_the_hello(certs) -> None:
 
 
 def test_connect_needs_a_hostname_with_an_endpoint(certs) -> None:
+    endpoint: Any = SilentEndpoint()  # a duck-typed IStreamClientEndpoint
     with pytest.raises(ValueError, match="hostname"):
-        connect(MemoryReactorClock(), SilentEndpoint(), ca=certs / "ca.pem", cert=certs / "alice.pem", key=certs / "alice.key")
+        connect(MemoryReactorClock(), endpoint, ca=certs / "ca.pem", cert=certs / "alice.pem", key=certs / "alice.key")
 
 
 # -- against a real server ----------------------------------------------------------------
@@ -631,7 +633,7 @@ def test_connect_needs_a_hostname_with_an_endpoint(certs) -> None:
 REAL_TEST_TIMEOUT_S = 60
 
 
-def real_server_test(test: Callable[..., Awaitable[None]]) -> Callable[..., defer.Deferred[None]]:
+def real_server_test(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., defer.Deferred[None]]:
     """
     Run an async test in the reactor (pytest-twisted waits for the Deferred
     it returns), cancelled after L{REAL_TEST_TIMEOUT_S}.

@@ -10,11 +10,12 @@ over the Options class itself, so options added later are covered too.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from jobworker.service import CONFIG_PATH, Options, StartupError
+from jobworker.server.service import CONFIG_PATH, Options, StartupError
 from tests.support import REPO
 
 EXAMPLE = REPO / "contrib" / "jobworker.toml"
@@ -41,7 +42,7 @@ def _toml_text(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _parse(tmp_path: Path, config: str | None, argv: list[str] = ()) -> Options:
+def _parse(tmp_path: Path, config: str | None, argv: Sequence[str] = ()) -> Options:
     options = Options()
     arguments = list(argv)
     if config is not None:

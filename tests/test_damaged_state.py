@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 import uuid
 from contextlib import closing
-
-import pytest
 
 from jobworker.protocol import messages as m
 from tests.support import start_server

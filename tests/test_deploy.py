@@ -81,7 +81,7 @@ def jobcli(certs: Path, server: str, *args: str, identity: str = "admin") -> sub
     return subprocess.run(
         [str(BIN / "jobcli"), "--server", server, "--ca", str(certs / "ca.pem"),
          "--cert", str(certs / f"{identity}.pem"), "--key", str(certs / f"{identity}.key"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60, text=True,
+        capture_output=True, stdin=subprocess.DEVNULL, timeout=60, text=True,
         env={key: value for key, value in os.environ.items() if not key.startswith("JOBWORKER_")},
     )
 
@@ -168,7 +168,7 @@ def test_the_command_line_overrides_the_config_file(certs, tmp_path):
 
 
 def _refused(command: list[str], **popen) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60,
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60,
                             cwd=str(REPO), **popen)
     assert result.returncode != 0, result
     assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
@@ -289,7 +289,7 @@ def test_startup_error_missing_cgroup_controller_on_this_host(certs, tmp_path):
     with a default pids limit is refused at start-up, naming the option.
     """
     need_root()
-    from jobworker.cgroups import detect
+    from jobworker.host.cgroups import detect
 
     v2 = detect(version="v2")
     if v2 is not None and "pids" in v2.controllers:
@@ -353,8 +353,7 @@ def test_json_logs_carry_the_job_id_as_text(runner, certs, tmp_path):
     ],
 )
 def test_version(command, expected):
-    result = subprocess.run([str(BIN / command[0]), *command[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, timeout=60, cwd=str(REPO))
+    result = subprocess.run([str(BIN / command[0]), *command[1:]], capture_output=True, text=True, timeout=60, cwd=str(REPO))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
 
@@ -381,6 +380,7 @@ def _need_systemd_tool(name: str) -> str:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
         found = shutil.which(name)
     need(found is not None, f"needs {name} (Debian package systemd)")
+    assert found is not None  # need() did not return otherwise
     return found
 
 
@@ -399,7 +399,7 @@ def test_systemd_units_verify(tmp_path):
     analyze = _need_systemd_tool("systemd-analyze")
     service = _unit_for_this_checkout(tmp_path)
     result = subprocess.run([analyze, "verify", "--man=no", str(service), str(tmp_path / "jobworker.socket")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120)
     # verify exits 0 on a misspelt key or a bad value and only warns: any
     # output at all is a defect of the unit.
     assert (result.returncode, result.stdout + result.stderr) == (0, ""), result.stdout + result.stderr
@@ -407,7 +407,7 @@ def test_systemd_units_verify(tmp_path):
     broken = tmp_path / "broken.service"
     broken.write_text(service.read_text().replace("Delegate=yes", "Delegat=yes"))
     result = subprocess.run([analyze, "verify", "--man=no", str(broken)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120)
     assert "Unknown key 'Delegat'" in result.stderr
 
 
@@ -425,7 +425,7 @@ def test_systemd_unit_matches_what_the_service_does(tmp_path):
     assert settings["Delegate"] == "yes"
     # The server stops every job itself on SIGTERM: systemd signals it alone.
     assert settings["KillMode"] == "mixed"
-    from jobworker.service import Options
+    from jobworker.server.service import Options
 
     grace = float(Options().defaults["grace"])
     assert float(settings["TimeoutStopSec"]) > grace + 5
@@ -433,7 +433,7 @@ def test_systemd_unit_matches_what_the_service_does(tmp_path):
     # the documented default.
     command = settings["ExecStart"].split()
     assert command[1:5] == ["--nodaemon", "--pidfile=", "jobworker", "--config"]
-    from jobworker.service import CONFIG_PATH
+    from jobworker.server.service import CONFIG_PATH
 
     assert command[5] == CONFIG_PATH
     # Every left-out option is named with its reason.

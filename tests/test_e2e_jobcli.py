@@ -380,8 +380,7 @@ def test_status_does_not_import_the_reactor(server):
         [str(BIN / "python"), "-c", _REACTOR_PROBE, "status", "--json", job_id],
         env=server.env("viewer"),
         cwd=str(REPO),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         stdin=subprocess.DEVNULL,
         timeout=60,
     )

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -55,8 +55,7 @@ class Home:
             [str(BIN / "jobcli"), *args],
             env={**self.env, **(env or {})},
             cwd=str(self.cwd),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             stdin=subprocess.DEVNULL,
             timeout=timeout,
         )
@@ -238,7 +237,7 @@ def test_the_twisted_client_uses_the_config_file(home):
     )
     result = subprocess.run(
         [str(BIN / "python"), "-c", probe, str(home.config_dir / "config.toml")],
-        env=home.env, cwd=str(home.cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+        env=home.env, cwd=str(home.cwd), capture_output=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     assert result.stdout.decode().split() == ["signaled", "10", "exited"]
@@ -324,8 +323,8 @@ def test_an_ambiguous_prefix_lists_the_candidates():
     from jobworker.protocol import messages as m
 
     ids = [uuid.UUID("abcd1234" + "0" * 24), uuid.UUID("abcd5678" + "0" * 24), uuid.UUID("ffff" + "0" * 28)]
-    client = BlockingClient(("127.0.0.1", 1), None)  # type: ignore[arg-type]
-    client.iter_jobs = lambda **_: iter(m.JobStatus(job_id, "a", ("x",), m.JobState.EXITED) for job_id in ids)  # type: ignore[method-assign]
+    client = BlockingClient(("127.0.0.1", 1), None)
+    client.iter_jobs = lambda **_: iter(m.JobStatus(job_id, "a", ("x",), m.JobState.EXITED) for job_id in ids)
     with pytest.raises(RequestError) as caught:
         client.resolve_job_ids(["abcd"])
     assert caught.value.code is ErrorCode.BAD_REQUEST
@@ -493,7 +492,7 @@ def test_tls_failures_name_the_cause(home, server, certs, tmp_path):
     # Our certificate has expired.
     from jobworker.pki import make_client_cert
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cert, key = make_client_cert(tmp_path, certs / "ca.pem", certs / "ca.key", "old", "user", name="old",
                                  not_valid_before=now - timedelta(days=10), not_valid_after=now - timedelta(days=1))
     expired = home.jobcli("--server", server.address, "--ca", str(certs / "ca.pem"), "--cert", str(cert), "--key", str(key), "whoami")
@@ -602,7 +601,7 @@ def complete(home: Home, words: list[str], shell: str = "bash", env: dict | None
     result = subprocess.run(
         ["bash", "-c", program, "bash", *words],
         input=script.encode(), env={**home.env, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})},
-        cwd=str(home.cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+        cwd=str(home.cwd), capture_output=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return [line for line in result.stdout.decode().splitlines() if line]

@@ -24,7 +24,6 @@ import pytest
 from jobworker.limits import Limits
 from tests.support import backing_disk, cgroup_layout, need, need_root, start_server
 
-
 # A place for test directories outside /tmp, which a job has its own of.
 # In the guest (.ci/guest.py), /srv is its virtio disk.
 OUTSIDE_TMP = "/srv" if os.path.isdir("/srv") else "/var/lib"
@@ -36,7 +35,7 @@ def driver(request):
     The cgroup driver the server picks on this host (not prepared: the
     server does that), for its name and controllers.
     """
-    from jobworker.cgroups import detect
+    from jobworker.host.cgroups import detect
 
     need_root()
     need(request.param != "none", "no usable cgroup hierarchy")
@@ -429,7 +428,7 @@ def delegated_server(certs, tmp_path_factory, driver):
     @return: the server and the unit's cgroup directories (one on v2, one
         per hierarchy on v1).
     """
-    from jobworker.cgroups import detect
+    from jobworker.host.cgroups import detect
 
     need_root()
     outer = detect(prefix=f"jobworker-test-slices-{os.getpid()}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import ssl
 import threading
 import time
 import uuid

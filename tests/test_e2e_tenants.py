@@ -201,7 +201,7 @@ def try_kill(pid: int) -> str:
         os.kill(pid, signal.SIGKILL)
         return "ok"
     except OSError as exc:
-        return errno.errorcode[exc.errno]
+        return errno.errorcode[exc.errno]  # type: ignore[index]  # kill(2) failed: errno is set
 
 
 def try_ptrace(pid: int) -> str:
@@ -221,7 +221,7 @@ def try_read(path: str) -> str:
             handle.read()
         return "ok"
     except OSError as exc:
-        return errno.errorcode[exc.errno]
+        return errno.errorcode[exc.errno]  # type: ignore[index]  # kill(2) failed: errno is set
 
 
 def test_two_owners_jobs_cannot_see_or_signal_each_other(tenants):
@@ -336,7 +336,7 @@ def tenants_big_shm(certs, tmp_path_factory):
     sets, so that the memory limit, not the size, stops the writer.
     """
     need_root()
-    from jobworker.cgroups import detect
+    from jobworker.host.cgroups import detect
 
     driver = detect()
     need(driver is not None and "memory" in driver.controllers, "needs the memory controller")

@@ -5,8 +5,7 @@ Tests for per-stream flow control (L{jobworker.protocol.flow}).
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from jobworker.errors import ErrorCode, ProtocolError
 from jobworker.protocol.flow import MAX_WINDOW, ReceiveWindow, SendWindow

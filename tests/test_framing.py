@@ -13,8 +13,7 @@ import struct
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from jobworker.errors import ErrorCode, ProtocolError
 from jobworker.limits import MAX_BYTES, MAX_CPU_MILLICORES, MAX_DURATION_MS, MAX_PIDS, Limits

@@ -112,14 +112,14 @@ def output_bytes(server, job_id: uuid.UUID) -> int:
         return client.status(job_id).output_bytes
 
 
-def read_output(server, job_id: uuid.UUID) -> tuple[list[tuple[int, int, bytes]], m.JobStatus]:
+def read_output(server, job_id: uuid.UUID) -> tuple[list[tuple[int, int, bytes]], m.JobStatus | None]:
     """
     Every message of a non-follow read: (fd or 0 for a gap, offset, data or
     the gap's length as bytes of that length), joined per stream, and the
     final status.
     """
     pieces: list[tuple[int, int, bytes]] = []
-    status = None
+    status: m.JobStatus | None = None
     with closing(server.client("admin")) as client:
         for message in client.follow(job_id, follow=False):
             if isinstance(message, m.Output):

@@ -15,9 +15,7 @@ import random
 import resource
 from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from jobworker.errors import ProtocolError
 from jobworker.protocol import messages as m

@@ -29,8 +29,7 @@ import pytest
 
 from jobworker.errors import ErrorCode, ProtocolError
 from jobworker.limits import Limits
-from jobworker.protocol import messages as m
-from jobworker.protocol import wire
+from jobworker.protocol import messages as m, wire
 from jobworker.protocol.framing import FrameBuffer
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "protocol-spec"
@@ -101,7 +100,7 @@ def from_json(hint: Any, value: Any) -> Any:
     if isinstance(hint, type) and issubclass(hint, enum.IntEnum):
         assert isinstance(value, int) and not isinstance(value, bool), value
         return hint(value)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return record_from_json(hint, value)
     raise AssertionError(f"no JSON reading for {hint!r}")
 
@@ -234,7 +233,7 @@ def table_after(heading: re.Pattern[str], lines: list[str] | None = None) -> lis
     C{heading}, as dicts keyed by the header cells.
     """
     lines = _readme() if lines is None else lines
-    for index, line in enumerate(lines):
+    for index, line in enumerate(lines):  # noqa: B007 - index is used after the loop
         if line.startswith("#") and heading.search(line.lstrip("#").strip()):
             break
     else:
@@ -354,10 +353,9 @@ class _SpecReader:
 def test_spec_defines_every_layout() -> None:
     layouts = _spec_layouts()
     assert sorted(set(MESSAGE_CLASSES) | set(_RECORDS)) == sorted(layouts)
-    for name in MESSAGE_CLASSES:
-        cls = MESSAGE_CLASSES[name]
-        assert [field for field, _ in layouts[name]] == [f.name for f in dataclasses.fields(cls)], name
-    for name, cls in (("Limits", Limits), ("JobUsage", m.JobUsage), ("JobStatus", m.JobStatus)):
+    records: list[tuple[str, Any]] = [*MESSAGE_CLASSES.items()]
+    records += [("Limits", Limits), ("JobUsage", m.JobUsage), ("JobStatus", m.JobStatus)]
+    for name, cls in records:
         assert [field for field, _ in layouts[name]] == [f.name for f in dataclasses.fields(cls)], name
 
 

@@ -16,6 +16,7 @@ import pytest
 from tests.support import REPO
 
 _spec = importlib.util.spec_from_file_location("ci_guest", REPO / ".ci" / "guest.py")
+assert _spec is not None and _spec.loader is not None, "cannot load .ci/guest.py"
 guest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(guest)
 
@@ -25,7 +26,7 @@ def read_newc(archive: bytes) -> list[tuple[str, int, tuple[int, int], bytes]]:
     Parse a newc cpio archive, written from its specification (cpio(5)):
     C{(name, mode, (rdevmajor, rdevminor), data)} per entry.
     """
-    entries = []
+    entries: list[tuple[str, int, tuple[int, int], bytes]] = []
     offset = 0
     while True:
         header = archive[offset : offset + 110]

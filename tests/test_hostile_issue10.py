@@ -11,16 +11,17 @@ import errno
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from jobworker.outputlog import OutputLog, RECORD_HEADER_SIZE
-from jobworker.protocol.wire import status_size
-from jobworker.spool import FileSpool
+from jobworker.jobs.store import JobStore
+from jobworker.output.log import RECORD_HEADER_SIZE, OutputLog
+from jobworker.output.spool import FileSpool
 from jobworker.protocol import messages as m
-from jobworker.store import JobStore
+from jobworker.protocol.wire import status_size
 from tests.test_full_disk import small_disk  # noqa: F401 - a fixture
 
 U64 = 2**64 - 1
@@ -158,7 +159,7 @@ def test_a_uid_claim_that_fails_for_want_of_resources_is_out_of_resources(errno_
     from types import SimpleNamespace
 
     from jobworker.errors import ErrorCode, RequestError
-    from jobworker.jobs import JobManager
+    from jobworker.jobs.manager import JobManager
 
     def allocate(holder: str) -> int:
         raise OSError(errno_, os.strerror(errno_))
@@ -192,7 +193,7 @@ def test_a_uid_claim_that_fails_for_want_of_resources_is_out_of_resources(errno_
 def test_server_time_options_must_be_finite_seconds(option: str, value: str) -> None:
     from twisted.python import usage
 
-    from jobworker.service import Options
+    from jobworker.server.service import Options
 
     with pytest.raises(usage.UsageError, match=option.lstrip("-")):
         Options().parseOptions([option, value])
@@ -200,7 +201,7 @@ def test_server_time_options_must_be_finite_seconds(option: str, value: str) -> 
 
 @pytest.mark.parametrize("option, value", [("--keepalive-interval", "0"), ("--grace", "0"), ("--idle-timeout", "0.5")])
 def test_server_time_options_within_the_rules(option: str, value: str) -> None:
-    from jobworker.service import Options
+    from jobworker.server.service import Options
 
     options = Options()
     options.parseOptions([option, value])
@@ -270,8 +271,8 @@ def test_a_server_restarted_on_a_full_disk_starts_and_records_its_lost_job_later
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path):
-    from tests.test_full_disk import SmallDisk
     from tests.support import need_root
+    from tests.test_full_disk import SmallDisk
 
     need_root()
     disk = SmallDisk(tmp_path / "disk", 4 << 20)
@@ -424,7 +425,6 @@ def test_the_pending_cap_across_writes_counts_every_kind_of_request(monkeypatch:
     # of any kind (a status too, spec section 13: "the new one included")
     # is refused, and one answer makes room for exactly one more.
     from jobworker.errors import ErrorCode
-
     from tests.test_server_protocol import Session, errors_of
 
     session = Session(monkeypatch)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker import isolate
+from jobworker.host import isolate
 from tests.support import cgroup_layout, need, need_root
 
 PATH = "/usr/bin:/bin"
@@ -715,7 +715,7 @@ def pids_cgroup(request: pytest.FixtureRequest) -> Iterator[JoinedCgroup]:
     A fresh job cgroup with the pids controller, made by the cgroup driver
     this host's service would use (v1 or v2), under our own cgroup.
     """
-    from jobworker.cgroups import detect
+    from jobworker.host.cgroups import detect
     from jobworker.limits import Limits
 
     need_root()

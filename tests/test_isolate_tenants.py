@@ -11,11 +11,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from jobworker import isolate
+from jobworker.host import isolate
 from tests.support import need_root
 from tests.test_isolate import PYTHON, TIMEOUT, need_namespaces, run, shell
 
@@ -26,7 +27,7 @@ OUTSIDE_TMP = "/srv" if os.path.isdir("/srv") else "/var/lib"
 
 
 @pytest.fixture
-def outside_tmp() -> Path:
+def outside_tmp() -> Iterator[Path]:
     """
     A world-readable directory outside /tmp (a job's /tmp is its own).
     """

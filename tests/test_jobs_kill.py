@@ -14,11 +14,11 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from jobworker.jobs import JobManager, JobManagerConfig
+from jobworker.host.cgroups import Usage
+from jobworker.jobs.manager import JobManager, JobManagerConfig
 from jobworker.limits import Limits
 from jobworker.policy import Identity, Role
 from jobworker.protocol import messages as m
-from jobworker.cgroups import Usage
 from tests.support import need_root
 
 KILL_S = 0.6

@@ -87,7 +87,7 @@ _PLUGIN_PROBE = textwrap.dedent(
     if "jobworker" in makers:
         options = makers["jobworker"].options()
         report["plugin_file"] = sys.modules["twisted.plugins.jobworker_plugin"].__file__
-        report["service_file"] = sys.modules["jobworker.service"].__file__
+        report["service_file"] = sys.modules["jobworker.server.service"].__file__
         report["listen_default"] = options["listen"]
     print(json.dumps(report))
     """
@@ -108,7 +108,7 @@ def _probe(installed: Path, body: str) -> subprocess.CompletedProcess:
     env.pop("PYTHONSTARTUP", None)
     return subprocess.run(
         [str(BIN / "python"), "-c", code],
-        cwd=str(installed), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+        cwd=str(installed), env=env, capture_output=True, timeout=120,
     )
 
 
@@ -118,7 +118,7 @@ def test_install_contains_the_plugin_and_the_package(installed):
     # install must not claim it with an __init__.py of its own.
     assert not (installed / "twisted" / "__init__.py").exists()
     assert not (installed / "twisted" / "plugins" / "__init__.py").exists()
-    for module in ("cli.py", "service.py", "server.py", "isolate.py", "protocol/wire.py", "cgroups/__init__.py"):
+    for module in ("cli/__init__.py", "server/service.py", "server/connection.py", "host/isolate.py", "protocol/wire.py", "host/cgroups/__init__.py", "jobs/manager.py", "output/log.py"):
         assert (installed / "jobworker" / module).is_file(), module
     # PEP 561: embedders' type checkers use our annotations.
     assert (installed / "jobworker" / "py.typed").is_file()
@@ -171,7 +171,7 @@ def test_console_scripts(script, usage, installed):
         path = directory / script
         assert path.is_file() and os.access(path, os.X_OK), path
     result = subprocess.run(
-        [str(BIN / script), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, cwd=str(REPO),
+        [str(BIN / script), "--help"], capture_output=True, timeout=60, cwd=str(REPO),
     )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.startswith(usage), result.stdout[:200]

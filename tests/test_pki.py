@@ -10,7 +10,7 @@ import os
 import stat
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -40,7 +40,7 @@ def load(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-def names(certificate: x509.Certificate, oid: x509.ObjectIdentifier) -> list[str]:
+def names(certificate: x509.Certificate, oid: x509.ObjectIdentifier) -> list[str | bytes]:
     return [attribute.value for attribute in certificate.subject.get_attributes_for_oid(oid)]
 
 
@@ -207,8 +207,8 @@ def test_client_without_role(tmp_path: Path, ca: tuple[Path, Path]) -> None:
 
 
 def test_client_validity_and_key_usage_for_tests(tmp_path: Path, ca: tuple[Path, Path]) -> None:
-    start = datetime(2020, 1, 1, tzinfo=timezone.utc)
-    end = datetime(2020, 2, 1, tzinfo=timezone.utc)
+    start = datetime(2020, 1, 1, tzinfo=UTC)
+    end = datetime(2020, 2, 1, tzinfo=UTC)
     expired, _ = make_client_cert(
         tmp_path, *ca, "carol", "user", name="expired",
         not_valid_before=start, not_valid_after=end,

@@ -20,8 +20,7 @@ from tests.support import BIN, need, need_root
 
 
 def pki(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "jobworker-pki"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, timeout=60, env=env)
+    return subprocess.run([str(BIN / "jobworker-pki"), *args], capture_output=True, text=True, timeout=60, env=env)
 
 
 def certificate(path: Path) -> x509.Certificate:
@@ -102,8 +101,7 @@ def test_sign_an_openssl_csr_gives_a_certificate_the_server_accepts(server, cert
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     assert not (ca_dir / "dana.key").exists()  # the key never travelled
     env = dict(server.env(), JOBWORKER_CERT=str(signed), JOBWORKER_KEY=str(key))
-    whoami = subprocess.run([str(BIN / "jobcli"), "whoami"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, timeout=60)
+    whoami = subprocess.run([str(BIN / "jobcli"), "whoami"], env=env, capture_output=True, text=True, timeout=60)
     assert whoami.returncode == 0, whoami.stderr
     assert whoami.stdout.startswith("dana (user) on ")
     # Signing again without --force would replace it: refused.
@@ -166,7 +164,7 @@ def test_under_sudo_the_files_belong_to_the_invoking_user(open_tmp):
     read = subprocess.run(
         ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups", "--",
          "cat", str(target / "admin.key")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30,
+        capture_output=True, timeout=30,
     )
     assert read.returncode == 0 and b"PRIVATE KEY" in read.stdout, read.stderr
     # Without sudo (no SUDO_UID), root keeps its files.

@@ -6,8 +6,7 @@ of role x operation x whose job.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
 

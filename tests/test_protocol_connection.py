@@ -13,8 +13,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from jobworker.errors import ErrorCode, ProtocolError
 from jobworker.protocol import messages as m
@@ -427,7 +426,7 @@ def test_output_heads_and_data_side_by_side() -> None:
     """
     server, client = open_pair()
     open_stream(server, client, window=100)
-    pieces = [
+    pieces: list[bytes | memoryview] = [
         server.send_output_head(7, 1, 0, 60), b"a" * 60,
         server.send_output_head(7, 2, 60, 30), memoryview(b"\x00" * 30),
     ]
@@ -1032,7 +1031,7 @@ class Conversation:
             self.windows[stream_id] = window
         elif action == "answer":
             asked = self.unanswered.pop(draw(st.integers(0, len(self.unanswered) - 1)))
-            rid = asked.request_id  # type: ignore[attr-defined]
+            rid = asked.request_id
             if isinstance(asked, m.FollowRequest):
                 if draw(st.booleans()):
                     self.server_sends(m.OkResponse(rid))  # the stream opens

@@ -10,8 +10,7 @@ import json
 import uuid
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from jobworker.limits import Limits
 from jobworker.protocol.messages import JobState, JobStatus, JobUsage, Network

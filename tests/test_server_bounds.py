@@ -13,8 +13,9 @@ from __future__ import annotations
 import gc
 import uuid
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -26,10 +27,9 @@ from twisted.logger import globalLogPublisher
 from jobworker.errors import ErrorCode
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role
-from jobworker.server import WRITE_BUFFER, ServerFactory, ServerLimits
+from jobworker.server.connection import WRITE_BUFFER, ServerFactory, ServerLimits
 from jobworker.tls import BulkTLSMemoryBIOFactory, client_tls_options, server_tls_options
 from tests.fuzzing import FakeManager
-
 
 # -- a raw client over real TLS ---------------------------------------------------
 
@@ -137,9 +137,9 @@ def unsent_bytes(protocol: Any) -> int:
 @pytest.fixture
 def log_events() -> Iterator[list[dict]]:
     events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
+    globalLogPublisher.addObserver(events.append)  # type: ignore[arg-type]  # a callable of one event is an observer
     yield events
-    globalLogPublisher.removeObserver(events.append)
+    globalLogPublisher.removeObserver(events.append)  # type: ignore[arg-type]  # a callable of one event is an observer
 
 
 # -- unsent responses -------------------------------------------------------------
@@ -175,7 +175,7 @@ async def test_responses_a_client_does_not_read_are_bounded(certs: Path) -> None
                 break
             await sleep(0.02)
         assert [type(message) for message in client.messages] == [m.StatusResponse] * count
-        assert [message.request_id for message in client.messages] == list(range(1, count + 1))  # type: ignore[attr-defined]
+        assert [message.request_id for message in client.messages] == list(range(1, count + 1))
         client.transport.loseConnection()
         await client.lost
     finally:
@@ -408,7 +408,7 @@ async def test_audit_lines_quote_what_the_client_chose_and_name_the_peer(
     await harness.listen()
     try:
         job = harness.manager.add()
-        for name, cn in tricky.items():
+        for name in tricky:
             client = await harness.connect(name, directory=tmp_path)
             client.send(m.StatusRequest(client.conn.next_request_id(), job.job_id))
             await sleep(0.1)
@@ -585,9 +585,9 @@ async def test_a_connection_aborted_after_its_goaway_is_freed_without_the_garbag
     server aborts the connection after its grace period, and that path too
     leaves nothing for the garbage collector.
     """
-    import jobworker.server
+    import jobworker.server.connection
 
-    monkeypatch.setattr(jobworker.server, "ABORT_GRACE_S", 0.3)
+    monkeypatch.setattr(jobworker.server.connection, "ABORT_GRACE_S", 0.3)
     harness = Harness(certs, ServerLimits(frame_timeout_s=0.3))
     await harness.listen()
     gc.collect()
@@ -652,7 +652,7 @@ async def test_a_flood_of_requests_does_not_hold_up_another_connection(certs: Pa
     reactor: another client's request, sent just after a flood of
     thousands in one write, is answered long before the flood is.
     """
-    from jobworker.server import INBOX_TURN
+    from jobworker.server.connection import INBOX_TURN
 
     harness = Harness(certs, ServerLimits(audit_burst=10))
     await harness.listen()

@@ -1,5 +1,5 @@
 """
-The server's connection handling (L{jobworker.server.ServerProtocol})
+The server's connection handling (L{jobworker.server.connection.ServerProtocol})
 without a network, a reactor or real jobs: a L{StringTransport}, a
 L{task.Clock} and a scripted job manager.  A client's sans-IO L{Connection}
 encodes what the test sends and decodes, and checks, what the server wrote.
@@ -12,6 +12,7 @@ statuses of any size, paged lists, and unexpected errors.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -19,13 +20,13 @@ from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
-import jobworker.server as server_module
+import jobworker.server.connection as server_module
 from jobworker.errors import ErrorCode, RequestError
-from jobworker.outputlog import MemorySpool, OutputLog
-from jobworker.policy import Identity, Operation, Role as PolicyRole, authorize, may_see, Verdict
+from jobworker.output.log import MemorySpool, OutputLog
+from jobworker.policy import Identity, Operation, Verdict, authorize, may_see
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, MIN_FRAME_SIZE, Connection, Role
-from jobworker.server import ServerFactory, ServerLimits
+from jobworker.server.connection import ServerFactory, ServerLimits
 
 T0 = 1_717_243_200_000_000
 
@@ -470,7 +471,7 @@ def test_a_user_lists_only_its_own_jobs(monkeypatch: pytest.MonkeyPatch) -> None
 # -- unexpected errors -------------------------------------------------------------
 
 
-def failures(logged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def failures(logged: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [event for event in logged if "log_failure" in event]
 
 
@@ -576,7 +577,7 @@ BAD_FIELDS = [
 
 @pytest.mark.parametrize("fields", BAD_FIELDS, ids=repr)
 def test_every_string_rule_of_a_start_is_a_bad_request(fields: dict[str, Any]) -> None:
-    from jobworker.jobs import JobManager
+    from jobworker.jobs.manager import JobManager
 
     request = m.StartRequest(1, **{"argv": ("true",), **fields})
     with pytest.raises(RequestError) as refused:
@@ -585,6 +586,6 @@ def test_every_string_rule_of_a_start_is_a_bad_request(fields: dict[str, Any]) -
 
 
 def test_a_start_within_the_rules_passes_the_check() -> None:
-    from jobworker.jobs import JobManager
+    from jobworker.jobs.manager import JobManager
 
     JobManager._check_request(m.StartRequest(1, ("echo", "ünïcode"), (("A", "b=c"),), "/tmp", "nobody"))

@@ -1,5 +1,5 @@
 """
-Tests for L{jobworker.server.tune_transport} and L{jobworker.tls.write_through}:
+Tests for L{jobworker.server.connection.tune_transport} and L{jobworker.tls.write_through}:
 how the server's output reaches the socket, checked on real loopback
 connections under Twisted's reactor.
 """
@@ -19,7 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import WrappingFactory
 
-from jobworker.server import WRITE_BUFFER, tune_transport
+from jobworker.server.connection import WRITE_BUFFER, tune_transport
 from jobworker.tls import write_through
 
 
@@ -69,15 +69,15 @@ async def connected_pair(size: int, unix_path: str | None = None, *, wrapped: bo
     bytes) and the listening port.
     """
     made: Deferred[Source] = Deferred()
-    factory: Factory = Factory.forProtocol(lambda: Source(made))
+    factory: Any = Factory.forProtocol(lambda: Source(made))
     if wrapped:
         factory = WrappingFactory(factory)
     sink = Sink(size)
     if unix_path is None:
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
     else:
-        port = reactor.listenUNIX(unix_path, factory)  # type: ignore[attr-defined]
+        port = reactor.listenUNIX(unix_path, factory)
         endpoint = UNIXClientEndpoint(reactor, unix_path)
     await connectProtocol(endpoint, sink)
     source = await made

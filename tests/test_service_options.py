@@ -10,9 +10,9 @@ import os
 import pytest
 from twisted.python import usage
 
-from jobworker import service
+from jobworker.host.uids import UidRange
 from jobworker.limits import Limits, host_caps
-from jobworker.uids import UidRange
+from jobworker.server import service
 
 
 def options(*argv: str) -> service.Options:

@@ -1,5 +1,5 @@
 """
-Tests for the state directory (L{jobworker.store}): record writes that are
+Tests for the state directory (L{jobworker.jobs.store}): record writes that are
 checked and never tear a good record, and loading that trusts nothing.
 """
 
@@ -9,14 +9,15 @@ import errno
 import json
 import os
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-import jobworker.store
+import jobworker.jobs.store
+from jobworker.jobs.store import JobStore
 from jobworker.protocol.messages import JobState, JobStatus
-from jobworker.store import JobStore
 
 
 @dataclass
@@ -31,7 +32,7 @@ class FakeJob:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> JobStore:
+def store(tmp_path: Path) -> Iterator[JobStore]:
     opened = JobStore(str(tmp_path))
     opened.open()
     yield opened
@@ -46,7 +47,7 @@ def test_short_writes_still_write_the_whole_record(store: JobStore, monkeypatch)
     # One unchecked os.write: on a nearly full disk it writes part and
     # returns, and the rename made a torn record of it.
     real = os.write
-    monkeypatch.setattr(jobworker.store.os, "write", lambda fd, data: real(fd, bytes(data[:100])))
+    monkeypatch.setattr(jobworker.jobs.store.os, "write", lambda fd, data: real(fd, bytes(data[:100])))
     job = FakeJob(uuid.uuid4(), 3)
     store.save(job)
     (record,) = loaded(store).values()
@@ -66,7 +67,7 @@ def test_a_failed_write_keeps_the_good_record(store: JobStore, monkeypatch) -> N
             return real(fd, bytes(data[:100]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(jobworker.store.os, "write", filling)
+    monkeypatch.setattr(jobworker.jobs.store.os, "write", filling)
     with pytest.raises(OSError):
         store.save(FakeJob(job.job_id, 4))
     assert sorted(os.listdir(store.jobs_dir)) == [f"{job.job_id}.json"]  # no .tmp left
@@ -80,7 +81,7 @@ def test_a_failed_fsync_keeps_the_good_record(store: JobStore, monkeypatch) -> N
     def failing(fd: int) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(jobworker.store.os, "fsync", failing)
+    monkeypatch.setattr(jobworker.jobs.store.os, "fsync", failing)
     with pytest.raises(OSError):
         store.save(FakeJob(job.job_id, 4))
     assert sorted(os.listdir(store.jobs_dir)) == [f"{job.job_id}.json"]

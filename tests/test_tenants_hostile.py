@@ -17,7 +17,7 @@ import pytest
 
 from jobworker.protocol import messages as m
 from tests.support import need, need_root, start_server
-from tests.test_e2e_tenants import marker, output, own_uid_range, run, start, status, stop, wait_output
+from tests.test_e2e_tenants import marker, own_uid_range, run, start, status, stop, wait_output
 
 # The job side of the keyring checks: put a key in every keyring a process
 # of the job's uid can reach (its session keyring, its uid's user and

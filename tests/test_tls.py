@@ -17,7 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,18 +26,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from service_identity import VerificationError
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     SSL4ServerEndpoint,
     TCP4ClientEndpoint,
     connectProtocol,
     wrapClientTLS,
 )
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IListeningPort,
@@ -49,7 +48,7 @@ from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from zope.interface import implementer
@@ -95,7 +94,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     directory = tmp_path_factory.mktemp("pki")
     make_dev_pki(directory)
     ca = directory / "ca.pem", directory / "ca.key"
-    yesterday = datetime.now(timezone.utc) - timedelta(days=1)
+    yesterday = datetime.now(UTC) - timedelta(days=1)
     make_client_cert(
         directory,
         *ca,
@@ -135,7 +134,7 @@ class Peer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.received += data
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]  # always given a reason
         self.lost = reason
 
 
@@ -182,7 +181,7 @@ def connect_in_memory(
     client, server = client_tls.wrappedProtocol, server_tls.wrappedProtocol
     client.transport.write(b"hello")
     pump.flush()
-    return client, server, pump
+    return client, server, pump  # type: ignore[return-value]  # the factories build Peers
 
 
 @pytest.mark.parametrize("size", [1, 16 << 10, (1 << 20) + 7])
@@ -331,9 +330,9 @@ def test_server_refuses_client_certificate(pki: PKI, name: str) -> None:
 @pytest.fixture
 def capture_log() -> Iterator[list[dict]]:
     events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
+    globalLogPublisher.addObserver(events.append)  # type: ignore[arg-type]  # a callable of one event is an observer
     yield events
-    globalLogPublisher.removeObserver(events.append)
+    globalLogPublisher.removeObserver(events.append)  # type: ignore[arg-type]  # a callable of one event is an observer
 
 
 def test_server_logs_refused_key_usage(pki: PKI, capture_log: list[dict]) -> None:
@@ -443,7 +442,7 @@ _KEY = ec.generate_private_key(ec.SECP256R1())
 
 def certificate_for(attributes: list[tuple[x509.ObjectIdentifier, str]]) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(oid, value) for oid, value in attributes])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -618,7 +617,7 @@ def stdlib_exchange(
             tls.sendall(b"ping")
             echoed = tls.recv(4)
             cipher = tls.cipher()
-            return StdlibExchange(echoed, tls.version(), cipher and cipher[0], tls.session, tls.session_reused)
+            return StdlibExchange(echoed, tls.version(), cipher and cipher[0], tls.session, bool(tls.session_reused))
 
 
 @pytest_twisted.ensureDeferred
@@ -634,7 +633,7 @@ async def test_stdlib_client_over_loopback(pki: PKI) -> None:
             stdlib_exchange, context, port.getHost().port, "127.0.0.1"
         )
     finally:
-        await port.stopListening()
+        await port.stopListening()  # type: ignore[misc]  # a TCP port's is a Deferred
     assert result.echoed == b"ping"
     assert result.version == "TLSv1.3"
     # The standard library's client lists AES-256 first: the server's own
@@ -653,7 +652,7 @@ async def test_stdlib_client_checks_hostname(pki: PKI) -> None:
                 stdlib_exchange, context, port.getHost().port, "jobs.example.org"
             )
     finally:
-        await port.stopListening()
+        await port.stopListening()  # type: ignore[misc]  # a TCP port's is a Deferred
 
 
 @pytest_twisted.ensureDeferred
@@ -669,7 +668,7 @@ async def test_tls12_client_is_refused(pki: PKI) -> None:
         with pytest.raises(ssl.SSLError) as refusal:
             await deferToThread(stdlib_exchange, context, port.getHost().port)
     finally:
-        await port.stopListening()
+        await port.stopListening()  # type: ignore[misc]  # a TCP port's is a Deferred
     assert refusal.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION"
     assert not any(peer.handshake_done for peer in peers)
 
@@ -687,7 +686,7 @@ async def test_refused_client_fails_on_first_read(pki: PKI) -> None:
         with pytest.raises(ssl.SSLError) as refusal:
             await deferToThread(stdlib_exchange, context, port.getHost().port)
     finally:
-        await port.stopListening()
+        await port.stopListening()  # type: ignore[misc]  # a TCP port's is a Deferred
     # An alert from the server, not a failure of the client's own.  (It is
     # internal_error for now: pyOpenSSL's verify callback cannot tell OpenSSL
     # why it refused, so OpenSSL reports an unspecified failure.)
@@ -709,7 +708,7 @@ async def test_no_session_is_resumed(pki: PKI) -> None:
             stdlib_exchange, context, port.getHost().port, session=first.session
         )
     finally:
-        await port.stopListening()
+        await port.stopListening()  # type: ignore[misc]  # a TCP port's is a Deferred
     assert first.echoed == second.echoed == b"ping"
     assert not second.session_reused
     assert [peer.names for peer in peers] == [("alice", "user")] * 2
@@ -763,7 +762,7 @@ async def test_no_session_ticket_is_sent(pki: PKI) -> None:
         context = client_ssl_context(pki.ca(), *pki.pair("alice"))
         result = await deferToThread(stdlib_exchange, context, port.getHost().port)
     finally:
-        await port.stopListening()
+        await port.stopListening()  # type: ignore[misc]  # a TCP port's is a Deferred
     assert result.session is None or not result.session.has_ticket
 
 
@@ -802,7 +801,7 @@ async def test_twisted_client_over_loopback(pki: PKI) -> None:
         assert await client.arrived == b"ping"
         client.transport.loseConnection()
     finally:
-        await port.stopListening()
+        await port.stopListening()  # type: ignore[misc]  # a TCP port's is a Deferred
     assert [peer.names for peer in peers] == [("viewer", "viewer")]
 
 
@@ -820,7 +819,7 @@ class ClientOffering:
         self._options = pki.client_options("alice")
         self._groups = groups
 
-    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         from OpenSSL._util import lib
 
         connection = self._options.clientConnectionForTLS(tlsProtocol)

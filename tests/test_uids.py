@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jobworker.errors import ErrorCode
-from jobworker.uids import (
+from jobworker.host.uids import (
     DEFAULT_FIRST_UID,
     DEFAULT_LAST_UID,
     UidAllocator,
-    UidRange,
     UidLocks,
+    UidRange,
     UidsExhausted,
     host_has_id,
     host_live_uids,

@@ -7,7 +7,7 @@ from twisted.application.service import ServiceMaker
 
 jobworker = ServiceMaker(
     "jobworker",
-    "jobworker.service",
+    "jobworker.server.service",
     "Run Linux jobs for clients authenticated by mutual TLS.",
     "jobworker",
 )

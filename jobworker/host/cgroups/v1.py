@@ -10,7 +10,7 @@ hierarchy used the job directory is::
     <mount point>/<service's cgroup there>/<prefix>/job-<id>
 
 with mount points read from C{/proc/self/mountinfo} and the service's
-cgroups from C{/proc/self/cgroup} (see L{jobworker.cgroups.detect}).  A
+cgroups from C{/proc/self/cgroup} (see L{jobworker.host.cgroups.detect}).  A
 combined hierarchy gets one directory, and one C{cgroup.procs} entry in
 C{procs_files}.
 
@@ -35,7 +35,7 @@ Limits:
     (C{swapaccount=0}), and then the job's memory can be swapped out past
     the limit.
   - io: C{blkio.throttle.read_bps_device} and C{write_bps_device},
-    C{"MAJ:MIN N"}, for each device of L{jobworker.cgroups._devices}.  v1
+    C{"MAJ:MIN N"}, for each device of L{jobworker.host.cgroups._devices}.  v1
     throttles only I/O the job's own tasks submit: reads, and direct or
     synchronous writes.  Ordinary buffered writes land in the page cache
     and reach the disk later from the kernel's flusher threads, which are
@@ -53,10 +53,11 @@ forking fast can then take several rounds.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
-from jobworker.cgroups._devices import BlockDevice
-from jobworker.cgroups._host import (
+from jobworker.errors import ErrorCode, RequestError
+from jobworker.host.cgroups._devices import BlockDevice
+from jobworker.host.cgroups._host import (
     FREEZE_TIMEOUT,
     KILL_TIMEOUT,
     HostCalls,
@@ -64,14 +65,14 @@ from jobworker.cgroups._host import (
     make_each,
     optional_int,
     optional_keyed,
-    poll,
     pids_below,
+    poll,
     read_text,
     remove_directories,
     remove_empty,
     write_limit,
 )
-from jobworker.cgroups._interface import (
+from jobworker.host.cgroups._interface import (
     CgroupError,
     Usage,
     check_supported,
@@ -80,8 +81,7 @@ from jobworker.cgroups._interface import (
     stale_job_names,
     usage_fields,
 )
-from jobworker.cgroups._limits import cpu_bandwidth
-from jobworker.errors import ErrorCode, RequestError
+from jobworker.host.cgroups._limits import cpu_bandwidth
 from jobworker.limits import Limits
 
 __all__ = ["CgroupV1Driver", "CgroupV1Job", "V1_CONTROLLERS"]

@@ -49,11 +49,11 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 import jobworker
-from jobworker.jobs import JobManager, JobManagerConfig
+from jobworker.jobs.manager import JobManager, JobManagerConfig
 from jobworker.limits import LIMIT_CONTROLLERS, LimitError, Limits, host_caps, parse_count, parse_cpu, parse_duration, parse_size
 from jobworker.logs import Logger
-from jobworker.server import ServerFactory, ServerLimits
-from jobworker.uids import DEFAULT_FIRST_UID, DEFAULT_LAST_UID, parse_uid_range
+from jobworker.server.connection import ServerFactory, ServerLimits
+from jobworker.host.uids import DEFAULT_FIRST_UID, DEFAULT_LAST_UID, parse_uid_range
 
 __all__ = ["CONFIG_PATH", "Options", "StartupError", "makeService"]
 
@@ -407,7 +407,7 @@ def _rate(text: str) -> tuple[int, float]:
 def _cgroup_driver(choice: str, prefix: str) -> Any:
     if choice == "none":
         return None
-    from jobworker.cgroups import detect
+    from jobworker.host.cgroups import detect
 
     try:
         driver = detect(prefix=prefix, version=None if choice == "auto" else choice)

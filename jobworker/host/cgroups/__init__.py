@@ -22,15 +22,15 @@ never outside that subtree: the service only touches what it was delegated.
 
 L{detect} reads C{/proc/self/mountinfo} and C{/proc/self/cgroup} and picks:
 
-  - L{CgroupV2Driver} on a unified (pure v2) host, see L{jobworker.cgroups.v2};
-  - L{CgroupV1Driver} on a v1 or hybrid host, see L{jobworker.cgroups.v1}.
+  - L{CgroupV2Driver} on a unified (pure v2) host, see L{jobworker.host.cgroups.v2};
+  - L{CgroupV1Driver} on a v1 or hybrid host, see L{jobworker.host.cgroups.v1}.
     A hybrid host (systemd's default before v2) mounts the v1 hierarchies
     and also a cgroup2 filesystem at C{/sys/fs/cgroup/unified} that holds
     no controller; v2 there could group and kill processes but limit
     nothing.
 
 It takes the one that can enforce more of cpu, memory, io and pids, v2 on
-a tie.  L{jobworker.cgroups.testing} imitates both on plain files.
+a tie.  L{jobworker.host.cgroups.testing} imitates both on plain files.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
-from jobworker.cgroups._devices import BlockDevice, throttled_block_devices
-from jobworker.cgroups._host import HostCalls
-from jobworker.cgroups._interface import SERVICE_LEAF, CgroupDriver, CgroupError, JobCgroup, Usage
-from jobworker.cgroups._procfs import Membership, Mount, cgroup_directory, parse_mountinfo, parse_proc_cgroup
-from jobworker.cgroups.v1 import V1_CONTROLLERS, CgroupV1Driver, CgroupV1Job
-from jobworker.cgroups.v2 import CgroupV2Driver, CgroupV2Job
+from jobworker.host.cgroups._devices import BlockDevice, throttled_block_devices
+from jobworker.host.cgroups._host import HostCalls
+from jobworker.host.cgroups._interface import SERVICE_LEAF, CgroupDriver, CgroupError, JobCgroup, Usage
+from jobworker.host.cgroups._procfs import Membership, Mount, cgroup_directory, parse_mountinfo, parse_proc_cgroup
+from jobworker.host.cgroups.v1 import V1_CONTROLLERS, CgroupV1Driver, CgroupV1Job
+from jobworker.host.cgroups.v2 import CgroupV2Driver, CgroupV2Job
 
 __all__ = [
     "BlockDevice",

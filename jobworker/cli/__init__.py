@@ -33,7 +33,8 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from jobworker import __version__
 from jobworker.blocking import BlockingClient, ConnectionFailed, parse_address
@@ -124,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     json_option(start)
     job_options(start)
     run = commands.add_parser("run", help="start a job, stream its output, exit with its code")
-    run.usage_exit = OWN_ERROR  # type: ignore[attr-defined]
+    run.usage_exit = OWN_ERROR
     run.add_argument("-v", "--verbose", action="store_true", help="print the job's id on stderr first (also when stderr is a terminal)")
     job_options(run)
 
@@ -274,7 +275,8 @@ def _states(text: str) -> list[m.JobState]:
 
 def _keepalive(args: argparse.Namespace) -> float:
     if args.keepalive is not None:
-        return args.keepalive
+        seconds: float = args.keepalive
+        return seconds
     text = os.environ.get("JOBWORKER_KEEPALIVE") or "30"
     try:
         return _seconds(text)
@@ -327,7 +329,7 @@ def _start_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]
         pids=args.pids,
         timeout_ms=args.timeout,
     )
-    for index, item in enumerate([*argv, *(k for k, _ in env), *(v for _, v in env), args.workdir]):
+    for item in [*argv, *(k for k, _ in env), *(v for _, v in env), args.workdir]:
         size = len(item.encode("utf-8", "surrogateescape"))
         if size > MAX_TEXT_BYTES:
             raise UsageError(f"an argument or environment string of {size} bytes is longer than the protocol's {MAX_TEXT_BYTES}")
@@ -998,7 +1000,7 @@ def _cmd_stop(cmd: _Command) -> int:
     client = cmd.client
     code = 0
     stopped = []
-    for text, job_id in _each_job(cmd, args.job_ids):
+    for _text, job_id in _each_job(cmd, args.job_ids):
         if job_id is None:
             code = 1
             continue
@@ -1027,7 +1029,7 @@ def _cmd_kill(cmd: _Command) -> int:
     args = cmd.args
     client = cmd.client
     code = 0
-    for text, job_id in _each_job(cmd, args.job_ids):
+    for _text, job_id in _each_job(cmd, args.job_ids):
         if job_id is None:
             code = 1
             continue
@@ -1070,7 +1072,7 @@ def _cmd_rm(cmd: _Command) -> int:
     args = cmd.args
     client = cmd.client
     code = 0
-    for text, job_id in _each_job(cmd, args.job_ids):
+    for _text, job_id in _each_job(cmd, args.job_ids):
         if job_id is None:
             code = 1
             continue
@@ -1134,7 +1136,9 @@ def _cmd_list(cmd: _Command) -> int:
     if args.json:
         cmd.results.extend(_status_json(job) for job in jobs)
         return 0
-    ident = (lambda job: str(job.job_id)) if args.no_trunc else (lambda job: _short(job.job_id))
+    ident: Callable[[m.JobStatus], str] = (
+        (lambda job: str(job.job_id)) if args.no_trunc else (lambda job: _short(job.job_id))
+    )
     if args.quiet:
         for job in jobs:
             cmd.console.out(ident(job))
@@ -1234,7 +1238,7 @@ def _cmd_config(cmd: _Command) -> int:
 
 
 def _cmd_completion(cmd: _Command) -> int:
-    from jobworker.completion import completion_script
+    from jobworker.cli.completion import completion_script
 
     cmd.console.out(completion_script(_parser(), cmd.args.shell))
     return 0
@@ -1364,10 +1368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # The reader of our output went away (jobcli logs ID | head).
-        try:
-            sys.stdout = None  # type: ignore[assignment]
-        finally:
-            return 141
+        sys.stdout = None
+        return 141
 
 
 if __name__ == "__main__":

@@ -57,9 +57,9 @@ from zope.interface import implementer
 from jobworker import __version__
 from jobworker.audit import RateLimit, Suppressed, log_value
 from jobworker.errors import ErrorCode, ProtocolError, RequestError
-from jobworker.jobs import Job, JobManager
-from jobworker.memory import release_free_memory
-from jobworker.outputlog import GAP_FD
+from jobworker.jobs.manager import Job, JobManager
+from jobworker.host.memory import release_free_memory
+from jobworker.output.log import GAP_FD
 from jobworker.policy import Identity, Operation, Role
 from jobworker.protocol import messages as m
 from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict as KeepAliveVerdict

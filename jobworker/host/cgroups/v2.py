@@ -23,7 +23,7 @@ cgroup before exec.  Only the service's own pid is moved: any other process
 in C{<own>} is not ours to move, and then prepare() fails and says so.
 
 If the service finds itself already in C{<own>/<prefix>/service} (it was
-restarted in place), L{jobworker.cgroups.detect} takes the grandparent as
+restarted in place), L{jobworker.host.cgroups.detect} takes the grandparent as
 C{<own>}, so the layout does not nest again.
 
 Controllers are enabled one by one, each only if C{cgroup.controllers}
@@ -38,7 +38,7 @@ Limits:
     file exists (without swap accounting it does not, and the job's memory
     can then be swapped out past the limit).
   - io: C{io.max} = C{"MAJ:MIN rbps=N wbps=N"} for each device of
-    L{jobworker.cgroups._devices}.  With the memory and io controllers both
+    L{jobworker.host.cgroups._devices}.  With the memory and io controllers both
     on, v2 charges page-cache writeback to the job that dirtied the pages,
     so buffered writes are throttled too (on ext4, xfs and btrfs).
   - pids: C{pids.max}.
@@ -54,10 +54,11 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
-from jobworker.cgroups._devices import BlockDevice
-from jobworker.cgroups._host import (
+from jobworker.errors import ErrorCode, RequestError
+from jobworker.host.cgroups._devices import BlockDevice
+from jobworker.host.cgroups._host import (
     FREEZE_TIMEOUT,
     KILL_TIMEOUT,
     UNSUPPORTED,
@@ -66,16 +67,16 @@ from jobworker.cgroups._host import (
     make_each,
     optional_int,
     optional_keyed,
+    pids_below,
     poll,
     read_keyed,
-    pids_below,
     read_pids,
     read_text,
     remove_directories,
     remove_empty,
     write_limit,
 )
-from jobworker.cgroups._interface import (
+from jobworker.host.cgroups._interface import (
     SERVICE_LEAF,
     CgroupError,
     Usage,
@@ -85,8 +86,7 @@ from jobworker.cgroups._interface import (
     stale_job_names,
     usage_fields,
 )
-from jobworker.cgroups._limits import cpu_bandwidth
-from jobworker.errors import ErrorCode, RequestError
+from jobworker.host.cgroups._limits import cpu_bandwidth
 from jobworker.limits import Limits
 
 __all__ = ["CgroupV2Driver", "CgroupV2Job"]
@@ -135,7 +135,7 @@ class CgroupV2Job:
     def __init__(self, path: str, calls: HostCalls, *, use_cgroup_kill: bool = True) -> None:
         self.path = path
         self.path_description = path
-        self.procs_files = (os.path.join(path, "cgroup.procs"),)
+        self.procs_files: tuple[str, ...] = (os.path.join(path, "cgroup.procs"),)
         self.controller_dirs = {name: path for name in LIMIT_CONTROLLERS + ("freezer",)}
         self._calls = calls
         self._use_cgroup_kill = use_cgroup_kill

@@ -46,7 +46,7 @@ Reads from the spool are bounded by the caller's C{limit}, so serving a
 follower far behind never blocks the reactor for long.
 
 This module does no I/O of its own: the spool is an object with
-C{append}/C{pread} (L{jobworker.spool.FileSpool} on disk,
+C{append}/C{pread} (L{jobworker.output.spool.FileSpool} on disk,
 L{MemorySpool} in tests).
 """
 
@@ -55,7 +55,8 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_right
 from collections import deque
-from typing import Callable, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 __all__ = [
     "Chunk",
@@ -459,6 +460,7 @@ class OutputLog:
                     break  # the record goes whole in the next read; see read()
                 want = min(length - skip, limit - taken)
                 data_at = position + RECORD_HEADER_SIZE + skip
+                data: bytes | memoryview
                 if data_at - block_start + want <= len(block):
                     # A view, not a copy: the block is ours alone.
                     data = memoryview(block)[data_at - block_start : data_at - block_start + want]

@@ -13,11 +13,11 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
-from jobworker.cgroups._interface import CgroupError
 from jobworker.errors import ErrorCode, RequestError
+from jobworker.host.cgroups._interface import CgroupError
 
 __all__ = [
     "HostCalls",
@@ -76,7 +76,7 @@ def _mkdir(path: str) -> None:
 class HostCalls:
     """
     The kernel as the drivers use it.  The defaults are the real calls;
-    L{jobworker.cgroups.testing} supplies a fake.
+    L{jobworker.host.cgroups.testing} supplies a fake.
     """
 
     mkdir: Callable[[str], None] = _mkdir

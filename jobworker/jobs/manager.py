@@ -7,7 +7,7 @@ Life of a job
 
     start request
         -> cgroup made, limits written        (host adapter: jobworker.cgroups)
-        -> helper spawned                     (jobworker/isolate.py)
+        -> helper spawned                     (jobworker/host/isolate.py)
              joins the cgroup, isolates, drops privileges, execs the command
         -> status pipe (fd 3) says started or failed   => STARTING -> RUNNING | FAILED
         -> output read from the job's pipes into its OutputLog
@@ -46,21 +46,21 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from jobworker.errors import ErrorCode, JobworkerError, RequestError
-from jobworker.isolate import compiled_helper
+from jobworker.host.isolate import compiled_helper
 from jobworker.limits import LIMIT_CONTROLLERS, Limits
 from jobworker.audit import log_excerpt, log_value
-from jobworker.outputlog import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpool, OutputLog
+from jobworker.output.log import DEFAULT_RETENTION, DEFAULT_RING_SIZE, MemorySpool, OutputLog
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize, may_see
 from jobworker.protocol.messages import UID_UNKNOWN, InvalidLimits, JobState, JobStatus, JobUsage, Network, StartRequest
-from jobworker.spool import FileSpool, SpoolFailure
-from jobworker.store import JobStore, LoadedRecord, StateDirLocked, discard
-from jobworker.uids import DEFAULT_LOCK_DIRECTORY, UidAllocator, UidLocks, UidRange, host_has_id, host_live_uids
+from jobworker.output.spool import FileSpool, SpoolFailure
+from jobworker.jobs.store import JobStore, LoadedRecord, StateDirLocked, discard
+from jobworker.host.uids import DEFAULT_LOCK_DIRECTORY, UidAllocator, UidLocks, UidRange, host_has_id, host_live_uids
 
 __all__ = ["Job", "JobManager", "JobManagerConfig", "ISOLATE_SCRIPT"]
 
 log = Logger()
 
-ISOLATE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "isolate.py")
+ISOLATE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "host", "isolate.py")
 
 # A job's stdout/stderr pipes are widened to this (the kernel's default
 # ceiling for unprivileged pipes), so a job is not held up while the server

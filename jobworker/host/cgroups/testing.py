@@ -29,11 +29,11 @@ import errno
 import os
 import shutil
 import signal
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
-from jobworker.cgroups import CgroupDriver, HostCalls, detect
-from jobworker.cgroups._procfs import escape_mount_field
+from jobworker.host.cgroups import CgroupDriver, HostCalls, detect
+from jobworker.host.cgroups._procfs import escape_mount_field
 
 __all__ = ["FakeCgroupHost"]
 
