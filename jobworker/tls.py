@@ -189,8 +189,7 @@ class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
 CIPHER_SCRATCH = 512 << 10
 _scratch = threading.local()
 try:
-    from OpenSSL._util import ffi as _openssl_ffi
-    from OpenSSL._util import lib as _openssl_lib
+    from OpenSSL._util import ffi as _openssl_ffi, lib as _openssl_lib
 except ImportError:  # a pyOpenSSL without the binding: the copying read
     _openssl_lib = None
 

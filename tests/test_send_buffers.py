@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 from OpenSSL import SSL
 
-from jobworker.server import TURN_BYTES, ServerProtocol
+from jobworker.server.connection import TURN_BYTES, ServerProtocol
 from jobworker.tls import BulkTLSMemoryBIOFactory, BulkTLSMemoryBIOProtocol
 from tests.test_tls import PKI, connect_in_memory, pki  # noqa: F401 - the fixture
 
@@ -32,7 +32,7 @@ class _RecordingTLS(BulkTLSMemoryBIOProtocol):
     def __init__(self) -> None:
         self.writes: list[bytes | memoryview] = []
 
-    def write(self, data: bytes | memoryview) -> None:  # type: ignore[override]
+    def write(self, data: bytes | memoryview) -> None:
         self.writes.append(data)
 
 

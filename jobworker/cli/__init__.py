@@ -337,7 +337,7 @@ def _start_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]
     return argv, {"env": tuple(env), "workdir": args.workdir, "user": args.user, "network": network, "limits": limits}
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
