@@ -89,4 +89,4 @@ def json_observer(stream: IO[str] | None = None) -> ILogObserver:
             fields[key] = value
         inner(fields)
 
-    return observe  # type: ignore[no-any-return]
+    return observe  # type: ignore[no-any-return]  # @provider's result is untyped

@@ -575,7 +575,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     tool, are one line on standard error and exit status 1.
     """
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> None:  # type: ignore[override]  # exits, as argparse's does
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 

@@ -1,6 +1,7 @@
 """
 Fuzzing of the frame decoder and the server's connection state machine,
-shared by the CI run (C{tests/test_fuzz.py}, a few thousand inputs) and the
+shared by the CI run (C{tests/unit/test_fuzz.py} and C{tests/e2e/test_fuzz_live.py},
+a few thousand inputs) and the
 long run (C{bench/fuzz.py}, 100,000 and more).
 
 An input is a byte string a client sends after a valid hello exchange: a
@@ -51,7 +52,9 @@ __all__ = [
     "FakeManager",
     "FuzzReport",
     "ProtocolTarget",
+    "assert_clean",
     "make_input",
+    "print_report",
     "run",
 ]
 
@@ -361,7 +364,7 @@ class ProtocolTarget:
 
         self.clock = MemoryReactorClock()
         self.manager = FakeManager(jobs)
-        self.factory = ServerFactory(self.manager, self.clock, server_name="fuzz", limits=ServerLimits(audit_burst=0))  # type: ignore[arg-type]
+        self.factory = ServerFactory(self.manager, self.clock, server_name="fuzz", limits=ServerLimits(audit_burst=0))  # type: ignore[arg-type]  # a stand-in manager
         self.certificate = _client_certificate()
         self.failures: list[str] = []
         self._observer = self._watch
@@ -610,3 +613,20 @@ def run_parallel(make_target: Callable[[], Any], count: int, seed: int, threads:
             total.codes[name] = total.codes.get(name, 0) + number
         total.examples.extend(report.examples[: 5 - len(total.examples)])
     return total, targets
+
+
+# -- what the standing runs (tests/unit/test_fuzz.py, tests/e2e/test_fuzz_live.py) report
+
+
+def print_report(name: str, report: FuzzReport, growth_kib: int) -> None:
+    print(
+        f"\nfuzz {name}: {report.inputs} inputs, {report.crashes} crashes, {report.tracebacks} tracebacks,"
+        f" {report.protocol_errors} protocol errors, {report.messages} messages,"
+        f" RSS growth {growth_kib} KiB, codes {dict(sorted(report.codes.items()))}"
+    )
+
+
+def assert_clean(report: FuzzReport) -> None:
+    assert report.crashes == 0 and report.tracebacks == 0, [
+        (data.hex(), what) for data, what in report.examples
+    ]

@@ -36,8 +36,8 @@ def bench_stalled(ctx: Context) -> tuple[list[Row], dict[str, Any]]:
             began = time.perf_counter()
             job_id = server.start_job(*head)
             if staller is not None:
-                staller.stdin.write(job_id.encode() + b"\n")  # type: ignore[union-attr]
-                staller.stdin.flush()  # type: ignore[union-attr]
+                staller.stdin.write(job_id.encode() + b"\n")  # type: ignore[union-attr]  # spawned with stdin=PIPE
+                staller.stdin.flush()  # type: ignore[union-attr]  # spawned with stdin=PIPE
                 expect_line(staller, "following")
             check(server.run("wait", job_id), "jobcli wait")
             wall = time.perf_counter() - began
@@ -47,7 +47,7 @@ def bench_stalled(ctx: Context) -> tuple[list[Row], dict[str, Any]]:
         if staller is not None:
             if staller.poll() is not None:
                 raise BenchError(f"the stalled follower left before the job ended (exit status {staller.returncode})")
-            staller.stdin.close()  # type: ignore[union-attr]
+            staller.stdin.close()  # type: ignore[union-attr]  # spawned with stdin=PIPE
             staller.wait(30)
         server.prune()
         runs.setdefault(name, []).append(
@@ -96,7 +96,7 @@ def expect_line(process: subprocess.Popen[bytes], key: str, timeout: float = 30.
     Read one JSON line from a clients.py process; it must hold C{key}.
     """
     result: list[bytes] = []
-    reader = threading.Thread(target=lambda: result.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader = threading.Thread(target=lambda: result.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]  # spawned with stdout=PIPE
     reader.start()
     reader.join(timeout)
     if not result or not result[0]:

@@ -46,8 +46,8 @@ def bench_throughput(ctx: Context) -> tuple[list[Row], dict[str, Any]]:
         details.setdefault(name, []).append(entry)
         return mbps(size, timing.wall_s)
 
-    def server_cpu(server: JobworkerServer) -> tuple[float, float, float, int]:
-        return (*proc_cpu_split(server.pid), proc_children_cpu_s(server.pid))  # type: ignore[return-value]
+    def server_cpu(server: JobworkerServer) -> tuple[float, float, int, float]:
+        return (*proc_cpu_split(server.pid), proc_children_cpu_s(server.pid))
 
     def server_delta(before: tuple[float, ...], after: tuple[float, ...]) -> dict[str, float]:
         user, system, faults, jobs = (b - a for a, b in zip(before, after))

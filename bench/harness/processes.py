@@ -110,12 +110,12 @@ def run_timed(command: Sequence[str], *, env: dict[str, Any] | None = None, capt
 
 def _read_both(process: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
     errors: list[bytes] = []
-    reader = threading.Thread(target=lambda: errors.append(process.stderr.read()))  # type: ignore[union-attr]
+    reader = threading.Thread(target=lambda: errors.append(process.stderr.read()))  # type: ignore[union-attr]  # capture: a pipe
     reader.start()
-    out = process.stdout.read()  # type: ignore[union-attr]
+    out = process.stdout.read()  # type: ignore[union-attr]  # capture: a pipe
     reader.join()
-    process.stdout.close()  # type: ignore[union-attr]
-    process.stderr.close()  # type: ignore[union-attr]
+    process.stdout.close()  # type: ignore[union-attr]  # capture: a pipe
+    process.stderr.close()  # type: ignore[union-attr]  # capture: a pipe
     return out, errors[0]
 
 

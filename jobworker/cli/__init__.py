@@ -70,7 +70,7 @@ class _Parser(argparse.ArgumentParser):
 
     usage_exit = USAGE_ERROR
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> None:  # type: ignore[override]  # exits, as argparse's does
         self.print_usage(sys.stderr)
         self.exit(self.usage_exit, f"{self.prog}: error: {message}\n")
 
@@ -779,7 +779,7 @@ def _human_size(value: int) -> str:
     if value < 1024:
         return f"{value} B"
     for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        value /= 1024  # type: ignore[assignment]
+        value /= 1024  # type: ignore[assignment]  # bytes become a float of units
         if value < 1024 or unit == "EiB":
             return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
     raise AssertionError("unreachable")

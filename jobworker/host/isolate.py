@@ -72,7 +72,7 @@ and a collection would copy every page it traverses.  Even so, outer and
 init of a running job hold about 3.3 MiB of memory that no other process
 shares when run from L{compiled_helper}'s bytecode (4.6 MiB from source),
 nearly all of it the Python interpreter's own start-up state
-(C{tests/test_isolate.py} measures it).
+(C{tests/host/test_isolate.py} measures it).
 
 Configuration (argv[1], a JSON object, or "-" to read it from stdin)
 ====================================================================
@@ -484,7 +484,7 @@ def c_call(name: str, *args: int | bytes | None) -> int:
         class CInt(_ctypes._SimpleCData):  # type: ignore[type-arg]
             _type_ = "i"
 
-        class CULong(_ctypes._SimpleCData):  # type: ignore[type-arg]
+        class CULong(_ctypes._SimpleCData):  # type: ignore[type-arg]  # as CInt
             _type_ = "L"
 
         class CFunction(_ctypes.CFuncPtr):

@@ -131,7 +131,7 @@ class Session:
         monkeypatch.setattr(server_module, "peer_names", lambda certificate: identity)
         self.clock = task.Clock()
         self.manager = FakeManager()
-        self.factory = ServerFactory(self.manager, self.clock, limits=ServerLimits(**limits))  # type: ignore[arg-type]
+        self.factory = ServerFactory(self.manager, self.clock, limits=ServerLimits(**limits))  # type: ignore[arg-type]  # a stand-in manager
         self.protocol = self.factory.buildProtocol(None)
         self.transport = TLSStringTransport()
         self.client = Connection(Role.CLIENT, max_frame_size=client_max)
@@ -547,7 +547,7 @@ def test_a_stream_that_fails_mid_way_ends_and_others_go_on(monkeypatch: pytest.M
         raise OSError("spool gone")
 
     bad.output.append(1, b"x")
-    bad.output.read = broken_read  # type: ignore[method-assign]
+    bad.output.read = broken_read  # type: ignore[method-assign]  # made to fail
     good.output.append(1, b"fine\n")
     with capturedLogs() as logged:
         messages = session.pump()

@@ -72,7 +72,7 @@ class Harness:
         self.certs = certs
         self.manager = FakeManager()
         self.protocols: list[weakref.ref[Any]] = []
-        factory = ServerFactory(self.manager, global_reactor, server_name="test", limits=limits)  # type: ignore[arg-type]
+        factory = ServerFactory(self.manager, global_reactor, server_name="test", limits=limits)  # type: ignore[arg-type]  # a stand-in manager
         build = factory.buildProtocol
 
         def building(addr: Any) -> Any:
@@ -80,7 +80,7 @@ class Harness:
             self.protocols.append(weakref.ref(protocol))
             return protocol
 
-        factory.buildProtocol = building  # type: ignore[method-assign]
+        factory.buildProtocol = building  # type: ignore[method-assign]  # watched
         self.factory = factory
         self.port: Any = None
 
@@ -419,7 +419,7 @@ async def test_audit_lines_quote_what_the_client_chose_and_name_the_peer(
         text = "\n".join(rendered(log_events))
         assert "\x00" not in text
         assert sum(line.startswith("audit identity=root") for line in text.splitlines()) == 0
-        from tests.test_audit import parse_pairs
+        from tests.unit.test_audit import parse_pairs
 
         for line, cn in zip(lines, tricky.values()):
             pairs = parse_pairs(line[len("audit ") :])
@@ -488,60 +488,6 @@ async def test_refused_tls_handshakes_are_logged_with_peer_and_reason(
         assert refused_eku and "from 127.0.0.1:" in refused_eku[0]
     finally:
         await harness.close()
-
-
-# -- the log file under twistd -----------------------------------------------------
-
-
-def test_twistd_log_file_rotation_is_bounded(certs: Path, tmp_path: Path) -> None:
-    """
-    With C{twistd --logfile}, the file rotates at C{--log-rotate-size} and
-    at most C{--log-keep} rotated files remain, old ones from earlier runs
-    included (twistd alone keeps every one).
-    """
-    import subprocess
-    import time
-
-    from jobworker.errors import RequestError as _RequestError  # noqa: F401  (what the client raises)
-    from tests.support import BIN, REPO, RunningServer, free_port
-
-    log_path = tmp_path / "logs" / "jobworker.log"
-    log_path.parent.mkdir()
-    (tmp_path / "logs" / "jobworker.log.7").write_text("left by an earlier run\n")
-    port = free_port()
-    state = tmp_path / "state"
-    state.mkdir()
-    command = [
-        str(BIN / "twistd"), "-n", "--pidfile=", f"--logfile={log_path}", "jobworker",
-        "--listen", f"tcp:{port}:interface=127.0.0.1",
-        "--ca", str(certs / "ca.pem"), "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
-        "--state-dir", str(state), "--cgroups", "none", "--no-isolation",
-        "--log-rotate-size", "8K", "--log-keep", "3", "--audit-rate-limit", "0",
-    ]
-    process = subprocess.Popen(command, cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    server = RunningServer(certs, state, port, process, log_path)
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                client = server.client("alice")
-                break
-            except Exception:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("the server did not come up")
-        with client:
-            for _ in range(400):
-                try:
-                    client.status(uuid.uuid4())
-                except Exception:
-                    pass
-        time.sleep(0.5)
-    finally:
-        server.stop()
-    rotated = sorted(path.name for path in log_path.parent.iterdir() if path.name != "jobworker.log")
-    assert rotated == ["jobworker.log.1", "jobworker.log.2", "jobworker.log.3"], rotated
-    assert all(path.stat().st_size <= 8192 + 4096 for path in log_path.parent.iterdir())
 
 
 @pytest_twisted.ensureDeferred

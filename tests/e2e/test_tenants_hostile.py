@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from jobworker.protocol import messages as m
+from tests.e2e.test_e2e_tenants import marker, own_uid_range, run, start, status, stop, wait_output
 from tests.support import need, need_root, start_server
-from tests.test_e2e_tenants import marker, own_uid_range, run, start, status, stop, wait_output
 
 # The job side of the keyring checks: put a key in every keyring a process
 # of the job's uid can reach (its session keyring, its uid's user and
@@ -363,7 +363,7 @@ def test_a_crash_of_the_server_frees_its_jobs_scratch_pages_at_once(certs, tmp_p
     Nothing waits for the next start-up: the jobs die with the server
     (their helpers' parent-death signal), and their tmpfs with them.
     """
-    from tests.test_e2e_tenants import host_pids_with, shmem_bytes
+    from tests.e2e.test_e2e_tenants import host_pids_with, shmem_bytes
 
     need_root()
     first, last = own_uid_range(9, 2)

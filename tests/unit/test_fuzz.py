@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 import resource
-from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -22,24 +21,12 @@ from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role
 from jobworker.protocol.framing import FrameBuffer
 from jobworker.protocol.wire import HEADER_SIZE, encode_message
-from tests.fuzzing import CONNECTION_CODES, CoreTarget, FuzzReport, LiveTarget, ProtocolTarget, run, run_parallel
-from tests.test_framing import any_message
+from tests.fuzzing import CONNECTION_CODES, CoreTarget, ProtocolTarget, assert_clean, print_report, run
+from tests.unit.test_framing import any_message
 
 # Inputs per target: together more than 5,000, in about 10 s.
 CORE_INPUTS = 2500
 PROTOCOL_INPUTS = 2500
-LIVE_INPUTS = 300
-
-
-def _isolation() -> list[str]:
-    """
-    As root the server runs jobs in namespaces, as it would in production
-    (the starts that the fuzzer makes mostly fail: no such command); as
-    anyone else it must run them without.
-    """
-    import os
-
-    return [] if os.geteuid() == 0 else ["--no-isolation"]
 
 
 def _rss_kib() -> int:
@@ -50,26 +37,12 @@ def _rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _print(name: str, report: FuzzReport, growth_kib: int) -> None:
-    print(
-        f"\nfuzz {name}: {report.inputs} inputs, {report.crashes} crashes, {report.tracebacks} tracebacks,"
-        f" {report.protocol_errors} protocol errors, {report.messages} messages,"
-        f" RSS growth {growth_kib} KiB, codes {dict(sorted(report.codes.items()))}"
-    )
-
-
-def _assert_clean(report: FuzzReport) -> None:
-    assert report.crashes == 0 and report.tracebacks == 0, [
-        (data.hex(), what) for data, what in report.examples
-    ]
-
-
 def test_fuzz_the_sans_io_core() -> None:
     before = _rss_kib()
     report = run(CoreTarget(), CORE_INPUTS, seed=20261201)
     growth = _rss_kib() - before
-    _print("core", report, growth)
-    _assert_clean(report)
+    print_report("core", report, growth)
+    assert_clean(report)
     assert report.inputs == CORE_INPUTS
     # The inputs reach both outcomes: protocol errors and served messages.
     assert report.protocol_errors > CORE_INPUTS // 10 and report.messages > CORE_INPUTS // 2
@@ -84,42 +57,12 @@ def test_fuzz_the_server_protocol() -> None:
         growth = _rss_kib() - before
     finally:
         target.close()
-    _print("server protocol", report, growth)
-    _assert_clean(report)
+    print_report("server protocol", report, growth)
+    assert_clean(report)
     assert report.inputs == PROTOCOL_INPUTS
     assert report.protocol_errors > PROTOCOL_INPUTS // 10
     assert report.codes.get("NOT_FOUND", 0) > 0  # requests got as far as the job manager
     assert growth < 64 << 10
-
-
-def test_fuzz_a_live_server(certs: Path, tmp_path: Path) -> None:
-    """
-    Raw inputs over real TLS after a valid hello, against a real server
-    (no cgroups: what is tested is the protocol): no
-    traceback in its log, and it is still alive and serving at the end.
-    """
-    from jobworker.clienttls import client_ssl_context
-    from tests.support import start_server
-
-    server = start_server(
-        certs, tmp_path / "state", *_isolation(), "--cgroups", "none", "--frame-timeout", "1",
-        "--max-finished-jobs", "20", "--audit-rate-limit", "0",
-    )
-    try:
-        context = client_ssl_context(certs / "ca.pem", certs / "alice.pem", certs / "alice.key")
-        report, targets = run_parallel(lambda: LiveTarget("127.0.0.1", server.port, context), LIVE_INPUTS, 20261203, 6)
-        for target in targets:
-            target.close()
-        assert server.alive()
-        with server.client("alice") as client:
-            client.list()
-        log = server.log()
-    finally:
-        server.stop()
-    _print(f"live server ({sum(target.connections for target in targets)} connections)", report, 0)
-    _assert_clean(report)
-    assert "Traceback" not in log and "Unhandled" not in log, log[-3000:]
-    assert report.inputs == LIVE_INPUTS
 
 
 # -- Hypothesis on the core -------------------------------------------------------

@@ -16,7 +16,7 @@ from jobworker.limits import Limits
 from jobworker.protocol.messages import JobState, JobStatus, JobUsage, Network
 from jobworker.protocol.wire import StatusSchema
 from jobworker.records import RecordError, exit_status, salvage_status, status_from_dict, status_to_dict
-from tests.test_framing import limits, text, usages
+from tests.unit.test_framing import limits, text, usages
 
 SETTINGS = settings(max_examples=300, deadline=None)
 

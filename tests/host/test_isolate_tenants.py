@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from jobworker.host import isolate
+from tests.host.test_isolate import PYTHON, TIMEOUT, need_namespaces, run, shell
 from tests.support import need_root
-from tests.test_isolate import PYTHON, TIMEOUT, need_namespaces, run, shell
 
 UID = 2**31 - 7  # a uid no one has; the helper needs none to exist
 

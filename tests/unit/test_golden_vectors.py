@@ -32,7 +32,7 @@ from jobworker.limits import Limits
 from jobworker.protocol import messages as m, wire
 from jobworker.protocol.framing import FrameBuffer
 
-SPEC_DIR = Path(__file__).resolve().parent.parent / "protocol-spec"
+SPEC_DIR = Path(__file__).resolve().parents[2] / "protocol-spec"
 VECTOR_DIR = SPEC_DIR / "vectors"
 README = SPEC_DIR / "README.md"
 

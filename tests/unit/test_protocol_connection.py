@@ -31,7 +31,7 @@ from jobworker.protocol.wire import (
     encode_output,
     frame_header,
 )
-from tests.test_framing import any_message, split_at
+from tests.unit.test_framing import any_message, split_at
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -564,7 +564,7 @@ def test_stdlib_context_imports_only_the_standard_library() -> None:
         capture_output=True,
         text=True,
         check=True,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
     )
     assert result.stdout == "[]\n"
 

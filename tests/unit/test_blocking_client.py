@@ -32,8 +32,8 @@ from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE
 from jobworker.protocol.flow import MAX_WINDOW
 from jobworker.protocol.framing import FrameBuffer
 from jobworker.protocol.wire import HEADER_SIZE, OUTPUT_HEAD_SIZE, decode_body, encode_message
-from tests.test_framing import SETTINGS, split_at
-from tests.test_tls import PKI, pki  # noqa: F401 - the fixture
+from tests.unit.test_framing import SETTINGS, split_at
+from tests.unit.test_tls import PKI, pki  # noqa: F401 - the fixture
 
 # The client never handshakes here; one context serves every test.
 CONTEXT = ssl.create_default_context()
@@ -90,7 +90,7 @@ def handshake(hello_pieces: list[bytes] | None = None) -> tuple[BlockingClient, 
     """
     client = BlockingClient(("127.0.0.1", 1), CONTEXT)
     sock = ScriptedSocket(hello_pieces or [encode_message(HELLO)])
-    client._sock = sock  # type: ignore[assignment]
+    client._sock = sock  # type: ignore[assignment]  # a scripted socket
     hello = client._next_message()
     assert hello == HELLO
     client.hello = hello
@@ -167,7 +167,7 @@ def whole_frames_only(client: BlockingClient) -> list[int]:
         counts.append(frames)
         return receive(data)
 
-    client.conn.receive_data = checked  # type: ignore[method-assign]
+    client.conn.receive_data = checked  # type: ignore[method-assign]  # watched
     return counts
 
 
@@ -362,7 +362,7 @@ def test_server_closing_mid_frame_fails(cut: int) -> None:
 
 def test_server_closing_before_the_hello_fails() -> None:
     client = BlockingClient(("127.0.0.1", 1), CONTEXT)
-    client._sock = ScriptedSocket([encode_message(HELLO)[:5]])  # type: ignore[assignment]
+    client._sock = ScriptedSocket([encode_message(HELLO)[:5]])  # type: ignore[assignment]  # a scripted socket
     with pytest.raises(ConnectionFailed):
         client._next_message()
 

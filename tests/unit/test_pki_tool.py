@@ -6,7 +6,6 @@ refusing an unknown role, and files handed to the invoking user under sudo.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from datetime import timedelta
@@ -16,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.support import BIN, need, need_root
+from tests.support import BIN, need
 
 
 def pki(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -69,7 +68,7 @@ def test_an_unknown_role_is_refused(command, tmp_path):
     assert not (tmp_path / "mallory.pem").exists()
 
 
-def _openssl_csr(directory: Path, subject: str) -> tuple[Path, Path]:
+def openssl_csr(directory: Path, subject: str) -> tuple[Path, Path]:
     need(shutil.which("openssl") is not None, "needs the openssl command")
     key, csr = directory / "me.key", directory / "me.csr"
     subprocess.run(
@@ -80,38 +79,9 @@ def _openssl_csr(directory: Path, subject: str) -> tuple[Path, Path]:
     return key, csr
 
 
-def test_sign_an_openssl_csr_gives_a_certificate_the_server_accepts(server, certs, tmp_path):
-    ca_dir = tmp_path / "ca"
-    ca_dir.mkdir()
-    for name in ("ca.pem", "ca.key"):
-        shutil.copy(certs / name, ca_dir / name)
-    requester = tmp_path / "requester"
-    requester.mkdir()
-    # The requester asks for admin; the CA decides the role.
-    key, csr = _openssl_csr(requester, "/CN=dana/OU=admin")
-    result = pki("sign", str(ca_dir), str(csr), "--role", "user", "--days", "10")
-    assert result.returncode == 0, result.stderr
-    signed = ca_dir / "dana.pem"
-    assert result.stdout.strip() == str(signed)
-    cert = certificate(signed)
-    assert cert.subject.rfc4514_string() == "OU=user,CN=dana"
-    assert cert.public_key() == x509.load_pem_x509_csr(csr.read_bytes()).public_key()
-    assert lifetime(signed) == timedelta(days=10)
-    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
-    assert not (ca_dir / "dana.key").exists()  # the key never travelled
-    env = dict(server.env(), JOBWORKER_CERT=str(signed), JOBWORKER_KEY=str(key))
-    whoami = subprocess.run([str(BIN / "jobcli"), "whoami"], env=env, capture_output=True, text=True, timeout=60)
-    assert whoami.returncode == 0, whoami.stderr
-    assert whoami.stdout.startswith("dana (user) on ")
-    # Signing again without --force would replace it: refused.
-    again = pki("sign", str(ca_dir), str(csr), "--role", "user")
-    assert again.returncode == 1 and "exists" in again.stderr
-
-
 def test_sign_a_server_csr(tmp_path):
     assert pki("ca", str(tmp_path)).returncode == 0
-    _, csr = _openssl_csr(tmp_path, "/CN=ignored.example")
+    _, csr = openssl_csr(tmp_path, "/CN=ignored.example")
     result = pki("sign", str(tmp_path), str(csr), "--hostname", "node7.example", "--hostname", "10.1.2.3",
                  "--cn", "node7.example")
     assert result.returncode == 0, result.stderr
@@ -126,49 +96,3 @@ def test_sign_refuses_what_is_not_a_csr(tmp_path):
     assert pki("ca", str(tmp_path)).returncode == 0
     result = pki("sign", str(tmp_path), str(tmp_path / "ca.pem"), "--role", "user")
     assert result.returncode == 1 and "holds no PEM certificate signing request" in result.stderr
-
-
-@pytest.fixture
-def open_tmp():
-    """
-    A directory under /tmp that other users may enter (pytest's own is
-    root-only), removed afterwards.
-    """
-    import tempfile
-
-    base = Path(tempfile.mkdtemp(prefix="jobworker-test-"))
-    os.chmod(base, 0o755)
-    yield base
-    shutil.rmtree(base)
-
-
-def test_under_sudo_the_files_belong_to_the_invoking_user(open_tmp):
-    """
-    As C{sudo jobworker-pki dev DIR} leaves them: owned by SUDO_UID, keys
-    still 0600, and readable by that user's own shell.
-    """
-    need_root()
-    import pwd
-
-    nobody = pwd.getpwnam("nobody")
-    tmp_path = open_tmp
-    target = tmp_path / "certs"
-    env = dict(os.environ, SUDO_UID=str(nobody.pw_uid), SUDO_GID=str(nobody.pw_gid), SUDO_USER="nobody")
-    assert pki("dev", str(target), env=env).returncode == 0
-    assert target.stat().st_uid == nobody.pw_uid
-    for path in target.iterdir():
-        stat = path.stat()
-        assert (stat.st_uid, stat.st_gid) == (nobody.pw_uid, nobody.pw_gid), path
-        if path.suffix == ".key":
-            assert stat.st_mode & 0o777 == 0o600, path
-    read = subprocess.run(
-        ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups", "--",
-         "cat", str(target / "admin.key")],
-        capture_output=True, timeout=30,
-    )
-    assert read.returncode == 0 and b"PRIVATE KEY" in read.stdout, read.stderr
-    # Without sudo (no SUDO_UID), root keeps its files.
-    plain = tmp_path / "plain"
-    env.pop("SUDO_UID")
-    assert pki("dev", str(plain), env=env).returncode == 0
-    assert (plain / "admin.key").stat().st_uid == 0

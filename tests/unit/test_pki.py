@@ -364,7 +364,7 @@ def test_cli_as_a_program(tmp_path: Path) -> None:
         [sys.executable, "-m", "jobworker.pki", "server", str(tmp_path), "--hostname", "h"],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
     )
     assert result.returncode == 1
     assert result.stderr.startswith("jobworker-pki: error: cannot read ")
