@@ -21,7 +21,7 @@ from OpenSSL import SSL
 
 from jobworker.server.connection import TURN_BYTES, ServerProtocol
 from jobworker.tls import BulkTLSMemoryBIOFactory, BulkTLSMemoryBIOProtocol
-from tests.test_tls import PKI, connect_in_memory, pki  # noqa: F401 - the fixture
+from tests.unit.test_tls import PKI, connect_in_memory, pki  # noqa: F401 - the fixture
 
 
 class _RecordingTLS(BulkTLSMemoryBIOProtocol):
@@ -46,9 +46,9 @@ def test_turns_are_joined_into_one_reused_buffer_for_the_tls_layer() -> None:
     transport = _RecordingTLS()
     protocol = SimpleNamespace(transport=transport)
     first, second = _turn(1), _turn(2)
-    ServerProtocol._write_turn(protocol, first)  # type: ignore[arg-type]
+    ServerProtocol._write_turn(protocol, first)  # type: ignore[arg-type]  # a stand-in with only the transport
     seen = bytes(transport.writes[0])  # the TLS layer consumes it at once
-    ServerProtocol._write_turn(protocol, second)  # type: ignore[arg-type]
+    ServerProtocol._write_turn(protocol, second)  # type: ignore[arg-type]  # a stand-in with only the transport
     one, two = transport.writes
     assert isinstance(one, memoryview) and isinstance(two, memoryview)
     assert one.obj is two.obj  # the same buffer, not a new one per turn
@@ -60,7 +60,7 @@ def test_a_transport_that_keeps_its_writes_gets_bytes() -> None:
     kept: list[object] = []
     protocol = SimpleNamespace(transport=SimpleNamespace(write=kept.append))
     turn = _turn(3)
-    ServerProtocol._write_turn(protocol, turn)  # type: ignore[arg-type]
+    ServerProtocol._write_turn(protocol, turn)  # type: ignore[arg-type]  # a stand-in with only the transport
     assert kept == [b"".join(turn)]
     assert type(kept[0]) is bytes
 
