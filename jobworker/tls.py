@@ -186,7 +186,7 @@ class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
 # kernel does not take at once is copied (the transport keeps it).  A
 # stream's turn (TURN_BYTES of output) fits; a larger write (a long answer)
 # takes the copying read, so one write still makes one transport write.
-CIPHER_SCRATCH = 512 << 10
+CIPHER_SCRATCH = 320 << 10  # a turn (256 KiB and its heads) sealed in 16 KiB records, and room
 _scratch = threading.local()
 try:
     from OpenSSL._util import ffi as _openssl_ffi, lib as _openssl_lib
