@@ -90,6 +90,29 @@ def test_timestamps_with_follow_and_the_library(server):
         assert not any(isinstance(message, m.TimeMark) for message in client.follow(job_id, follow=False))
 
 
+def test_timestamps_through_a_pipe_that_fills(server):
+    """
+    C{logs -t} writes more bytes than the stream carries (a time before
+    each line); a reader that lags (a full pipe) still gets every line,
+    once, in order, and the stream's credit stays right.
+    """
+    import subprocess
+
+    from tests.support import BIN
+
+    job_id = start(server, "--", "sh", "-c", "seq 1 200000")
+    ok(server, "wait", job_id)
+    result = subprocess.run(
+        ["sh", "-c", f"{BIN / 'jobcli'} logs -t {job_id} | (sleep 1; cat)"],
+        env=server.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 200000
+    assert [line.split(b" ", 1)[1] for line in lines] == [str(n).encode() for n in range(1, 200001)]
+    assert all(STAMPED.match(line) for line in lines[:: 997])
+
+
 # -- logs --since ---------------------------------------------------------------------------
 
 
