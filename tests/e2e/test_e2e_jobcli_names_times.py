@@ -104,7 +104,7 @@ def test_timestamps_through_a_pipe_that_fills(server):
     ok(server, "wait", job_id)
     result = subprocess.run(
         ["sh", "-c", f"{BIN / 'jobcli'} logs -t {job_id} | (sleep 1; cat)"],
-        env=server.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+        env=server.env(), capture_output=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
