@@ -255,6 +255,35 @@ def test_a_helper_that_dies_before_its_status_line_fails_the_start(setup: Setup)
     assert job.error == "the helper ended before the command started"
 
 
+def test_a_helper_killed_in_set_up_fails_the_start_in_the_order_a_reactor_reports_it(setup: Setup) -> None:
+    # Twisted's process reactor calls processEnded only after every pipe,
+    # fd 3 included, is closed: the status pipe's EOF with no status line
+    # comes first, and must not be read as the command's start.
+    started, helper = setup.start()
+    helper.close_status()
+    helper.close_output()
+    setup.reactor.read_pipes()
+    assert not started.called  # the helper's end tells what the EOF meant
+    helper.end(None, signal.SIGKILL)
+    failure = failure_of(started)
+    assert failure.check(RequestError)
+    assert failure.value.code is ErrorCode.START_FAILED
+    assert "the job's helper ended before the command started (killed by signal 9)" in str(failure.value)
+    [job] = setup.manager.jobs.values()
+    assert (job.state, job.exit_code, job.signal) == (JobState.FAILED, 125, 0)
+    assert job.started_at == 0
+    assert job.error == "the job's helper ended before the command started (killed by signal 9)"
+
+
+def test_a_helper_that_exits_in_set_up_with_no_status_line_fails_the_start(setup: Setup) -> None:
+    started, helper = setup.start()
+    setup.finish(helper, code=1)
+    assert failure_of(started).value.code is ErrorCode.START_FAILED
+    [job] = setup.manager.jobs.values()
+    assert job.state is JobState.FAILED
+    assert job.error == "the job's helper ended before the command started (exit 1)"
+
+
 def test_a_failed_line_answers_with_its_kind(setup: Setup) -> None:
     started, helper = setup.start("no-such-command")
     helper.say(f"failed not_found {errno.ENOENT} exec no-such-command: No such file or directory")
