@@ -264,11 +264,14 @@ class Job:
         """
         The status pipe reached EOF.  Without isolation, the helper's exec
         closes it (close-on-exec): EOF with no failure means the command is
-        running.
+        running.  An isolated helper closes it only as it ends, and says
+        C{started} first if the command runs: EOF alone means nothing until
+        the helper's end tells how it went (L{jobworker.jobs.lifecycle}).
         """
+        event = Event.STATUS_EOF if self.manager.config.isolate else Event.EXEC_EOF
         was = self.life.phase
-        if self.life.allows(Event.STATUS_EOF):
-            self.life.fire(Event.STATUS_EOF)
+        if self.life.allows(event):
+            self.life.fire(event)
         if was is Phase.STARTING and self.life.phase is Phase.RUNNING:
             self._now_running()
 
