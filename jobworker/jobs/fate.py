@@ -36,14 +36,15 @@ class Fate:
     start_error: ErrorCode | None = None
 
 
-def _helper_end(helper_exit: tuple[int | None, int | None]) -> str:
+def _helper_end(helper_exit: tuple[int | None, int | None], oom: bool) -> str:
     """
     How the helper ended, for the error of a job whose command never ran.
+    The OOM killer is named: the helper's own set-up can outgrow a small
+    memory limit, and "killed by signal 9" alone would leave that a guess.
     """
     exit_code, signum = helper_exit
-    if signum:
-        return f"killed by signal {signum}"
-    return f"exit {exit_code}" if exit_code is not None else "its end unknown"
+    how = f"killed by signal {signum}" if signum else f"exit {exit_code}" if exit_code is not None else "its end unknown"
+    return f"{how}, by the OOM killer at the memory limit" if oom else how
 
 
 def decide_fate(
@@ -80,13 +81,13 @@ def decide_fate(
         # the job ends as the stop asked, and its start request fails.
         return Fate(
             stop_reason,
-            error=f"stopped before the command started ({_helper_end(helper_exit)})",
+            error=f"stopped before the command started ({_helper_end(helper_exit, oom)})",
             start_error=ErrorCode.START_FAILED,
         )
     if start_failure is not None or not started:
         kind, message = start_failure or (
             contract.SETUP,
-            f"the job's helper ended before the command started ({_helper_end(helper_exit)})",
+            f"the job's helper ended before the command started ({_helper_end(helper_exit, oom)})",
         )
         return Fate(
             JobState.FAILED,

@@ -42,7 +42,8 @@ RAN: dict[str, Any] = dict(
         (
             {"started": False, "helper_exit": (None, 9), "oom": True},
             Fate(
-                JobState.FAILED, 125, 0, "the job's helper ended before the command started (killed by signal 9)", ErrorCode.START_FAILED
+                JobState.FAILED, 125, 0, "the job's helper ended before the command started (killed by signal 9, by the OOM killer at the memory limit)",
+                ErrorCode.START_FAILED,
             ),
         ),
         # A stop that ended the helper in set-up: the stop's state, and the start fails.
