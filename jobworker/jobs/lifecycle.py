@@ -24,7 +24,8 @@ wire's L{JobState} (which a job's record and status carry)::
 
 The status pipe's EOF means two things.  A direct job's helper becomes the
 command, and its exec closes fd 3 (close-on-exec): EXEC_EOF, the command
-runs.  An isolated job's helper keeps fd 3 until it ends, and Twisted
+runs (a direct helper killed before its exec closes it too, and cannot be
+told apart: such a job counts as started and ends SIGNALED).  An isolated job's helper keeps fd 3 until it ends, and Twisted
 reports the EOF of every pipe before the helper's end: STATUS_EOF says
 nothing, and in STARTING it means the helper ended (OOM-killed, SIGKILLed)
 before it could say "started" or "failed"; the job stays STARTING and its
