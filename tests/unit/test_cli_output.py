@@ -1,5 +1,5 @@
 """
-jobcli's output writer (L{jobworker.cli._OutputWriter}): stream output is
+jobcli's output writer (L{jobworker.cli.output.OutputWriter}): stream output is
 written in the main thread while the output takes it without blocking, and
 goes to a thread of its own only once a write would block, in order.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.cli import _OutputWriter
+from jobworker.cli.output import OutputWriter
 
 CHUNK = 64 << 10
 
@@ -60,7 +60,7 @@ def test_output_that_takes_the_writes_needs_no_thread(kind: str, tmp_path: Path)
         ours, other = socket.socketpair()
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         fd = ours.detach()
-    writer = _OutputWriter(fds=(fd,))
+    writer = OutputWriter(fds=(fd,))
     try:
         frames = [bytes([n]) * CHUNK for n in range(8)]
         for frame in frames:
@@ -101,7 +101,7 @@ def test_a_full_pipe_hands_over_to_the_thread_without_blocking_and_keeps_the_ord
     """
     reader, fd = _pipe(64 << 10)
     other = os.dup(fd)  # "stderr": the same pipe, so the order shows
-    writer = _OutputWriter(fds=(fd, other))
+    writer = OutputWriter(fds=(fd, other))
     try:
         first = b"a" * (256 << 10)  # four times what the pipe holds
         returned: list[int] = []
@@ -139,7 +139,7 @@ def test_a_full_pipe_hands_over_to_the_thread_without_blocking_and_keeps_the_ord
 def test_a_broken_pipe_is_raised_to_the_main_thread() -> None:
     reader, fd = _pipe()
     os.close(reader)
-    writer = _OutputWriter(fds=(fd,))
+    writer = OutputWriter(fds=(fd,))
     try:
         with pytest.raises(BrokenPipeError):
             writer.write(fd, b"x" * CHUNK, CHUNK)

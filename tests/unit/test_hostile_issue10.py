@@ -214,15 +214,15 @@ def test_jobcli_keepalive_must_be_finite_seconds(value: str, monkeypatch: pytest
     from jobworker import cli
 
     with pytest.raises(SystemExit) as exited:
-        cli._parser().parse_args(["--keepalive", value, "list"])
+        cli.build_parser().parse_args(["--keepalive", value, "list"])
     assert exited.value.code == 2
     assert "keepalive" in capsys.readouterr().err
     # The environment's value is read when the command connects: one line
     # naming the variable, no traceback.
     monkeypatch.setenv("JOBWORKER_KEEPALIVE", value)
-    args = cli._parser().parse_args(["list"])
+    args = cli.build_parser().parse_args(["list"])
     with pytest.raises(cli.UsageError, match="JOBWORKER_KEEPALIVE"):
-        cli._keepalive(args)
+        cli.keepalive_seconds(args)
 
 
 # -- section 6: unexpected errors ------------------------------------------------------
