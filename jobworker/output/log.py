@@ -45,40 +45,38 @@ Memory is bounded per job by C{ring_size} plus a sparse index of the spool
 Reads from the spool are bounded by the caller's C{limit}, so serving a
 follower far behind never blocks the reactor for long.
 
-Times
-=====
-
-The log also records when the server read each chunk of output: a time
-mark (offset, time) says that the bytes from that offset on, up to the next
-mark, were read at that time (microseconds since the epoch).  One mark per
-chunk read from the job's pipe (never per byte or line), and fewer when
-chunks come fast: a chunk read less than L{MARK_STEP_US} after the last
-mark gets none (its bytes take that mark's time).  Times never go
-backwards within a log: a wall clock stepped back reads as the last mark's
-time.  Memory is bounded too: past L{MAX_TIME_MARKS} marks every other one
-is dropped and the step doubles, so a long, chatty job keeps coarser times
-rather than more memory.
-
-The marks are written to a second spool, the times file (C{times}): an
-8-byte magic C{TIME_FILE_MAGIC}, then one 16-byte entry per mark (offset
-u64, time u64, big-endian), for the output the spool keeps.  A log without
-one (a spool written before times were recorded) has no times, and its
-readers are told so; a times file that is damaged is read up to the damage
-and noted in L{OutputLog.times_damage}: the output itself loses nothing.
+The log also records when the server read each chunk of output (its time
+marks, written to a times file): see L{jobworker.output.timemarks}.
 
 This module does no I/O of its own: the spool is an object with
 C{append}/C{pread} (L{jobworker.output.spool.FileSpool} on disk,
-L{MemorySpool} in tests).
+L{jobworker.output.spool.MemorySpool} in tests).
+
+Why it is one module of over 400 lines: it is one class, L{OutputLog},
+whose ring, spool, index, gaps and damage share the same offsets and
+invariants (every method reads or keeps them); the time marks and the
+spool itself live in their own modules.  C{MemorySpool}, C{Spool} and the
+time-mark names are re-exported here for existing importers.
 """
 
 from __future__ import annotations
 
-import time
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
+
+from jobworker.output.spool import MemorySpool, Spool
+from jobworker.output.timemarks import (
+    MARK_STEP_US,
+    MAX_TIME_MARKS,
+    TIME_FILE_MAGIC,
+    TimeMarks,
+    now_us,
+    read_time_file,
+    time_entry,
+)
 
 __all__ = [
     "Chunk",
@@ -104,86 +102,6 @@ _SPOOL_READ_BLOCK = 256 << 10
 # wire, so a spool whose records add up to more is damaged (its end could
 # not be sent in a status).
 MAX_OUTPUT_END = 2**64 - 1
-# Time marks: at most one per millisecond at first (the resolution people
-# read logs at), and at most 65 536 of them per job in memory (1 MiB).
-MARK_STEP_US = 1000
-MAX_TIME_MARKS = 1 << 16
-TIME_FILE_MAGIC = b"JWTIMES1"
-TIME_ENTRY_SIZE = 16
-_TIME_READ_BLOCK = 4096 * TIME_ENTRY_SIZE
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
-
-
-class TimeMarks:
-    """
-    The time marks of one log, in offset order (see the module docstring).
-    Pure: the caller writes what L{add} returns to the times file.
-    """
-
-    def __init__(self, max_marks: int = MAX_TIME_MARKS, step_us: int = MARK_STEP_US) -> None:
-        self.offsets = array("Q")
-        self.times = array("Q")
-        self.max_marks = max_marks
-        self.step_us = step_us
-        # The time of the last mark (0: none): the hot path's one check.
-        self.last_time = 0
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def add(self, offset: int, at: int) -> tuple[int, int] | None:
-        """
-        Note that the bytes from C{offset} on were read at C{at}; return the
-        mark kept (its time may be clamped to the last one), or None when
-        none was needed.
-        """
-        if self.offsets:
-            last = self.times[-1]
-            if at < last:
-                at = last  # a clock stepped back: times never go backwards
-            if at - last < self.step_us or offset <= self.offsets[-1]:
-                return None
-        if len(self.offsets) >= self.max_marks:
-            # Every other mark goes, the first stays; the step doubles so
-            # that the marks that come later are as far apart.
-            self.offsets = self.offsets[::2]
-            self.times = self.times[::2]
-            self.step_us *= 2
-        self.offsets.append(offset)
-        self.times.append(at)
-        self.last_time = at
-        return offset, at
-
-    def between(self, start: int, end: int) -> list[tuple[int, int]]:
-        """
-        The marks that say when bytes C{start} to C{end} (exclusive) were
-        read: the one in force at C{start} (with offset C{start}), then each
-        that begins inside the range.  Empty when no time is known there.
-        """
-        slot = bisect_right(self.offsets, start)
-        marks: list[tuple[int, int]] = []
-        if slot:
-            marks.append((start, self.times[slot - 1]))
-        while slot < len(self.offsets) and self.offsets[slot] < end:
-            marks.append((self.offsets[slot], self.times[slot]))
-            slot += 1
-        return marks
-
-    def offset_at(self, since: int, end: int) -> int:
-        """
-        The offset of the first byte read at C{since} or later: where the
-        first mark whose time is not before C{since} begins; C{end} when
-        there is none (no byte known to be that recent).
-        """
-        slot = bisect_left(self.times, since)
-        return self.offsets[slot] if slot < len(self.offsets) else end
-
-
-def _time_entry(offset: int, at: int) -> bytes:
-    return offset.to_bytes(8, "big") + at.to_bytes(8, "big")
 
 
 class Chunk(NamedTuple):
@@ -200,35 +118,6 @@ class Chunk(NamedTuple):
     @property
     def size(self) -> int:
         return self.gap if self.fd == GAP_FD else len(self.data)
-
-
-class Spool(Protocol):
-    def append(self, *pieces: bytes, mark: int | None = None) -> None: ...
-
-    def pread(self, position: int, size: int) -> bytes: ...
-
-    @property
-    def size(self) -> int: ...
-
-
-class MemorySpool:
-    """
-    A spool held in memory, for tests and for jobs without a state directory.
-    """
-
-    def __init__(self, content: bytes = b"") -> None:
-        self._data = bytearray(content)
-
-    def append(self, *pieces: bytes, mark: int | None = None) -> None:
-        for piece in pieces:
-            self._data += piece
-
-    def pread(self, position: int, size: int) -> bytes:
-        return bytes(self._data[position : position + size])
-
-    @property
-    def size(self) -> int:
-        return len(self._data)
 
 
 def _header(fd: int, length: int) -> bytes:
@@ -255,7 +144,7 @@ class OutputLog:
         ring_size: int = DEFAULT_RING_SIZE,
         retention: int = DEFAULT_RETENTION,
         times: Spool | None = None,
-        clock: Callable[[], int] = _now_us,
+        clock: Callable[[], int] = now_us,
     ) -> None:
         """
         @param times: the spool the time marks are written to (see the
@@ -341,42 +230,17 @@ class OutputLog:
 
     def _load_times(self, times: Spool | None) -> None:
         """
-        Read the marks of a reopened log from its times file, up to the
-        first damage (noted in L{times_damage}); a torn last entry (the
-        server died mid-write) is dropped silently.  Never raises: times
-        are worth less than the output, which loses nothing either way.
+        Read the marks of a reopened log from its times file (see
+        L{read_time_file}): a log without one has no times.
         """
         if times is None:
             self.has_times = False
             return
-        try:
-            total = times.size
-            if total == 0:
-                self.has_times = False
-                return
-            if times.pread(0, len(TIME_FILE_MAGIC)) != TIME_FILE_MAGIC:
-                self.times_damage = "times file: not a times file (bad magic)"
-                return
-            position = len(TIME_FILE_MAGIC)
-            last_offset = -1
-            while position + TIME_ENTRY_SIZE <= total:
-                block = times.pread(position, min(_TIME_READ_BLOCK, total - position))
-                whole = len(block) - len(block) % TIME_ENTRY_SIZE
-                if not whole:
-                    self.times_damage = f"times file: short read at byte {position}"
-                    return
-                for at in range(0, whole, TIME_ENTRY_SIZE):
-                    offset = int.from_bytes(block[at : at + 8], "big")
-                    when = int.from_bytes(block[at + 8 : at + 16], "big")
-                    last_time = self.marks.times[-1] if len(self.marks) else 0
-                    if offset <= last_offset or offset >= max(self.end, 1) or when < last_time:
-                        self.times_damage = f"times file: bad entry at byte {position + at}"
-                        return
-                    last_offset = offset
-                    self.marks.add(offset, when)
-                position += whole
-        except OSError as exc:
-            self.times_damage = f"times file: cannot read: {exc.strerror or exc}"
+        has_times, damage = read_time_file(times, self.marks, self.end)
+        if not has_times:
+            self.has_times = False
+        if damage is not None:
+            self.times_damage = damage
 
     def _write_mark(self, offset: int, at: int) -> None:
         times = self._times
@@ -390,7 +254,7 @@ class OutputLog:
                 resume()
         self._last_mark_written = offset
         try:
-            times.append(_time_entry(offset, at), mark=None)
+            times.append(time_entry(offset, at), mark=None)
         except (OSError, ValueError):
             pass  # a sealed or broken times file: the output goes on
 

@@ -37,9 +37,9 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
-__all__ = ["FileSpool", "SpoolFailure", "HIGH_WATER", "LOW_WATER"]
+__all__ = ["FileSpool", "MemorySpool", "Spool", "SpoolFailure", "HIGH_WATER", "LOW_WATER"]
 
 # O_NONBLOCK: a FIFO put in a spool's place behind the server's back must
 # not block the reactor in open() until someone writes to it (pread on it
@@ -49,6 +49,40 @@ _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 
 HIGH_WATER = 32 << 20
 LOW_WATER = 8 << 20
+
+
+class Spool(Protocol):
+    """
+    What an output log writes its records (or its time marks) to and reads
+    them back from: L{FileSpool} on disk, L{MemorySpool} in memory.
+    """
+
+    def append(self, *pieces: bytes, mark: int | None = None) -> None: ...
+
+    def pread(self, position: int, size: int) -> bytes: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+class MemorySpool:
+    """
+    A spool held in memory, for tests and for jobs without a state directory.
+    """
+
+    def __init__(self, content: bytes = b"") -> None:
+        self._data = bytearray(content)
+
+    def append(self, *pieces: bytes, mark: int | None = None) -> None:
+        for piece in pieces:
+            self._data += piece
+
+    def pread(self, position: int, size: int) -> bytes:
+        return bytes(self._data[position : position + size])
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
 
 
 class SpoolFailure(NamedTuple):
