@@ -1,90 +1,30 @@
 """
-The PKI tool: a certificate authority, server and client certificates for
-mutual TLS, and the C{jobworker-pki} command that makes them.
-
-Identity comes from the client certificate alone (see C{DESIGN.md}): the
-subject's CN names who the client is and its OU names the role (C{admin},
-C{user}, C{viewer}).  This module only writes such certificates; checking
-them is L{jobworker.tls}'s job.
-
-Every key made here is ECDSA on P-256 and every signature SHA-256.  Each
-C{make_*} function writes a PEM certificate C{<name>.pem} and its
-unencrypted private key C{<name>.key}; key files are created with mode 0600
-and any existing file of the same name is replaced.  Certificates made
-elsewhere (for instance by an organisation's own RSA CA, with the C{openssl}
-command) work with the service just as well: L{read_credentials}, which
-L{jobworker.tls} also uses, takes any key type, and raises
-L{CredentialError} naming the file when one cannot be used.
-
-Command line::
-
-    jobworker-pki dev [DIR]                       CA, server and 4 clients (DIR: certs)
-    jobworker-pki ca DIR [--ca-name NAME]         DIR/ca.pem, DIR/ca.key
-    jobworker-pki server DIR --hostname H ...     DIR/server.pem, signed by DIR/ca.*
-    jobworker-pki client DIR --cn NAME --role R   DIR/NAME.pem, signed by DIR/ca.*
-    jobworker-pki sign DIR CSR --role R           a certificate for a CSR made elsewhere
-    jobworker-pki sign DIR CSR --hostname H ...   (the same, for a server)
-
-Every subcommand takes C{--days N}.  Every subcommand but C{dev} refuses to
-replace existing files unless given C{--force}; C{dev} does nothing when
-C{DIR/ca.pem} exists.  An error is one line on standard error and exit
-status 1.
-
-Roles and OUs: a client certificate's subject carries exactly one OU, its
-role: C{admin}, C{user} or C{viewer} (the tool refuses any other).  A
-certificate whose subject has no OU, an unknown one, or B{two or more} OUs
-(even if one of them is C{admin}) is accepted for TLS but grants no role:
-the server denies it every operation, rather than guess which OU was meant.
-The same holds for the CN: exactly one, or the certificate names nobody.
-
-C{sign} keeps private keys where they were made: the requester runs, say,
-C{openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes
--keyout me.key -out me.csr -subj /CN=alice}, sends only C{me.csr}, and gets
-back a certificate whose subject the CA chose: the CSR's CN (or C{--cn})
-and the role given with C{--role}; any OU or extension the CSR asks for is
-ignored.
-
-Under C{sudo}, files are given to the invoking user (C{SUDO_UID} and
-C{SUDO_GID}), so C{sudo jobworker-pki dev certs} leaves keys that user can
-read, still mode 0600.
+Making certificates: a CA, server and client certificates, the
+development PKI and certificates for a CSR made elsewhere (ECDSA P-256,
+SHA-256; subjects as L{jobworker.pki} describes).
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
-import os
-import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import (
-    CertificateIssuerPrivateKeyTypes,
-)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker import __version__
+from jobworker.pki.credentials import (
+    check_file_stem,
+    give_to_invoking_user,
+    read_credentials,
+    write_pair,
+)
 
-__all__ = [
-    "ROLES",
-    "CredentialError",
-    "read_certificates",
-    "read_credentials",
-    "make_ca",
-    "make_server_cert",
-    "make_client_cert",
-    "make_dev_pki",
-    "sign_csr",
-    "main",
-]
-
-# A file name as the caller has it.
-StrPath = str | os.PathLike[str]
+__all__ = ["ROLES", "make_ca", "make_server_cert", "make_client_cert", "make_dev_pki", "sign_csr"]
 
 # The spellings accepted by make_client_cert(extended_key_usage=...), named
 # as in RFC 5280 and in openssl's extendedKeyUsage configuration.
@@ -109,64 +49,6 @@ _DEV_CLIENTS = (
     ("bob", "user"),
     ("viewer", "viewer"),
 )
-
-
-class CredentialError(ValueError):
-    """
-    A certificate or key file cannot be read, or does not hold what it
-    should; the message names the file.
-    """
-
-
-def read_certificates(path: StrPath) -> list[x509.Certificate]:
-    """
-    Read every certificate in a PEM file, in file order: a CA bundle, or a
-    certificate followed by the intermediates that chain it to its CA.
-
-    @raise CredentialError: the file cannot be read or holds no PEM
-        certificate.
-    """
-    path = Path(path)
-    try:
-        return x509.load_pem_x509_certificates(path.read_bytes())
-    except OSError as e:
-        raise CredentialError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError:
-        raise CredentialError(f"{path} holds no PEM certificate") from None
-
-
-def read_credentials(
-    cert_path: StrPath, key_path: StrPath
-) -> tuple[list[x509.Certificate], CertificateIssuerPrivateKeyTypes]:
-    """
-    Read a certificate (with any intermediates after it) and its private key,
-    as made by this module or by any other tool (an RSA key from C{openssl}
-    does as well as our ECDSA ones).
-
-    @return: the certificates, the one the key belongs to first, and the key.
-    @raise CredentialError: a file cannot be read or is not PEM of the right
-        kind, the key is encrypted or cannot sign, or the key does not belong
-        to the first certificate.
-    """
-    cert_path, key_path = Path(cert_path), Path(key_path)
-    chain = read_certificates(cert_path)
-    try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except OSError as e:
-        raise CredentialError(f"cannot read {key_path}: {e.strerror}") from None
-    except (ValueError, TypeError) as e:
-        # cryptography raises TypeError for an encrypted key read without a
-        # password; the service has no way to ask for one.
-        raise CredentialError(
-            f"{key_path} holds no unencrypted PEM private key ({e})"
-        ) from None
-    # A Union works with isinstance at run time (3.10+); mypy takes only
-    # classes, hence the ignore and the cast below.
-    if not isinstance(key, CertificateIssuerPrivateKeyTypes):  # type: ignore[arg-type]
-        raise CredentialError(f"{key_path}: a {type(key).__name__} cannot sign")
-    if key.public_key() != chain[0].public_key():
-        raise CredentialError(f"{key_path} is not the private key of {cert_path}")
-    return chain, cast(CertificateIssuerPrivateKeyTypes, key)
 
 
 def make_ca(
@@ -209,7 +91,7 @@ def make_ca(
             critical=False,
         )
     )
-    return _write_pair(directory, "ca", builder.sign(key, hashes.SHA256()), key)
+    return write_pair(directory, "ca", builder.sign(key, hashes.SHA256()), key)
 
 
 def make_server_cert(
@@ -403,7 +285,7 @@ def sign_csr(
         ])
         extensions = [x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])]
     stem = common_name if name is None else name
-    _check_file_stem(stem)
+    check_file_stem(stem)
     start = datetime.now(UTC) - _CLOCK_SKEW
     certificate = _build_leaf(
         ca_cert_path, ca_key_path, request.public_key(), subject, start, start + timedelta(days=days), extensions
@@ -414,7 +296,7 @@ def sign_csr(
     if not replace and cert_path.exists():
         raise ValueError(f"{cert_path} exists (use --force to replace it)")
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    _give_to_invoking_user(cert_path)
+    give_to_invoking_user(cert_path)
     return cert_path
 
 
@@ -428,18 +310,6 @@ def _alternative_names(hostnames: Sequence[str]) -> x509.SubjectAlternativeName:
         else:
             names.append(x509.IPAddress(address))
     return x509.SubjectAlternativeName(names)
-
-
-def _give_to_invoking_user(path: Path) -> None:
-    """
-    Under sudo (root, with C{SUDO_UID} set), hand C{path} to the user who
-    ran sudo: a development PKI made with C{sudo} must stay readable by
-    the developer's own shell.  Elsewhere files keep the creator's owner.
-    """
-    uid, gid = os.environ.get("SUDO_UID"), os.environ.get("SUDO_GID")
-    if os.geteuid() != 0 or not uid or not uid.isdigit():
-        return
-    os.chown(path, int(uid), int(gid) if gid and gid.isdigit() else -1)
 
 
 def _key_usage(
@@ -485,12 +355,12 @@ def _issue(
     Make a new key and a leaf certificate for it signed by the CA, with the
     extensions every leaf gets plus C{extensions}, and write both.
     """
-    _check_file_stem(name)
+    check_file_stem(name)
     key = ec.generate_private_key(ec.SECP256R1())
     certificate = _build_leaf(
         ca_cert_path, ca_key_path, key.public_key(), subject, not_valid_before, not_valid_after, extensions
     )
-    return _write_pair(directory, name, certificate, key)
+    return write_pair(directory, name, certificate, key)
 
 
 def _build_leaf(
@@ -529,193 +399,3 @@ def _build_leaf(
     for extension in extensions:
         builder = builder.add_extension(extension, critical=False)
     return builder.sign(ca_key, hashes.SHA256())
-
-
-def _check_file_stem(name: str) -> None:
-    if not name or name in (".", "..") or Path(name).name != name:
-        raise ValueError(f"{name!r} cannot be used as a file name")
-
-
-def _write_pair(
-    directory: Path,
-    name: str,
-    certificate: x509.Certificate,
-    key: ec.EllipticCurvePrivateKey,
-) -> tuple[Path, Path]:
-    """
-    Write C{<name>.pem} and C{<name>.key} into C{directory}, the key readable
-    by its owner only.
-    """
-    directory = Path(directory)
-    if not directory.exists():
-        directory.mkdir(parents=True)
-        _give_to_invoking_user(directory)
-    cert_path = directory / f"{name}.pem"
-    key_path = directory / f"{name}.key"
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(descriptor, "wb") as key_file:
-        # The mode given to os.open only applies when the file is created; an
-        # existing key file may have been readable by others.
-        os.fchmod(key_file.fileno(), 0o600)
-        key_file.write(key_pem)
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    for path in (key_path, cert_path):
-        _give_to_invoking_user(path)
-    return cert_path, key_path
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """
-    An argument parser whose usage errors, like every other error of the
-    tool, are one line on standard error and exit status 1.
-    """
-
-    def error(self, message: str) -> None:  # type: ignore[override]  # exits, as argparse's does
-        self.exit(1, f"{self.prog}: error: {message}\n")
-
-
-def _days(text: str) -> int:
-    try:
-        days = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days") from None
-    # At most 100 years: beyond that datetime arithmetic, and any sane
-    # rotation policy, break down.
-    if not 1 <= days <= 36500:
-        raise argparse.ArgumentTypeError(f"{days} is not 1 to 36500 days")
-    return days
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
-        prog="jobworker-pki",
-        description="Make a CA, server and client certificates for jobworker.",
-        epilog="A client certificate carries one OU, its role; a certificate with no OU, "
-        "an unknown one or two OUs gets no role and is denied every operation.",
-    )
-    parser.add_argument("--version", action="version", version=f"jobworker-pki {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    def days(sub: argparse.ArgumentParser, default: str) -> None:
-        sub.add_argument("--days", type=_days, default=None, help=f"validity in days (default {default})")
-
-    dev = commands.add_parser(
-        "dev", help="make a CA, a localhost server and clients admin, alice, bob, viewer"
-    )
-    dev.add_argument("directory", nargs="?", default="certs", type=Path)
-    dev.add_argument("--force", action="store_true", help="replace an existing PKI")
-    dev.add_argument("--ca-name", default="jobworker dev CA", help="the CA's common name (default: jobworker dev CA)")
-    days(dev, "3650 for the CA, 825 for the others")
-
-    ca = commands.add_parser("ca", help="make DIR/ca.pem and DIR/ca.key")
-    ca.add_argument("directory", type=Path)
-    ca.add_argument("--ca-name", default="jobworker CA", help="the CA's common name (default: jobworker CA)")
-    ca.add_argument("--force", action="store_true", help="replace existing files")
-    days(ca, "3650")
-
-    server = commands.add_parser(
-        "server", help="make DIR/server.pem and .key, signed by DIR/ca.pem"
-    )
-    server.add_argument("directory", type=Path)
-    server.add_argument(
-        "--hostname",
-        action="append",
-        required=True,
-        help="a DNS name or IP address clients dial (repeatable; the first is the CN)",
-    )
-    server.add_argument("--name", default="server", help="file name stem (default: server)")
-    server.add_argument("--force", action="store_true", help="replace existing files")
-    days(server, "825")
-
-    client = commands.add_parser(
-        "client", help="make DIR/CN.pem and .key, signed by DIR/ca.pem"
-    )
-    client.add_argument("directory", type=Path)
-    client.add_argument("--cn", required=True, help="the client's identity")
-    client.add_argument("--role", required=True, choices=ROLES, help="admin, user or viewer")
-    client.add_argument("--force", action="store_true", help="replace existing files")
-    days(client, "825")
-
-    sign = commands.add_parser(
-        "sign", help="sign a CSR made elsewhere (the key stays there): DIR/CN.pem, signed by DIR/ca.pem"
-    )
-    sign.add_argument("directory", type=Path)
-    sign.add_argument("csr", type=Path, help="the PEM certificate signing request")
-    kind = sign.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--role", choices=ROLES, help="a client certificate with this role")
-    kind.add_argument("--hostname", action="append", help="a server certificate for this name (repeatable)")
-    sign.add_argument("--cn", help="the subject's CN (default: the CSR's)")
-    sign.add_argument("--name", help="file name stem (default: the CN)")
-    sign.add_argument("--force", action="store_true", help="replace an existing certificate")
-    days(sign, "825")
-    return parser
-
-
-def _refuse_to_replace(directory: Path, name: str, force: bool) -> None:
-    if force:
-        return
-    for path in (directory / f"{name}.pem", directory / f"{name}.key"):
-        if path.exists():
-            raise ValueError(f"{path} exists (use --force to replace it)")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """
-    Run C{jobworker-pki}.
-
-    @param argv: the arguments after the program name; C{sys.argv[1:]} by
-        default.
-    @return: the exit status: 0, or 1 after an error printed as one line on
-        standard error.
-    """
-    arguments = _parser().parse_args(argv)
-    directory: Path = arguments.directory
-    ca_cert_path, ca_key_path = directory / "ca.pem", directory / "ca.key"
-    try:
-        if arguments.command == "dev":
-            existed = (directory / "ca.pem").exists()
-            make_dev_pki(directory, force=arguments.force, ca_name=arguments.ca_name, days=arguments.days)
-            if existed and not arguments.force:
-                print(f"{directory / 'ca.pem'} exists; left {directory} as it is")
-            else:
-                print(f"wrote a development PKI to {directory}")
-        elif arguments.command == "ca":
-            _refuse_to_replace(directory, "ca", arguments.force)
-            print(*make_ca(directory, name=arguments.ca_name, days=arguments.days or 3650))
-        elif arguments.command == "server":
-            _refuse_to_replace(directory, arguments.name, arguments.force)
-            print(
-                *make_server_cert(
-                    directory, ca_cert_path, ca_key_path, name=arguments.name,
-                    hostnames=arguments.hostname, days=arguments.days or 825,
-                )
-            )
-        elif arguments.command == "client":
-            _refuse_to_replace(directory, arguments.cn, arguments.force)
-            print(
-                *make_client_cert(
-                    directory, ca_cert_path, ca_key_path, arguments.cn, arguments.role,
-                    days=arguments.days or 825,
-                )
-            )
-        else:
-            print(
-                sign_csr(
-                    directory, ca_cert_path, ca_key_path, arguments.csr, role=arguments.role,
-                    hostnames=arguments.hostname or (), common_name=arguments.cn, name=arguments.name,
-                    days=arguments.days or 825, replace=arguments.force,
-                )
-            )
-    except (OSError, ValueError) as e:
-        print(f"jobworker-pki: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
