@@ -167,6 +167,12 @@ itself with a signal), so the status line, not the exit status, tells a
 command that exited with 128+N from one that was killed.  If the status pipe
 ends with no final line, the helper itself was killed (for instance by the
 cgroup's OOM killer or the server's SIGKILL).
+
+Why it is one module of over 400 lines: it is one program, run by path
+with C{python -I -S} in the job's process before the command; it imports
+only the standard library and its sibling L{jobworker.host.contract} (by
+path, not through the package), and every job pays for each module it
+loads, so everything the helper does between fork and exec lives here.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ adapters (cgroups, uids, the job store).  The reactor is passed in, never
 imported, so the tests drive timers with a fake clock.  Host operations that
 may block (waiting for a cgroup to drain before removing it) run in the
 reactor's thread pool.
+
+Why it is one module of over 400 lines: it is one class, L{JobManager},
+the glue whose start, stop, removal and shutdown paths share its job
+table and admission state; what stands alone is already elsewhere
+(L{jobworker.jobs.report}, L{jobworker.jobs.timers}, L{jobworker.jobs.job}).
 """
 
 from __future__ import annotations

@@ -35,6 +35,11 @@ Design rules (the spec in C{protocol-spec/README.md} is normative):
     out with the status abridged (L{m.abridge}).
  8. Versions: the server's hello names the highest version it speaks; the
     client answers with the highest version both speak (spec section 5.4).
+
+Why it is one module of over 400 lines: it is one state machine,
+L{Connection}, whose states, streams, windows and pending requests are
+checked together on every frame; split, the rules above would be spread
+over modules that all reach into the same state.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ Conventions shared by every message:
   - job ids are 16-byte UUIDs (L{uuid.UUID} here);
   - times are microseconds since the Unix epoch, 0 when not (yet) known;
   - optional numbers use 0 (or -1 for exit codes) for "none".
+
+Why it is one module of over 400 lines: it is the protocol's vocabulary,
+one small dataclass per message of the spec, kept together so that the
+catalogue can be read (and checked against the spec) in one place.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ SIGKILL (as a task stuck in the kernel would).
     driver.prepare()
     job = driver.create("1", Limits(memory_bytes=64 << 20))
     pid = host.spawn(job.procs_files)
+
+Why it is one module of over 400 lines: it is one fake kernel,
+L{FakeCgroupHost}, whose v1 and v2 rules act on the same files and
+processes, so they cannot be split without sharing all its state.
 """
 
 from __future__ import annotations

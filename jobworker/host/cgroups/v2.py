@@ -48,6 +48,10 @@ subtree at once, wherever it went in process groups and sessions.  On an
 older kernel the cgroup is frozen (C{cgroup.freeze}, >= 5.2), so nothing in
 it can fork while its pids are read and killed, then thawed; v2 lets a
 frozen process die of SIGKILL.
+
+Why it is one module of over 400 lines: it is one driver, the v2 job and
+the driver that makes it, which share the hierarchy's rules above (the
+service's own cgroup, subtree_control, freezing and killing).
 """
 
 from __future__ import annotations
