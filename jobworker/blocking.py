@@ -27,36 +27,22 @@ import uuid
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
+from jobworker.clientside.address import UnixAddress, parse_address
+from jobworker.clientside.jobref import JobRef, as_job_id
 from jobworker.errors import ErrorCode, JobworkerError, ProtocolError, RequestError
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role
+from jobworker.protocol.flow import DEFAULT_WINDOW
 from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict
 from jobworker.protocol.wire import HEADER_SIZE
 
 __all__ = ["BlockingClient", "ConnectionFailed", "JobRef", "UnixAddress", "as_job_id", "parse_address", "tls_failure_cause"]
-
-# What a library caller may pass where a job id is wanted.
-JobRef = uuid.UUID | str
 
 # A job id prefix shorter than this matches too much to be safe to act on
 # (stop, rm): 4 hex digits leave 1 in 65,536 chance per other job.
 MIN_PREFIX = 4
 # How many candidates an ambiguous prefix's error names.
 MAX_CANDIDATES = 10
-
-
-def as_job_id(job_id: JobRef) -> uuid.UUID:
-    """
-    A job id given as a L{uuid.UUID} or its text (with or without dashes).
-
-    @raise RequestError: (C{BAD_REQUEST}) text that is not a whole id.
-    """
-    if isinstance(job_id, uuid.UUID):
-        return job_id
-    try:
-        return uuid.UUID(job_id)
-    except (ValueError, TypeError, AttributeError):
-        raise RequestError(f"{job_id!r} is not a job id", ErrorCode.BAD_REQUEST) from None
 
 
 def tls_failure_cause(exc: ssl.SSLError, host: str) -> str:
@@ -92,12 +78,6 @@ def tls_failure_cause(exc: ssl.SSLError, host: str) -> str:
     if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason:
         return "the server does not speak TLS there (a plain-text port?)"
     return str(exc.reason or exc)
-
-# Received bytes land in one reused buffer (see _receive_frames): a fresh
-# 1 MiB bytes object per recv() costs an mmap and hundreds of page faults
-# each time (glibc serves large allocations with mmap), which was most of
-# the client's CPU time.
-DEFAULT_WINDOW = 8 << 20
 
 # The most ciphertext taken from the kernel by one recv (see _TLSChannel).
 CIPHER_READ = 256 << 10
@@ -194,44 +174,6 @@ class ConnectionFailed(JobworkerError):
     """
     The server could not be reached, or the connection broke.
     """
-
-
-class UnixAddress(str):
-    """
-    The path of a server's UNIX socket (C{jobcli --server unix:PATH}).  TLS
-    runs over it as over TCP; the server's certificate must name
-    L{UnixAddress.tls_name}, C{localhost}, as a development PKI's does.
-    """
-
-    tls_name = "localhost"
-
-
-def parse_address(address: str, default_port: int = 8443) -> tuple[str, int] | UnixAddress:
-    """
-    Split C{HOST:PORT} (C{[::1]:8443} for IPv6); the port is optional.
-    C{unix:PATH} names a UNIX socket.
-    """
-    if address.startswith("unix:"):
-        if not address[5:]:
-            raise ValueError(f"bad address {address!r}: no socket path")
-        return UnixAddress(address[5:])
-    host, port = address, default_port
-    if address.startswith("["):
-        end = address.find("]")
-        if end < 0:
-            raise ValueError(f"bad address {address!r}")
-        host = address[1:end]
-        rest = address[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"bad address {address!r}")
-            port = int(rest[1:])
-    elif address.count(":") == 1:
-        host, _, port_text = address.partition(":")
-        port = int(port_text)
-    if not host or not 0 < port < 65536:
-        raise ValueError(f"bad address {address!r}")
-    return host, port
 
 
 class BlockingClient:

@@ -65,11 +65,13 @@ from jobworker.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from jobworker.blocking import DEFAULT_WINDOW, JobRef, as_job_id, parse_address
+from jobworker.clientside.address import parse_address
+from jobworker.clientside.jobref import JobRef, as_job_id
 from jobworker.errors import ErrorCode, JobworkerError, ProtocolError, RequestError
 from jobworker.limits import Limits
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, Role
+from jobworker.protocol.flow import DEFAULT_WINDOW
 from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict
 
 if TYPE_CHECKING:

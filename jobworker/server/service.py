@@ -447,7 +447,7 @@ def _check_tls_files(ca: str, cert: str, key: str) -> Any:
     """
     Build the server's TLS settings, naming the option whose file is wrong.
     """
-    from jobworker.pki import CredentialError, read_certificates
+    from jobworker.credentials import CredentialError, read_certificates
     from jobworker.tls import server_tls_options
 
     for option, path in (("--ca", ca), ("--cert", cert)):
