@@ -64,13 +64,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import (
-    CertificateIssuerPrivateKeyTypes,
-)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker import __version__
-from jobworker.credentials import CredentialError, StrPath, read_certificates, read_credentials
+from jobworker.credentials import CredentialError, read_certificates, read_credentials
 
 __all__ = [
     "ROLES",

@@ -52,7 +52,7 @@ import jobworker
 from jobworker.jobs.manager import JobManager, JobManagerConfig
 from jobworker.limits import LIMIT_CONTROLLERS, LimitError, Limits, host_caps, parse_count, parse_cpu, parse_duration, parse_size
 from jobworker.logs import Logger
-from jobworker.server.connection import ServerFactory, ServerLimits
+from jobworker.server.factory import ServerFactory, ServerLimits
 from jobworker.host.uids import DEFAULT_FIRST_UID, DEFAULT_LAST_UID, parse_uid_range
 
 __all__ = ["CONFIG_PATH", "Options", "StartupError", "makeService"]
