@@ -7,11 +7,12 @@ layer over the sans-IO L{Connection} and the L{JobManager}.
 
 This module keeps the connection's life (hello, the handshake, idle and
 keep-alive timers, GoAway, the close), its inbox and the dispatch of
-requests.  What each request is answered is L{jobworker.server.requests}';
-output streaming is L{jobworker.server.streams}'; what all connections
-share (limits, counts by identity, the audit rate limit) is
-L{jobworker.server.factory}'; the TCP transport's tuning is
-L{jobworker.server.transport}'.
+requests.  What each request is answered lives in L{jobworker.server.requests};
+output streaming in L{jobworker.server.streams}; what all connections
+share (limits, counts by identity, the audit rate limit) in
+L{jobworker.server.factory}; the connection's timers in
+L{jobworker.server.timers}; the TCP transport's tuning in
+L{jobworker.server.transport}.
 
 The connection keeps one table of requests: those answered later (start,
 wait) by request id, with the L{Deferred} to cancel when the connection
