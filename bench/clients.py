@@ -33,7 +33,7 @@ import time
 import uuid
 
 from jobworker.blocking import BlockingClient, parse_address
-from jobworker.clienttls import client_ssl_context
+from jobworker.blocking.tls import client_ssl_context
 from jobworker.protocol import messages as m
 
 

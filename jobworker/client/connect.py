@@ -103,15 +103,15 @@ def connect_configured(
 ) -> defer.Deferred[JobworkerClientProtocol]:
     """
     L{connect} to the server C{server} names, with the credentials
-    C{jobcli} would use (L{jobworker.clientconfig}: flags aside, the
+    C{jobcli} would use (L{jobworker.clientside.config}: flags aside, the
     environment, then the configuration file at C{config_path}, default
     C{$XDG_CONFIG_HOME/jobworker/config.toml}).  C{options} are those of
     L{connect}.
 
-    @raise jobworker.clientconfig.ClientConfigError: (synchronously) a bad
+    @raise jobworker.clientside.config.ClientConfigError: (synchronously) a bad
         file, or C{server} names several servers.
     """
-    from jobworker.clientconfig import ClientConfigError, load_client_config, resolve_targets
+    from jobworker.clientside.config import ClientConfigError, load_client_config, resolve_targets
 
     targets = resolve_targets(load_client_config(config_path), server=server)
     if len(targets) != 1:

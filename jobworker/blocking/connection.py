@@ -1,20 +1,7 @@
 """
-A blocking client: the sans-IO L{Connection} over a plain socket and the
-standard library's C{ssl} (through memory BIOs, see L{_TLSChannel}).
-
-This is what C{jobcli} uses: it needs no reactor, so a one-shot command
-(C{jobcli status}) starts in a few tens of milliseconds.  Programs built on
-Twisted use L{jobworker.client} instead; both speak through the same
-protocol core.
-
-Time limits: C{timeout} bounds the connection's set-up (TCP, TLS and the
-hello) and each write.  Reads have no time limit: a wait or a follow lasts
-as long as its job, hours if need be.  A server that vanished is noticed by
-keep-alive instead (L{jobworker.protocol.keepalive}): after
-C{keepalive_interval} seconds without a byte from the server the client
-pings it, and gives up (L{ConnectionFailed}) when the ping goes unanswered
-for as long again.  Pings from the server are answered whenever the client
-reads.
+The blocking client's connection: the sans-IO L{Connection} over a socket
+and L{TLSChannel}, frames read into one reused buffer, keep-alive, and the
+requests and follows on it (L{BlockingConnection}).
 """
 
 from __future__ import annotations
@@ -23,11 +10,12 @@ import select
 import socket
 import ssl
 import time
-import uuid
 from collections import deque
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator, Self
 
-from jobworker.clientside.address import UnixAddress, parse_address
+from jobworker.blocking.channel import TLSChannel
+from jobworker.blocking.tls import tls_failure_cause
+from jobworker.clientside.address import UnixAddress
 from jobworker.clientside.jobref import JobRef, as_job_id
 from jobworker.errors import ErrorCode, JobworkerError, ProtocolError, RequestError
 from jobworker.protocol import messages as m
@@ -36,138 +24,7 @@ from jobworker.protocol.flow import DEFAULT_WINDOW
 from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict
 from jobworker.protocol.wire import HEADER_SIZE
 
-__all__ = ["BlockingClient", "ConnectionFailed", "JobRef", "UnixAddress", "as_job_id", "parse_address", "tls_failure_cause"]
-
-# A job id prefix shorter than this matches too much to be safe to act on
-# (stop, rm): 4 hex digits leave 1 in 65,536 chance per other job.
-MIN_PREFIX = 4
-# How many candidates an ambiguous prefix's error names.
-MAX_CANDIDATES = 10
-
-
-def tls_failure_cause(exc: ssl.SSLError, host: str) -> str:
-    """
-    What an C{ssl} error of the handshake or of the first read means to a
-    user: which side refused which certificate, and why.
-    """
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        detail = (exc.verify_message or "").lower()
-        if "hostname mismatch" in detail or "ip address mismatch" in detail:
-            return f"server name mismatch: the server's certificate is not for {host!r} (dial a name the certificate carries)"
-        if "expired" in detail:
-            return "the server's certificate has expired"
-        if "not yet valid" in detail:
-            return "the server's certificate is not valid yet (check the clocks)"
-        if "issuer" in detail or "self-signed" in detail or "self signed" in detail:
-            return "unknown CA: the server's certificate is not signed by the CA given (--ca)"
-        return f"the server's certificate was refused: {exc.verify_message or exc.reason}"
-    reason = (exc.reason or "").upper()
-    if "ALERT" in reason:
-        # TLS 1.3: the server checks our certificate after the handshake
-        # has ended on our side, so its verdict is an alert on a later read.
-        if "UNKNOWN_CA" in reason:
-            return "the server refused our client certificate: it is not signed by a CA the server trusts (unknown CA)"
-        if "EXPIRED" in reason:
-            return "the server refused our client certificate: it has expired"
-        if "CERTIFICATE_REQUIRED" in reason:
-            return "the server requires a client certificate"
-        if "CERTIFICATE" in reason or "BAD_CERT" in reason or "DECRYPT" in reason or "HANDSHAKE" in reason:
-            return f"the server refused our client certificate ({exc.reason})"
-        if "PROTOCOL_VERSION" in reason:
-            return "the server does not speak TLS 1.3"
-    if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason:
-        return "the server does not speak TLS there (a plain-text port?)"
-    return str(exc.reason or exc)
-
-# The most ciphertext taken from the kernel by one recv (see _TLSChannel).
-CIPHER_READ = 256 << 10
-
-
-class _TLSChannel:
-    """
-    TLS 1.3 over a connected socket, through a pair of memory BIOs.
-
-    An C{ssl.SSLSocket} has OpenSSL read the socket itself, one TLS record
-    at a time: a read of the record's 5-byte header, then one of its body,
-    so 130 000 system calls per GiB received.  Here one C{recv} takes all the
-    kernel holds, up to L{CIPHER_READ}, and OpenSSL then decrypts record
-    after record from memory.  The interface is the part of C{SSLSocket}'s
-    that L{BlockingClient} uses, with the same errors: C{ssl.SSLError} for
-    TLS failures and alerts, C{OSError} (C{socket.timeout} among them) from
-    the socket.
-    """
-
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, host: str) -> None:
-        self.socket = sock
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=host)
-        self._cipher = bytearray(CIPHER_READ)
-        self._cipher_view = memoryview(self._cipher)
-
-    def handshake(self) -> None:
-        while True:
-            try:
-                self._tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._flush()
-                self._fill()
-        self._flush()
-
-    def _flush(self) -> None:
-        # Whatever OpenSSL wrote (handshake, data, a KeyUpdate reply) goes out.
-        if self._outgoing.pending:
-            self.socket.sendall(self._outgoing.read())
-
-    def _fill(self) -> None:
-        size = self.socket.recv_into(self._cipher)
-        if size:
-            self._incoming.write(self._cipher_view[:size])
-        else:
-            self._incoming.write_eof()
-
-    def recv_into(self, view: memoryview) -> int:
-        """
-        Decrypt the next bytes into C{view} (one record at most); 0 at the
-        end of the stream, with or without the server's close_notify.
-        """
-        while True:
-            try:
-                return self._tls.read(len(view), view)
-            except ssl.SSLWantReadError:
-                self._flush()
-                self._fill()
-            except ssl.SSLEOFError:
-                return 0  # as SSLSocket's suppress_ragged_eofs has it
-
-    def sendall(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[self._tls.write(view) :]
-        self._flush()
-
-    def settimeout(self, seconds: float | None) -> None:
-        self.socket.settimeout(seconds)
-
-    def buffered(self) -> bool:
-        """
-        Whether bytes are here already (ciphertext or plaintext), so a read
-        may not need the socket.
-        """
-        return bool(self._incoming.pending or self._tls.pending())
-
-    def fileno(self) -> int:
-        return self.socket.fileno()
-
-    def cipher(self) -> tuple[str, str, int] | None:
-        return self._tls.cipher()
-
-    def version(self) -> str | None:
-        return self._tls.version()
-
-    def close(self) -> None:
-        self.socket.close()
+__all__ = ["BlockingConnection", "ConnectionFailed"]
 
 
 class ConnectionFailed(JobworkerError):
@@ -176,9 +33,11 @@ class ConnectionFailed(JobworkerError):
     """
 
 
-class BlockingClient:
+class BlockingConnection:
     """
-    One connection to a server; requests are answered in order of arrival.
+    One connection to a server, the frames on it, and the requests: each is
+    answered in order of arrival (L{request}), and a follow's output is
+    read as it comes (L{follow}).  L{BlockingClient} adds the operations.
 
     @param timeout: seconds for the connection's set-up (TCP, TLS, hello)
         and for each write; None for no limit.  Never for reads.
@@ -208,7 +67,7 @@ class BlockingClient:
         self._on_wake: Callable[[], None] | None = None
         self.conn = Connection(Role.CLIENT)
         self.hello: m.ServerHello | None = None
-        self._sock: _TLSChannel | None = None
+        self._sock: TLSChannel | None = None
         self._inbox: deque[m.Message] = deque()
         # Room for the largest frame we accept, so a frame always fits.
         self._receive_buffer = bytearray(HEADER_SIZE + self.conn.max_frame_size)
@@ -219,7 +78,7 @@ class BlockingClient:
     def connect(self) -> m.ServerHello:
         raw, host, port = self._open_socket()
         try:
-            channel = _TLSChannel(raw, self.context, host)
+            channel = TLSChannel(raw, self.context, host)
             channel.handshake()
             self._sock = channel
         except ssl.SSLError as exc:
@@ -268,7 +127,7 @@ class BlockingClient:
             finally:
                 self._sock = None
 
-    def __enter__(self) -> BlockingClient:
+    def __enter__(self) -> Self:
         if self._sock is None:
             self.connect()
         return self
@@ -461,162 +320,6 @@ class BlockingClient:
         """
         self._write(self.conn.send(message))
         return self._await_response(message.request_id)  # type: ignore[attr-defined]
-
-    # -- operations ------------------------------------------------------------
-
-    @classmethod
-    def from_config(
-        cls,
-        server: str | None = None,
-        *,
-        config_path: str | None = None,
-        timeout: float | None = 30.0,
-        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
-    ) -> BlockingClient:
-        """
-        A client (not yet connected; use it in a C{with} block) for the
-        server C{server} names, with the credentials that C{jobcli} would
-        use: see L{jobworker.clientconfig} for the order of flags, the
-        environment and the configuration file (C{config_path}, default
-        C{$XDG_CONFIG_HOME/jobworker/config.toml}).
-
-        @raise jobworker.clientconfig.ClientConfigError: a bad file, or
-            C{server} names several servers.
-        @raise jobworker.clienttls.ClientTLSError: unusable credentials.
-        """
-        from jobworker.clientconfig import ClientConfigError, load_client_config, resolve_targets
-        from jobworker.clienttls import client_ssl_context
-
-        targets = resolve_targets(load_client_config(config_path), server=server)
-        if len(targets) != 1:
-            raise ClientConfigError(f"{server!r} names {len(targets)} servers; a client talks to one")
-        target = targets[0]
-        try:
-            address = parse_address(target.address.value)
-        except ValueError as exc:
-            raise ClientConfigError(f"{target.address.value!r} ({target.address.source}): {exc}") from None
-        context = client_ssl_context(target.ca.value, target.cert.value, target.key.value)
-        return cls(address, context, timeout=timeout, keepalive_interval=keepalive_interval)
-
-    def resolve_job_ids(self, refs: Iterable[JobRef]) -> list[uuid.UUID]:
-        """
-        Whole job ids for ids or unique prefixes of ids (at least
-        L{MIN_PREFIX} hex digits, dashes ignored), in the order given.
-
-        Whole ids are taken as they are, without asking the server; the
-        prefixes cost one (paged) list of the jobs this client may see.
-
-        @raise RequestError: C{BAD_REQUEST} for text that is no prefix or
-            one that is too short or matches several jobs (the message
-            names them), C{NOT_FOUND} for a prefix that matches none.
-        """
-        resolved: list[uuid.UUID | None] = []
-        prefixes: dict[int, str] = {}
-        for index, ref in enumerate(refs):
-            if isinstance(ref, uuid.UUID):
-                resolved.append(ref)
-                continue
-            text = str(ref).strip().lower()
-            digits = text.replace("-", "")
-            if len(digits) == 32:
-                resolved.append(as_job_id(text))
-                continue
-            if not digits or any(c not in "0123456789abcdef" for c in digits) or len(digits) > 32:
-                raise RequestError(f"{ref!r} is not a job id or a prefix of one", ErrorCode.BAD_REQUEST)
-            if len(digits) < MIN_PREFIX:
-                raise RequestError(
-                    f"job id prefix {ref!r} is too short: give at least {MIN_PREFIX} characters", ErrorCode.BAD_REQUEST
-                )
-            prefixes[index] = digits
-            resolved.append(None)
-        if prefixes:
-            known = [job.job_id for job in self.iter_jobs()]
-            for index, digits in prefixes.items():
-                matches = [job_id for job_id in known if job_id.hex.startswith(digits)]
-                if not matches:
-                    raise RequestError(f"no job matches the id prefix {digits!r}", ErrorCode.NOT_FOUND)
-                if len(matches) > 1:
-                    named = ", ".join(str(job_id) for job_id in matches[:MAX_CANDIDATES])
-                    more = f" and {len(matches) - MAX_CANDIDATES} more" if len(matches) > MAX_CANDIDATES else ""
-                    raise RequestError(
-                        f"job id prefix {digits!r} is ambiguous: it matches {named}{more}", ErrorCode.BAD_REQUEST
-                    )
-                resolved[index] = matches[0]
-        return resolved  # type: ignore[return-value]
-
-    def resolve_job_id(self, ref: JobRef) -> uuid.UUID:
-        """
-        L{resolve_job_ids} for one id or prefix.
-        """
-        return self.resolve_job_ids([ref])[0]
-
-    def start(self, argv: list[str], **options: object) -> uuid.UUID:
-        response = self.request(m.StartRequest(self.conn.next_request_id(), tuple(argv), **options))  # type: ignore[arg-type]
-        assert isinstance(response, m.StartResponse)
-        return response.job_id
-
-    def status(self, job_id: JobRef) -> m.JobStatus:
-        response = self.request(m.StatusRequest(self.conn.next_request_id(), as_job_id(job_id)))
-        assert isinstance(response, m.StatusResponse)
-        return response.status
-
-    def wait(self, job_id: JobRef) -> m.JobStatus:
-        response = self.request(m.WaitRequest(self.conn.next_request_id(), as_job_id(job_id)))
-        assert isinstance(response, m.StatusResponse)
-        return response.status
-
-    def list(self, *, states: Iterable[m.JobState] = (), owner: str = "") -> tuple[m.JobStatus, ...]:
-        """
-        Every job this client may see, oldest first, optionally only those
-        in one of C{states} and owned by C{owner}; see L{iter_jobs}.
-        """
-        return tuple(self.iter_jobs(states=states, owner=owner))
-
-    def iter_jobs(
-        self, *, states: Iterable[m.JobState] = (), owner: str = "", page_size: int = 0
-    ) -> Iterator[m.JobStatus]:
-        """
-        The jobs of L{list}, page after page (spec section 6.4): each page
-        holds what fits one frame (or C{page_size} jobs), so a list of any
-        size and any jobs can be read.
-        """
-        mask = m.state_mask(states)
-        after_created_at, after_job_id = 0, uuid.UUID(int=0)
-        while True:
-            request = m.ListRequest(
-                self.conn.next_request_id(), after_created_at, after_job_id, page_size, mask, owner
-            )
-            response = self.request(request)
-            assert isinstance(response, m.ListResponse)
-            yield from response.jobs
-            if not response.more or not response.jobs:
-                return
-            last = response.jobs[-1]
-            after_created_at, after_job_id = last.created_at, last.job_id
-
-    def stop(
-        self, job_id: JobRef, *, grace: float | None = None, grace_ms: int | None = None, force: bool = False
-    ) -> None:
-        """
-        SIGTERM, then SIGKILL after C{grace} seconds (as in
-        L{jobworker.client}; default 10; C{grace_ms} in milliseconds is the
-        older spelling), or SIGKILL at once with C{force}.
-        """
-        if grace is not None and grace_ms is not None:
-            raise TypeError("give grace (seconds) or grace_ms, not both")
-        if grace_ms is None:
-            grace_ms = 10_000 if grace is None else max(0, round(grace * 1000))
-        self.request(m.StopRequest(self.conn.next_request_id(), as_job_id(job_id), grace_ms, force))
-
-    def signal(self, job_id: JobRef, signum: int) -> None:
-        """
-        Send one signal (one of C{messages.SIGNALS_SENT}: HUP, INT, QUIT,
-        USR1, USR2, TERM) to the running job's command, without stopping it.
-        """
-        self.request(m.SignalRequest(self.conn.next_request_id(), as_job_id(job_id), signum))
-
-    def remove(self, job_id: JobRef) -> None:
-        self.request(m.RemoveRequest(self.conn.next_request_id(), as_job_id(job_id)))
 
     def follow(
         self,
