@@ -223,6 +223,17 @@ def logged_failures() -> Any:
     globalLogPublisher.removeObserver(observe)
 
 
+def failure_of(d: defer.Deferred[Any]) -> Failure:
+    """
+    The failure C{d} has fired with, consumed (so that it is not logged as
+    an unhandled error when C{d} is collected, perhaps in a later test).
+    """
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures, f"{d!r} has not failed"
+    return failures[0]
+
+
 def _collect(into: list[tuple[int, bytes]]) -> Callable[[int, bytes], None]:
     return lambda fd, data: into.append((fd, data))
 
@@ -350,9 +361,8 @@ def test_a_connection_lost_mid_response_leaks_nothing_and_the_job_goes_on(
     link.flush()
     link.clock.advance(10)  # any timer left would fire now
 
-    assert follower.done.called and isinstance(follower.done.result, Failure)
-    follower.done.result.trap(ClientConnectionLost)
-    waited.addErrback(lambda failure: failure.trap(ClientConnectionLost))
+    assert failure_of(follower.done).check(ClientConnectionLost)
+    assert failure_of(waited).check(ClientConnectionLost)
     link.assert_nothing_held(job)
     assert not job.is_final and job.stopped_by == []
     assert logged_failures == [], [event.get("log_format") for event in logged_failures]
@@ -395,8 +405,8 @@ def test_keepalive_closes_a_connection_whose_client_went_silent(certs: Path, log
 
     link.flush()
     assert waited.called
-    failure = waited.result
-    assert isinstance(failure, Failure) and failure.check(ClientConnectionLost)
+    failure = failure_of(waited)
+    assert failure.check(ClientConnectionLost)
     assert failure.value.code is ErrorCode.TIMEOUT
     link.clock.advance(10)
     link.assert_nothing_held(job)
