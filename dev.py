@@ -11,6 +11,10 @@ Set up and run jobworker on a fresh machine with nothing but python3.
         make .venv, install jobworker with its test dependencies, and run the
         whole test suite
 
+    python3 dev.py lint [ruff options...]
+        make .venv with the test and lint dependencies, then run ruff and
+        mypy as pyproject.toml configures them; fails if either does
+
     python3 dev.py guest [--timeout S] [--accel auto|kvm|tcg] [pytest options...]
         make .venv as for test, then boot a pure cgroup v2 Linux guest under
         qemu and run the privileged suites in it as root with CI=true (see
@@ -46,7 +50,8 @@ def _fingerprint() -> str:
 
 def ensure_venv(extras: str) -> None:
     """
-    Create the virtual environment and install jobworker (with C{extras}),
+    Create the virtual environment and install jobworker (with C{extras},
+    comma-separated),
     unless an install of the same packaging metadata with those extras (or
     more) is already there.  The stamp records the metadata's hash and the
     extras installed, so switching between serve ("") and test ("test")
@@ -61,11 +66,11 @@ def ensure_venv(extras: str) -> None:
         with open(STAMP) as handle:
             fingerprint, _, listed = handle.read().partition("\n")
         installed = set(filter(None, listed.split(",")))
-        if fingerprint == wanted and set(filter(None, [extras])) <= installed:
+        if fingerprint == wanted and set(filter(None, extras.split(","))) <= installed:
             return
     except FileNotFoundError:
         pass
-    everything = ",".join(sorted(installed | set(filter(None, [extras]))))
+    everything = ",".join(sorted(installed | set(filter(None, extras.split(",")))))
     print("dev.py: installing jobworker and its dependencies", flush=True)
     pip = [os.path.join(BIN, "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run(pip + ["--upgrade", "pip", "setuptools", "wheel"], check=True)
@@ -99,6 +104,17 @@ def test(arguments: list[str]) -> int:
     os.execv(command[0], command)
 
 
+def lint(arguments: list[str]) -> int:
+    # mypy reads tests/ too, so the test dependencies are needed as well.
+    ensure_venv("lint,test")
+    os.chdir(ROOT)
+    status = 0
+    for command in ([os.path.join(BIN, "ruff"), "check", *arguments], [os.path.join(BIN, "mypy")]):
+        print(f"dev.py: {' '.join(command)}", flush=True)
+        status = subprocess.run(command).returncode or status
+    return status
+
+
 def guest(arguments: list[str]) -> int:
     # The guest runs this checkout's .venv, shared read-only over 9p.
     ensure_venv("test")
@@ -107,7 +123,7 @@ def guest(arguments: list[str]) -> int:
     os.execv(command[0], command)
 
 
-COMMANDS = {"serve": serve, "test": test, "guest": guest}
+COMMANDS = {"serve": serve, "test": test, "lint": lint, "guest": guest}
 
 
 def main() -> int:

@@ -20,7 +20,7 @@ What the guest is:
     it is pure v2 with every controller the kernel has (cpuset cpu io memory
     hugetlb pids rdma misc on 6.1); the tests' processes start in the root
     cgroup, and the tests that need a delegated, non-root placement make
-    one (see C{tests/test_e2e_limits_isolation.py}).
+    one (see C{tests/e2e/test_e2e_limits_isolation.py}).
   - A busybox (C{busybox-static}) initramfs, written here as a newc archive,
     whose C{/init} loads the virtio, 9p, overlay and ext4 modules, mounts the
     host's C{/} read-only over 9p with a tmpfs overlay on top, chroots into
@@ -75,18 +75,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # it has tests that need root, cgroups or namespaces; each of them must say
 # which cgroup layout it ran on ([v1] / [v2] in its ids or output).
 GUEST_SUITE = (
-    "tests/test_cgroups_enforcement.py",
-    "tests/test_e2e_limits_isolation.py",
+    "tests/host/test_cgroups_enforcement.py",
+    "tests/e2e/test_e2e_limits_isolation.py",
     # The helper joining a job cgroup and its limit holding from the first
     # instruction.  The helper's namespace tests do not depend on the
     # cgroup layout (the host runs them) and would cost over a minute here.
-    "tests/test_isolate.py::test_command_runs_in_the_joined_cgroup",
-    "tests/test_isolate.py::test_cgroup_limit_applies_from_the_start",
+    "tests/host/test_isolate.py::test_command_runs_in_the_joined_cgroup",
+    "tests/host/test_isolate.py::test_cgroup_limit_applies_from_the_start",
     # The service's shutdown and restart, which kill and clean up job
     # cgroups (the isolated mode: the others run without cgroups).
-    "tests/test_e2e_lifecycle.py::test_sigterm_stops_running_jobs_and_the_server_exits[isolated]",
-    "tests/test_e2e_lifecycle.py::test_the_processes_of_a_lost_job_are_gone_after_restart[isolated]",
-    "tests/test_e2e_lifecycle.py::test_starting_another_server_leaves_this_servers_jobs_alone[isolated]",
+    "tests/e2e/test_e2e_lifecycle.py::test_sigterm_stops_running_jobs_and_the_server_exits[isolated]",
+    "tests/e2e/test_e2e_lifecycle.py::test_the_processes_of_a_lost_job_are_gone_after_restart[isolated]",
+    "tests/e2e/test_e2e_lifecycle.py::test_starting_another_server_leaves_this_servers_jobs_alone[isolated]",
 )
 
 # Tests of the files above that the guest leaves out: they do not depend on
@@ -94,9 +94,9 @@ GUEST_SUITE = (
 # its own, 15-25 s under emulation.
 GUEST_DESELECT = (
     # Caps are policy, checked before any cgroup is made.
-    "tests/test_e2e_limits_isolation.py::test_caps_bind_users_not_admins",
+    "tests/e2e/test_e2e_limits_isolation.py::test_caps_bind_users_not_admins",
     # --cgroups none: no cgroup at all.
-    "tests/test_e2e_limits_isolation.py::test_unenforceable_limit_is_an_error",
+    "tests/e2e/test_e2e_limits_isolation.py::test_unenforceable_limit_is_an_error",
 )
 
 # Debian packages the guest is built from, by a command each provides.
@@ -161,9 +161,9 @@ def run_checked(command: list[str], *, timeout: float, cwd: str | None = None) -
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
         )
     except subprocess.TimeoutExpired:
-        raise GuestError(f"{shlex.join(command)} took more than {timeout:g} s")
+        raise GuestError(f"{shlex.join(command)} took more than {timeout:g} s") from None
     except FileNotFoundError:
-        raise GuestError(f"{command[0]} is not installed")
+        raise GuestError(f"{command[0]} is not installed") from None
     if result.returncode != 0:
         raise GuestError(f"{shlex.join(command)} exited {result.returncode}:\n{result.stdout[-4000:]}")
     return result.stdout
@@ -252,6 +252,7 @@ def current_kernel_package(apt: Apt) -> tuple[str, str]:
             if version is None:
                 shown = run_checked(["apt-cache", "show", "--no-all-versions", package], timeout=60)
                 version = re.search(r"^Version: (\S+)", shown, re.M)
+            assert version is not None, f"apt-cache show {package} names no version"
             return package, version.group(1)
         except GuestError:
             if attempt or apt.updated or os.geteuid() != 0:
@@ -598,7 +599,7 @@ class Boot:
         self._reader.join(5)
 
 
-def boot(accel: str, kernel, initramfs: str, disk: str, results: str, cache: str, timeout: float) -> tuple[int | None, str]:
+def boot(accel: str, kernel: dict[str, str], initramfs: str, disk: str, results: str, cache: str, timeout: float) -> tuple[int | None, str]:
     """
     Boot the guest and wait for it to power off.
 

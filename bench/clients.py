@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Any
 
 from jobworker.blocking import BlockingClient, parse_address
 from jobworker.blocking.tls import client_ssl_context
@@ -55,7 +56,9 @@ def cmd_tls_info(args: argparse.Namespace) -> None:
     try:
         sock = client._sock  # the only way to ask the live socket
         assert sock is not None
-        name, version, bits = sock.cipher()
+        cipher = sock.cipher()
+        assert cipher is not None, "the handshake is done"
+        name, version, bits = cipher
         _emit({"version": sock.version(), "cipher": name, "bits": bits, "server_name": client.hello.server_name if client.hello else ""})
     finally:
         client.close()
@@ -104,7 +107,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     _emit({"removed": removed})
 
 
-def _follow_one(job_id: uuid.UUID, window: int, result: dict) -> None:
+def _follow_one(job_id: uuid.UUID, window: int, result: dict[str, Any]) -> None:
     digest = hashlib.sha256()
     received = 0
     began = time.monotonic()
@@ -131,7 +134,7 @@ def _follow_one(job_id: uuid.UUID, window: int, result: dict) -> None:
 
 def cmd_follow(args: argparse.Namespace) -> None:
     job_id = uuid.UUID(args.job_id)
-    results: list[dict] = [{} for _ in range(args.streams)]
+    results: list[dict[str, Any]] = [{} for _ in range(args.streams)]
     threads = [
         threading.Thread(target=_follow_one, args=(job_id, args.window, result), daemon=True)
         for result in results

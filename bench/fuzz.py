@@ -1,7 +1,7 @@
 """
 The long fuzz run: the frame decoder and the server's connection state
 machine against hundreds of thousands of inputs (the CI run,
-C{tests/test_fuzz.py}, feeds a few thousand).
+C{tests/unit/test_fuzz.py} and C{tests/e2e/test_fuzz_live.py}, feed a few thousand).
 
     .venv/bin/python bench/fuzz.py                      # 100,000 + 100,000 + 20,000 inputs
     .venv/bin/python bench/fuzz.py --core 10000 --protocol 10000 --live 2000 --seed 7
@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -51,7 +52,7 @@ def rss_kib(pid: str = "self") -> int:
     return 0
 
 
-def show(name: str, report: FuzzReport, seconds: float, growth: dict[str, int]) -> dict:
+def show(name: str, report: FuzzReport, seconds: float, growth: dict[str, int]) -> dict[str, Any]:
     row = {
         "target": name,
         "inputs": report.inputs,

@@ -40,18 +40,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -140,8 +139,8 @@ def measure(
     *,
     settle_s: float = 3.0,
     bound: str,
-    extra: Callable[[], dict] | None = None,
-) -> dict:
+    extra: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """
     Baseline, start the attack (it returns the function that ends it),
     measure during, end it, measure 5 s later.
@@ -187,7 +186,8 @@ def measure(
 def big_job(server: RunningServer) -> uuid.UUID:
     with server.client("alice") as client:
         argv = ["sh", "-c", "sleep 3600", *(["x" * 1000] * 250)]
-        return client.start(argv)
+        job_id: uuid.UUID = client.start(argv)
+        return job_id
 
 
 # -- the attacks --------------------------------------------------------------------
@@ -208,7 +208,7 @@ def attack_unread(server: RunningServer, job_id: uuid.UUID) -> Callable[[], None
     return end
 
 
-def attack_trickle(server: RunningServer, job_id: uuid.UUID, state: dict) -> Callable[[], None]:
+def attack_trickle(server: RunningServer, job_id: uuid.UUID, state: dict[str, Any]) -> Callable[[], None]:
     clients: list[RawClient] = []
     refused = 0
     body = b"\x00" * (MIB - 200)  # the frame stays incomplete: 200 bytes to go, one a second
@@ -262,7 +262,7 @@ def attack_trickle(server: RunningServer, job_id: uuid.UUID, state: dict) -> Cal
     return end
 
 
-def attack_followers(server: RunningServer, chatty: uuid.UUID, state: dict) -> Callable[[], None]:
+def attack_followers(server: RunningServer, chatty: uuid.UUID, state: dict[str, Any]) -> Callable[[], None]:
     clients = []
     ok = refused = 0
     for _ in range(20):
@@ -322,7 +322,7 @@ def attack_followers(server: RunningServer, chatty: uuid.UUID, state: dict) -> C
     return end
 
 
-def attack_audit(server: RunningServer, state: dict) -> Callable[[], None]:
+def attack_audit(server: RunningServer, state: dict[str, Any]) -> Callable[[], None]:
     client = RawClient(server)
     stop = threading.Event()
     size_before = server.log_path.stat().st_size

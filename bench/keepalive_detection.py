@@ -6,9 +6,17 @@ C{jobcli wait}.  Three runs.
 
     .venv/bin/python bench/keepalive_detection.py .
 """
-import sys, os, time, pathlib, tempfile, signal, subprocess, uuid
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
 repo = pathlib.Path(sys.argv[1]); sys.path.insert(0, str(repo)); os.chdir(repo)
-from tests.support import make_pki, start_server, BIN
+from tests.support import BIN, make_pki, start_server
+
 tmp = pathlib.Path(tempfile.mkdtemp(prefix="h3ka")); certs = make_pki(tmp / "certs")
 for run in range(3):
     server = start_server(certs, tmp / f"state{run}", "--keepalive-interval", "1")

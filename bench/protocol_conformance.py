@@ -10,14 +10,21 @@ job user, and a list of five jobs with the largest argv.
 (It speaks the checkout's own protocol version, so it runs against old and
 new code alike.)
 """
-import sys, os, time, pathlib, tempfile, uuid, socket, json
+import os
+import pathlib
+import socket
+import sys
+import tempfile
+import time
+
 repo = pathlib.Path(sys.argv[1]); sys.path.insert(0, str(repo)); os.chdir(repo)
-from tests.support import make_pki, start_server
 from jobworker.blocking import BlockingClient, ConnectionFailed
 from jobworker.blocking.tls import client_ssl_context
 from jobworker.errors import ErrorCode, RequestError
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role
+from tests.support import make_pki, start_server
+
 tmp = pathlib.Path(tempfile.mkdtemp(prefix="h3demo")); certs = make_pki(tmp / "certs")
 server = start_server(certs, tmp / "state")
 ctx = client_ssl_context(certs / "ca.pem", certs / "admin.pem", certs / "admin.key")
@@ -34,7 +41,7 @@ class Raw:
         while len(self.inbox) < n and time.monotonic() < end:
             self.sock.settimeout(max(0.01, end - time.monotonic()))
             try: d = self.sock.recv(1 << 20)
-            except socket.timeout: break
+            except TimeoutError: break
             if not d: break
             self.inbox += self.conn.receive_data(d)
         got, self.inbox = self.inbox[:n], self.inbox[n:]; return got
@@ -45,7 +52,7 @@ try:
     r = Raw(); r.send(m.GoAway(100, "bye")); t = time.monotonic()
     r.sock.settimeout(3)
     try: data = r.sock.recv(100); print("2. GoAway: server closed after %.2f s, sent %r" % (time.monotonic() - t, data))
-    except socket.timeout: print("2. GoAway: server still open after 3 s")
+    except TimeoutError: print("2. GoAway: server still open after 3 s")
     sleeper = client().start(["sleep", "30"])
     r = Raw(); r.send(*(m.WaitRequest(i, sleeper) for i in range(1, 130)))
     print("3. 129 waits in one write, refused:", sorted(x.request_id for x in r.read(200, 2) if isinstance(x, m.ErrorResponse)))

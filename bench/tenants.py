@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -37,14 +36,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 
-_spec = importlib.util.spec_from_file_location("jobworker_bench", os.path.join(BENCH, "run.py"))
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["jobworker_bench"] = bench
-_spec.loader.exec_module(bench)  # type: ignore[union-attr]
+sys.path.insert(0, REPO)
+
+from bench.harness.proc import descendants, proc_comm, proc_status_kib, smaps_rollup_kib, wait_for_sleeps
+from bench.harness.processes import BenchError, Workspace, check, free_port, run_timed, wait_listening
+from bench.harness.results import interleaved, mib
+from bench.harness.servers import make_pki
+from bench.harness.settings import CLIENTS, RESULTS, VENV_BIN, KiB
 
 
 def default_baseline() -> str:
@@ -62,23 +66,23 @@ class Server:
     A C{twistd -n jobworker} of one source tree on 127.0.0.1.
     """
 
-    def __init__(self, workspace, certs: str, name: str, tree: str, *extra: str) -> None:
+    def __init__(self, workspace: Workspace, certs: str, name: str, tree: str, *extra: str) -> None:
         self.name = name
         self.tree = tree
-        self.port = bench.free_port()
+        self.port = free_port()
         self.state_dir = workspace.path(f"state-{name}")
         os.makedirs(self.state_dir)
         self.log_path = workspace.path(f"server-{name}.log")
         self.env = dict(os.environ, PYTHONPATH=tree)
         command = [
-            os.path.join(bench.VENV_BIN, "twistd"), "-n", "--pidfile=", "jobworker",
+            os.path.join(VENV_BIN, "twistd"), "-n", "--pidfile=", "jobworker",
             "--listen", f"tcp:{self.port}:interface=127.0.0.1",
             "--ca", os.path.join(certs, "ca.pem"), "--cert", os.path.join(certs, "server.pem"),
             "--key", os.path.join(certs, "server.key"), "--state-dir", self.state_dir, *extra,
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.process = workspace.spawn(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tree, env=self.env)
-        bench.wait_listening(self.port, self.process, f"server {name}", self.log_path)
+        wait_listening(self.port, self.process, f"server {name}", self.log_path)
         self.env.update(
             JOBWORKER_SERVER=f"127.0.0.1:{self.port}",
             JOBWORKER_CA=os.path.join(certs, "ca.pem"),
@@ -87,16 +91,16 @@ class Server:
         )
 
     def run_true(self) -> float:
-        timing = bench.run_timed([os.path.join(bench.VENV_BIN, "jobcli"), "run", "--", "true"], env=self.env, capture=True)
-        return bench.check(timing, f"jobcli run -- true ({self.name})").wall_s
+        timing = run_timed([os.path.join(VENV_BIN, "jobcli"), "run", "--", "true"], env=self.env, capture=True)
+        return check(timing, f"jobcli run -- true ({self.name})").wall_s
 
-    def clients(self, *args: str):
+    def clients(self, *args: str) -> Any:
         result = subprocess.run(
-            [os.path.join(bench.VENV_BIN, "python"), bench.CLIENTS, *args],
+            [os.path.join(VENV_BIN, "python"), CLIENTS, *args],
             env=self.env, stdin=subprocess.DEVNULL, capture_output=True, timeout=300,
         )  # fmt: skip
         if result.returncode != 0:
-            raise bench.BenchError(f"clients.py {args[0]} ({self.name}): {result.stderr.decode(errors='replace')[-2000:]}")
+            raise BenchError(f"clients.py {args[0]} ({self.name}): {result.stderr.decode(errors='replace')[-2000:]}")
         return json.loads(result.stdout)
 
     def job_uid(self) -> str:
@@ -104,8 +108,8 @@ class Server:
         C{id -u} in a job: shows which tree the server runs (a uid of its
         own, or nobody's).
         """
-        timing = bench.run_timed([os.path.join(bench.VENV_BIN, "jobcli"), "run", "--", "id", "-u"], env=self.env, capture=True)
-        return bench.check(timing, f"jobcli run -- id -u ({self.name})").stdout.decode().strip()
+        timing = run_timed([os.path.join(VENV_BIN, "jobcli"), "run", "--", "id", "-u"], env=self.env, capture=True)
+        return check(timing, f"jobcli run -- id -u ({self.name})").stdout.decode().strip()
 
 
 def job_cgroup_bytes(job_id: str) -> int:
@@ -120,20 +124,20 @@ def job_cgroup_bytes(job_id: str) -> int:
     return 0
 
 
-def memory_per_job(server: Server, jobs: int) -> dict:
-    rss_before = bench.proc_status_kib(server.process.pid, "VmRSS") * bench.KiB
+def memory_per_job(server: Server, jobs: int) -> dict[str, Any]:
+    rss_before = proc_status_kib(server.process.pid, "VmRSS") * KiB
     job_ids = server.clients("start", "--count", str(jobs), "--", "sleep", "300")
     try:
         server.clients("running", *job_ids)
-        bench.wait_for_sleeps(server.process.pid, jobs)
+        wait_for_sleeps(server.process.pid, jobs)
         time.sleep(1.0)
-        rss_after = bench.proc_status_kib(server.process.pid, "VmRSS") * bench.KiB
+        rss_after = proc_status_kib(server.process.pid, "VmRSS") * KiB
         pss = 0
-        for pid in bench.descendants(server.process.pid):
-            if bench.proc_comm(pid) == "sleep":
+        for pid in descendants(server.process.pid):
+            if proc_comm(pid) == "sleep":
                 continue
             try:
-                pss += bench.smaps_rollup_kib(pid).get("Pss", 0) * bench.KiB
+                pss += smaps_rollup_kib(pid).get("Pss", 0) * KiB
             except OSError:
                 pass
         charged = [job_cgroup_bytes(job_id) for job_id in job_ids]
@@ -148,7 +152,7 @@ def memory_per_job(server: Server, jobs: int) -> dict:
     }
 
 
-def namespace_setup_s(workspace, runs: int) -> dict[str, list[float]]:
+def namespace_setup_s(workspace: Workspace, runs: int) -> dict[str, list[float]]:
     """
     The helper's set-up steps alone, in a forked child, with and without
     the tenant ones: fork, unshare, mounts, loopback, exit (which tears the
@@ -166,7 +170,7 @@ def namespace_setup_s(workspace, runs: int) -> dict[str, list[float]]:
         open(path, "w").close()
     os.chmod(blank, 0)
 
-    def steps(tenants: bool):
+    def steps(tenants: bool) -> Callable[[], float]:
         def body() -> None:
             flags = isolate.CLONE_NEWNS | isolate.CLONE_NEWPID | isolate.CLONE_NEWNET
             if tenants:
@@ -193,12 +197,12 @@ def namespace_setup_s(workspace, runs: int) -> dict[str, list[float]]:
                     os._exit(1)
             _, status = os.waitpid(pid, 0)
             if status:
-                raise bench.BenchError("the set-up steps failed")
+                raise BenchError("the set-up steps failed")
             return time.perf_counter() - began
 
         return measure
 
-    return bench.interleaved(runs, {"tenants": steps(True), "baseline": steps(False)}, warmup=5)
+    return interleaved(runs, {"tenants": steps(True), "baseline": steps(False)}, warmup=5)
 
 
 def main() -> None:
@@ -215,15 +219,15 @@ def main() -> None:
     current = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     tree = tempfile.mkdtemp(prefix="jobworker-baseline-")
     subprocess.run(["git", "worktree", "add", "--detach", "-q", tree, baseline], cwd=REPO, check=True)
-    workspace = bench.Workspace()
+    workspace = Workspace()
     try:
-        certs = bench.make_pki(workspace)
+        certs = make_pki(workspace)
         servers = {
             "tenants": Server(workspace, certs, f"tenants-{current}", REPO),
             "baseline": Server(workspace, certs, f"baseline-{revision}", tree),
         }
         uids = {name: server.job_uid() for name, server in servers.items()}
-        times = bench.interleaved(args.runs, {name: server.run_true for name, server in servers.items()})
+        times = interleaved(args.runs, {name: server.run_true for name, server in servers.items()})
         memory = {name: memory_per_job(server, args.jobs) for name, server in servers.items()}
         setup = namespace_setup_s(workspace, args.setup_runs)
     finally:
@@ -247,8 +251,8 @@ def main() -> None:
         "setup_s": setup,
         "median_setup_s": {name: statistics.median(values) for name, values in setup.items()},
     }
-    os.makedirs(bench.RESULTS, exist_ok=True)
-    with open(os.path.join(bench.RESULTS, "tenants.json"), "w") as handle:
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "tenants.json"), "w") as handle:
         json.dump(document, handle, indent=2)
     print(f"a job runs as uid {uids['tenants']} (tenants) and {uids['baseline']} (baseline)")
     print(f"jobcli run -- true, median of {args.runs}: {current} (tenants) {medians['tenants'] * 1000:.1f} ms, "
@@ -259,8 +263,8 @@ def main() -> None:
     print(f"namespace set-up and teardown alone, median of {args.setup_runs}: {setup_ms['tenants']:.2f} ms with the tenant steps, "
           f"{setup_ms['baseline']:.2f} ms without, added {setup_ms['tenants'] - setup_ms['baseline']:+.2f} ms")
     for name, found in memory.items():
-        print(f"memory per running job ({name}, {found['jobs']} x sleep 300): {bench.mib(found['per_job_bytes'])} "
-              f"(helpers' PSS + server RSS growth); charged to the job's cgroup: {bench.mib(found['cgroup_charged_per_job_bytes'])}")
+        print(f"memory per running job ({name}, {found['jobs']} x sleep 300): {mib(found['per_job_bytes'])} "
+              f"(helpers' PSS + server RSS growth); charged to the job's cgroup: {mib(found['cgroup_charged_per_job_bytes'])}")
 
 
 if __name__ == "__main__":

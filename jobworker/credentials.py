@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -74,8 +75,10 @@ def read_credentials(
         raise CredentialError(
             f"{key_path} holds no unencrypted PEM private key ({e})"
         ) from None
-    if not isinstance(key, CertificateIssuerPrivateKeyTypes):
+    # A Union works with isinstance at run time (3.10+); mypy takes only
+    # classes, hence the ignore and the cast below.
+    if not isinstance(key, CertificateIssuerPrivateKeyTypes):  # type: ignore[arg-type]
         raise CredentialError(f"{key_path}: a {type(key).__name__} cannot sign")
     if key.public_key() != chain[0].public_key():
         raise CredentialError(f"{key_path} is not the private key of {cert_path}")
-    return chain, key
+    return chain, cast(CertificateIssuerPrivateKeyTypes, key)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import re
-from fractions import Fraction
 from dataclasses import dataclass, fields, replace
+from fractions import Fraction
 
 __all__ = [
     "LIMIT_CONTROLLERS",

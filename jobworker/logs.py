@@ -18,8 +18,7 @@ import enum
 import sys
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, LogLevel, jsonFileLogObserver
-from twisted.logger import Logger as _TwistedLogger
+from twisted.logger import ILogObserver, Logger as _TwistedLogger, LogLevel, jsonFileLogObserver
 from zope.interface import provider
 
 __all__ = ["Logger", "json_value", "json_observer"]
@@ -90,4 +89,4 @@ def json_observer(stream: IO[str] | None = None) -> ILogObserver:
             fields[key] = value
         inner(fields)
 
-    return observe  # type: ignore[no-any-return]
+    return observe  # type: ignore[no-any-return]  # @provider's result is untyped

@@ -57,7 +57,7 @@ import ipaddress
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,7 @@ def make_ca(
     """
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    start = datetime.now(timezone.utc) - _CLOCK_SKEW
+    start = datetime.now(UTC) - _CLOCK_SKEW
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -174,7 +174,7 @@ def make_server_cert(
     """
     if not hostnames:
         raise ValueError("a server certificate needs at least one hostname")
-    start = datetime.now(timezone.utc) - _CLOCK_SKEW
+    start = datetime.now(UTC) - _CLOCK_SKEW
     return _issue(
         directory,
         ca_cert_path,
@@ -236,7 +236,7 @@ def make_client_cert(
             )
         )
     if not_valid_before is None:
-        not_valid_before = datetime.now(timezone.utc) - _CLOCK_SKEW
+        not_valid_before = datetime.now(UTC) - _CLOCK_SKEW
     if not_valid_after is None:
         not_valid_after = not_valid_before + timedelta(days=days)
     return _issue(
@@ -342,7 +342,7 @@ def sign_csr(
         extensions = [x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])]
     stem = common_name if name is None else name
     _check_file_stem(stem)
-    start = datetime.now(timezone.utc) - _CLOCK_SKEW
+    start = datetime.now(UTC) - _CLOCK_SKEW
     certificate = _build_leaf(
         ca_cert_path, ca_key_path, request.public_key(), subject, start, start + timedelta(days=days), extensions
     )
@@ -513,7 +513,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     tool, are one line on standard error and exit status 1.
     """
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> None:  # type: ignore[override]  # exits, as argparse's does
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 

@@ -130,7 +130,7 @@ def connected_pair(
     """
     client = JobworkerClientProtocol(**client_options)
     server = FakeServer(client)
-    client.makeConnection(server.transport)
+    client.makeConnection(server.transport)  # type: ignore[no-untyped-call]  # Twisted's, unannotated
     server.hello(identity=identity, role=role)
     return client, server
 

@@ -48,7 +48,7 @@ the standard library's C{ssl}, not pyOpenSSL (see L{jobworker.blocking}).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -133,7 +133,7 @@ class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
             try:
                 sent = self._tlsConnection.send(view)
             except SSL.WantReadError:
-                self._bufferedWrite(bytes(view))
+                self._bufferedWrite(bytes(view))  # type: ignore[no-untyped-call]  # Twisted's, unannotated
                 break
             except SSL.Error:
                 self._tlsShutdownFinished(Failure())
@@ -142,7 +142,7 @@ class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
             self._flushSendBIO(len(data))
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
-        super()._tlsShutdownFinished(reason)
+        super()._tlsShutdownFinished(reason)  # type: ignore[no-untyped-call]  # Twisted's, unannotated
         if reason is not None:
             # The failure holds the traceback of the TLS error, whose frames
             # hold the failure (a local of Twisted's) and both transports: a
@@ -253,7 +253,9 @@ def server_tls_options(
     context.use_certificate(chain[0])
     for intermediate in chain[1:]:
         context.add_extra_chain_cert(intermediate)
-    context.use_privatekey(key)
+    # pyOpenSSL's annotation predates cryptography's ML-DSA keys; it raises
+    # TypeError for a key type it cannot use.
+    context.use_privatekey(key)  # type: ignore[arg-type]
     store = context.get_cert_store()
     assert store is not None, "a new SSL.Context always has a certificate store"
     for authority in authorities:
@@ -370,7 +372,7 @@ def peer_names(
 
 
 def _only_value(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
-    attributes: Sequence[x509.NameAttribute] = name.get_attributes_for_oid(oid)
+    attributes: Sequence[x509.NameAttribute[str | bytes]] = name.get_attributes_for_oid(oid)
     if len(attributes) != 1:
         return None
     value = attributes[0].value

@@ -4,7 +4,7 @@ Write the golden vectors of the jobworker wire protocol.
 The vectors in C{protocol-spec/vectors/} were generated once with this
 script, from the reference implementation (L{jobworker.protocol.wire}), and
 then reviewed against C{README.md} by hand.  They are now the reference: the
-test suite (C{tests/test_golden_vectors.py}) checks that the implementation
+test suite (C{tests/unit/test_golden_vectors.py}) checks that the implementation
 still produces and accepts exactly these bytes, so a change to the encoder
 that alters a single byte fails the tests instead of silently changing the
 protocol.
@@ -43,10 +43,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from jobworker.errors import ErrorCode  # noqa: E402
-from jobworker.limits import Limits  # noqa: E402
-from jobworker.protocol import messages as m  # noqa: E402
-from jobworker.protocol.wire import encode_message  # noqa: E402
+from jobworker.errors import ErrorCode  # noqa: E402 - after the sys.path line above
+from jobworker.limits import Limits  # noqa: E402 - after the sys.path line above
+from jobworker.protocol import messages as m  # noqa: E402 - after the sys.path line above
+from jobworker.protocol.wire import encode_message  # noqa: E402 - after the sys.path line above
 
 VECTOR_DIR = HERE / "vectors"
 

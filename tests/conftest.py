@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
+def server(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """
     One server shared by the end-to-end tests that need no special options.
     """

@@ -1,6 +1,7 @@
 """
 Fuzzing of the frame decoder and the server's connection state machine,
-shared by the CI run (C{tests/test_fuzz.py}, a few thousand inputs) and the
+shared by the CI run (C{tests/unit/test_fuzz.py} and C{tests/e2e/test_fuzz_live.py},
+a few thousand inputs) and the
 long run (C{bench/fuzz.py}, 100,000 and more).
 
 An input is a byte string a client sends after a valid hello exchange: a
@@ -30,9 +31,10 @@ import random
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from jobworker.errors import ErrorCode, ProtocolError, RequestError
 from jobworker.limits import Limits
@@ -50,7 +52,9 @@ __all__ = [
     "FakeManager",
     "FuzzReport",
     "ProtocolTarget",
+    "assert_clean",
     "make_input",
+    "print_report",
     "run",
 ]
 
@@ -338,7 +342,7 @@ def _client_certificate() -> Any:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alice"), x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "admin")])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -367,25 +371,25 @@ class ProtocolTarget:
 
         self.clock = MemoryReactorClock()
         self.manager = FakeManager(jobs)
-        self.factory = ServerFactory(self.manager, self.clock, server_name="fuzz", limits=ServerLimits(audit_burst=0))  # type: ignore[arg-type]
+        self.factory = ServerFactory(self.manager, self.clock, server_name="fuzz", limits=ServerLimits(audit_burst=0))  # type: ignore[arg-type]  # a stand-in manager
         self.certificate = _client_certificate()
         self.failures: list[str] = []
         self._observer = self._watch
-        globalLogPublisher.addObserver(self._observer)
+        globalLogPublisher.addObserver(self._observer)  # type: ignore[arg-type]  # a callable of one event is an observer
 
     def close(self) -> None:
         from twisted.logger import globalLogPublisher
 
-        globalLogPublisher.removeObserver(self._observer)
+        globalLogPublisher.removeObserver(self._observer)  # type: ignore[arg-type]  # a callable of one event is an observer
 
     def _watch(self, event: dict) -> None:
         if event.get("log_failure") is not None or event.get("isError"):
             self.failures.append(str(event.get("log_failure") or event.get("log_format")))
 
     def feed(self, rng: random.Random, data: bytes, report: FuzzReport) -> None:
+        from twisted.internet.error import ConnectionDone
         from twisted.internet.testing import StringTransportWithDisconnection
         from twisted.python.failure import Failure
-        from twisted.internet.error import ConnectionDone
 
         certificate = self.certificate
 
@@ -616,3 +620,20 @@ def run_parallel(make_target: Callable[[], Any], count: int, seed: int, threads:
             total.codes[name] = total.codes.get(name, 0) + number
         total.examples.extend(report.examples[: 5 - len(total.examples)])
     return total, targets
+
+
+# -- what the standing runs (tests/unit/test_fuzz.py, tests/e2e/test_fuzz_live.py) report
+
+
+def print_report(name: str, report: FuzzReport, growth_kib: int) -> None:
+    print(
+        f"\nfuzz {name}: {report.inputs} inputs, {report.crashes} crashes, {report.tracebacks} tracebacks,"
+        f" {report.protocol_errors} protocol errors, {report.messages} messages,"
+        f" RSS growth {growth_kib} KiB, codes {dict(sorted(report.codes.items()))}"
+    )
+
+
+def assert_clean(report: FuzzReport) -> None:
+    assert report.crashes == 0 and report.tracebacks == 0, [
+        (data.hex(), what) for data, what in report.examples
+    ]

@@ -5,6 +5,13 @@ Helpers shared by the test modules.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -70,13 +77,6 @@ def backing_disk(path: str) -> str | None:
 
 # -- a real server, for end-to-end tests ---------------------------------------
 
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -121,8 +121,7 @@ class RunningServer:
         result = subprocess.run(
             [str(BIN / "jobcli"), *args],
             env=self.env(identity),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             stdin=subprocess.DEVNULL,
             timeout=timeout,
         )
@@ -230,7 +229,7 @@ def start_server(
     port: int | None = None,
     user: str | None = None,
     wrapper: list[str] | None = None,
-    cgroup_procs: list[str] = (),
+    cgroup_procs: Sequence[str] = (),
 ) -> RunningServer:
     """
     Start a server and wait until it accepts connections (at most

@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNIT = os.path.join(ROOT, "contrib", "systemd", "jobworker.service")
@@ -63,8 +64,9 @@ PROBES = {
 }
 
 
-def _guest_module(path: str):
+def _guest_module(path: str) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location("jobworker_guest", path)
+    assert spec is not None and spec.loader is not None, f"cannot load {path}"
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

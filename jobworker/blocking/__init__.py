@@ -1,6 +1,6 @@
 """
 A blocking client: the sans-IO L{Connection} over a plain socket and the
-standard library's C{ssl} (through memory BIOs, see L{_TLSChannel}).
+standard library's C{ssl} (through memory BIOs, see L{TLSChannel <jobworker.blocking.channel.TLSChannel>}).
 
 This is what C{jobcli} uses: it needs no reactor, so a one-shot command
 (C{jobcli status}) starts in a few tens of milliseconds.  Programs built on

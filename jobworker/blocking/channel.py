@@ -11,7 +11,7 @@ import ssl
 
 __all__ = ["CIPHER_READ", "TLSChannel"]
 
-# The most ciphertext taken from the kernel by one recv (see _TLSChannel).
+# The most ciphertext taken from the kernel by one recv (see TLSChannel).
 CIPHER_READ = 256 << 10
 
 

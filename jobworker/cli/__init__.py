@@ -31,7 +31,8 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from jobworker import __version__
 from jobworker.blocking import BlockingClient, ConnectionFailed, parse_address
@@ -67,7 +68,7 @@ class _Parser(argparse.ArgumentParser):
 
     usage_exit = USAGE_ERROR
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> None:  # type: ignore[override]  # exits, as argparse's does
         self.print_usage(sys.stderr)
         self.exit(self.usage_exit, f"{self.prog}: error: {message}\n")
 
@@ -122,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     json_option(start)
     job_options(start)
     run = commands.add_parser("run", help="start a job, stream its output, exit with its code")
-    run.usage_exit = OWN_ERROR  # type: ignore[attr-defined]
+    run.usage_exit = OWN_ERROR
     run.add_argument("-v", "--verbose", action="store_true", help="print the job's id on stderr first (also when stderr is a terminal)")
     job_options(run)
 
@@ -272,7 +273,8 @@ def _states(text: str) -> list[m.JobState]:
 
 def _keepalive(args: argparse.Namespace) -> float:
     if args.keepalive is not None:
-        return args.keepalive
+        seconds: float = args.keepalive
+        return seconds
     text = os.environ.get("JOBWORKER_KEEPALIVE") or "30"
     try:
         return _seconds(text)
@@ -325,7 +327,7 @@ def _start_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]
         pids=args.pids,
         timeout_ms=args.timeout,
     )
-    for index, item in enumerate([*argv, *(k for k, _ in env), *(v for _, v in env), args.workdir]):
+    for item in [*argv, *(k for k, _ in env), *(v for _, v in env), args.workdir]:
         size = len(item.encode("utf-8", "surrogateescape"))
         if size > MAX_TEXT_BYTES:
             raise UsageError(f"an argument or environment string of {size} bytes is longer than the protocol's {MAX_TEXT_BYTES}")
@@ -624,7 +626,7 @@ def _human_size(value: int) -> str:
     if value < 1024:
         return f"{value} B"
     for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        value /= 1024  # type: ignore[assignment]
+        value /= 1024  # type: ignore[assignment]  # bytes become a float of units
         if value < 1024 or unit == "EiB":
             return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
     raise AssertionError("unreachable")
@@ -845,7 +847,7 @@ def _cmd_stop(cmd: _Command) -> int:
     client = cmd.client
     code = 0
     stopped = []
-    for text, job_id in _each_job(cmd, args.job_ids):
+    for _text, job_id in _each_job(cmd, args.job_ids):
         if job_id is None:
             code = 1
             continue
@@ -874,7 +876,7 @@ def _cmd_kill(cmd: _Command) -> int:
     args = cmd.args
     client = cmd.client
     code = 0
-    for text, job_id in _each_job(cmd, args.job_ids):
+    for _text, job_id in _each_job(cmd, args.job_ids):
         if job_id is None:
             code = 1
             continue
@@ -917,7 +919,7 @@ def _cmd_rm(cmd: _Command) -> int:
     args = cmd.args
     client = cmd.client
     code = 0
-    for text, job_id in _each_job(cmd, args.job_ids):
+    for _text, job_id in _each_job(cmd, args.job_ids):
         if job_id is None:
             code = 1
             continue
@@ -981,7 +983,9 @@ def _cmd_list(cmd: _Command) -> int:
     if args.json:
         cmd.results.extend(_status_json(job) for job in jobs)
         return 0
-    ident = (lambda job: str(job.job_id)) if args.no_trunc else (lambda job: _short(job.job_id))
+    ident: Callable[[m.JobStatus], str] = (
+        (lambda job: str(job.job_id)) if args.no_trunc else (lambda job: _short(job.job_id))
+    )
     if args.quiet:
         for job in jobs:
             cmd.console.out(ident(job))
@@ -1211,10 +1215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # The reader of our output went away (jobcli logs ID | head).
-        try:
-            sys.stdout = None  # type: ignore[assignment]
-        finally:
-            return 141
+        sys.stdout = None
+        return 141
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def _options(parser: argparse.ArgumentParser) -> tuple[list[str], list[str], dic
     The option strings of C{parser}, those of them that take a value, and
     the fixed choices of those that have some.
     """
-    words, valued, choices = [], [], {}
+    words: list[str] = []
+    valued: list[str] = []
+    choices: dict[str, list[str]] = {}
     for action in parser._actions:
         if not action.option_strings:
             continue
@@ -61,7 +63,7 @@ def _bash(parser: argparse.ArgumentParser) -> str:
             for option, values in choices.items()
         )
         positional = [action for action in sub._actions if not action.option_strings and action.choices]
-        positional_words = " ".join(str(choice) for action in positional for choice in action.choices)
+        positional_words = " ".join(str(choice) for action in positional for choice in action.choices or ())
         cases.append(
             f"    {shlex.quote(name)})\n"
             f"      case \"$prev\" in\n{choice_cases}"

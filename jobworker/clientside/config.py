@@ -45,8 +45,9 @@ C{jobcli} about a millisecond of start-up.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any
 
 __all__ = [
     "ClientConfig",
@@ -172,7 +173,7 @@ def load_client_config(path: str | os.PathLike[str] | None = None, environ: Mapp
     return _parse(path, document)
 
 
-def _parse(path: str, document: dict) -> ClientConfig:
+def _parse(path: str, document: dict[str, Any]) -> ClientConfig:
     base = os.path.dirname(os.path.abspath(path))
 
     def fail(message: str) -> ClientConfigError:
@@ -183,7 +184,7 @@ def _parse(path: str, document: dict) -> ClientConfig:
             raise fail(f"{where} must be a non-empty string")
         return value
 
-    def credentials(where: str, table: dict, allowed: set[str]) -> dict[str, str]:
+    def credentials(where: str, table: dict[str, Any], allowed: set[str]) -> dict[str, str]:
         unknown = sorted(set(table) - allowed)
         if unknown:
             raise fail(f"unknown key {where}.{unknown[0]} (known: {', '.join(sorted(allowed))})")
@@ -270,8 +271,9 @@ def resolve_targets(
         chosen = {}
         for item in CREDENTIALS:
             own = getattr(entry, item) if entry is not None else None
-            if flags[item]:
-                chosen[item] = Setting(flags[item], f"--{item}")
+            flag = flags[item]
+            if flag:
+                chosen[item] = Setting(flag, f"--{item}")
             elif environ.get(ENV_NAMES[item]):
                 chosen[item] = Setting(environ[ENV_NAMES[item]], f"${ENV_NAMES[item]}")
             elif own:

@@ -72,7 +72,7 @@ and a collection would copy every page it traverses.  Even so, outer and
 init of a running job hold about 3.3 MiB of memory that no other process
 shares when run from L{compiled_helper}'s bytecode (4.6 MiB from source),
 nearly all of it the Python interpreter's own start-up state
-(C{tests/test_isolate.py} measures it).
+(C{tests/host/test_isolate.py} measures it).
 
 Configuration (argv[1], a JSON object, or "-" to read it from stdin)
 ====================================================================
@@ -175,6 +175,7 @@ import errno
 import gc
 import sys
 
+# isort: split
 # The C modules, not os.py and signal.py: those wrappers import posixpath,
 # stat, _collections_abc and enum, which cost every job milliseconds and
 # memory.
@@ -399,7 +400,7 @@ def _bad_config(reason: str) -> StartError:
     return StartError("setup", errno.EINVAL, f"bad config: {reason}")
 
 
-def _optional_id(raw: dict, key: str) -> int | None:
+def _optional_id(raw: dict[str, object], key: str) -> int | None:
     value = raw.get(key)
     if value is None:
         return None
@@ -408,7 +409,7 @@ def _optional_id(raw: dict, key: str) -> int | None:
     return value
 
 
-def _flag(raw: dict, key: str, default: bool) -> bool:
+def _flag(raw: dict[str, object], key: str, default: bool) -> bool:
     value = raw.get(key, default)
     if not isinstance(value, bool):
         raise _bad_config(f"{key} must be true or false")
@@ -442,7 +443,9 @@ def parse_config(text: str) -> JobConfig:
         from _json import make_scanner
 
         text = text.strip(" \t\n\r")
-        raw, end = make_scanner(_JSONContext())(text, 0)
+        # _json's scanner reads these settings off any object; typeshed
+        # wants a JSONDecoder, which would import json.decoder.
+        raw, end = make_scanner(_JSONContext())(text, 0)  # type: ignore[arg-type]
         if end != len(text):
             raise ValueError(f"extra data at character {end}")
     except Exception:
@@ -476,10 +479,12 @@ def c_call(name: str, *args: int | bytes | None) -> int:
     if _c_library is None:
         import _ctypes
 
-        class CInt(_ctypes._SimpleCData):
+        # typeshed makes _SimpleCData generic; at run time (3.11) it cannot
+        # be subscripted.
+        class CInt(_ctypes._SimpleCData):  # type: ignore[type-arg]
             _type_ = "i"
 
-        class CULong(_ctypes._SimpleCData):
+        class CULong(_ctypes._SimpleCData):  # type: ignore[type-arg]  # as CInt
             _type_ = "L"
 
         class CFunction(_ctypes.CFuncPtr):
@@ -488,12 +493,13 @@ def c_call(name: str, *args: int | bytes | None) -> int:
 
         class Library:
             # dlopen(NULL): the program itself, which links the C library.
-            _handle = _ctypes.dlopen(None, RTLD_NOW)
+            _handle = _ctypes.dlopen(None, RTLD_NOW)  # type: ignore[arg-type]  # NULL is allowed
 
         _c_library = (CFunction, Library, CULong, _ctypes.get_errno)
     function_type, library, ulong, get_errno = _c_library
-    function = function_type((name, library))
-    result = function(*(ulong(a) if isinstance(a, int) else a for a in args))
+    # A (name, object with a _handle) pair, which typeshed does not describe.
+    function = function_type((name, library))  # type: ignore[arg-type]
+    result: int = function(*(ulong(a) if isinstance(a, int) else a for a in args))
     if result == -1:
         code = get_errno()
         raise OSError(code, posix.strerror(code))
@@ -660,7 +666,7 @@ def mount_scratch(size: int) -> None:
         except OSError as e:
             raise StartError.from_os_error("setup", f"mkdir {source}", e) from None
         sources.append(source)
-    for path, source in zip(targets, sources):
+    for path, source in zip(targets, sources, strict=True):
         _mount(source.encode(), path, None, MS_BIND, None, "bind scratch on")
 
 
@@ -948,7 +954,7 @@ def run_direct(config: JobConfig) -> None:
         die_with_parent()
         close_fds(keep=STATUS_FD)
         posix.set_inheritable(STATUS_FD, False)
-        exec_command(config.argv, config.env)
+        exec_command(config.argv, config.env)  # type: ignore[arg-type]  # validated: list[str]
     except StartError as e:
         fail(e)
 
@@ -968,7 +974,7 @@ def run_command(config: JobConfig, exec_pipe: int) -> None:
         new_session()
         prepare_command(config)
         close_fds(keep=exec_pipe)
-        exec_command(config.argv, config.env)
+        exec_command(config.argv, config.env)  # type: ignore[arg-type]  # validated: list[str]
     except StartError as e:
         code = e.exit_code
         _write_all(exec_pipe, e.status_fields().encode("ascii", "backslashreplace"))

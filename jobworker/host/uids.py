@@ -34,8 +34,8 @@ import fcntl
 import grp
 import os
 import pwd
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from jobworker.errors import ErrorCode, RequestError
 
@@ -317,7 +317,7 @@ class UidLocks:
         L{unclaim}, so a claimer that raced us retries on a fresh file
         (see L{claim}).  At most one file per uid of the ranges in use.
         """
-        swept = []
+        swept: list[int] = []
         try:
             names = os.listdir(self.directory)
         except OSError:

@@ -24,11 +24,11 @@ import json
 import os
 import stat
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from jobworker.logs import Logger
-
 from jobworker.protocol.messages import JobStatus
 from jobworker.records import salvage_status, status_to_dict
 
@@ -102,7 +102,7 @@ class JobStore:
         @raise StateDirLocked: another server is using it.
         """
         os.makedirs(self.jobs_dir, mode=0o700, exist_ok=True)
-        self._lock_fd = os.open(os.path.join(self.state_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock_fd: int | None = os.open(os.path.join(self.state_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -111,8 +111,9 @@ class JobStore:
             raise StateDirLocked(f"another jobworker server is using the state directory {self.state_dir}") from None
 
     def close(self) -> None:
-        if getattr(self, "_lock_fd", None) is not None:
-            os.close(self._lock_fd)
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)
             self._lock_fd = None
 
     def spool_path(self, job_id: uuid.UUID) -> str:

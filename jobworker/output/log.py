@@ -55,7 +55,8 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_right
 from collections import deque
-from typing import Callable, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 __all__ = [
     "Chunk",
@@ -459,6 +460,7 @@ class OutputLog:
                     break  # the record goes whole in the next read; see read()
                 want = min(length - skip, limit - taken)
                 data_at = position + RECORD_HEADER_SIZE + skip
+                data: bytes | memoryview
                 if data_at - block_start + want <= len(block):
                     # A view, not a copy: the block is ours alone.
                     data = memoryview(block)[data_at - block_start : data_at - block_start + want]

@@ -36,7 +36,8 @@ import os
 import queue
 import threading
 from collections import deque
-from typing import Callable, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 __all__ = ["FileSpool", "SpoolFailure", "HIGH_WATER", "LOW_WATER"]
 
@@ -62,7 +63,7 @@ class SpoolFailure(NamedTuple):
     error: OSError
 
 
-def _after(pieces: list[bytes | memoryview], skip: int) -> list[bytes | memoryview]:
+def _after(pieces: Sequence[bytes | memoryview], skip: int) -> Sequence[bytes | memoryview]:
     """
     C{pieces} without their first C{skip} bytes (after a short write).
     """
@@ -84,7 +85,7 @@ class _Writer:
     _instance_lock = threading.Lock()
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[FileSpool, int]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[FileSpool, int, int]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="jobworker-spool-writer", daemon=True)
         self._thread.start()
 
@@ -228,10 +229,12 @@ class FileSpool:
             pieces = [self._pending[index] for index in range(count)]
             start = self._written
         size = sum(map(len, pieces))
+        fd = self._fd
+        assert fd is not None, "the close (a count of 0) is queued after every write"
         try:
             written = 0
             while written < size:
-                written += os.pwritev(self._fd, _after(pieces, written), start + written)
+                written += os.pwritev(fd, _after(pieces, written), start + written)
         except OSError as exc:
             self._fail(exc, start)
             return
@@ -261,6 +264,7 @@ class FileSpool:
         it (a partly written record would read as damage), drop what is
         queued, and report.
         """
+        assert self._fd is not None, "only a write fails, and it comes before the close"
         try:
             os.ftruncate(self._fd, position)
         except OSError:
@@ -276,9 +280,9 @@ class FileSpool:
             drained, self._congested_seen = self._congested_seen, False
             self._recovering = False
             failure = self._failure
-        callback = self.on_failed
-        if callback is not None:
-            callback(failure)
+        failed = self.on_failed
+        if failed is not None:
+            failed(failure)
         if drained:
             callback = self.on_drained
             if callback is not None:
@@ -288,7 +292,7 @@ class FileSpool:
         with self._lock:
             written = self._written
             pending = list(self._pending) if position + size > written else []
-        pieces = []
+        pieces: list[bytes | memoryview] = []
         if position < written:
             pieces.append(self._pread_file(position, min(size, written - position)))
         got = sum(map(len, pieces))

@@ -220,7 +220,7 @@ class Connection:
 
     # -- receiving -----------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[m.Message]:
+    def receive_data(self, data: bytes | memoryview) -> list[m.Message]:
         """
         Feed bytes from the peer; return the messages they complete.
 
@@ -228,7 +228,7 @@ class Connection:
             then closed; send L{goaway} and drop the transport.
         """
         self.feed(data)
-        messages = []
+        messages: list[m.Message] = []
         while True:
             message = self.next_message()
             if message is None:
@@ -282,7 +282,7 @@ class Connection:
                 return message
             if kind is not expected:
                 raise ProtocolError(f"expected {expected.__name__} first, got {kind.__name__}")
-            return self._received_hello(message)  # type: ignore[arg-type]
+            return self._received_hello(message)  # type: ignore[arg-type]  # kind is a hello; no narrowing via type()
         if kind in (m.ServerHello, m.ClientHello):
             raise ProtocolError("a second hello")
         if self.role is Role.SERVER and not self.is_open:
@@ -351,8 +351,8 @@ class Connection:
                 raise ProtocolError(f"response to request {request_id}, which is not pending")
             follow = self._pending_follows.pop(request_id, None)
             if follow is not None and isinstance(message, m.OkResponse):
-                stream_id, window = follow
-                self._receive_windows[stream_id] = ReceiveWindow(window)
+                stream_id, credit = follow
+                self._receive_windows[stream_id] = ReceiveWindow(credit)
         elif isinstance(message, (m.Output, m.Gap)):
             window = self._receive_windows.get(message.stream_id)
             if window is None:
@@ -370,7 +370,7 @@ class Connection:
         id raises C{error}: L{ProtocolError} for the peer's, L{ValueError}
         for our own.
         """
-        request_id = message.request_id  # type: ignore[attr-defined]
+        request_id = message.request_id  # type: ignore[attr-defined]  # callers pass requests only
         if request_id in self._pending:
             raise error(f"request id {request_id} reused while pending")
         if isinstance(message, m.FollowRequest):
@@ -399,13 +399,15 @@ class Connection:
         if kind not in self._sends:
             raise ValueError(f"a {self.role.value} does not send {kind.__name__}")
         if kind in (m.ServerHello, m.ClientHello):
-            self._send_hello(message)  # type: ignore[arg-type]
+            self._send_hello(message)  # type: ignore[arg-type]  # kind is a hello; no narrowing via type()
         elif kind is m.GoAway:
             self._state = _State.CLOSED
         elif not self.is_open:
             raise ValueError(f"{kind.__name__} before the hello exchange ended")
         frame = encode_message(message)
         if len(frame) - 4 > self.peer_max_frame_size and kind in (m.StatusResponse, m.EndOfStream):
+            # type: ignore: kind is StatusResponse or EndOfStream, both with a
+            # status; mypy does not narrow message through type(message).
             message = replace(message, status=m.abridge(message.status))  # type: ignore[type-var,attr-defined]
             frame = encode_message(message)
         if len(frame) - 4 > self.peer_max_frame_size and kind not in (m.ServerHello, m.ClientHello):
@@ -441,8 +443,8 @@ class Connection:
                 raise ValueError(f"request {message.request_id} is not pending")
             follow = self._pending_follows.pop(message.request_id, None)
             if follow is not None and isinstance(message, m.OkResponse):
-                stream_id, window = follow
-                self._send_windows[stream_id] = SendWindow(window)
+                stream_id, credit = follow
+                self._send_windows[stream_id] = SendWindow(credit)
         elif isinstance(message, m.Output):
             window = self._send_windows.get(message.stream_id)
             if window is None:

@@ -7,7 +7,8 @@ builds the response; the server supplies the jobs the caller may see.
 from __future__ import annotations
 
 import uuid
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from jobworker.protocol import messages as m
 from jobworker.protocol.wire import status_size

@@ -15,9 +15,10 @@ Conventions shared by every message:
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
-from typing import ClassVar, Iterable
+from typing import ClassVar
 
 from jobworker.limits import Limits
 

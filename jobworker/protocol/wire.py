@@ -28,9 +28,9 @@ from typing import Any
 
 from construct import (
     Adapter,
-    Container,
     Bytes,
     ConstructError,
+    Container,
     Flag,
     GreedyBytes,
     Int8ub,
@@ -297,7 +297,8 @@ def frame_header(length: int, message_type: int) -> bytes:
     """
     The five bytes that open a frame whose type byte plus body are C{length}.
     """
-    return _FRAME_HEADER.build({"length": length, "type": message_type})
+    header: bytes = _FRAME_HEADER.build({"length": length, "type": message_type})
+    return header
 
 
 def encode_message(message: m.Message) -> bytes:
@@ -307,7 +308,7 @@ def encode_message(message: m.Message) -> bytes:
     if type(message) is m.Output:
         return encode_output(message.stream_id, message.fd, message.offset, message.data)
     try:
-        body = _BODIES[type(message)].build(message)
+        body: bytes = _BODIES[type(message)].build(message)
     except (ConstructError, KeyError, UnicodeEncodeError) as exc:
         # Our own caller built an unencodable message: a bug here, not the
         # peer's fault, so it is not a ProtocolError.
@@ -355,7 +356,8 @@ def decode_body(message_type: int, body: bytes | memoryview) -> m.Message:
         raise ProtocolError(f"malformed {cls.__name__} frame: {_first_line(exc)}") from exc
     finally:
         stream.close()
-    return parsed if cls is m.Output else parsed.value
+    decoded: m.Message = parsed if cls is m.Output else parsed.value
+    return decoded
 
 
 def encode_output(stream_id: int, fd: int, offset: int, data: bytes | memoryview) -> bytes:

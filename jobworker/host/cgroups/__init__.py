@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from jobworker.host.cgroups._devices import BlockDevice, throttled_block_devices
 from jobworker.host.cgroups._host import HostCalls

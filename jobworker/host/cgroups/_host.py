@@ -13,11 +13,11 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
-from jobworker.host.cgroups._interface import CgroupError
 from jobworker.errors import ErrorCode, RequestError
+from jobworker.host.cgroups._interface import CgroupError
 
 __all__ = [
     "HostCalls",

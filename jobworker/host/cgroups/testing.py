@@ -29,8 +29,8 @@ import errno
 import os
 import shutil
 import signal
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from jobworker.host.cgroups import CgroupDriver, HostCalls, detect
 from jobworker.host.cgroups._procfs import escape_mount_field
@@ -176,7 +176,7 @@ class FakeCgroupHost:
         A pure cgroup v2 host (systemd's default today): the service in
         C{own}, every ancestor enabling C{controllers} for its children.
         """
-        host = cls(directory, **kwargs)  # type: ignore[arg-type]
+        host = cls(directory, **kwargs)  # type: ignore[arg-type]  # kwargs are the caller's, for cls
         host.mount_v2("", controllers, own=own)
         for name, major, minor in devices:
             host.add_block_device(name, major, minor)
@@ -199,7 +199,7 @@ class FakeCgroupHost:
         default cpu and cpuacct share a hierarchy and the service sits in a
         non-root memory cgroup.
         """
-        host = cls(directory, **kwargs)  # type: ignore[arg-type]
+        host = cls(directory, **kwargs)  # type: ignore[arg-type]  # kwargs are the caller's, for cls
         if v1 is None:
             v1 = {
                 "cpu,cpuacct": "/",
@@ -306,7 +306,7 @@ class FakeCgroupHost:
             root=self.root,
             sys_block=self.sys_block,
             calls=self.calls,
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,  # type: ignore[arg-type]  # the caller's, for detect()
         )
 
     # -- processes ---------------------------------------------------------

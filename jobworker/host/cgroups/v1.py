@@ -53,8 +53,9 @@ forking fast can then take several rounds.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
+from jobworker.errors import ErrorCode, RequestError
 from jobworker.host.cgroups._devices import BlockDevice
 from jobworker.host.cgroups._host import (
     FREEZE_TIMEOUT,
@@ -64,8 +65,8 @@ from jobworker.host.cgroups._host import (
     make_each,
     optional_int,
     optional_keyed,
-    poll,
     pids_below,
+    poll,
     read_text,
     remove_directories,
     remove_empty,
@@ -81,7 +82,6 @@ from jobworker.host.cgroups._interface import (
     usage_fields,
 )
 from jobworker.host.cgroups._limits import cpu_bandwidth
-from jobworker.errors import ErrorCode, RequestError
 from jobworker.limits import Limits
 
 __all__ = ["CgroupV1Driver", "CgroupV1Job", "V1_CONTROLLERS"]

@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
+from jobworker.errors import ErrorCode, RequestError
 from jobworker.host.cgroups._devices import BlockDevice
 from jobworker.host.cgroups._host import (
     FREEZE_TIMEOUT,
@@ -66,9 +67,9 @@ from jobworker.host.cgroups._host import (
     make_each,
     optional_int,
     optional_keyed,
+    pids_below,
     poll,
     read_keyed,
-    pids_below,
     read_pids,
     read_text,
     remove_directories,
@@ -86,7 +87,6 @@ from jobworker.host.cgroups._interface import (
     usage_fields,
 )
 from jobworker.host.cgroups._limits import cpu_bandwidth
-from jobworker.errors import ErrorCode, RequestError
 from jobworker.limits import Limits
 
 __all__ = ["CgroupV2Driver", "CgroupV2Job"]
@@ -135,7 +135,7 @@ class CgroupV2Job:
     def __init__(self, path: str, calls: HostCalls, *, use_cgroup_kill: bool = True) -> None:
         self.path = path
         self.path_description = path
-        self.procs_files = (os.path.join(path, "cgroup.procs"),)
+        self.procs_files: tuple[str, ...] = (os.path.join(path, "cgroup.procs"),)
         self.controller_dirs = {name: path for name in LIMIT_CONTROLLERS + ("freezer",)}
         self._calls = calls
         self._use_cgroup_kill = use_cgroup_kill

@@ -1,0 +1,136 @@
+"""
+Tests for the state directory (L{jobworker.jobs.store}): record writes that are
+checked and never tear a good record, and loading that trusts nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import jobworker.jobs.store
+from jobworker.jobs.store import JobStore
+from jobworker.protocol.messages import JobState, JobStatus
+
+
+@dataclass
+class FakeJob:
+    job_id: uuid.UUID
+    exit_code: int
+    env: tuple = (("A", "b"),)
+    argv: tuple = ("x" * 5000,)  # a record of some KiB
+
+    def status(self) -> JobStatus:
+        return JobStatus(self.job_id, "alice", self.argv, JobState.EXITED, exit_code=self.exit_code)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[JobStore]:
+    opened = JobStore(str(tmp_path))
+    opened.open()
+    yield opened
+    opened.close()
+
+
+def loaded(store: JobStore) -> dict:
+    return {record.status.job_id: record for record in store.load()}
+
+
+def test_short_writes_still_write_the_whole_record(store: JobStore, monkeypatch) -> None:
+    # One unchecked os.write: on a nearly full disk it writes part and
+    # returns, and the rename made a torn record of it.
+    real = os.write
+    monkeypatch.setattr(jobworker.jobs.store.os, "write", lambda fd, data: real(fd, bytes(data[:100])))
+    job = FakeJob(uuid.uuid4(), 3)
+    store.save(job)
+    (record,) = loaded(store).values()
+    assert record.problems == [] and record.status.exit_code == 3
+    assert record.status.argv == job.argv
+
+
+def test_a_failed_write_keeps_the_good_record(store: JobStore, monkeypatch) -> None:
+    job = FakeJob(uuid.uuid4(), 3)
+    store.save(job)
+    real = os.write
+    calls = []
+
+    def filling(fd: int, data) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            return real(fd, bytes(data[:100]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jobworker.jobs.store.os, "write", filling)
+    with pytest.raises(OSError):
+        store.save(FakeJob(job.job_id, 4))
+    assert sorted(os.listdir(store.jobs_dir)) == [f"{job.job_id}.json"]  # no .tmp left
+    assert loaded(store)[job.job_id].status.exit_code == 3
+
+
+def test_a_failed_fsync_keeps_the_good_record(store: JobStore, monkeypatch) -> None:
+    job = FakeJob(uuid.uuid4(), 3)
+    store.save(job)
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(jobworker.jobs.store.os, "fsync", failing)
+    with pytest.raises(OSError):
+        store.save(FakeJob(job.job_id, 4))
+    assert sorted(os.listdir(store.jobs_dir)) == [f"{job.job_id}.json"]
+    monkeypatch.undo()
+    assert loaded(store)[job.job_id].status.exit_code == 3
+
+
+def test_load_removes_temporaries_and_ignores_foreign_files(store: JobStore) -> None:
+    job = FakeJob(uuid.uuid4(), 0)
+    store.save(job)
+    jobs = Path(store.jobs_dir)
+    (jobs / f"{job.job_id}.json.tmp").write_bytes(b"")
+    (jobs / "README").write_text("not ours")
+    assert list(loaded(store)) == [job.job_id]
+    assert not (jobs / f"{job.job_id}.json.tmp").exists()
+    assert (jobs / "README").exists()
+
+
+def test_a_spool_without_a_record_is_a_job(store: JobStore) -> None:
+    orphan = uuid.uuid4()
+    Path(store.jobs_dir, f"{orphan}.out").write_bytes(b"")
+    record = loaded(store)[orphan]
+    assert record.problems == ["the job record is missing"]
+    assert record.status.owner == "" and record.status.state is JobState.LOST
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"", "not JSON"),
+        (b'{"status": ', "not JSON"),
+        (b"[1, 2]", "not an object"),
+        (b'{"env": []}', "status: missing"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON"),  # deep nesting: RecursionError
+    ],
+)
+def test_an_unreadable_record_is_a_damaged_job(store: JobStore, content: bytes, problem: str) -> None:
+    job_id = uuid.uuid4()
+    Path(store.jobs_dir, f"{job_id}.json").write_bytes(content)
+    record = loaded(store)[job_id]
+    assert any(problem in line for line in record.problems), record.problems
+    assert record.status.job_id == job_id
+
+
+def test_a_bad_env_is_a_problem(store: JobStore) -> None:
+    job = FakeJob(uuid.uuid4(), 0)
+    store.save(job)
+    path = Path(store.jobs_dir, f"{job.job_id}.json")
+    data = json.loads(path.read_text())
+    data["env"] = [["A"], 5]
+    path.write_text(json.dumps(data))
+    assert loaded(store)[job.job_id].problems == ["env: not a list of [name, value] pairs"]
