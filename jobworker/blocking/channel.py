@@ -66,7 +66,9 @@ class TLSChannel:
         """
         while True:
             try:
-                return self._tls.read(len(view), view)
+                # Given a buffer, read() returns the count (typeshed knows
+                # only the form that returns bytes).
+                return self._tls.read(len(view), view)  # type: ignore[return-value]
             except ssl.SSLWantReadError:
                 self._flush()
                 self._fill()

@@ -8,7 +8,7 @@ L{BlockingConnection}; and a client for a server the configuration names
 from __future__ import annotations
 
 import uuid
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from jobworker.blocking.connection import BlockingConnection
 from jobworker.clientside.address import parse_address
@@ -55,8 +55,8 @@ class BlockingClient(BlockingConnection):
             C{server} names several servers.
         @raise jobworker.blocking.tls.ClientTLSError: unusable credentials.
         """
-        from jobworker.clientside.config import ClientConfigError, load_client_config, resolve_targets
         from jobworker.blocking.tls import client_ssl_context
+        from jobworker.clientside.config import ClientConfigError, load_client_config, resolve_targets
 
         targets = resolve_targets(load_client_config(config_path), server=server)
         if len(targets) != 1:

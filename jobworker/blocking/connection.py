@@ -11,7 +11,8 @@ import socket
 import ssl
 import time
 from collections import deque
-from typing import Callable, Iterator, Self
+from collections.abc import Callable, Iterator
+from typing import Self
 
 from jobworker.blocking.channel import TLSChannel
 from jobworker.blocking.tls import tls_failure_cause
@@ -153,7 +154,7 @@ class BlockingConnection:
             if hasattr(self._sock, "settimeout"):
                 self._settimeout(self.timeout)
             self._sock.sendall(data)
-        except socket.timeout:
+        except TimeoutError:
             raise ConnectionFailed(f"timed out sending to the server (no progress for {self.timeout:g} s)") from None
         except OSError as exc:
             raise ConnectionFailed(f"connection to the server broke: {exc}") from None
@@ -252,7 +253,7 @@ class BlockingConnection:
                 size = self._sock.recv_into(view[filled:])
             except ssl.SSLError as exc:
                 raise ConnectionFailed(f"the server refused the connection: {tls_failure_cause(exc, self.address[0] if isinstance(self.address, tuple) else 'localhost')}") from None
-            except socket.timeout:
+            except TimeoutError:
                 if self.conn.is_open and self._keepalive is not None:
                     continue  # the keep-alive decides, in _wait_readable
                 raise ConnectionFailed("timed out waiting for the server") from None

@@ -57,8 +57,8 @@ from L{jobworker.tls}).  Everything public is re-exported here.
 from __future__ import annotations
 
 from jobworker.client.connect import DEFAULT_CONNECT_TIMEOUT, connect, connect_configured
-from jobworker.client.follower import Follower, OutputReceiver
 from jobworker.client.errors import ClientConnectionLost
+from jobworker.client.follower import Follower, OutputReceiver
 from jobworker.client.protocol import JobworkerClientProtocol
 from jobworker.protocol.flow import DEFAULT_WINDOW
 

@@ -7,14 +7,14 @@ names, as C{jobcli} would (L{connect_configured}).
 from __future__ import annotations
 
 from os import PathLike
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from jobworker.client.protocol import JobworkerClientProtocol
-from jobworker.clientside.address import parse_address
+from jobworker.clientside.address import UnixAddress, parse_address
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE
 from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL
 
@@ -69,11 +69,13 @@ def connect(
     from jobworker.tls import client_tls_options
 
     if isinstance(endpoint_or_address, (str, tuple)):
-        host, port = (
-            parse_address(endpoint_or_address)
-            if isinstance(endpoint_or_address, str)
-            else endpoint_or_address
-        )
+        address = parse_address(endpoint_or_address) if isinstance(endpoint_or_address, str) else endpoint_or_address
+        if isinstance(address, UnixAddress):
+            raise ValueError(
+                f"{endpoint_or_address!r}: the Twisted client dials TCP; give a UNIX socket as an endpoint"
+                " (UNIXClientEndpoint) with hostname='localhost'"
+            )
+        host, port = address
         endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
         if hostname is None:
             hostname = host
@@ -81,16 +83,17 @@ def connect(
         endpoint = endpoint_or_address
         if hostname is None:
             raise ValueError("hostname is required with an endpoint: the server's certificate must name it")
+    clock = cast("IReactorTime", reactor)
     options = client_tls_options(ca, cert, key, hostname)
     protocol = JobworkerClientProtocol(
-        max_frame_size=max_frame_size, clock=reactor, keepalive_interval=keepalive_interval
+        max_frame_size=max_frame_size, clock=clock, keepalive_interval=keepalive_interval
     )
-    connecting = connectProtocol(wrapClientTLS(options, endpoint), protocol)
+    connecting: defer.Deferred[Any] = connectProtocol(wrapClientTLS(options, endpoint), protocol)
     # While this waits on ready, a cancellation (the timeout's) reaches
     # ready, whose canceller aborts the connection.
     connecting.addCallback(lambda _: protocol.ready)
     connecting.addCallback(lambda _: protocol)
-    connecting.addTimeout(timeout, reactor)
+    connecting.addTimeout(timeout, clock)
     return connecting
 
 

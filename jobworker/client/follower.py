@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from typing import Callable, Protocol as TypingProtocol
+from collections.abc import Callable
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer

@@ -7,7 +7,8 @@ connection; see L{jobworker.client} for the design.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 __all__ = ["JobworkerClientProtocol"]
 
 log = Logger()
+
+# What a start asks for unless told otherwise: no limits of its own (the
+# server applies its defaults and caps).  Limits is frozen, so one is shared.
+_NO_LIMITS = Limits()
 
 
 class JobworkerClientProtocol(Protocol):
@@ -57,6 +62,10 @@ class JobworkerClientProtocol(Protocol):
         it is pinged; the connection ends when nothing comes back within as
         long again.  0 or None: no keep-alive.
     """
+
+    # The TLS transport from connectionMade on, which can also abort;
+    # Twisted's Protocol types it Optional[ITransport].
+    transport: Any
 
     def __init__(
         self,
@@ -104,7 +113,7 @@ class JobworkerClientProtocol(Protocol):
             self._protocol_error(error)
             return
         for message in messages:
-            if self._lost is not None:
+            if self._ended():
                 break  # a callback closed the connection; drop the rest
             self._dispatch(message)
 
@@ -133,7 +142,7 @@ class JobworkerClientProtocol(Protocol):
         workdir: str = "",
         user: str = "",
         network: m.Network = m.Network.NONE,
-        limits: Limits = Limits(),
+        limits: Limits = _NO_LIMITS,
     ) -> defer.Deferred[uuid.UUID]:
         """
         Start a job; fires with its id once it runs (the server reports a
@@ -271,6 +280,11 @@ class JobworkerClientProtocol(Protocol):
         return closed
 
     # -- internals ------------------------------------------------------------------
+
+    def _ended(self) -> bool:
+        # A method, so that the type checker does not take _lost for fixed
+        # across the callbacks that may end the connection.
+        return self._lost is not None
 
     def _check_usable(self) -> None:
         if self._lost is None and not self.conn.is_open:

@@ -44,7 +44,8 @@ the socket decoded.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener
@@ -90,6 +91,11 @@ class ServerProtocol(Protocol, TimeoutMixin):
     One client connection.
     """
 
+    # The TLS transport (a TLSMemoryBIOProtocol) from connectionMade on: it
+    # is an ITransport, an ITLSTransport, a consumer and a producer, and can
+    # abort; Twisted's Protocol types it Optional[ITransport], which names
+    # none of that but write and loseConnection.
+    transport: Any
     identity: Identity | None = None
     # Whether this connection is counted in the factory's totals (see
     # ServerLimits.max_connections and max_connections_per_identity).
@@ -142,7 +148,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self.transport.abortConnection()
             return
         self._counted = True
-        self.setTimeout(self.limits.handshake_timeout_s)
+        self.setTimeout(self.limits.handshake_timeout_s)  # type: ignore[no-untyped-call]  # TimeoutMixin, unannotated
         tune_transport(self.transport)
         self.transport.registerProducer(self.pump, True)
 
@@ -234,7 +240,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             log.info("protocol error from {peer}: {error}", peer=self.peer, error=error.message)
             self.fail(error)
             return
-        waiting = self.conn.frames_waiting and not self._goaway_sent and self.connected
+        waiting = bool(self.conn.frames_waiting and not self._goaway_sent and self.connected)
         if waiting and not budget:
             # Other connections get their turn before the rest of this one's.
             self._inbox_turn = self.reactor.callLater(0, self.serve_inbox)
@@ -253,7 +259,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         The hello exchange is complete: the handshake timer gives way to the
         idle timer and the keep-alive.
         """
-        self.setTimeout(None)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]  # TimeoutMixin, unannotated
         self.timers.start_keepalive()
 
     def _update_idle(self) -> None:
@@ -265,7 +271,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.timers.update_idle(not busy and self.conn.is_open and not self._goaway_sent)
 
     def _stop_timers(self) -> None:
-        self.setTimeout(None)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]  # TimeoutMixin, unannotated
         self.timers.stop()
 
     def fail(self, error: ProtocolError) -> None:
@@ -275,7 +281,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         """
         if self.identity is None:
             # TLS never completed: nothing can be said to this peer.
-            self.setTimeout(None)
+            self.setTimeout(None)  # type: ignore[no-untyped-call]  # TimeoutMixin, unannotated
             self.transport.abortConnection()
             return
         if not self._goaway_sent:

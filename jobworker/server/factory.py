@@ -132,7 +132,7 @@ class ServerFactory(Factory):
         if self._release_call is not None and self._release_call.active():
             self._release_call.cancel()
         self._release_call = None
-        super().doStop()
+        super().doStop()  # type: ignore[no-untyped-call]  # Twisted's, unannotated
 
     # -- accounting (ServerLimits.max_connections and friends) ------------------
 

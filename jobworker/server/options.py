@@ -27,7 +27,7 @@ import os
 import re
 import sys
 import tomllib
-from typing import Sequence
+from collections.abc import Sequence
 
 from twisted.python import usage
 
@@ -170,7 +170,7 @@ class Options(usage.Options):
     repeatable = frozenset({"listen", "hide-path"})
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's usage.Options, unannotated
         self["listen"] = []
         self["hide-paths"] = []
         # Configuration keys read, each with the file it came from, so that
@@ -224,7 +224,7 @@ class Options(usage.Options):
         # What the operator set, as opposed to the built-in defaults.
         self.explicit = frozenset(on_command_line | set(self._from_config))
         try:
-            super().parseOptions(options)
+            super().parseOptions(options)  # type: ignore[no-untyped-call]  # Twisted's, unannotated
         except usage.UsageError as exc:
             for key, path in self._from_config.items():
                 if re.search(rf"--{re.escape(key)}(?![\w-])", str(exc)):

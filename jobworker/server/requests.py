@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import signal
 import uuid
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -209,6 +210,7 @@ def answer(connection: ServerProtocol, message: m.Message) -> None:
         try:
             if failure.check(RequestError):
                 error = failure.value
+                assert isinstance(error, RequestError)
                 audit(connection, operation, job_id, error.code.name.lower())
                 connection.respond(m.ErrorResponse(request_id, int(error.code), error.message))
                 return

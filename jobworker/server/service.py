@@ -163,13 +163,13 @@ class _Listener(StreamServerEndpointService):
     """
 
     def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
-        super().__init__(endpoint, factory)
+        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
         self.description = description
         self._raiseSynchronously = True
 
     def privilegedStartService(self) -> None:
         try:
-            super().privilegedStartService()
+            super().privilegedStartService()  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
         except CannotListenError as exc:
             cause = exc.socketError.strerror if getattr(exc.socketError, "strerror", None) else exc.socketError
             _fail_after_logging_began(f"--listen {self.description}: cannot listen: {cause}")
@@ -178,7 +178,9 @@ class _Listener(StreamServerEndpointService):
         except Exception as exc:
             # systemd: without LISTEN_FDS, for instance.
             _fail_after_logging_began(f"--listen {self.description}: cannot listen: {exc}")
-        self._waitingForPort.addCallback(self._listening)
+        waiting = self._waitingForPort
+        assert waiting is not None, "privilegedStartService has set it"
+        waiting.addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:
         log.info("listening on {endpoint} ({address})", endpoint=self.description, address=str(port.getHost()))
@@ -196,7 +198,7 @@ class JobworkerService(MultiService):
     def __init__(
         self, log_format: str = "text", log_file: str | None = None, rotate_bytes: int = 10 << 20, keep: int = 10
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
         self.log_format = log_format
         self.log_file = log_file
         self.rotate_bytes = rotate_bytes
@@ -209,7 +211,7 @@ class JobworkerService(MultiService):
             from jobworker.logs import json_observer
 
             parent.setComponent(ILogObserver, json_observer(_log_stream(self.log_file, self.rotate_bytes, self.keep)))
-        return super().setServiceParent(parent)
+        return super().setServiceParent(parent)  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
 
 
 def _log_stream(path: str | None, rotate_bytes: int, keep: int) -> Any:
@@ -244,7 +246,7 @@ class LogFileBounds(Service):
         self.bounded: list[Any] = []
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
         from twisted.python.logfile import LogFile
 
         for log_file in _log_files():
@@ -278,7 +280,7 @@ def _log_files() -> list[Any]:
     from twisted.logger import globalLogPublisher
     from twisted.python.logfile import BaseLogFile
 
-    found = []
+    found: list[Any] = []
     for observer in list(getattr(globalLogPublisher, "_observers", ())):
         candidates = [getattr(observer, "_outFile", None)]
         legacy = getattr(getattr(observer, "legacyObserver", None), "__self__", None)
@@ -365,8 +367,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if twistd is not None and not log_file and not twistd.get("nodaemon"):
         log_file = "twistd.log"  # where twistd itself logs when it daemonizes
     top = JobworkerService(options["log-format"], log_file, options["log-rotate-bytes"], options["log-keep"])
-    LogFileBounds(options["log-rotate-bytes"], options["log-keep"]).setServiceParent(top)
-    manager.setServiceParent(top)
+    LogFileBounds(options["log-rotate-bytes"], options["log-keep"]).setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
+    manager.setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
     for description in options["listen"]:
         try:
             endpoint = serverFromString(reactor, description)
@@ -379,5 +381,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             raise StartupError(f"--listen {description}: not an endpoint: {exc!r}") from None
         except (ValueError, TypeError) as exc:
             raise StartupError(f"--listen {description}: not an endpoint: {exc}") from None
-        _Listener(description, endpoint, BulkTLSMemoryBIOFactory(tls, False, factory)).setServiceParent(top)
+        _Listener(description, endpoint, BulkTLSMemoryBIOFactory(tls, False, factory)).setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
     return top

@@ -11,7 +11,8 @@ socket's, a test's L{StringTransport}) is simply left as it is.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.python.failure import Failure
 

@@ -15,14 +15,15 @@ event, waits held by a job, calls left on the clock, failures in the log.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import pytest
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -133,11 +134,11 @@ class FakeManager:
 
 
 class _Given(Factory):
-    def __init__(self, protocol: JobworkerClientProtocol) -> None:
-        self.protocol = protocol
+    def __init__(self, client: JobworkerClientProtocol) -> None:
+        self.client = client
 
     def buildProtocol(self, addr: Any) -> JobworkerClientProtocol:
-        return self.protocol
+        return self.client
 
 
 class Link:
@@ -167,7 +168,7 @@ class Link:
         )
         server_side = server_tls.buildProtocol(iosim.FakeAddress())
         client_side = client_tls.buildProtocol(iosim.FakeAddress())
-        self.server: ServerProtocol = server_side.wrappedProtocol
+        self.server = cast(ServerProtocol, server_side.wrappedProtocol)
         self.io = iosim.connect(
             server_side,
             iosim.FakeTransport(server_side, isServer=True),
@@ -218,9 +219,9 @@ def logged_failures() -> Any:
         if event.get("log_failure") is not None or event.get("log_level") is not None and event["log_level"].name in ("error", "critical"):
             failures.append(event)
 
-    globalLogPublisher.addObserver(observe)
+    globalLogPublisher.addObserver(cast(ILogObserver, observe))
     yield failures
-    globalLogPublisher.removeObserver(observe)
+    globalLogPublisher.removeObserver(cast(ILogObserver, observe))
 
 
 def failure_of(d: defer.Deferred[Any]) -> Failure:
@@ -287,7 +288,7 @@ def test_a_follower_whose_job_is_removed_gets_its_end_and_nothing_leaks(certs: P
     # The connection is still good for other requests.
     listed = link.client.list()
     link.flush()
-    assert tuple(listed.result) == ()
+    assert listed.result == ()
     assert logged_failures == []
 
 
