@@ -52,8 +52,10 @@ from bench.harness.settings import CLIENTS, RESULTS, VENV_BIN, KiB
 
 
 def default_baseline() -> str:
+    # --follow: the file was added as jobworker/uids.py, then moved; the
+    # commit that moved it is not the one to measure against.
     added = subprocess.run(
-        ["git", "log", "--diff-filter=A", "--format=%H", "--", "jobworker/host/uids.py"],
+        ["git", "log", "--follow", "--diff-filter=A", "--format=%H", "--", "jobworker/host/uids.py"],
         cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     if not added:

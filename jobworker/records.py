@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, fields
 from typing import Any
 
+from jobworker.host.contract import EXIT_SETUP_FAILED
 from jobworker.limits import Limits
 from jobworker.protocol.messages import UID_UNKNOWN, JobState, JobStatus, JobUsage, Network
 
@@ -266,4 +267,4 @@ def exit_status(status: JobStatus) -> int:
         return 128 + status.signal
     if status.exit_code >= 0:
         return status.exit_code
-    return 125
+    return EXIT_SETUP_FAILED

@@ -38,13 +38,16 @@ from jobworker import __version__
 from jobworker.blocking import BlockingClient, ConnectionFailed, parse_address
 from jobworker.clientside.config import ClientConfigError, Target, load_client_config, resolve_targets
 from jobworker.errors import ErrorCode, JobworkerError
+from jobworker.host.contract import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED
 from jobworker.limits import LimitError, Limits, format_size, parse_count, parse_cpu, parse_duration, parse_size
 from jobworker.protocol import messages as m
 from jobworker.records import exit_status, status_to_dict
 
 __all__ = ["main"]
 
-OWN_ERROR = 125  # run/wait/logs -f: jobcli itself failed
+# run/wait/logs -f: jobcli itself failed; the code of a job that could not
+# start, as docker run does: in both the command did not run.
+OWN_ERROR = EXIT_SETUP_FAILED
 USAGE_ERROR = 2  # argparse's code, for every command but run
 MAX_TEXT_BYTES = 65535  # one string on the wire (u16 length)
 SHORT_ID = 12  # hex digits of a short id (as docker's)
@@ -1130,9 +1133,9 @@ def _execute(cmd: _Command) -> tuple[int, str | None]:
         if isinstance(exc, JobworkerError) and args.command == "run":
             code = getattr(exc, "code", None)
             if code is ErrorCode.COMMAND_NOT_FOUND:
-                return 127, message
+                return EXIT_NOT_FOUND, message
             if code is ErrorCode.COMMAND_NOT_EXECUTABLE:
-                return 126, message
+                return EXIT_NOT_EXECUTABLE, message
         return _own_error(args), message
     except (ValueError, UnicodeError) as exc:
         # A message the protocol cannot carry (for instance text that is not

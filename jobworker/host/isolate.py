@@ -186,24 +186,71 @@ import posix
 # parent-death signal was armed.
 _PARENT_PID = posix.getppid()
 
-STATUS_FD = 3
+# The contract with the server (configuration keys, status words, exit
+# codes), shared with it.  Run as a program the helper is no part of a
+# package, and -I keeps its own directory off sys.path: the sibling file is
+# found by putting that directory there for this one import.
+if __package__:
+    from jobworker.host.contract import (
+        CONFIG_DEFAULTS,
+        CONFIG_KEYS,
+        EXIT,
+        EXIT_CODES,
+        EXIT_NOT_EXECUTABLE,
+        EXIT_NOT_FOUND,
+        EXIT_SETUP_FAILED,
+        FAILED,
+        FORWARDED_SIGNALS,
+        MAX_STATUS_LINE,
+        NETWORK_HOST,
+        NETWORK_NONE,
+        NOT_EXECUTABLE,
+        NOT_FOUND,
+        SETUP,
+        SIGNAL,
+        STARTED,
+        STATUS_FD,
+    )
+else:
+    sys.path.insert(0, __file__.rpartition("/")[0] or ".")
+    try:
+        from contract import (  # type: ignore[import-not-found,no-redef]
+            CONFIG_DEFAULTS,
+            CONFIG_KEYS,
+            EXIT,
+            EXIT_CODES,
+            EXIT_NOT_EXECUTABLE,
+            EXIT_NOT_FOUND,
+            EXIT_SETUP_FAILED,
+            FAILED,
+            FORWARDED_SIGNALS,
+            MAX_STATUS_LINE,
+            NETWORK_HOST,
+            NETWORK_NONE,
+            NOT_EXECUTABLE,
+            NOT_FOUND,
+            SETUP,
+            SIGNAL,
+            STARTED,
+            STATUS_FD,
+        )
+    finally:
+        del sys.path[0]
 
-EXIT_SETUP_FAILED = 125
-EXIT_NOT_EXECUTABLE = 126
-EXIT_NOT_FOUND = 127
-
-# PIPE_BUF: a longer write to the status pipe could interleave.
-MAX_STATUS_LINE = 4096
-
-# The signals a job can be sent through the helper.
-FORWARDED_SIGNALS = (
-    _signal.SIGTERM,
-    _signal.SIGINT,
-    _signal.SIGHUP,
-    _signal.SIGQUIT,
-    _signal.SIGUSR1,
-    _signal.SIGUSR2,
-)
+__all__ = [
+    "CONFIG_KEYS",
+    "EXIT_NOT_EXECUTABLE",
+    "EXIT_NOT_FOUND",
+    "EXIT_SETUP_FAILED",
+    "FORWARDED_SIGNALS",
+    "MAX_STATUS_LINE",
+    "STATUS_FD",
+    "JobConfig",
+    "StartError",
+    "compiled_helper",
+    "main",
+    "parse_config",
+]
 
 # Python ignores these at start-up; a command expects them at their default.
 _PYTHON_IGNORED_SIGNALS = (_signal.SIGPIPE, _signal.SIGXFSZ)
@@ -298,7 +345,7 @@ class StartError(Exception):
 
     @property
     def exit_code(self) -> int:
-        return _EXIT_CODES[self.kind]
+        return EXIT_CODES[self.kind]
 
     def status_fields(self) -> str:
         """
@@ -308,43 +355,17 @@ class StartError(Exception):
         return f"{self.kind} {self.errno} {message}"
 
 
-# Kinds are plain strings, not an Enum: importing enum would cost every job
-# milliseconds.
-_EXIT_CODES = {
-    "setup": EXIT_SETUP_FAILED,
-    "not_executable": EXIT_NOT_EXECUTABLE,
-    "not_found": EXIT_NOT_FOUND,
-}
-
-
 class JobConfig:
     """
     The validated CONFIG_JSON; see the module docstring for the keys.
     """
 
-    __slots__ = (
-        "argv",
-        "env",
-        "cwd",
-        "uid",
-        "gid",
-        "cgroup_procs",
-        "isolate",
-        "network",
-        "no_new_privs",
-        "session_keyring",
-        "clear_user_keyrings",
-        "scratch_bytes",
-        "private_sys",
-        "read_only_root",
-        "hide",
-        "inaccessible_file",
-    )
+    __slots__ = CONFIG_KEYS
 
     def __init__(self, raw: object) -> None:
         if not isinstance(raw, dict):
             raise _bad_config("not a JSON object")
-        unknown = set(raw) - set(self.__slots__)
+        unknown = set(raw) - set(CONFIG_KEYS)
         if unknown:
             raise _bad_config(f"unknown keys {sorted(unknown)}")
         self.argv = raw.get("argv")
@@ -354,7 +375,7 @@ class JobConfig:
             and all(isinstance(a, str) and "\0" not in a for a in self.argv)
         ):
             raise _bad_config("argv must be a non-empty list of strings")
-        self.env = raw.get("env", {})
+        self.env = raw.get("env", CONFIG_DEFAULTS["env"])
         if not isinstance(self.env, dict) or not all(
             isinstance(k, str)
             and isinstance(v, str)
@@ -364,32 +385,32 @@ class JobConfig:
             for k, v in self.env.items()
         ):
             raise _bad_config("env must map names to strings")
-        self.cwd = raw.get("cwd", "/")
+        self.cwd = raw.get("cwd", CONFIG_DEFAULTS["cwd"])
         if not isinstance(self.cwd, str) or not self.cwd or "\0" in self.cwd:
             raise _bad_config("cwd must be a path")
         self.uid = _optional_id(raw, "uid")
         self.gid = _optional_id(raw, "gid")
-        self.cgroup_procs = raw.get("cgroup_procs", [])
+        self.cgroup_procs = raw.get("cgroup_procs", CONFIG_DEFAULTS["cgroup_procs"])
         if not isinstance(self.cgroup_procs, list) or not all(
             isinstance(p, str) for p in self.cgroup_procs
         ):
             raise _bad_config("cgroup_procs must be a list of paths")
-        self.isolate = _flag(raw, "isolate", True)
-        self.network = raw.get("network", "none")
-        if self.network not in ("none", "host"):
+        self.isolate = _flag(raw, "isolate")
+        self.network = raw.get("network", CONFIG_DEFAULTS["network"])
+        if self.network not in (NETWORK_NONE, NETWORK_HOST):
             raise _bad_config("network must be 'none' or 'host'")
-        self.no_new_privs = _flag(raw, "no_new_privs", True)
-        self.session_keyring = _flag(raw, "session_keyring", True)
-        self.clear_user_keyrings = _flag(raw, "clear_user_keyrings", False)
-        self.scratch_bytes = _optional_id(raw, "scratch_bytes") or 0
-        self.private_sys = _flag(raw, "private_sys", False)
-        self.read_only_root = _flag(raw, "read_only_root", False)
-        self.hide = raw.get("hide", [])
+        self.no_new_privs = _flag(raw, "no_new_privs")
+        self.session_keyring = _flag(raw, "session_keyring")
+        self.clear_user_keyrings = _flag(raw, "clear_user_keyrings")
+        self.scratch_bytes = _optional_id(raw, "scratch_bytes") or CONFIG_DEFAULTS["scratch_bytes"]
+        self.private_sys = _flag(raw, "private_sys")
+        self.read_only_root = _flag(raw, "read_only_root")
+        self.hide = raw.get("hide", CONFIG_DEFAULTS["hide"])
         if not isinstance(self.hide, list) or not all(
             isinstance(p, str) and p.startswith("/") and "\0" not in p for p in self.hide
         ):
             raise _bad_config("hide must be a list of absolute paths")
-        self.inaccessible_file = raw.get("inaccessible_file")
+        self.inaccessible_file = raw.get("inaccessible_file", CONFIG_DEFAULTS["inaccessible_file"])
         if self.inaccessible_file is not None and not (
             isinstance(self.inaccessible_file, str) and self.inaccessible_file.startswith("/")
         ):
@@ -397,7 +418,7 @@ class JobConfig:
 
 
 def _bad_config(reason: str) -> StartError:
-    return StartError("setup", errno.EINVAL, f"bad config: {reason}")
+    return StartError(SETUP, errno.EINVAL, f"bad config: {reason}")
 
 
 def _optional_id(raw: dict[str, object], key: str) -> int | None:
@@ -409,8 +430,8 @@ def _optional_id(raw: dict[str, object], key: str) -> int | None:
     return value
 
 
-def _flag(raw: dict[str, object], key: str, default: bool) -> bool:
-    value = raw.get(key, default)
+def _flag(raw: dict[str, object], key: str) -> bool:
+    value = raw.get(key, CONFIG_DEFAULTS[key])
     if not isinstance(value, bool):
         raise _bad_config(f"{key} must be true or false")
     return value
@@ -527,7 +548,7 @@ def die_with_parent(check_parent: bool = True) -> None:
     try:
         prctl(PR_SET_PDEATHSIG, _signal.SIGKILL)
     except OSError as e:
-        raise StartError.from_os_error("setup", "prctl PDEATHSIG", e) from None
+        raise StartError.from_os_error(SETUP, "prctl PDEATHSIG", e) from None
     if check_parent and posix.getppid() != _PARENT_PID:
         posix._exit(EXIT_SETUP_FAILED)
 
@@ -542,7 +563,7 @@ def new_session() -> None:
     except OSError as e:
         # Already a session leader: the spawner did it for us.
         if posix.getsid(0) != posix.getpid():
-            raise StartError.from_os_error("setup", "setsid", e) from None
+            raise StartError.from_os_error(SETUP, "setsid", e) from None
 
 
 def report(line: str) -> None:
@@ -572,7 +593,7 @@ def join_cgroups(procs_files: list[str]) -> None:
             finally:
                 posix.close(fd)
         except OSError as e:
-            raise StartError.from_os_error("setup", f"cgroup join {path}", e) from None
+            raise StartError.from_os_error(SETUP, f"cgroup join {path}", e) from None
 
 
 def unshare(network: str) -> None:
@@ -584,12 +605,12 @@ def unshare(network: str) -> None:
     private to the job and frees them when it ends (systemd's C{RemoveIPC=}).
     """
     flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID
-    if network == "none":
+    if network == NETWORK_NONE:
         flags |= CLONE_NEWNET
     try:
         c_call("unshare", flags)
     except OSError as e:
-        raise StartError.from_os_error("setup", "unshare", e) from None
+        raise StartError.from_os_error(SETUP, "unshare", e) from None
 
 
 def make_mounts_private() -> None:
@@ -600,14 +621,14 @@ def make_mounts_private() -> None:
     try:
         c_call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)
     except OSError as e:
-        raise StartError.from_os_error("setup", "make / private", e) from None
+        raise StartError.from_os_error(SETUP, "make / private", e) from None
 
 
 def _mount(source: bytes | None, target: str, fstype: bytes | None, flags: int, data: bytes | None, what: str) -> None:
     try:
         c_call("mount", source, target.encode(), fstype, flags, data)
     except OSError as e:
-        raise StartError.from_os_error("setup", f"{what} {target}", e) from None
+        raise StartError.from_os_error(SETUP, f"{what} {target}", e) from None
 
 
 def _is_directory(path: str) -> bool | None:
@@ -619,7 +640,7 @@ def _is_directory(path: str) -> bool | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise StartError.from_os_error("setup", f"stat {path}", e) from None
+        raise StartError.from_os_error(SETUP, f"stat {path}", e) from None
     return (mode & 0o170000) == 0o040000
 
 
@@ -635,7 +656,7 @@ def make_root_read_only() -> None:
     try:
         c_call("syscall", SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, attr, SIZEOF_MOUNT_ATTR)
     except OSError as e:
-        raise StartError.from_os_error("setup", "make / read-only (mount_setattr)", e) from None
+        raise StartError.from_os_error(SETUP, "make / read-only (mount_setattr)", e) from None
 
 
 def mount_scratch(size: int) -> None:
@@ -664,7 +685,7 @@ def mount_scratch(size: int) -> None:
             # neighbours away.
             posix.chmod(source, 0o1777)
         except OSError as e:
-            raise StartError.from_os_error("setup", f"mkdir {source}", e) from None
+            raise StartError.from_os_error(SETUP, f"mkdir {source}", e) from None
         sources.append(source)
     for path, source in zip(targets, sources, strict=True):
         _mount(source.encode(), path, None, MS_BIND, None, "bind scratch on")
@@ -690,7 +711,7 @@ def hide_paths(paths: list[str], inaccessible_file: str | None) -> None:
     for path, is_directory in kinds:
         if is_directory is False:
             if inaccessible_file is None:
-                raise StartError("setup", errno.EINVAL, "bad config: no inaccessible_file to hide files with")
+                raise StartError(SETUP, errno.EINVAL, "bad config: no inaccessible_file to hide files with")
             _mount(inaccessible_file.encode(), path, None, MS_BIND, None, "hide")
             _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None, "hide")
     for path, is_directory in kinds:
@@ -710,11 +731,11 @@ def _check_inaccessible_file(path: str | None) -> None:
     try:
         info = posix.stat(path, follow_symlinks=False)
         if (info.st_mode & 0o170000) != 0o100000 or info.st_uid != 0 or info.st_size != 0:
-            raise StartError("setup", errno.EINVAL, f"{path} is not an empty regular file of root's")
+            raise StartError(SETUP, errno.EINVAL, f"{path} is not an empty regular file of root's")
         if info.st_mode & 0o7777:
             posix.chmod(path, 0)
     except OSError as e:
-        raise StartError.from_os_error("setup", f"inaccessible file {path}", e) from None
+        raise StartError.from_os_error(SETUP, f"inaccessible file {path}", e) from None
 
 
 def mount_proc() -> None:
@@ -727,7 +748,7 @@ def mount_proc() -> None:
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
         c_call("mount", b"proc", b"/proc", b"proc", flags, None)
     except OSError as e:
-        raise StartError.from_os_error("setup", "mount /proc", e) from None
+        raise StartError.from_os_error(SETUP, "mount /proc", e) from None
 
 
 def bring_up_loopback() -> None:
@@ -751,7 +772,7 @@ def bring_up_loopback() -> None:
         request[flags] = up.to_bytes(2, sys.byteorder)
         fcntl.ioctl(fd, SIOCSIFFLAGS, request, True)
     except OSError as e:
-        raise StartError.from_os_error("setup", "bring up lo", e) from None
+        raise StartError.from_os_error(SETUP, "bring up lo", e) from None
     finally:
         if fd >= 0:
             posix.close(fd)
@@ -770,7 +791,7 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
         if uid is not None:
             posix.setuid(uid)
     except OSError as e:
-        raise StartError.from_os_error("setup", f"set user {uid}:{gid}", e) from None
+        raise StartError.from_os_error(SETUP, f"set user {uid}:{gid}", e) from None
 
 
 def keyctl(operation: int, *args: int | bytes | None) -> int:
@@ -807,7 +828,7 @@ def join_new_session_keyring() -> bool:
     except OSError as e:
         if e.errno in _NO_KEYRINGS:
             return False
-        raise StartError.from_os_error("setup", "new session keyring", e) from None
+        raise StartError.from_os_error(SETUP, "new session keyring", e) from None
     return True
 
 
@@ -840,12 +861,12 @@ def clear_user_keyrings() -> None:
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, *_NO_KEYRINGS, *_UNREACHABLE_KEYRING):
             return  # no persistent keyrings here, or none this job can reach
-        raise StartError.from_os_error("setup", "persistent keyring", e) from None
+        raise StartError.from_os_error(SETUP, "persistent keyring", e) from None
     if _clear_keyring(persistent, "persistent keyring"):
         try:
             keyctl(KEYCTL_UNLINK, persistent, KEY_SPEC_SESSION_KEYRING)
         except OSError as e:
-            raise StartError.from_os_error("setup", "unlink persistent keyring", e) from None
+            raise StartError.from_os_error(SETUP, "unlink persistent keyring", e) from None
 
 
 def _clear_keyring(ring: int, what: str) -> bool:
@@ -858,7 +879,7 @@ def _clear_keyring(ring: int, what: str) -> bool:
         if e.errno in _NO_KEYRINGS:
             return False
         if e.errno not in _UNREACHABLE_KEYRING:
-            raise StartError.from_os_error("setup", f"clear {what}", e) from None
+            raise StartError.from_os_error(SETUP, f"clear {what}", e) from None
     return True
 
 
@@ -875,11 +896,11 @@ def prepare_command(config: JobConfig) -> None:
         try:
             prctl(PR_SET_NO_NEW_PRIVS, 1)
         except OSError as e:
-            raise StartError.from_os_error("setup", "prctl NO_NEW_PRIVS", e) from None
+            raise StartError.from_os_error(SETUP, "prctl NO_NEW_PRIVS", e) from None
     try:
         posix.chdir(config.cwd)
     except OSError as e:
-        raise StartError.from_os_error("setup", f"chdir {config.cwd}", e) from None
+        raise StartError.from_os_error(SETUP, f"chdir {config.cwd}", e) from None
     # Handlers are reset by execve() but ignored dispositions and the
     # signal mask are inherited.
     for signum in FORWARDED_SIGNALS + _PYTHON_IGNORED_SIGNALS:
@@ -898,7 +919,7 @@ def close_fds(keep: int) -> None:
     try:
         names = posix.listdir("/proc/self/fd")
     except OSError as e:
-        raise StartError.from_os_error("setup", "list /proc/self/fd", e) from None
+        raise StartError.from_os_error(SETUP, "list /proc/self/fd", e) from None
     for name in names:
         fd = int(name)
         if fd > 2 and fd != keep:
@@ -936,12 +957,12 @@ def exec_command(argv: list[str], env: dict[str, str]) -> None:
                 denied = e
             else:
                 raise StartError.from_os_error(
-                    "not_executable", f"exec {name}", e
+                    NOT_EXECUTABLE, f"exec {name}", e
                 ) from None
     if denied is not None:
-        raise StartError.from_os_error("not_executable", f"exec {name}", denied)
+        raise StartError.from_os_error(NOT_EXECUTABLE, f"exec {name}", denied)
     assert missing is not None
-    raise StartError.from_os_error("not_found", f"exec {name}", missing)
+    raise StartError.from_os_error(NOT_FOUND, f"exec {name}", missing)
 
 
 def run_direct(config: JobConfig) -> None:
@@ -960,7 +981,7 @@ def run_direct(config: JobConfig) -> None:
 
 
 def fail(error: StartError) -> None:
-    report(f"failed {error.status_fields()}")
+    report(f"{FAILED} {error.status_fields()}")
     posix._exit(error.exit_code)
 
 
@@ -1045,23 +1066,23 @@ def run_init(config: JobConfig) -> None:
         failure = _read_all(read_end)
         posix.close(read_end)
         if failure:
-            report(f"failed {failure.decode('ascii', 'replace')}")
+            report(f"{FAILED} {failure.decode('ascii', 'replace')}")
         else:
-            report("started")
+            report(STARTED)
         status = _reap_until(command)
         _forward_target = 0
         if not failure:
             if posix.WIFSIGNALED(status):
-                report(f"signal {posix.WTERMSIG(status)}")
+                report(f"{SIGNAL} {posix.WTERMSIG(status)}")
             else:
-                report(f"exit {posix.waitstatus_to_exitcode(status)}")
+                report(f"{EXIT} {posix.waitstatus_to_exitcode(status)}")
         code = _exit_code(status)
         _kill_namespace()
     except StartError as e:
-        report(f"failed {e.status_fields()}")
+        report(f"{FAILED} {e.status_fields()}")
         code = e.exit_code
     except BaseException as e:
-        report(f"failed setup 0 internal error: {e!r}")
+        report(f"{FAILED} {SETUP} 0 internal error: {e!r}")
     finally:
         posix._exit(code)
 
@@ -1127,7 +1148,7 @@ def run_outer(config: JobConfig) -> None:
     hide_paths(config.hide, config.inaccessible_file)
     if config.scratch_bytes:
         mount_scratch(config.scratch_bytes)
-    if config.network == "none":
+    if config.network == NETWORK_NONE:
         bring_up_loopback()
         if config.private_sys:
             mount_sys()
@@ -1136,7 +1157,7 @@ def run_outer(config: JobConfig) -> None:
     try:
         init = posix.fork()
     except OSError as e:
-        raise StartError.from_os_error("setup", "fork", e) from None
+        raise StartError.from_os_error(SETUP, "fork", e) from None
     if init == 0:
         run_init(config)
     posix.close(STATUS_FD)
@@ -1166,8 +1187,9 @@ def compiled_helper(directory: str | None = None) -> str:
     C{importlib} and C{py_compile}, which the helper must not).
 
     The bytecode goes into C{directory}, else into the module's
-    C{__pycache__}.  Where it cannot be written, the source's path is
-    returned: it does the same, only slower.
+    C{__pycache__}, next to that of the contract (C{contract.pyc}), which
+    the helper imports as its sibling.  Where either cannot be written, the
+    source's path is returned: it does the same, only slower.
     """
     import importlib.util
     import os
@@ -1177,7 +1199,9 @@ def compiled_helper(directory: str | None = None) -> str:
         target = importlib.util.cache_from_source(__file__)
     else:
         target = os.path.join(directory, "isolate.pyc")
+    contract_source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "contract.py")
     try:
+        py_compile.compile(contract_source, cfile=os.path.join(os.path.dirname(target), "contract.pyc"), doraise=True)
         py_compile.compile(__file__, cfile=target, doraise=True)
     except OSError:
         return __file__
@@ -1233,7 +1257,7 @@ def main(argv: list[str]) -> None:
     except StartError as e:
         fail(e)
     except BaseException as e:
-        report(f"failed setup 0 internal error: {e!r}")
+        report(f"{FAILED} {SETUP} 0 internal error: {e!r}")
     posix._exit(EXIT_SETUP_FAILED)
 
 

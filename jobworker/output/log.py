@@ -500,6 +500,13 @@ class OutputLog:
         except ValueError:
             pass
 
+    def wake_listeners(self) -> None:
+        """
+        Call every listener now, though no output came: the job changed in
+        a way its readers must look at (it was removed).
+        """
+        self._notify()
+
     def _notify(self) -> None:
         for callback in list(self._listeners):
             callback()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import ClassVar
 
+from jobworker.host.contract import FORWARDED_SIGNALS
 from jobworker.limits import Limits
 
 __all__ = [
@@ -317,9 +318,10 @@ class StopRequest(Message):
 
 # The signals a SignalRequest may send (spec section 6.1): those a job's
 # isolation helper catches and forwards to the command's process group
-# (jobworker.isolate), so each reaches the command and never the helper.
-# SIGKILL is a stop with force (StopRequest), SIGSTOP cannot be caught.
-SIGNALS_SENT = frozenset({1, 2, 3, 10, 12, 15})  # HUP INT QUIT USR1 USR2 TERM
+# (jobworker.host.contract), so each reaches the command and never the
+# helper: HUP INT QUIT USR1 USR2 TERM, {1, 2, 3, 10, 12, 15}.  SIGKILL is a
+# stop with force (StopRequest), SIGSTOP cannot be caught.
+SIGNALS_SENT = frozenset(FORWARDED_SIGNALS)
 
 
 @dataclass(frozen=True)

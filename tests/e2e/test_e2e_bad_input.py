@@ -28,7 +28,7 @@ import pytest
 from jobworker.blocking import BlockingClient, ConnectionFailed
 from jobworker.blocking.tls import client_ssl_context
 from jobworker.errors import ErrorCode, RequestError
-from jobworker.jobs.manager import MAX_ARGV_BYTES, MAX_ARGV_ITEMS, MAX_ENV_BYTES, MAX_ENV_ITEMS
+from jobworker.jobs.admission import MAX_ARGV_BYTES, MAX_ARGV_ITEMS, MAX_ENV_BYTES, MAX_ENV_ITEMS
 from jobworker.pki import make_ca, make_client_cert
 from jobworker.protocol import messages as m
 from tests.support import BIN, start_server

@@ -846,6 +846,29 @@ def test_helper_imports_little() -> None:
     assert imported & HEAVY_MODULES == set()
 
 
+def test_compiled_helper_brings_its_contract(tmp_path: Path) -> None:
+    """
+    The bytecode runs from a directory of its own (the state dir), with the
+    package nowhere on its path: the contract's bytecode lies beside it.
+    """
+    helper = isolate.compiled_helper(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["contract.pyc", "isolate.pyc"]
+    read_end, write_end = os.pipe()
+    run = subprocess.run(
+        [PYTHON, "-I", "-S", helper, json.dumps({"argv": ["/no/such/command"], "isolate": False})],
+        preexec_fn=lambda: os.dup2(write_end, isolate.STATUS_FD),
+        close_fds=False,
+        capture_output=True,
+        cwd="/",
+        timeout=30,
+    )
+    os.close(write_end)
+    status = os.read(read_end, 4096).decode()
+    os.close(read_end)
+    assert run.returncode == isolate.EXIT_NOT_FOUND, run.stderr
+    assert status.startswith("failed not_found ")
+
+
 def test_compiled_helper_runs_jobs(tmp_path: Path) -> None:
     helper = isolate.compiled_helper(str(tmp_path))
     assert helper.endswith(".pyc")

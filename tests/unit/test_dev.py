@@ -69,3 +69,11 @@ def test_changed_metadata_reinstalls_keeping_the_extras(dev):
     setup.write_text(setup.read_text() + "\n# changed\n")
     dev.ensure_venv("")
     assert dev.installs == [[".[test]"], [".[test]"]]
+
+
+def test_lint_installs_its_extras_and_the_tests_at_once_and_test_reuses_them(dev):
+    dev.ensure_venv("lint,test")  # python3 dev.py lint
+    dev.ensure_venv("test")
+    dev.ensure_venv("")
+    dev.ensure_venv("lint,test")
+    assert dev.installs == [[".[lint,test]"]]

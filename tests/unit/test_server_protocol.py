@@ -584,15 +584,15 @@ BAD_FIELDS = [
 
 @pytest.mark.parametrize("fields", BAD_FIELDS, ids=repr)
 def test_every_string_rule_of_a_start_is_a_bad_request(fields: dict[str, Any]) -> None:
-    from jobworker.jobs.manager import JobManager
+    from jobworker.jobs.admission import check_request
 
     request = m.StartRequest(1, **{"argv": ("true",), **fields})
     with pytest.raises(RequestError) as refused:
-        JobManager._check_request(request)
+        check_request(request)
     assert refused.value.code is ErrorCode.BAD_REQUEST
 
 
 def test_a_start_within_the_rules_passes_the_check() -> None:
-    from jobworker.jobs.manager import JobManager
+    from jobworker.jobs.admission import check_request
 
-    JobManager._check_request(m.StartRequest(1, ("echo", "ünïcode"), (("A", "b=c"),), "/tmp", "nobody"))
+    check_request(m.StartRequest(1, ("echo", "ünïcode"), (("A", "b=c"),), "/tmp", "nobody"))

@@ -1,0 +1,80 @@
+"""
+How a job ended, decided from what its helper and its cgroup said: pure, no
+reactor, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobworker.errors import ErrorCode
+from jobworker.host import contract
+from jobworker.protocol.messages import JobState
+
+__all__ = ["Fate", "decide_fate"]
+
+# The answer to the start request of a job whose command never ran.
+_START_ERRORS = {
+    contract.NOT_FOUND: ErrorCode.COMMAND_NOT_FOUND,
+    contract.NOT_EXECUTABLE: ErrorCode.COMMAND_NOT_EXECUTABLE,
+}
+
+
+@dataclass(frozen=True)
+class Fate:
+    """
+    A job's final state, exit code (-1: none), signal (0: none) and error
+    text (C{""}: none); C{start_error} is the code its start request fails
+    with when the command never ran (state FAILED), else None.
+    """
+
+    state: JobState
+    exit_code: int = -1
+    signal: int = 0
+    error: str = ""
+    start_error: ErrorCode | None = None
+
+
+def decide_fate(
+    *,
+    helper_exit: tuple[int | None, int | None],
+    final_line: tuple[str, int] | None,
+    start_failure: tuple[str, str] | None,
+    started: bool,
+    oom: bool,
+    stop_reason: JobState | None,
+    timeout_ms: int,
+) -> Fate:
+    """
+    @param helper_exit: the helper's own exit code and signal (None: none).
+    @param final_line: the helper's C{exit}/C{signal} status line, as
+        (word, number): an isolated command's own end.
+    @param start_failure: the helper's C{failed} line, as (kind, message).
+    @param started: the command was known to run.
+    @param oom: the cgroup's OOM killer struck.
+    @param stop_reason: the state a stop asked for (STOPPED, TIMEOUT), if any.
+    @param timeout_ms: the job's timeout, for the error text.
+
+    In order: a command that never ran FAILED (with 127, 126 or 125); then
+    OOM; then the stop's reason; then SIGNALED or EXITED.
+    """
+    exit_code, signum = helper_exit
+    if final_line is not None:
+        word, number = final_line
+        exit_code, signum = (number, None) if word == contract.EXIT else (None, number)
+    if start_failure is not None or not started:
+        kind, message = start_failure or (contract.SETUP, "the helper ended before the command started")
+        return Fate(
+            JobState.FAILED,
+            exit_code=contract.EXIT_CODES.get(kind, contract.EXIT_SETUP_FAILED),
+            error=message,
+            start_error=_START_ERRORS.get(kind, ErrorCode.START_FAILED),
+        )
+    code = -1 if signum or exit_code is None else exit_code
+    signal = signum or 0
+    if oom:
+        return Fate(JobState.OOM, code, signal, "killed by the OOM killer at the memory limit")
+    if stop_reason is not None:
+        error = f"ran past its timeout of {timeout_ms / 1000:g} s" if stop_reason is JobState.TIMEOUT else ""
+        return Fate(stop_reason, code, signal, error)
+    return Fate(JobState.SIGNALED if signum else JobState.EXITED, code, signal)

@@ -1,0 +1,374 @@
+"""
+The job manager's Twisted glue without root, processes or a real reactor:
+a fake process reactor plays the isolation helper (its status lines, its
+output, its end) and L{MemoryReactorClock} is the clock, as Twisted's
+procmon tests do (C{twisted/runner/test/test_procmon.py}).
+
+What is real: the job manager, its jobs, the state directory, the output
+pipes (a fake helper writes into the very pipes a real one would inherit).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+from jobworker.errors import ErrorCode, RequestError
+from jobworker.jobs.job import EOF_GRACE_S, Job
+from jobworker.jobs.manager import JobManager, JobManagerConfig
+from jobworker.limits import Limits
+from jobworker.policy import Identity, Role
+from jobworker.protocol.messages import JobState, StartRequest
+
+ADMIN = Identity("admin", Role.ADMIN)
+GRACE_S = 5.0
+
+
+class FakeHelper:
+    """
+    The helper process of one job (the process transport the server gets),
+    played by the test: it holds the write
+    ends of the job's output pipes as the real helper would, and records
+    its configuration and the signals the server sends it.
+    """
+
+    def __init__(self, protocol: Any, args: list[str], child_fds: dict[int, Any]) -> None:
+        self.protocol = protocol
+        self.args = args
+        self.pid = 0x7FFF_0000 + id(self) % 0xFFFF  # never signalled for real (isolated jobs)
+        self.config = bytearray()
+        self.stdin_closed = False
+        self.signals: list[int] = []
+        self.ended = False
+        self.outputs = {fd: os.dup(child_fds[fd]) for fd in (1, 2)}
+
+    # -- the transport the server uses -----------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.config += data
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def signalProcess(self, signum: str | int) -> None:
+        if self.ended:
+            raise ProcessExitedAlready()
+        assert isinstance(signum, int), signum
+        self.signals.append(signum)
+
+    # -- what the test makes the helper do ---------------------------------------
+
+    def say(self, line: str) -> None:
+        self.protocol.childDataReceived(3, line.encode() + b"\n")
+
+    def close_status(self) -> None:
+        self.protocol.childConnectionLost(3)
+
+    def output(self, fd: int, data: bytes) -> None:
+        os.write(self.outputs[fd], data)
+
+    def close_output(self) -> None:
+        for fd in self.outputs.values():
+            os.close(fd)
+        self.outputs.clear()
+
+    def end(self, code: int | None = 0, signum: int | None = None) -> None:
+        self.ended = True
+        if code == 0 and signum is None:
+            self.protocol.processEnded(Failure(ProcessDone(0)))
+        else:
+            self.protocol.processEnded(Failure(ProcessTerminated(exitCode=code, signal=signum)))
+
+
+class FakeProcessReactor(MemoryReactorClock):
+    """
+    A memory reactor with a clock whose spawnProcess starts a L{FakeHelper};
+    L{read_pipes} is one turn of the reactor for the job's output pipes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.helpers: list[FakeHelper] = []
+
+    def spawnProcess(self, processProtocol: Any, executable: Any, args: Any = (), env: Any = None, path: Any = None,
+                     uid: Any = None, gid: Any = None, usePTY: bool = False, childFDs: Any = None) -> FakeHelper:
+        helper = FakeHelper(processProtocol, list(args), childFDs)
+        processProtocol.makeConnection(helper)
+        self.helpers.append(helper)
+        return helper
+
+    def callFromThread(self, callable: Any, *args: Any, **kwargs: Any) -> None:
+        self.callLater(0, callable, *args, **kwargs)
+
+    def read_pipes(self) -> None:
+        for reader in list(self.readers):
+            if reader not in self.readers:
+                continue
+            why = reader.doRead()
+            if why is not None:
+                reader.connectionLost(Failure(why))
+
+
+class Setup:
+    def __init__(self, tmp_path: Path) -> None:
+        self.reactor = FakeProcessReactor()
+        config = JobManagerConfig(state_dir=str(tmp_path / "state"), isolate=True, default_grace_s=GRACE_S)
+        self.manager = JobManager(self.reactor, config)
+        self.manager.startService()
+
+    def start(self, *argv: str, limits: Limits | None = None) -> tuple[defer.Deferred[Job], FakeHelper]:
+        started = self.manager.start(ADMIN, StartRequest(1, argv or ("sleep", "100"), limits=limits or Limits()))
+        return started, self.reactor.helpers[-1]
+
+    def running(self, **kwargs: Any) -> tuple[Job, FakeHelper]:
+        started, helper = self.start(**kwargs)
+        helper.say("started")
+        return result_of(started), helper
+
+    def finish(self, helper: FakeHelper, code: int | None = 0, signum: int | None = None) -> None:
+        helper.close_status()
+        helper.close_output()
+        self.reactor.read_pipes()
+        helper.end(code, signum)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    made = Setup(tmp_path)
+    yield made
+    for helper in made.reactor.helpers:
+        if helper.outputs:
+            helper.close_output()
+    for reader in list(made.reactor.readers):
+        reader.connectionLost(Failure(Exception("test over")))
+    made.manager.store.close()
+
+
+def result_of(deferred: defer.Deferred[Any]) -> Any:
+    results: list[Any] = []
+    deferred.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def failure_of(deferred: defer.Deferred[Any]) -> Failure:
+    results: list[Any] = []
+    deferred.addBoth(results.append)
+    assert results and isinstance(results[0], Failure), results
+    return results[0]
+
+
+def output_of(job: Job) -> bytes:
+    return b"".join(bytes(chunk.data) for chunk in job.output.read(0, 1 << 20))
+
+
+# -- the helper's start -------------------------------------------------------------
+
+
+def test_the_helper_gets_its_configuration_on_stdin(setup: Setup) -> None:
+    started, helper = setup.start("echo", "hi")
+    config = json.loads(helper.config)
+    assert config["argv"] == ["echo", "hi"] and config["isolate"] is True
+    assert helper.stdin_closed and helper.args[-1] == "-"
+    assert not started.called  # nothing said yet
+    helper.say("started")
+    job = result_of(started)
+    assert job.state is JobState.RUNNING
+
+
+# -- stop: TERM, the grace period on the clock, KILL --------------------------------------
+
+
+def test_stop_sends_term_then_kill_when_the_grace_period_is_over(setup: Setup) -> None:
+    job, helper = setup.running()
+    job.stop("alice", GRACE_S)
+    assert helper.signals == [signal.SIGTERM]
+    setup.reactor.advance(GRACE_S - 0.01)
+    assert helper.signals == [signal.SIGTERM]
+    setup.reactor.advance(0.01)
+    assert helper.signals == [signal.SIGTERM, signal.SIGKILL]
+    setup.finish(helper, code=None, signum=signal.SIGKILL)
+    assert job.state is JobState.STOPPED and job.stopped_by == "alice"
+    assert setup.reactor.getDelayedCalls() == []
+
+
+def test_a_job_that_ends_within_the_grace_period_is_not_killed(setup: Setup) -> None:
+    job, helper = setup.running()
+    job.stop("alice", GRACE_S)
+    setup.reactor.advance(1)
+    helper.say(f"signal {signal.SIGTERM}")
+    setup.finish(helper, code=128 + signal.SIGTERM)
+    setup.reactor.advance(GRACE_S * 2)
+    assert helper.signals == [signal.SIGTERM]
+    assert job.state is JobState.STOPPED and job.signal == signal.SIGTERM
+
+
+def test_a_second_stop_shortens_the_grace_period_never_lengthens_it(setup: Setup) -> None:
+    job, helper = setup.running()
+    job.stop("alice", GRACE_S)
+    job.stop("bob", 60)
+    setup.reactor.advance(GRACE_S)
+    assert helper.signals[-1] == signal.SIGKILL
+    job2, helper2 = setup.running()
+    job2.stop("alice", GRACE_S)
+    job2.stop("bob", 1)
+    setup.reactor.advance(1)
+    assert helper2.signals[-1] == signal.SIGKILL
+    assert job2.stopped_by == "alice"  # the first stop's
+
+
+def test_a_forced_stop_kills_at_once(setup: Setup) -> None:
+    job, helper = setup.running()
+    job.stop("alice", 0)
+    assert helper.signals == [signal.SIGKILL]
+
+
+# -- a helper that dies early -----------------------------------------------------------
+
+
+def test_a_helper_that_dies_before_its_status_line_fails_the_start(setup: Setup) -> None:
+    # Reaped before its status pipe's EOF came: the command never ran.
+    started, helper = setup.start()
+    helper.end(1)
+    helper.close_status()
+    helper.close_output()
+    setup.reactor.read_pipes()
+    failure = failure_of(started)
+    assert failure.check(RequestError)
+    assert failure.value.code is ErrorCode.START_FAILED
+    [job] = setup.manager.jobs.values()
+    assert job.state is JobState.FAILED
+    assert job.exit_code == 125
+    assert job.error == "the helper ended before the command started"
+
+
+def test_a_failed_line_answers_with_its_kind(setup: Setup) -> None:
+    started, helper = setup.start("no-such-command")
+    helper.say(f"failed not_found {errno.ENOENT} exec no-such-command: No such file or directory")
+    setup.finish(helper, code=127)
+    failure = failure_of(started)
+    assert failure.value.code is ErrorCode.COMMAND_NOT_FOUND
+    [job] = setup.manager.jobs.values()
+    assert (job.state, job.exit_code) == (JobState.FAILED, 127)
+    assert job.error == "exec no-such-command: No such file or directory"
+
+
+def test_a_helper_killed_after_its_status_line_ended_the_job_by_that_signal(setup: Setup) -> None:
+    # Started, then gone with no exit line: the helper itself was killed.
+    job, helper = setup.running()
+    setup.finish(helper, code=None, signum=signal.SIGKILL)
+    assert job.state is JobState.SIGNALED
+    assert (job.exit_code, job.signal) == (-1, signal.SIGKILL)
+    assert job.when_ended().called
+
+
+def test_the_exit_line_beats_the_helpers_own_status(setup: Setup) -> None:
+    # An isolated command's exit code 137 is not a SIGKILL of the command.
+    job, helper = setup.running()
+    helper.say("exit 137")
+    setup.finish(helper, code=137)
+    assert job.state is JobState.EXITED
+    assert (job.exit_code, job.signal) == (137, 0)
+
+
+def test_a_status_line_out_of_turn_is_ignored(setup: Setup) -> None:
+    job, helper = setup.running()
+    helper.say("failed setup 0 too late")  # the contract: failed or started, never both
+    helper.say("started")
+    setup.finish(helper, code=0)
+    assert job.state is JobState.EXITED and job.error == ""
+
+
+# -- output after the helper ended ----------------------------------------------------------
+
+
+def test_output_after_the_helper_ended_is_read_until_eof(setup: Setup) -> None:
+    job, helper = setup.running()
+    helper.output(1, b"early\n")
+    setup.reactor.read_pipes()
+    helper.close_status()
+    helper.end(0)  # a background process of the job still holds the pipes
+    assert not job.is_final
+    helper.output(2, b"late\n")
+    setup.reactor.read_pipes()
+    assert output_of(job) == b"early\nlate\n"
+    helper.close_output()
+    setup.reactor.read_pipes()
+    assert job.state is JobState.EXITED
+    assert setup.reactor.getDelayedCalls() == []  # the EOF grace timer is gone
+
+
+def test_pipes_held_open_are_closed_after_the_eof_grace(setup: Setup) -> None:
+    job, helper = setup.running()
+    helper.close_status()
+    helper.end(0)
+    setup.reactor.advance(EOF_GRACE_S - 0.01)
+    helper.output(1, b"still here\n")
+    setup.reactor.read_pipes()
+    assert not job.is_final
+    setup.reactor.advance(0.01)
+    assert job.state is JobState.EXITED
+    assert output_of(job) == b"still here\n"
+    assert not setup.reactor.readers
+
+
+# -- timeout --------------------------------------------------------------------------------------
+
+
+def test_a_job_past_its_timeout_is_stopped_as_timed_out(setup: Setup) -> None:
+    job, helper = setup.running(limits=Limits(timeout_ms=3000))
+    setup.reactor.advance(2.99)
+    assert helper.signals == []
+    setup.reactor.advance(0.01)
+    assert helper.signals == [signal.SIGTERM]
+    assert job.stopped_by == "timeout"
+    setup.reactor.advance(GRACE_S)
+    assert helper.signals == [signal.SIGTERM, signal.SIGKILL]
+    setup.finish(helper, code=None, signum=signal.SIGKILL)
+    assert job.state is JobState.TIMEOUT
+    assert job.error == "ran past its timeout of 3 s"
+
+
+def test_the_timeout_counts_from_the_start_not_the_request(setup: Setup) -> None:
+    started, helper = setup.start(limits=Limits(timeout_ms=3000))
+    setup.reactor.advance(10)  # the helper is slow to start the command
+    helper.say("started")
+    job = result_of(started)
+    setup.reactor.advance(2.99)
+    assert helper.signals == []
+    setup.reactor.advance(0.01)
+    assert helper.signals == [signal.SIGTERM]
+    assert job.state is JobState.RUNNING
+
+
+def test_a_job_that_ends_before_its_timeout_leaves_no_timer(setup: Setup) -> None:
+    job, helper = setup.running(limits=Limits(timeout_ms=3000))
+    setup.finish(helper, code=0)
+    assert job.state is JobState.EXITED
+    assert setup.reactor.getDelayedCalls() == []
+
+
+def test_a_job_stopped_while_starting_still_starts_and_ends_stopped(setup: Setup) -> None:
+    started, helper = setup.start()
+    [job] = setup.manager.jobs.values()
+    job.stop("alice", GRACE_S)
+    assert helper.signals == [signal.SIGTERM]
+    helper.say("started")
+    assert result_of(started) is job
+    helper.say(f"signal {signal.SIGTERM}")
+    setup.finish(helper, code=128 + signal.SIGTERM)
+    assert job.state is JobState.STOPPED and job.stopped_by == "alice"
+    assert setup.reactor.getDelayedCalls() == []
