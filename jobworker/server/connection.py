@@ -61,16 +61,16 @@ from jobworker.policy import Identity, Role
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role as WireRole
 from jobworker.server.requests import answer, fallback, minimal_status
-from jobworker.server.streams import Stream, StreamPump, send_turn
+from jobworker.server.streams import TURN_BYTES, TURN_SCRATCH, Stream, StreamPump, send_turn, turn_scratch
 from jobworker.server.timers import ConnectionTimers
 from jobworker.server.transport import WRITE_BUFFER, tls_reason, tune_transport
-from jobworker.tls import drop_traceback, peer_names
+from jobworker.tls import BulkTLSMemoryBIOProtocol, drop_traceback, peer_names
 
 if TYPE_CHECKING:
     from jobworker.jobs.manager import JobManager
     from jobworker.server.factory import ServerFactory
 
-__all__ = ["ServerProtocol", "ABORT_GRACE_S", "INBOX_TURN", "MAX_ERROR_MESSAGE", "WRITE_BUFFER"]
+__all__ = ["ServerProtocol", "ABORT_GRACE_S", "INBOX_TURN", "MAX_ERROR_MESSAGE", "TURN_BYTES", "WRITE_BUFFER"]
 
 log = Logger()
 
@@ -427,10 +427,32 @@ class ServerProtocol(Protocol, TimeoutMixin):
         much progress it made (data bytes sent, at least 1 when only a gap
         went out), and end the stream when it is done.
         """
-        sent, end = send_turn(self.conn, stream, self.transport.write)
+        sent, end = send_turn(self.conn, stream, self._write_turn)
         if end is not None:
             self.end_stream(stream, end)
         return sent
+
+    def _write_turn(self, pieces: list[bytes | memoryview]) -> None:
+        """
+        Hand one turn's frames to the TLS layer as one write.
+
+        Our TLS layer (L{BulkTLSMemoryBIOProtocol}) encrypts a write before
+        it returns and copies whatever it must keep, so the frames are
+        joined into a buffer reused turn after turn (L{turn_scratch}), not
+        into a new quarter-MiB object each turn.  Any other transport (an
+        in-memory one in tests) keeps what it is given: it gets bytes.
+        """
+        size = sum(map(len, pieces))
+        scratch = turn_scratch() if size <= TURN_SCRATCH and isinstance(self.transport, BulkTLSMemoryBIOProtocol) else None
+        if scratch is None:
+            self.transport.write(b"".join(pieces))
+            return
+        position = 0
+        for piece in pieces:
+            end = position + len(piece)
+            scratch[position:end] = piece
+            position = end
+        self.transport.write(memoryview(scratch)[:size])
 
     def end_stream(self, stream: Stream, reason: m.EndReason) -> None:
         """

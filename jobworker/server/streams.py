@@ -20,6 +20,7 @@ ending a stream.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -31,7 +32,17 @@ from jobworker.output.log import GAP_FD
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection
 
-__all__ = ["FRAME_DATA", "PUMP_BUDGET", "TURN_BYTES", "Stream", "StreamOwner", "StreamPump", "send_turn"]
+__all__ = [
+    "FRAME_DATA",
+    "PUMP_BUDGET",
+    "TURN_BYTES",
+    "TURN_SCRATCH",
+    "Stream",
+    "StreamOwner",
+    "StreamPump",
+    "send_turn",
+    "turn_scratch",
+]
 
 log = Logger()
 
@@ -44,6 +55,21 @@ TURN_BYTES = 256 << 10
 FRAME_DATA = 64 << 10
 # Bytes the pump sends before yielding the reactor to other work.
 PUMP_BUDGET = 8 << 20
+# A turn's frames: TURN_BYTES of data and the heads of its frames and gaps
+# (a few hundred bytes); one buffer per reactor thread, for every connection.
+TURN_SCRATCH = TURN_BYTES + (64 << 10)
+_scratch = threading.local()
+
+
+def turn_scratch() -> bytearray:
+    """
+    The buffer a turn's frames are joined into (L{TURN_SCRATCH} bytes), one
+    per thread, reused turn after turn.
+    """
+    buffer: bytearray | None = getattr(_scratch, "turn", None)
+    if buffer is None:
+        buffer = _scratch.turn = bytearray(TURN_SCRATCH)
+    return buffer
 
 
 class Stream:
@@ -64,10 +90,13 @@ class Stream:
         self.subscription = subscription
 
 
-def send_turn(conn: Connection, stream: Stream, write: Callable[[bytes], None]) -> tuple[int, m.EndReason | None]:
+def send_turn(
+    conn: Connection, stream: Stream, write_turn: Callable[[list[bytes | memoryview]], None]
+) -> tuple[int, m.EndReason | None]:
     """
     Send what one turn allows on C{stream}: at most L{TURN_BYTES} and the
-    stream's window, in frames of at most L{FRAME_DATA} data bytes.
+    stream's window, in frames of at most L{FRAME_DATA} data bytes, handed
+    to C{write_turn} as one list of pieces (one write).
 
     @return: the progress made (data bytes sent, at least 1 when only a gap
         went out) and why the stream ends now, if it does (its job ended and
@@ -97,7 +126,7 @@ def send_turn(conn: Connection, stream: Stream, write: Callable[[bytes], None]) 
                     pieces.append(piece)
                 sent += len(data)
             stream.offset = chunk.offset + chunk.size
-        write(b"".join(pieces))
+        write_turn(pieces)
         return max(sent, 1), None
     if stream.offset >= output.end:
         if output.closed and job.is_final:
