@@ -12,9 +12,10 @@ C{make_*} function writes a PEM certificate C{<name>.pem} and its
 unencrypted private key C{<name>.key}; key files are created with mode 0600
 and any existing file of the same name is replaced.  Certificates made
 elsewhere (for instance by an organisation's own RSA CA, with the C{openssl}
-command) work with the service just as well: L{read_credentials}, which
-L{jobworker.tls} also uses, takes any key type, and raises
-L{CredentialError} naming the file when one cannot be used.
+command) work with the service just as well: L{read_credentials} (from
+L{jobworker.credentials}, which L{jobworker.tls} uses as well; re-exported
+here) takes any key type, and raises L{CredentialError} naming the file
+when one cannot be used.
 
 Command line::
 
@@ -58,17 +59,15 @@ import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import (
-    CertificateIssuerPrivateKeyTypes,
-)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker import __version__
+from jobworker.credentials import CredentialError, read_certificates, read_credentials
 
 __all__ = [
     "ROLES",
@@ -82,9 +81,6 @@ __all__ = [
     "sign_csr",
     "main",
 ]
-
-# A file name as the caller has it.
-StrPath = str | os.PathLike[str]
 
 # The spellings accepted by make_client_cert(extended_key_usage=...), named
 # as in RFC 5280 and in openssl's extendedKeyUsage configuration.
@@ -109,64 +105,6 @@ _DEV_CLIENTS = (
     ("bob", "user"),
     ("viewer", "viewer"),
 )
-
-
-class CredentialError(ValueError):
-    """
-    A certificate or key file cannot be read, or does not hold what it
-    should; the message names the file.
-    """
-
-
-def read_certificates(path: StrPath) -> list[x509.Certificate]:
-    """
-    Read every certificate in a PEM file, in file order: a CA bundle, or a
-    certificate followed by the intermediates that chain it to its CA.
-
-    @raise CredentialError: the file cannot be read or holds no PEM
-        certificate.
-    """
-    path = Path(path)
-    try:
-        return x509.load_pem_x509_certificates(path.read_bytes())
-    except OSError as e:
-        raise CredentialError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError:
-        raise CredentialError(f"{path} holds no PEM certificate") from None
-
-
-def read_credentials(
-    cert_path: StrPath, key_path: StrPath
-) -> tuple[list[x509.Certificate], CertificateIssuerPrivateKeyTypes]:
-    """
-    Read a certificate (with any intermediates after it) and its private key,
-    as made by this module or by any other tool (an RSA key from C{openssl}
-    does as well as our ECDSA ones).
-
-    @return: the certificates, the one the key belongs to first, and the key.
-    @raise CredentialError: a file cannot be read or is not PEM of the right
-        kind, the key is encrypted or cannot sign, or the key does not belong
-        to the first certificate.
-    """
-    cert_path, key_path = Path(cert_path), Path(key_path)
-    chain = read_certificates(cert_path)
-    try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except OSError as e:
-        raise CredentialError(f"cannot read {key_path}: {e.strerror}") from None
-    except (ValueError, TypeError) as e:
-        # cryptography raises TypeError for an encrypted key read without a
-        # password; the service has no way to ask for one.
-        raise CredentialError(
-            f"{key_path} holds no unencrypted PEM private key ({e})"
-        ) from None
-    # A Union works with isinstance at run time (3.10+); mypy takes only
-    # classes, hence the ignore and the cast below.
-    if not isinstance(key, CertificateIssuerPrivateKeyTypes):  # type: ignore[arg-type]
-        raise CredentialError(f"{key_path}: a {type(key).__name__} cannot sign")
-    if key.public_key() != chain[0].public_key():
-        raise CredentialError(f"{key_path} is not the private key of {cert_path}")
-    return chain, cast(CertificateIssuerPrivateKeyTypes, key)
 
 
 def make_ca(

@@ -14,7 +14,7 @@ C{run}, C{wait} and C{logs -f} wait as long as the job runs, however
 quiet it is (like C{ssh} and C{docker logs -f}); a server that vanished is
 noticed by keep-alive within twice C{--keepalive} seconds (default 30).
 
-Which server and credentials are used: L{jobworker.clientconfig}
+Which server and credentials are used: L{jobworker.clientside.config}
 (C{--server}, the environment, C{~/.config/jobworker/config.toml});
 C{jobcli config} shows the choice and why.
 
@@ -40,7 +40,7 @@ from typing import Any
 
 from jobworker import __version__
 from jobworker.blocking import BlockingClient, ConnectionFailed, parse_address
-from jobworker.clientconfig import ClientConfigError, Target, load_client_config, resolve_targets
+from jobworker.clientside.config import ClientConfigError, Target, load_client_config, resolve_targets
 from jobworker.errors import ErrorCode, JobworkerError
 from jobworker.host.contract import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED
 from jobworker.jobnames import NameError_, check_label_filter, check_labels, check_name
@@ -432,7 +432,7 @@ def _targets(args: argparse.Namespace) -> list[Target]:
 
 
 def _connect(args: argparse.Namespace, target: Target) -> BlockingClient:
-    from jobworker.clienttls import ClientTLSError, client_ssl_context
+    from jobworker.blocking.tls import ClientTLSError, client_ssl_context
 
     try:
         address = parse_address(target.address.value)
@@ -1386,7 +1386,7 @@ def _certificate_identity(path: str) -> dict[str, Any] | None:
 
 def _cmd_config(cmd: _Command) -> int:
     target = cmd.target
-    from jobworker.clientconfig import config_path
+    from jobworker.clientside.config import config_path
 
     path = config_path()
     found = os.path.isfile(path)
