@@ -16,6 +16,9 @@ run.  The checks:
   - The pure core and the host adapters import no Twisted (nor zope,
     pyOpenSSL, service_identity), anywhere; the core also touches no
     I/O module (sockets, processes, files, threads, the clock).
+  - The pure modules above the core (L{PURE_MODULES}: admission, the life
+    cycle, the output log...) import no Twisted and no I/O module, and
+    from jobworker only the core and each other.
   - C{jobworker.cli} and C{jobworker.blocking} load none of Twisted,
     pyOpenSSL, cryptography, zope or service_identity when they are
     imported (the transitive closure of their module-level imports):
@@ -53,6 +56,9 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
     ("core", {
         "jobworker": "the version (__version__), nothing else",
         "jobworker.errors": "error codes and the exceptions that carry them",
+        # Pure (quoting, a rate limit on a clock passed in), so core rather
+        # than glue: the server's glue and tls use it, it uses nothing.
+        "jobworker.audit": "the audit line of a request: quoting of client strings, the rate limit",
         # Placed by what it is, not by its directory: the helper contract
         # imports nothing at all (checked below), and it must sit beside
         # host/isolate.py because the helper, run as `python -I -S
@@ -80,7 +86,6 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
     }),
     ("glue", {
         "jobworker.logs": "twisted.logger set-up and the structured log",
-        "jobworker.audit": "the audit line of a request and its rate limit",
         "jobworker.credentials": "reading certificates and keys from files",
     }),
     ("glue", {
@@ -123,6 +128,18 @@ IO_MODULES = frozenset({
     "os", "posix", "socket", "ssl", "select", "selectors", "subprocess", "threading", "asyncio",
     "pathlib", "shutil", "tempfile", "signal", "time", "fcntl", "multiprocessing", "logging",
 })
+
+# Modules above the core that are pure all the same (their docstrings say
+# so, and their tests need no reactor): they import no Twisted and no I/O
+# module, and from jobworker only the core and each other.
+PURE_MODULES: dict[str, str] = {
+    "jobworker.jobs.admission": "admit(): everything about a start request before any host call",
+    "jobworker.jobs.spec": "a job as admitted (JobSpec)",
+    "jobworker.jobs.lifecycle": "a job's life cycle as a transition table",
+    "jobworker.jobs.fate": "how a job ended, from what its helper and its cgroup said",
+    "jobworker.output.log": "a job's output in memory, with absolute offsets and cursors",
+    "jobworker.host.cgroups._procfs": "the parsers of /proc/self/cgroup and /proc/self/mountinfo",
+}
 
 # What jobcli (jobworker.cli) and the blocking client must not load when
 # imported: each costs tens of milliseconds of start-up.
@@ -307,6 +324,26 @@ def forbidden_imports(
     )
 
 
+def impure_imports(
+    modules: dict[str, Module], layers: list[tuple[str, dict[str, str]]], pure: Iterable[str]
+) -> list[str]:
+    """What the pure modules import that a pure module may not."""
+    table = tiers(layers)
+    pure = set(pure)
+    problems = []
+    for found in all_imports(modules):
+        if found.importer not in pure:
+            continue
+        library = top(found.target)
+        if library in TWISTED_WORLD or library in IO_MODULES:
+            problems.append(f"{found.importer} (line {found.line}) imports {found.target}")
+        elif library == "jobworker" and found.target not in pure:
+            unit = unit_of(found.target, table)
+            if unit is None or table[unit][1] != "core":
+                problems.append(f"{found.importer} (line {found.line}) imports {found.target}, neither core nor pure")
+    return sorted(problems)
+
+
 def loaded_at_import(modules: dict[str, Module], start: str) -> dict[str, str]:
     """
     Every module that importing start loads (its module-level imports,
@@ -471,6 +508,11 @@ def test_the_helper_contract_imports_nothing(modules: dict[str, Module]) -> None
     assert found == {("__future__", "annotations")}
 
 
+def test_pure_modules_above_the_core_stay_pure(modules: dict[str, Module]) -> None:
+    assert set(PURE_MODULES) <= set(modules)
+    assert impure_imports(modules, LAYERS, PURE_MODULES) == []
+
+
 @pytest.mark.parametrize("front_end", LIGHT_FRONT_ENDS)
 def test_light_front_ends_load_no_twisted(modules: dict[str, Module], front_end: str) -> None:
     loaded = loaded_at_import(modules, front_end)
@@ -560,6 +602,21 @@ def test_twisted_in_the_core_fails(tmp_path: Path) -> None:
     ]
     assert forbidden_imports(modules, SMALL_LAYERS, "host", TWISTED_WORLD) == [
         "jobworker.host.uids (line 2) imports zope.interface"
+    ]
+
+
+def test_an_impure_import_of_a_pure_module_fails(tmp_path: Path) -> None:
+    modules = small_tree(tmp_path, {
+        "jobworker/host/cgroups/_procfs.py": "import re\nfrom jobworker.protocol import wire\n",
+        "jobworker/server/__init__.py": "",
+        "jobworker/server/spec.py": "import os\nfrom jobworker.host.cgroups import _procfs\nfrom jobworker.host import cgroups\n",
+    })
+    (tmp_path / "jobworker/server.py").unlink()
+    modules = read_tree(tmp_path)
+    pure = ["jobworker.server.spec", "jobworker.host.cgroups._procfs"]
+    assert impure_imports(modules, SMALL_LAYERS, pure) == [
+        "jobworker.server.spec (line 1) imports os",
+        "jobworker.server.spec (line 3) imports jobworker.host.cgroups, neither core nor pure",
     ]
 
 
