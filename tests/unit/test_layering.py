@@ -38,6 +38,7 @@ they are seen to fail.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -531,6 +532,39 @@ def test_no_private_attribute_is_used_across_modules(modules: dict[str, Module])
 
 def test_foreign_privates_are_still_used(modules: dict[str, Module]) -> None:
     assert unused(FOREIGN_PRIVATES, modules) == []
+
+
+def layer_map() -> str:
+    """The Layer map section of CONTRIBUTING.md."""
+    text = (REPO / "CONTRIBUTING.md").read_text()
+    return text[text.index("## Layer map"):text.index("\n## ", text.index("## Layer map") + 1)]
+
+
+def test_the_layer_map_names_every_module(modules: dict[str, Module]) -> None:
+    """CONTRIBUTING.md's Layer map has a line for each module (a package's line may name its modules)."""
+    section = layer_map()
+    missing = []
+    for module in modules.values():
+        relative = module.path.relative_to(REPO / "jobworker").as_posix()
+        package = module.path.parent.relative_to(REPO / "jobworker").as_posix() + "/"
+        if f"`{relative}`" in section:
+            continue
+        if module.is_package and (relative == "__init__.py" or f"`{package}" in section):
+            continue
+        if f"`{package}" in section and f"`{module.path.name}`" in section:
+            continue
+        missing.append(relative)
+    assert missing == []
+
+
+def test_the_layer_map_names_no_missing_file() -> None:
+    named = re.findall(r"`([\w/]+(?:\.py|/))`", layer_map())
+    files = [path.relative_to(REPO).as_posix() for path in REPO.glob("jobworker/**/*.py")]
+    files += [path.relative_to(REPO).as_posix() + "/" for path in REPO.glob("jobworker/**/") if path != REPO / "jobworker"]
+    outside = [name for name in named if (REPO / name).exists()]  # twisted/plugins/..., tests/ and the like
+    gone = [name for name in named if name not in outside and not any(f.endswith("/" + name) for f in files)]
+    assert gone == []
+    assert len(named) > 40  # the pattern finds the map's entries at all
 
 
 # -- the checkers fail on a bad tree ------------------------------------------------------
