@@ -27,8 +27,15 @@ run.  The checks:
     package (C{host/cgroups/_host} by C{host/cgroups/v1}); a private name
     (C{_name}) defined in one module is used by no other, neither as
     C{from X import _name} nor as C{something._name}.
+    A C{something._name} is judged by name, not by type (this is C{ast},
+    not a type checker): it is a reach across modules when the module
+    using it does not define C{_name} itself and another jobworker module
+    does.  Two modules that both define a C{_state} can still reach into
+    each other's unseen; a shared name like that is worth a rename.
   - Private names of other projects (Twisted's internals, argparse's) are
     used only where L{FOREIGN_PRIVATES} says so, with the reason.
+  - C{CONTRIBUTING.md}'s Layer map names every module, and no file that
+    is gone.
 
 The checkers are plain functions over a source tree, and the last tests
 run them on a small made-up tree with one bad import of each kind, so that
