@@ -13,6 +13,9 @@ run.  The checks:
     C{if TYPE_CHECKING:} and inside functions count too: a lazy import is
     still a dependency.  L{UPWARD_IMPORTS} lists the exceptions, each
     with its reason (none today).
+  - Inside the packages of L{INNER_ORDER} (protocol, jobs, server, both
+    clients) run-time imports point down the package's own order, the one
+    its docstring gives.
   - The pure core and the host adapters import no Twisted (nor zope,
     pyOpenSSL, service_identity), anywhere; the core also touches no
     I/O module (sockets, processes, files, threads, the clock).
@@ -118,6 +121,24 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
         "jobworker.testing": "an in-memory server and client for tests of code that uses the client",
     }),
 ]
+
+# Inside a package too, imports point down (bottom-up tiers of its modules;
+# peers import nothing of each other).  The package's __init__ sits above
+# them all (it re-exports).  Imports under TYPE_CHECKING are exempt here:
+# they only name a type for an annotation (timers naming its ServerFactory)
+# and never run.  A new module of one of these packages must be placed.
+INNER_ORDER: dict[str, list[list[str]]] = {
+    "jobworker.protocol": [["messages", "flow", "keepalive"], ["wire"], ["framing", "listing"], ["connection"]],
+    "jobworker.jobs": [
+        ["spec", "lifecycle", "fate", "config", "store"], ["admission", "pipes"], ["helper"], ["job"],
+        ["persistence"], ["manager"],
+    ],
+    "jobworker.server": [
+        ["transport", "streams", "options"], ["timers"], ["requests"], ["connection"], ["factory"], ["service"],
+    ],
+    "jobworker.client": [["errors", "follower"], ["protocol"], ["connect"]],
+    "jobworker.blocking": [["channel", "tls"], ["connection"], ["client"]],
+}
 
 # (importing module, imported module): why this import may point upwards or
 # sideways.  Keep it empty: fix the import rather than list it.
@@ -253,8 +274,17 @@ def imports_of(module: Module, modules: dict[str, Module]) -> Iterator[Import]:
     return walk(module.tree, True, False)
 
 
+_imports_read: list[tuple[dict[str, Module], list[Import]]] = []
+
+
 def all_imports(modules: dict[str, Module]) -> list[Import]:
-    return [found for module in modules.values() for found in imports_of(module, modules)]
+    """Every import of every module (read once per tree: the checks share it)."""
+    for tree, found in _imports_read:
+        if tree is modules:
+            return found
+    found = [item for module in modules.values() for item in imports_of(module, modules)]
+    _imports_read[:] = [(modules, found)]
+    return found
 
 
 def top(name: str) -> str:
@@ -318,6 +348,23 @@ def upward_imports(
             f"({source}: {table[source][1]} tier {table[source][0]}; {target}: {table[target][1]} tier {table[target][0]})"
         )
     return sorted(problems)
+
+
+def inner_upward_imports(modules: dict[str, Module], orders: dict[str, list[list[str]]]) -> list[str]:
+    """Run-time imports inside one of the packages of orders that do not point to a lower tier."""
+    problems = []
+    for package, order in orders.items():
+        tier = {f"{package}.{name}": index for index, names in enumerate(order) for name in names}
+        unplaced = [name for name in modules if name.startswith(package + ".") and name not in tier]
+        problems += [f"{name} is not in INNER_ORDER[{package!r}]" for name in unplaced]
+        problems += [f"INNER_ORDER[{package!r}] names {name}, which is gone" for name in tier if name not in modules]
+        for found in all_imports(modules):
+            if found.importer not in tier or found.target not in tier or found.type_checking:
+                continue
+            if tier[found.target] >= tier[found.importer]:
+                how = "a peer" if tier[found.target] == tier[found.importer] else "above it"
+                problems.append(f"{found.importer} (line {found.line}) imports {found.target}, {how} in {package}")
+    return sorted(set(problems))
 
 
 def forbidden_imports(
@@ -489,6 +536,10 @@ def test_imports_point_downwards(modules: dict[str, Module]) -> None:
     assert upward_imports(modules, LAYERS, UPWARD_IMPORTS) == []
 
 
+def test_imports_inside_packages_point_downwards(modules: dict[str, Module]) -> None:
+    assert inner_upward_imports(modules, INNER_ORDER) == []
+
+
 def test_upward_exceptions_are_still_needed(modules: dict[str, Module]) -> None:
     needed = {
         (found.importer, found.target) for found in all_imports(modules)
@@ -630,6 +681,20 @@ def test_a_sideways_import_fails(tmp_path: Path) -> None:
     assert upward_imports(modules, SMALL_LAYERS, {}) == [
         "jobworker.client (line 2) imports jobworker.cli (main), a peer "
         "(jobworker.client: front tier 3; jobworker.cli: front tier 3)"
+    ]
+
+
+def test_an_upward_import_inside_a_package_fails(tmp_path: Path) -> None:
+    modules = small_tree(tmp_path, {
+        "jobworker/protocol/wire.py": "from jobworker.protocol import connection\n",
+        "jobworker/protocol/connection.py": "from jobworker.protocol import wire\n",
+        "jobworker/protocol/flow.py": "if TYPE_CHECKING:\n    from jobworker.protocol.connection import Connection\n",
+        "jobworker/protocol/keepalive.py": "",
+    })
+    order = {"jobworker.protocol": [["wire", "flow"], ["connection"]]}
+    assert inner_upward_imports(modules, order) == [
+        "jobworker.protocol.keepalive is not in INNER_ORDER['jobworker.protocol']",
+        "jobworker.protocol.wire (line 1) imports jobworker.protocol.connection, above it in jobworker.protocol",
     ]
 
 
