@@ -37,6 +37,7 @@ keys that L{jobworker.pki} makes).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -145,6 +146,27 @@ class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
         # Ciphertext is the plaintext plus 22 bytes per record of at most
         # 16 KiB; read it all, however much the last write made.
         size = hint + (hint >> 14) * 22 + 4096 if hint else 2**15
+        scratch = _cipher_scratch() if size <= CIPHER_SCRATCH else None
+        bio = getattr(self._tlsConnection, "_from_ssl", None)
+        if scratch is None or bio is None:
+            self._flushSendBIOCopying(size)
+            return
+        buffer, pointer = scratch
+        view = memoryview(buffer)
+        while True:
+            read = _openssl_lib.BIO_read(bio, pointer, size)
+            if read <= 0:
+                try:
+                    self._tlsConnection._handle_bio_errors(bio, read)
+                except SSL.WantReadError:
+                    pass  # the BIO is empty
+                return
+            write_through(self.transport, view[:read])
+            if read < size:
+                return
+
+    def _flushSendBIOCopying(self, size: int) -> None:
+        # pyOpenSSL's own read: a fresh buffer and a copy of it per read.
         while True:
             try:
                 data = self._tlsConnection.bio_read(size)
@@ -153,6 +175,33 @@ class BulkTLSMemoryBIOProtocol(TLSMemoryBIOProtocol):
             write_through(self.transport, data)
             if len(data) < size:
                 return
+
+
+# The ciphertext of one write is read out of OpenSSL's memory BIO into this
+# buffer, one per thread (a reactor's), reused for every connection, and
+# sent to the socket from it: pyOpenSSL's bio_read allocates a fresh buffer
+# per read and copies it into a new bytes object, a quarter of a MiB twice
+# per turn of a streaming connection, which glibc kept giving back to the
+# kernel and taking again (two page faults per 4 KiB sent).  Only what the
+# kernel does not take at once is copied (the transport keeps it).  A
+# stream's turn (TURN_BYTES of output) fits; a larger write (a long answer)
+# takes the copying read, so one write still makes one transport write.
+CIPHER_SCRATCH = 320 << 10  # a turn (256 KiB and its heads) sealed in 16 KiB records, and room
+_scratch = threading.local()
+try:
+    from OpenSSL._util import ffi as _openssl_ffi, lib as _openssl_lib
+except ImportError:  # a pyOpenSSL without the binding: the copying read
+    _openssl_lib = None
+
+
+def _cipher_scratch() -> tuple[bytearray, Any] | None:
+    if _openssl_lib is None:
+        return None
+    scratch = getattr(_scratch, "buffer", None)
+    if scratch is None:
+        buffer = bytearray(CIPHER_SCRATCH)
+        scratch = _scratch.buffer = (buffer, _openssl_ffi.from_buffer("char[]", buffer))
+    return scratch
 
 
 def drop_traceback(failure: Failure) -> None:
@@ -168,7 +217,7 @@ def drop_traceback(failure: Failure) -> None:
         value.__traceback__ = None
 
 
-def write_through(transport: Any, data: bytes) -> None:
+def write_through(transport: Any, data: bytes | memoryview) -> None:
     """
     Write C{data} to a TCP transport, straight to the socket when the
     transport holds nothing.
@@ -207,7 +256,9 @@ def write_through(transport: Any, data: bytes) -> None:
             if sent >= len(data):
                 return
             data = data[sent:]
-    transport.write(data)
+    # The transport keeps what it is given: a view of a reused buffer is
+    # copied.
+    transport.write(data if isinstance(data, bytes) else bytes(data))
 
 
 class BulkTLSMemoryBIOFactory(TLSMemoryBIOFactory):

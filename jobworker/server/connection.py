@@ -42,6 +42,7 @@ the socket decoded.
 from __future__ import annotations
 
 import signal
+import threading
 import uuid
 from typing import Any, Callable
 
@@ -63,7 +64,7 @@ from jobworker.policy import Identity, Operation, Role
 from jobworker.protocol import messages as m
 from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict as KeepAliveVerdict
 from jobworker.protocol.listing import list_page
-from jobworker.tls import drop_traceback, peer_names
+from jobworker.tls import BulkTLSMemoryBIOProtocol, drop_traceback, peer_names
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, Role as WireRole
 
 __all__ = ["ServerProtocol", "ServerFactory", "ServerLimits"]
@@ -933,7 +934,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
                         pieces.append(piece)
                     sent += len(data)
                 stream.offset = chunk.offset + chunk.size
-            self.transport.write(b"".join(pieces))
+            self._write_turn(pieces)
             return max(sent, 1)
         if stream.offset >= output.end:
             if output.closed and job.is_final:
@@ -941,6 +942,28 @@ class ServerProtocol(Protocol, TimeoutMixin):
             elif not stream.follow:
                 self._end_stream(stream, m.EndReason.CAUGHT_UP)
         return 0
+
+    def _write_turn(self, pieces: list[bytes | memoryview]) -> None:
+        """
+        Hand one turn's frames to the TLS layer as one write.
+
+        Our TLS layer (L{BulkTLSMemoryBIOProtocol}) encrypts a write before
+        it returns and copies whatever it must keep, so the frames are
+        joined into a buffer reused turn after turn (L{_turn_scratch}), not
+        into a new quarter-MiB object each turn.  Any other transport (an
+        in-memory one in tests) keeps what it is given: it gets bytes.
+        """
+        size = sum(map(len, pieces))
+        scratch = _turn_scratch() if size <= TURN_SCRATCH and isinstance(self.transport, BulkTLSMemoryBIOProtocol) else None
+        if scratch is None:
+            self.transport.write(b"".join(pieces))
+            return
+        position = 0
+        for piece in pieces:
+            end = position + len(piece)
+            scratch[position:end] = piece
+            position = end
+        self.transport.write(memoryview(scratch)[:size])
 
     def _end_stream(self, stream: _Stream, reason: m.EndReason) -> None:
         self._drop_stream(stream.stream_id)
@@ -959,6 +982,19 @@ class ServerProtocol(Protocol, TimeoutMixin):
         subscription = self._subscriptions.pop(stream_id, None)
         if stream is not None and subscription is not None:
             stream.job.output.unsubscribe(subscription)
+
+
+# A turn's frames: TURN_BYTES of data and the heads of its frames and gaps
+# (a few hundred bytes); one buffer per reactor thread, for every connection.
+TURN_SCRATCH = TURN_BYTES + (64 << 10)
+_scratch = threading.local()
+
+
+def _turn_scratch() -> bytearray:
+    buffer = getattr(_scratch, "turn", None)
+    if buffer is None:
+        buffer = _scratch.turn = bytearray(TURN_SCRATCH)
+    return buffer
 
 
 def _minimal_status(job_id: uuid.UUID, state: m.JobState, error: str) -> m.JobStatus:
