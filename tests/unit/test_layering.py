@@ -192,6 +192,8 @@ FOREIGN_PRIVATES: dict[tuple[str, str], str] = {
     ("jobworker.tls", "_bufferedWrite"): "the write path replaces TLSMemoryBIOProtocol._write, keeping its contract",
     ("jobworker.tls", "_tlsShutdownFinished"): "the write path replaces TLSMemoryBIOProtocol._write, keeping its contract",
     ("jobworker.tls", "_write"): "the write path replaces TLSMemoryBIOProtocol._write, keeping its contract",
+    ("jobworker.tls", "_handle_bio_errors"): "the zero-copy flush reads pyOpenSSL's memory BIO itself (its _from_ssl, "
+    "else bio_read) and reports a failed read as pyOpenSSL does",
     ("jobworker.tls", "_aborting"): "write_through reads FileDescriptor's state; a transport without it gets write",
     ("jobworker.tls", "_writeDisconnected"): "write_through reads FileDescriptor's state; a transport without it gets write",
     ("jobworker.tls", "_tempDataLen"): "write_through reads FileDescriptor's state; a transport without it gets write",
