@@ -33,6 +33,8 @@ jobworker.output):
   - L{jobworker.jobs.pipes}: reading a job's output pipes into its log.
   - L{jobworker.jobs.helper}: the helper's configuration, start and status
     lines (the contract itself is L{jobworker.host.contract}).
+  - L{jobworker.jobs.report}: a job's usage and error text (no reactor).
+  - L{jobworker.jobs.timers}: L{JobTimers}, a job's delayed calls by name.
   - L{jobworker.jobs.job}: L{Job}, one job's processes, stop and end.
   - L{jobworker.jobs.persistence}: records saved (retried on a full disk)
     and jobs rebuilt from them.

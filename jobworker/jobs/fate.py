@@ -25,7 +25,8 @@ class Fate:
     """
     A job's final state, exit code (-1: none), signal (0: none) and error
     text (C{""}: none); C{start_error} is the code its start request fails
-    with when the command never ran (state FAILED), else None.
+    with when the command never ran (state FAILED, or the stop's state when
+    a stop ended the helper before the command ran), else None.
     """
 
     state: JobState
@@ -33,6 +34,17 @@ class Fate:
     signal: int = 0
     error: str = ""
     start_error: ErrorCode | None = None
+
+
+def _helper_end(helper_exit: tuple[int | None, int | None], oom: bool) -> str:
+    """
+    How the helper ended, for the error of a job whose command never ran.
+    The OOM killer is named: the helper's own set-up can outgrow a small
+    memory limit, and "killed by signal 9" alone would leave that a guess.
+    """
+    exit_code, signum = helper_exit
+    how = f"killed by signal {signum}" if signum else f"exit {exit_code}" if exit_code is not None else "its end unknown"
+    return f"{how}, by the OOM killer at the memory limit" if oom else how
 
 
 def decide_fate(
@@ -55,15 +67,28 @@ def decide_fate(
     @param stop_reason: the state a stop asked for (STOPPED, TIMEOUT), if any.
     @param timeout_ms: the job's timeout, for the error text.
 
-    In order: a command that never ran FAILED (with 127, 126 or 125); then
-    OOM; then the stop's reason; then SIGNALED or EXITED.
+    In order: a command that a stop kept from running ends as the stop
+    asked (exit code -1, signal 0: the command had neither), unless the
+    helper said why it failed; a command that never ran FAILED (with 127,
+    126 or 125); then OOM; then the stop's reason; then SIGNALED or EXITED.
     """
     exit_code, signum = helper_exit
     if final_line is not None:
         word, number = final_line
         exit_code, signum = (number, None) if word == contract.EXIT else (None, number)
+    if start_failure is None and not started and stop_reason is not None:
+        # A stop while the helper set up ended it before the command ran:
+        # the job ends as the stop asked, and its start request fails.
+        return Fate(
+            stop_reason,
+            error=f"stopped before the command started ({_helper_end(helper_exit, oom)})",
+            start_error=ErrorCode.START_FAILED,
+        )
     if start_failure is not None or not started:
-        kind, message = start_failure or (contract.SETUP, "the helper ended before the command started")
+        kind, message = start_failure or (
+            contract.SETUP,
+            f"the job's helper ended before the command started ({_helper_end(helper_exit, oom)})",
+        )
         return Fate(
             JobState.FAILED,
             exit_code=contract.EXIT_CODES.get(kind, contract.EXIT_SETUP_FAILED),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 from typing import Any, Protocol
 
@@ -26,33 +25,22 @@ from jobworker.jobs.fate import decide_fate
 from jobworker.jobs.helper import StatusLine, spawn_helper
 from jobworker.jobs.lifecycle import Event, LifeCycle, Phase
 from jobworker.jobs.pipes import OutputPump
+from jobworker.jobs.report import error_text, now_us, read_usage
 from jobworker.jobs.spec import JobSpec
+from jobworker.jobs.timers import JobTimers
 from jobworker.limits import Limits
 from jobworker.logs import Logger
 from jobworker.output.log import OutputLog
 from jobworker.output.spool import FileSpool
 from jobworker.protocol.messages import UID_UNKNOWN, JobState, JobStatus, JobUsage, Network
 
-__all__ = ["EOF_GRACE_S", "MAX_ERROR_CHARS", "Job", "JobHost", "now_us"]
+__all__ = ["EOF_GRACE_S", "Job", "JobHost"]
 
 log = Logger()
 
 # After the helper ends, wait this long for the pipes' EOF before closing
 # them ourselves (a process that escaped the job could hold them open).
 EOF_GRACE_S = 2.0
-
-# A job's error text, notes on damaged or lost output included, is cut to
-# this many characters (the wire carries at most 65,535 bytes of UTF-8).
-MAX_ERROR_CHARS = 8192
-
-
-def now_us() -> int:
-    """
-    The wall-clock time in microseconds since the epoch, as job records and
-    statuses carry it.
-    """
-    return time.time_ns() // 1000
-
 
 class JobHost(Protocol):
     """
@@ -127,7 +115,7 @@ class Job:
         self._start_failure: tuple[str, str] | None = None
         # STOP: the state a stop ends the job in (the first stop's).
         self._stop_reason: JobState | None = None
-        self._timers: dict[str, Any] = {}
+        self._timers = JobTimers(manager.reactor)
         self._last_oom = False  # from the last usage read of the cgroup
         self.pipes = OutputPump(manager.reactor, job_id, output, spool, self._maybe_finish)
 
@@ -186,7 +174,7 @@ class Job:
             created_at=self.created_at,
             started_at=self.started_at,
             ended_at=self.ended_at,
-            error=self._error_text(),
+            error=error_text(self.error, self.output),
             stopped_by=self.stopped_by,
             limits=self.limits,
             usage=usage,
@@ -196,20 +184,6 @@ class Job:
             network=self.network,
             uid=self.uid,
         )
-
-    def _error_text(self) -> str:
-        """
-        The job's error, with what is wrong with its output: damage found in
-        its spool, bytes a full disk kept from being stored.
-        """
-        notes = [self.error] if self.error else []
-        if self.output.damage and self.output.damage not in self.error:
-            notes.append(self.output.damage)
-        if self.output.lost_bytes:
-            lost = f"{self.output.lost_bytes} bytes of output could not be stored (disk full) and are a gap"
-            if lost not in self.error:
-                notes.append(lost)
-        return "; ".join(notes)[:MAX_ERROR_CHARS]
 
     def when_ended(self) -> defer.Deferred[JobStatus]:
         """
@@ -264,11 +238,14 @@ class Job:
         """
         The status pipe reached EOF.  Without isolation, the helper's exec
         closes it (close-on-exec): EOF with no failure means the command is
-        running.
+        running.  An isolated helper closes it only as it ends, and says
+        C{started} first if the command runs: EOF alone means nothing until
+        the helper's end tells how it went (L{jobworker.jobs.lifecycle}).
         """
+        event = Event.STATUS_EOF if self.manager.config.isolate else Event.EXEC_EOF
         was = self.life.phase
-        if self.life.allows(Event.STATUS_EOF):
-            self.life.fire(Event.STATUS_EOF)
+        if self.life.allows(event):
+            self.life.fire(event)
         if was is Phase.STARTING and self.life.phase is Phase.RUNNING:
             self._now_running()
 
@@ -278,7 +255,7 @@ class Job:
         self.manager.job_changed(self)
         timeout_s = self.spec.timeout_s
         if timeout_s is not None:
-            self._timers["timeout"] = self.manager.reactor.callLater(timeout_s, self._timed_out)
+            self._timers.start("timeout", timeout_s, self._timed_out)
         started, self._started = self._started, None
         if started is not None:
             started.callback(self)
@@ -301,15 +278,9 @@ class Job:
             self._kill_all()
             return
         self._signal_helper(signal.SIGTERM)
-        existing = self._timers.get("kill")
-        if existing is not None and existing.active():
-            if existing.getTime() <= self.manager.reactor.seconds() + grace_s:
-                return
-            existing.cancel()
-        self._timers["kill"] = self.manager.reactor.callLater(grace_s, self._kill_all)
+        self._timers.start_by("kill", grace_s, self._kill_all)
 
     def _timed_out(self) -> None:
-        self._timers.pop("timeout", None)
         log.info("job {job_id} ran past its timeout of {ms} ms", job_id=self.job_id, ms=self.limits.timeout_ms)
         self.stop("timeout", self.manager.config.default_grace_s, reason=JobState.TIMEOUT)
 
@@ -338,7 +309,6 @@ class Job:
             pass
 
     def _kill_all(self) -> None:
-        self._timers.pop("kill", None)
         if self.cgroup is not None:
             self.manager.kill_cgroup(self.cgroup, self.job_id)
         self._signal_helper(signal.SIGKILL)
@@ -364,22 +334,15 @@ class Job:
             except OSError:
                 pass
         if self.pipes.open_count:
-            self._timers["eof"] = self.manager.reactor.callLater(EOF_GRACE_S, self._close_pipes)
+            self._timers.start("eof", EOF_GRACE_S, self.pipes.close_all)
         self._maybe_finish()
-
-    def _close_pipes(self) -> None:
-        self._timers.pop("eof", None)
-        self.pipes.close_all()
 
     def _maybe_finish(self) -> None:
         # Called when the helper ended and whenever a pipe closes.
         if self.life.phase is not Phase.DRAINING or self.pipes.open_count > 0:
             return
         self.life.fire(Event.OUTPUT_CLOSED)
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        self._timers.cancel_all()
         self.pipes.cancel_retry()
         self._settle()
 
@@ -425,15 +388,9 @@ class Job:
             waiter.callback(final)
 
     def _read_usage(self) -> JobUsage:
-        try:
-            usage = self.cgroup.usage()
-        except OSError:
+        # What was read last when the cgroup cannot be read now.
+        reading = read_usage(self.cgroup)
+        if reading is None:
             return self.usage
-        self._last_oom = bool(usage.oom_killed)
-        return JobUsage(
-            cpu_usec=usage.cpu_usec,
-            memory_peak_bytes=usage.memory_peak_bytes,
-            io_read_bytes=usage.io_read_bytes,
-            io_write_bytes=usage.io_write_bytes,
-            pids_peak=usage.pids_peak,
-        )
+        self._last_oom = reading.oom
+        return reading.usage

@@ -7,7 +7,7 @@ transition asks for.
 The phases are the server's view of the job's processes, finer than the
 wire's L{JobState} (which a job's record and status carry)::
 
-                 STARTED / STATUS_EOF
+                 STARTED / EXEC_EOF
       STARTING ─────────────────────────> RUNNING
          │  FAILED_LINE                      │
          v                                   │
@@ -21,6 +21,15 @@ wire's L{JobState} (which a job's record and status carry)::
                              v
                            ENDED     waiters told; a job read from its record
                                      starts here
+
+The status pipe's EOF means two things.  A direct job's helper becomes the
+command, and its exec closes fd 3 (close-on-exec): EXEC_EOF, the command
+runs (a direct helper killed before its exec closes it too, and cannot be
+told apart: such a job counts as started and ends SIGNALED).  An isolated job's helper keeps fd 3 until it ends, and Twisted
+reports the EOF of every pipe before the helper's end: STATUS_EOF says
+nothing, and in STARTING it means the helper ended (OOM-killed, SIGKILLed)
+before it could say "started" or "failed"; the job stays STARTING and its
+HELPER_ENDED fails the start.
 
 Every phase but SETTLING and ENDED takes STOP (a stop's reason and signals
 are the job's data, not a phase: a job stopped while starting can still
@@ -56,7 +65,8 @@ class Phase(Enum):
 
 class Event(Enum):
     STARTED = "started"  # status line "started"
-    STATUS_EOF = "status_eof"  # fd 3 at EOF (a direct job's exec closes it)
+    EXEC_EOF = "exec_eof"  # a direct job's fd 3 at EOF: its exec closed it (or its helper died)
+    STATUS_EOF = "status_eof"  # an isolated job's fd 3 at EOF: its helper is ending
     FAILED_LINE = "failed_line"  # status line "failed <kind> <errno> <message>"
     FINAL_LINE = "final_line"  # status line "exit <code>" or "signal <n>"
     STOP = "stop"  # a stop was asked for (a client, the timeout, shutdown)
@@ -70,7 +80,9 @@ _P, _E = Phase, Event
 # (phase, event) -> next phase.  A pair that is missing is illegal.
 TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (_P.STARTING, _E.STARTED): _P.RUNNING,
-    (_P.STARTING, _E.STATUS_EOF): _P.RUNNING,
+    (_P.STARTING, _E.EXEC_EOF): _P.RUNNING,
+    # No word from the helper before its end: HELPER_ENDED fails the start.
+    (_P.STARTING, _E.STATUS_EOF): _P.STARTING,
     (_P.STARTING, _E.FAILED_LINE): _P.START_FAILED,
     (_P.STARTING, _E.STOP): _P.STARTING,
     (_P.STARTING, _E.HELPER_ENDED): _P.DRAINING,
@@ -78,9 +90,11 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (_P.RUNNING, _E.STATUS_EOF): _P.RUNNING,
     (_P.RUNNING, _E.STOP): _P.RUNNING,
     (_P.RUNNING, _E.HELPER_ENDED): _P.DRAINING,
+    (_P.START_FAILED, _E.EXEC_EOF): _P.START_FAILED,
     (_P.START_FAILED, _E.STATUS_EOF): _P.START_FAILED,
     (_P.START_FAILED, _E.STOP): _P.START_FAILED,
     (_P.START_FAILED, _E.HELPER_ENDED): _P.DRAINING,
+    (_P.DRAINING, _E.EXEC_EOF): _P.DRAINING,
     (_P.DRAINING, _E.STATUS_EOF): _P.DRAINING,
     (_P.DRAINING, _E.STOP): _P.DRAINING,
     (_P.DRAINING, _E.OUTPUT_CLOSED): _P.SETTLING,

@@ -29,8 +29,9 @@ from jobworker.host.uids import UidAllocator, UidLocks, host_has_id, host_live_u
 from jobworker.jobs.admission import AdmissionConfig, admit, check_verdict
 from jobworker.jobs.config import JobManagerConfig
 from jobworker.jobs.helper import ISOLATE_SCRIPT, HelperSettings, helper_config
-from jobworker.jobs.job import Job, now_us
+from jobworker.jobs.job import Job
 from jobworker.jobs.persistence import RecordSaver, restored_job
+from jobworker.jobs.report import now_us
 from jobworker.jobs.store import JobStore, StateDirLocked, discard
 from jobworker.logs import Logger
 from jobworker.output.log import OutputLog

@@ -37,7 +37,19 @@ RAN: dict[str, Any] = dict(
         ({"oom": True, "stop_reason": JobState.STOPPED}, Fate(JobState.OOM, 0, 0, "killed by the OOM killer at the memory limit")),
         (
             {"started": False, "helper_exit": (1, None)},
-            Fate(JobState.FAILED, 125, 0, "the helper ended before the command started", ErrorCode.START_FAILED),
+            Fate(JobState.FAILED, 125, 0, "the job's helper ended before the command started (exit 1)", ErrorCode.START_FAILED),
+        ),
+        (
+            {"started": False, "helper_exit": (None, 9), "oom": True},
+            Fate(
+                JobState.FAILED, 125, 0, "the job's helper ended before the command started (killed by signal 9, by the OOM killer at the memory limit)",
+                ErrorCode.START_FAILED,
+            ),
+        ),
+        # A stop that ended the helper in set-up: the stop's state, and the start fails.
+        (
+            {"started": False, "helper_exit": (None, 15), "stop_reason": JobState.STOPPED},
+            Fate(JobState.STOPPED, -1, 0, "stopped before the command started (killed by signal 15)", ErrorCode.START_FAILED),
         ),
         (
             {"started": False, "helper_exit": (127, None), "start_failure": ("not_found", "exec x: No such file")},

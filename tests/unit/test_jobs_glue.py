@@ -252,7 +252,36 @@ def test_a_helper_that_dies_before_its_status_line_fails_the_start(setup: Setup)
     [job] = setup.manager.jobs.values()
     assert job.state is JobState.FAILED
     assert job.exit_code == 125
-    assert job.error == "the helper ended before the command started"
+    assert job.error == "the job's helper ended before the command started (exit 1)"
+
+
+def test_a_helper_killed_in_set_up_fails_the_start_in_the_order_a_reactor_reports_it(setup: Setup) -> None:
+    # Twisted's process reactor calls processEnded only after every pipe,
+    # fd 3 included, is closed: the status pipe's EOF with no status line
+    # comes first, and must not be read as the command's start.
+    started, helper = setup.start()
+    helper.close_status()
+    helper.close_output()
+    setup.reactor.read_pipes()
+    assert not started.called  # the helper's end tells what the EOF meant
+    helper.end(None, signal.SIGKILL)
+    failure = failure_of(started)
+    assert failure.check(RequestError)
+    assert failure.value.code is ErrorCode.START_FAILED
+    assert "the job's helper ended before the command started (killed by signal 9)" in str(failure.value)
+    [job] = setup.manager.jobs.values()
+    assert (job.state, job.exit_code, job.signal) == (JobState.FAILED, 125, 0)
+    assert job.started_at == 0
+    assert job.error == "the job's helper ended before the command started (killed by signal 9)"
+
+
+def test_a_helper_that_exits_in_set_up_with_no_status_line_fails_the_start(setup: Setup) -> None:
+    started, helper = setup.start()
+    setup.finish(helper, code=1)
+    assert failure_of(started).value.code is ErrorCode.START_FAILED
+    [job] = setup.manager.jobs.values()
+    assert job.state is JobState.FAILED
+    assert job.error == "the job's helper ended before the command started (exit 1)"
 
 
 def test_a_failed_line_answers_with_its_kind(setup: Setup) -> None:
@@ -290,6 +319,20 @@ def test_a_status_line_out_of_turn_is_ignored(setup: Setup) -> None:
     helper.say("started")
     setup.finish(helper, code=0)
     assert job.state is JobState.EXITED and job.error == ""
+
+
+def test_a_job_stopped_while_its_helper_sets_up_fails_the_start_and_ends_stopped(setup: Setup) -> None:
+    # The stop's SIGKILL ends the helper before it says "started".
+    started, helper = setup.start()
+    [job] = setup.manager.jobs.values()
+    job.stop("alice", 0)
+    assert helper.signals == [signal.SIGKILL]
+    setup.finish(helper, code=None, signum=signal.SIGKILL)
+    failure = failure_of(started)
+    assert failure.value.code is ErrorCode.START_FAILED
+    assert "stopped before the command started (killed by signal 9)" in str(failure.value)
+    assert (job.state, job.stopped_by, job.exit_code, job.signal) == (JobState.STOPPED, "alice", -1, 0)
+    assert job.started_at == 0
 
 
 # -- output after the helper ended ----------------------------------------------------------

@@ -14,10 +14,13 @@ E, P = Event, Phase
 
 # The paths the helper's contract allows, by how the job goes.
 PATHS = {
-    "direct job": [E.STATUS_EOF, E.HELPER_ENDED, E.OUTPUT_CLOSED, E.SETTLED],
+    "direct job": [E.EXEC_EOF, E.HELPER_ENDED, E.OUTPUT_CLOSED, E.SETTLED],
     "isolated job": [E.STARTED, E.FINAL_LINE, E.STATUS_EOF, E.HELPER_ENDED, E.OUTPUT_CLOSED, E.SETTLED],
     "start failed": [E.FAILED_LINE, E.STATUS_EOF, E.HELPER_ENDED, E.OUTPUT_CLOSED, E.SETTLED],
     "helper died while starting": [E.HELPER_ENDED, E.STATUS_EOF, E.OUTPUT_CLOSED, E.SETTLED],
+    # Twisted's order: every pipe's EOF, then the helper's end.
+    "isolated helper died in set-up": [E.STATUS_EOF, E.HELPER_ENDED, E.OUTPUT_CLOSED, E.SETTLED],
+    "direct start failed": [E.FAILED_LINE, E.EXEC_EOF, E.HELPER_ENDED, E.OUTPUT_CLOSED, E.SETTLED],
     "stopped at every turn": [E.STOP, E.STARTED, E.STOP, E.FINAL_LINE, E.HELPER_ENDED, E.STOP, E.OUTPUT_CLOSED, E.SETTLED],
     "stopped while failing": [E.FAILED_LINE, E.STOP, E.HELPER_ENDED, E.OUTPUT_CLOSED, E.SETTLED],
 }
@@ -47,7 +50,7 @@ def simple_paths(phase: Phase, seen: tuple[Phase, ...] = ()) -> list[list[Event]
 
 def test_every_legal_path_reaches_ended_and_every_phase_has_one() -> None:
     every = simple_paths(P.STARTING)
-    assert len(every) == 4  # started/status EOF, failed, or the helper's end first
+    assert len(every) == 4  # started/exec EOF, failed, or the helper's end first
     for path in every:
         life = LifeCycle()
         for event in path:
@@ -64,6 +67,10 @@ def test_self_loops() -> None:
     for phase in (P.STARTING, P.RUNNING, P.START_FAILED, P.DRAINING):
         assert TRANSITIONS[phase, E.STOP] is phase
     assert TRANSITIONS[P.RUNNING, E.FINAL_LINE] is P.RUNNING
+    # An isolated helper's status pipe at EOF with no word: not a start;
+    # the helper's end, which Twisted reports after it, fails the start.
+    assert TRANSITIONS[P.STARTING, E.STATUS_EOF] is P.STARTING
+    assert TRANSITIONS[P.STARTING, E.EXEC_EOF] is P.RUNNING
 
 
 @pytest.mark.parametrize(
@@ -75,6 +82,7 @@ def test_self_loops() -> None:
         (P.SETTLING, E.STOP),  # the final state is decided: a stop comes too late
         (P.DRAINING, E.HELPER_ENDED),  # reaped once
         (P.RUNNING, E.STARTED),
+        (P.RUNNING, E.EXEC_EOF),  # a direct job runs from its exec's EOF: there is no second
         (P.RUNNING, E.FAILED_LINE),  # the contract: failed or started, never both
         (P.START_FAILED, E.STARTED),
         (P.START_FAILED, E.FINAL_LINE),
