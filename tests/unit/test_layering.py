@@ -130,7 +130,7 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
 INNER_ORDER: dict[str, list[list[str]]] = {
     "jobworker.protocol": [["messages", "flow", "keepalive"], ["wire"], ["framing", "listing"], ["connection"]],
     "jobworker.jobs": [
-        ["spec", "lifecycle", "fate", "config", "store"], ["admission", "pipes"], ["helper"], ["job"],
+        ["spec", "lifecycle", "fate", "config", "store", "report", "timers"], ["admission", "pipes"], ["helper"], ["job"],
         ["persistence"], ["manager"],
     ],
     "jobworker.server": [
