@@ -122,7 +122,7 @@ def _follow_one(job_id: uuid.UUID, window: int, result: dict[str, Any]) -> None:
                     received += len(message.data)
                 elif isinstance(message, m.Gap):
                     result["gaps"] = result.get("gaps", 0) + message.length
-                else:
+                elif isinstance(message, m.EndOfStream):
                     result["end"] = message.reason.name.lower()
                     result["state"] = message.status.state.label
     except Exception as exc:  # reported per follower, judged by run.py

@@ -28,12 +28,22 @@ from collections import deque
 from typing import Callable, Iterable, Iterator
 
 from jobworker.errors import ErrorCode, JobworkerError, ProtocolError, RequestError
+from jobworker.jobnames import NameError_, check_name
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role
 from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict
 from jobworker.protocol.wire import HEADER_SIZE
 
-__all__ = ["BlockingClient", "ConnectionFailed", "JobRef", "UnixAddress", "as_job_id", "parse_address", "tls_failure_cause"]
+__all__ = [
+    "BlockingClient",
+    "ConnectionFailed",
+    "JobRef",
+    "UnixAddress",
+    "as_job_id",
+    "parse_address",
+    "since_microseconds",
+    "tls_failure_cause",
+]
 
 # What a library caller may pass where a job id is wanted.
 JobRef = uuid.UUID | str
@@ -43,6 +53,21 @@ JobRef = uuid.UUID | str
 MIN_PREFIX = 4
 # How many candidates an ambiguous prefix's error names.
 MAX_CANDIDATES = 10
+
+
+def since_microseconds(since: float | None) -> int:
+    """
+    A C{since} time in seconds since the epoch (None: none) as the
+    microseconds of C{FollowRequest.since} (0: none).
+
+    @raise ValueError: a time before the epoch, or too far ahead to carry.
+    """
+    if since is None:
+        return 0
+    micros = round(since * 1e6)
+    if not 0 < micros < 2**64:
+        raise ValueError(f"since must be a time after the epoch, not {since!r}")
+    return micros
 
 
 def as_job_id(job_id: JobRef) -> uuid.UUID:
@@ -576,11 +601,18 @@ class BlockingClient:
                 continue
             text = str(ref).strip().lower()
             digits = text.replace("-", "")
-            if len(digits) == 32:
+            hexadecimal = bool(digits) and all(c in "0123456789abcdef" for c in digits)
+            if len(digits) == 32 and hexadecimal:
                 resolved.append(as_job_id(text))
                 continue
-            if not digits or any(c not in "0123456789abcdef" for c in digits) or len(digits) > 32:
-                raise RequestError(f"{ref!r} is not a job id or a prefix of one", ErrorCode.BAD_REQUEST)
+            # A name next, as docker does (a whole id, then a name, then an
+            # id prefix): the server finds it (one list request, filtered).
+            by_name = self._job_named(str(ref))
+            if by_name is not None:
+                resolved.append(by_name)
+                continue
+            if not hexadecimal or len(digits) > 32:
+                raise RequestError(f"no job has the id or name {str(ref)[:80]!r}", ErrorCode.NOT_FOUND)
             if len(digits) < MIN_PREFIX:
                 raise RequestError(
                     f"job id prefix {ref!r} is too short: give at least {MIN_PREFIX} characters", ErrorCode.BAD_REQUEST
@@ -601,6 +633,26 @@ class BlockingClient:
                     )
                 resolved[index] = matches[0]
         return resolved  # type: ignore[return-value]
+
+    def _job_named(self, name: str) -> uuid.UUID | None:
+        """
+        The job called C{name} among those this client may see; None for
+        no such job (or text that cannot be a name).
+
+        @raise RequestError: C{BAD_REQUEST} when jobs of several owners (an
+            admin sees them all) have the name; the message names them.
+        """
+        try:
+            check_name(name)
+        except NameError_:
+            return None
+        if not name:
+            return None
+        jobs = self.list(name=name)
+        if len(jobs) > 1:
+            named = ", ".join(f"{job.job_id} (owner {job.owner})" for job in jobs[:MAX_CANDIDATES])
+            raise RequestError(f"the name {name!r} is ambiguous: jobs of several owners have it: {named}", ErrorCode.BAD_REQUEST)
+        return jobs[0].job_id if jobs else None
 
     def resolve_job_id(self, ref: JobRef) -> uuid.UUID:
         """
@@ -623,26 +675,36 @@ class BlockingClient:
         assert isinstance(response, m.StatusResponse)
         return response.status
 
-    def list(self, *, states: Iterable[m.JobState] = (), owner: str = "") -> tuple[m.JobStatus, ...]:
+    def list(
+        self, *, states: Iterable[m.JobState] = (), owner: str = "", name: str = "", labels: Iterable[str] = ()
+    ) -> tuple[m.JobStatus, ...]:
         """
         Every job this client may see, oldest first, optionally only those
-        in one of C{states} and owned by C{owner}; see L{iter_jobs}.
+        in one of C{states}, owned by C{owner}, named C{name} and matching
+        every label filter (C{"KEY"} or C{"KEY=VALUE"}); see L{iter_jobs}.
         """
-        return tuple(self.iter_jobs(states=states, owner=owner))
+        return tuple(self.iter_jobs(states=states, owner=owner, name=name, labels=labels))
 
     def iter_jobs(
-        self, *, states: Iterable[m.JobState] = (), owner: str = "", page_size: int = 0
+        self,
+        *,
+        states: Iterable[m.JobState] = (),
+        owner: str = "",
+        page_size: int = 0,
+        name: str = "",
+        labels: Iterable[str] = (),
     ) -> Iterator[m.JobStatus]:
         """
         The jobs of L{list}, page after page (spec section 6.4): each page
         holds what fits one frame (or C{page_size} jobs), so a list of any
-        size and any jobs can be read.
+        size and any jobs can be read.  The server filters.
         """
         mask = m.state_mask(states)
+        label_filters = tuple(labels)
         after_created_at, after_job_id = 0, uuid.UUID(int=0)
         while True:
             request = m.ListRequest(
-                self.conn.next_request_id(), after_created_at, after_job_id, page_size, mask, owner
+                self.conn.next_request_id(), after_created_at, after_job_id, page_size, mask, owner, name, label_filters
             )
             response = self.request(request)
             assert isinstance(response, m.ListResponse)
@@ -684,15 +746,30 @@ class BlockingClient:
         follow: bool = True,
         window: int = DEFAULT_WINDOW,
         auto_credit: bool = True,
-    ) -> Iterator[m.Output | m.Gap | m.EndOfStream]:
+        timestamps: bool = False,
+        since: float | None = None,
+    ) -> Iterator[m.Output | m.Gap | m.EndOfStream | m.TimeMark]:
         """
         Stream a job's output from C{offset}: C{Output} and C{Gap} messages,
         then one C{EndOfStream}.  Credit is granted back as the caller
         consumes each message (when it asks for the next one), or, with
         C{auto_credit=False}, when the caller says so with L{grant}.
+
+        @param timestamps: the stream carries C{TimeMark} messages too: the
+            output from C{mark.offset} on was read by the server at
+            C{mark.time} (microseconds since the epoch); each comes before
+            the output it dates.  None come for output whose time the
+            server does not know.
+        @param since: seconds since the epoch: start at the first byte the
+            server read at this time or later (or at C{offset}, if later).
         """
         stream_id = self.conn.next_stream_id()
-        self.request(m.FollowRequest(self.conn.next_request_id(), as_job_id(job_id), stream_id, offset, window, follow))
+        self.request(
+            m.FollowRequest(
+                self.conn.next_request_id(), as_job_id(job_id), stream_id, offset, window, follow,
+                timestamps, since_microseconds(since),
+            )
+        )
         while True:
             message = self._next_message()
             if getattr(message, "stream_id", None) != stream_id:

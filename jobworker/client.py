@@ -65,7 +65,7 @@ from jobworker.logs import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from jobworker.blocking import DEFAULT_WINDOW, JobRef, as_job_id, parse_address
+from jobworker.blocking import DEFAULT_WINDOW, JobRef, as_job_id, parse_address, since_microseconds
 from jobworker.errors import ErrorCode, JobworkerError, ProtocolError, RequestError
 from jobworker.limits import Limits
 from jobworker.protocol import messages as m
@@ -135,9 +135,17 @@ class OutputReceiver(TypingProtocol):
         retention limit and will never be delivered.
         """
 
+    # Optional, for follows with timestamps=True:
+    #   def time_mark(self, offset: int, time: float) -> None:
+    #       the output from C{offset} on (up to the next mark) was read by
+    #       the server at C{time} (seconds since the epoch); called before
+    #       the output that holds byte C{offset} is delivered.
+
 
 OutputCallback = Callable[[int, bytes], None]
 GapCallback = Callable[[int, int], None]
+# (offset, seconds since the epoch): see OutputReceiver's time_mark.
+TimeMarkCallback = Callable[[int, float], None]
 
 
 @implementer(IPushProducer)
@@ -171,8 +179,14 @@ class Follower:
         offset: int,
         output: OutputCallback,
         gap: GapCallback | None,
+        time_mark: TimeMarkCallback | None = None,
     ) -> None:
         self.job_id = job_id
+        # Seconds since the epoch when the server read the output at
+        # `offset` (the last TimeMark received); None without timestamps, or
+        # when the server does not know (output spooled before version 3).
+        self.time: float | None = None
+        self._time_mark = time_mark
         self.stream_id = stream_id
         self.offset = offset
         self.end_reason: m.EndReason | None = None
@@ -187,7 +201,7 @@ class Follower:
         self._draining = False
         # Messages that arrived while paused, in order; at most the window
         # of output bytes, since the server may not send more without credit.
-        self._held: deque[m.Output | m.Gap | m.EndOfStream] = deque()
+        self._held: deque[m.Output | m.Gap | m.EndOfStream | m.TimeMark] = deque()
         # Bytes processed while paused, granted back on resume.
         self._ungranted = 0
 
@@ -268,7 +282,7 @@ class Follower:
         if self._cancelled:
             self._protocol._send(m.CancelStream(self.stream_id))
 
-    def _received(self, message: m.Output | m.Gap | m.EndOfStream) -> None:
+    def _received(self, message: m.Output | m.Gap | m.EndOfStream | m.TimeMark) -> None:
         if self._finished:
             return
         if self._cancelled:
@@ -281,11 +295,16 @@ class Follower:
             return
         self._handle(message)
 
-    def _handle(self, message: m.Output | m.Gap | m.EndOfStream) -> None:
+    def _handle(self, message: m.Output | m.Gap | m.EndOfStream | m.TimeMark) -> None:
         if isinstance(message, m.EndOfStream):
             self._end(message)
             return
         try:
+            if isinstance(message, m.TimeMark):
+                self.time = message.time / 1e6
+                if self._time_mark is not None:
+                    self._time_mark(message.offset, message.time / 1e6)
+                return
             if isinstance(message, m.Output):
                 self._output(message.fd, message.data)
                 self.offset = message.offset + len(message.data)
@@ -431,6 +450,8 @@ class JobworkerClientProtocol(Protocol):
         user: str = "",
         network: m.Network = m.Network.NONE,
         limits: Limits = Limits(),
+        name: str = "",
+        labels: tuple[tuple[str, str], ...] | dict[str, str] = (),
     ) -> defer.Deferred[uuid.UUID]:
         """
         Start a job; fires with its id once it runs (the server reports a
@@ -441,8 +462,10 @@ class JobworkerClientProtocol(Protocol):
         @param user: the user to run as, "" for the server's default.
         """
         pairs = tuple(env.items()) if isinstance(env, dict) else tuple(tuple(pair) for pair in env)
+        label_pairs = tuple(labels.items()) if isinstance(labels, dict) else tuple(tuple(pair) for pair in labels)
         request = m.StartRequest(
-            self.conn.next_request_id(), tuple(argv), pairs, workdir, user, network, limits  # type: ignore[arg-type]
+            self.conn.next_request_id(), tuple(argv), pairs, workdir, user, network, limits,  # type: ignore[arg-type]
+            name, label_pairs,  # type: ignore[arg-type]
         )
         return self._request(request, m.StartResponse, lambda response: response.job_id)
 
@@ -477,21 +500,31 @@ class JobworkerClientProtocol(Protocol):
         return self._request(request, m.StatusResponse, lambda response: response.status)
 
     def list(
-        self, *, states: Iterable[m.JobState] = (), owner: str = "", page_size: int = 0
+        self,
+        *,
+        states: Iterable[m.JobState] = (),
+        owner: str = "",
+        page_size: int = 0,
+        name: str = "",
+        labels: Iterable[str] = (),
     ) -> defer.Deferred[tuple[m.JobStatus, ...]]:
         """
         Every job this client may see, oldest first; only those in one of
-        C{states} (all by default) and owned by C{owner} ("" for any).
+        C{states} (all by default), owned by C{owner} ("" for any), named
+        C{name} ("" for any) and matching every label filter of C{labels}
+        (C{"KEY"} or C{"KEY=VALUE"}); the server filters.
         The server sends the list in pages of what fits one frame (or of
         C{page_size} jobs); this asks for one after the other.
         """
         mask = m.state_mask(states)
+        label_filters = tuple(labels)
         jobs: list[m.JobStatus] = []
         listed: defer.Deferred[tuple[m.JobStatus, ...]] = defer.Deferred()
 
         def page(after_created_at: int, after_job_id: uuid.UUID) -> None:
             request = m.ListRequest(
-                self.conn.next_request_id(), after_created_at, after_job_id, page_size, mask, owner
+                self.conn.next_request_id(), after_created_at, after_job_id, page_size, mask, owner,
+                name, label_filters,
             )
             answer = self._request(request, m.ListResponse, lambda response: response)
             answer.addCallbacks(arrived, listed.errback)
@@ -523,6 +556,9 @@ class JobworkerClientProtocol(Protocol):
         offset: int = 0,
         follow: bool = True,
         window: int = DEFAULT_WINDOW,
+        timestamps: bool = False,
+        since: float | None = None,
+        time_mark: TimeMarkCallback | None = None,
     ) -> Follower:
         """
         Stream a job's output, from absolute byte C{offset}.
@@ -537,16 +573,28 @@ class JobworkerClientProtocol(Protocol):
             now (L{EndReason.CAUGHT_UP}) rather than when the job ends.
         @param window: bytes the server may send before we grant more
             (at most 2 GiB - 1); credit is granted back in batches of half.
+        @param timestamps: ask for the times the server read the output:
+            C{time_mark(offset, seconds)} is called before the output at
+            C{offset}, and L{Follower.time} holds the last time.
+        @param since: seconds since the epoch: start at the first byte the
+            server read at this time or later (or at C{offset}, if later).
+        @param time_mark: see C{timestamps}; without it, an
+            L{OutputReceiver}'s C{time_mark} method if it has one.
         """
         if not callable(output):
             receiver = output
             output = receiver.output
             if gap is None:
                 gap = getattr(receiver, "gap", None)
+            if time_mark is None:
+                time_mark = getattr(receiver, "time_mark", None)
         self._check_usable()
         stream_id = self.conn.next_stream_id()
-        follower = Follower(self, job_id, stream_id, offset, output, gap)
-        request = m.FollowRequest(self.conn.next_request_id(), job_id, stream_id, offset, window, follow)
+        follower = Follower(self, as_job_id(job_id), stream_id, offset, output, gap, time_mark)
+        request = m.FollowRequest(
+            self.conn.next_request_id(), as_job_id(job_id), stream_id, offset, window, follow,
+            timestamps, since_microseconds(since),
+        )
         self._followers[stream_id] = follower
         opened = self._request(request, m.OkResponse, _nothing)
         opened.addCallbacks(follower._opened, follower._failed)
@@ -619,7 +667,7 @@ class JobworkerClientProtocol(Protocol):
             except ValueError:
                 code = ErrorCode.PROTOCOL_ERROR
             self._shut_down(ClientConnectionLost(f"the server closed the connection: {message.message}", code))
-        elif isinstance(message, (m.Output, m.Gap, m.EndOfStream)):
+        elif isinstance(message, (m.Output, m.Gap, m.EndOfStream, m.TimeMark)):
             follower = self._followers.get(message.stream_id)
             if follower is not None:
                 follower._received(message)

@@ -46,6 +46,7 @@ class ErrorCode(IntEnum):
     SHUTTING_DOWN = 14
     TOO_MANY_REQUESTS = 15
     OUT_OF_RESOURCES = 16  # the server's disk, descriptors or processes ran out
+    NAME_IN_USE = 17  # another job of the same owner, not removed, has the name
     # Connection tier: sent in GOAWAY, then the connection closes.
     PROTOCOL_ERROR = 100
     FRAME_TOO_LARGE = 101

@@ -13,6 +13,7 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from jobworker.host.contract import EXIT_SETUP_FAILED
+from jobworker.jobnames import NameError_, check_labels, check_name
 from jobworker.limits import Limits
 from jobworker.protocol.messages import UID_UNKNOWN, JobState, JobStatus, JobUsage, Network
 
@@ -52,6 +53,8 @@ def status_to_dict(status: JobStatus) -> dict[str, Any]:
         "limits": asdict(status.limits),
         "usage": asdict(status.usage),
         "output_bytes": status.output_bytes,
+        "name": status.name or None,
+        "labels": dict(status.labels),
     }
 
 
@@ -146,6 +149,26 @@ def _limits(value: Any) -> Limits:
         raise RecordError(f"limits: {exc}") from None
 
 
+def _name(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RecordError(f"name: not text ({type(value).__name__})")
+    try:
+        return check_name(value)
+    except NameError_ as exc:
+        raise RecordError(f"name: {exc}") from None
+
+
+def _labels(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise RecordError("labels: not an object of texts")
+    try:
+        return check_labels(value.items())
+    except NameError_ as exc:
+        raise RecordError(f"labels: {exc}") from None
+
+
 def _usage(value: Any) -> JobUsage:
     if not isinstance(value, dict):
         raise RecordError(f"usage: not an object ({type(value).__name__})")
@@ -179,6 +202,8 @@ _FIELDS: list[tuple[str, str, Callable[[Any], Any], Any]] = [
     ("usage", "usage", _usage, JobUsage()),
     ("output_bytes", "output_bytes", lambda v: _integer("output_bytes", v, 0, _U64), 0),
     ("uid", "uid", lambda v: UID_UNKNOWN if v is None else _integer("uid", v, 0, _U32), UID_UNKNOWN),
+    ("name", "name", _name, ""),
+    ("labels", "labels", _labels, ()),
 ]
 
 

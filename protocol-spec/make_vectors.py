@@ -101,25 +101,25 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
         "server_hello",
         [
             ("server_hello.basic", "the server's first frame for a client with CN alice, OU user",
-             m.ServerHello(2, 1 << 20, "jobworker", "alice", "user", "jobworker 0.1.0")),
+             m.ServerHello(3, 1 << 20, "jobworker", "alice", "user", "jobworker 0.1.0")),
             ("server_hello.utf8_no_role", "non-ASCII texts; a certificate without an OU gives role \"\"",
-             m.ServerHello(2, 16 << 20, "wörker-東京", "zoë", "", "")),
+             m.ServerHello(3, 16 << 20, "wörker-東京", "zoë", "", "")),
         ],
     ),
     (
         "client_hello",
         [
-            ("client_hello.basic", "version 2, default maximum frame size of 1 MiB",
-             m.ClientHello(2, 1 << 20)),
+            ("client_hello.basic", "version 3, default maximum frame size of 1 MiB",
+             m.ClientHello(3, 1 << 20)),
             ("client_hello.min_frame", "the smallest maximum frame size a peer may announce: 16 KiB",
-             m.ClientHello(2, 16 << 10)),
+             m.ClientHello(3, 16 << 10)),
         ],
     ),
     (
         "go_away",
         [
             ("go_away.unsupported_version", "a hello with a version this end does not speak",
-             m.GoAway(int(ErrorCode.UNSUPPORTED_VERSION), "protocol version 2 is not supported (this end speaks 1)")),
+             m.GoAway(int(ErrorCode.UNSUPPORTED_VERSION), "protocol version 2 is not supported (this server speaks 3)")),
             ("go_away.timeout_empty_message", "an empty text is just its zero length",
              m.GoAway(int(ErrorCode.TIMEOUT), "")),
         ],
@@ -174,6 +174,8 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
              )),
             ("start_request.empty_argv", "an empty argv encodes (count 0); the server answers BAD_REQUEST",
              m.StartRequest(3, ())),
+            ("start_request.named_labelled", "a job named web-1 with two labels (version 3)",
+             m.StartRequest(4, ("nginx",), name="web-1", labels=(("app", "web"), ("tier", "frönt")))),
         ],
     ),
     (
@@ -205,6 +207,8 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
              "the page after job A, at most 50 jobs, running or exited (bits 2 and 3), owned by bob",
              m.ListRequest(9, after_created_at=T0, after_job_id=JOB_A, max_jobs=50,
                            states=m.state_mask([m.JobState.RUNNING, m.JobState.EXITED]), owner="bob")),
+            ("list_request.name_and_labels", "only the job named web-1, if it has label app=web and a label tier",
+             m.ListRequest(10, name="web-1", labels=("app=web", "tier"))),
         ],
     ),
     (
@@ -223,6 +227,8 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
              m.FollowRequest(11, JOB_A, 2, offset=(1 << 20) + 5, window=MAX_WINDOW, follow=False)),
             ("follow_request.max_values", "largest stream id and offset; window 0 (nothing flows until a WindowUpdate)",
              m.FollowRequest(12, JOB_B, U32_MAX, offset=U64_MAX, window=0, follow=True)),
+            ("follow_request.timestamps_since", "with TimeMark frames, from the first byte read at T0 + 1 s or later",
+             m.FollowRequest(13, JOB_A, 3, timestamps=True, since=T0 + 1_000_000)),
         ],
     ),
     (
@@ -263,6 +269,8 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
         [
             ("status_response.running", "a running job with live usage", m.StatusResponse(7, _status())),
             ("status_response.exited", "a job that exited with code 0", m.StatusResponse(7, EXITED)),
+            ("status_response.named_labelled", "a running job with a name and two labels",
+             m.StatusResponse(8, _status(name="web-1", labels=(("app", "web"), ("tier", "front"))))),
             ("status_response.signaled", "killed by SIGKILL (9) that nobody asked for; exit_code -1",
              m.StatusResponse(7, _ended(m.JobState.SIGNALED, signal=9))),
             ("status_response.stopped", "stopped by bob's request; it died of SIGTERM (15)",
@@ -363,6 +371,13 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
              m.EndOfStream(4, m.EndReason.SERVER_ERROR, _status())),
             ("end_of_stream.abridged", "a final status abridged to fit a 16 KiB client frame",
              m.EndOfStream(5, m.EndReason.JOB_ENDED, m.abridge(_ended(m.JobState.EXITED, exit_code=0, argv=tuple(f"arg{i}" for i in range(20)))))),
+        ],
+    ),
+    (
+        "time_mark",
+        [
+            ("time_mark.first", "the output from offset 0 on was read 2.5 ms after T0", m.TimeMark(1, 0, T0 + 2_500)),
+            ("time_mark.max_values", "largest stream id, offset and time", m.TimeMark(U32_MAX, U64_MAX, U64_MAX)),
         ],
     ),
 ]

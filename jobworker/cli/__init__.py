@@ -5,8 +5,10 @@ Exit codes: C{run}, C{wait} and C{logs -f} exit with the job's own code
 (128+N when signal N ended it, 127 command not found, 126 not executable)
 and 125 for an error of jobcli itself (a usage error of C{run} included);
 every other command exits 0 on success, 1 with a one-line message on
-stderr on error, and 2 for a usage error.  With several servers
-(C{--server a,b}) jobcli exits with the highest code of them all.
+stderr on error, and 2 for a usage error (C{logs --since} in the future
+or unparsable is one, with C{-f} too: no job's code is involved yet).
+With several servers (C{--server a,b}) jobcli exits with the highest code
+of them all.
 
 C{run}, C{wait} and C{logs -f} wait as long as the job runs, however
 quiet it is (like C{ssh} and C{docker logs -f}); a server that vanished is
@@ -41,6 +43,7 @@ from jobworker.blocking import BlockingClient, ConnectionFailed, parse_address
 from jobworker.clientconfig import ClientConfigError, Target, load_client_config, resolve_targets
 from jobworker.errors import ErrorCode, JobworkerError
 from jobworker.host.contract import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED
+from jobworker.jobnames import NameError_, check_label_filter, check_labels, check_name
 from jobworker.limits import LimitError, Limits, format_size, parse_count, parse_cpu, parse_duration, parse_size
 from jobworker.protocol import messages as m
 from jobworker.records import exit_status, status_to_dict
@@ -122,6 +125,11 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--io-write-bps", type=_limit(lambda t: parse_size(t, what="io-write-bps")), default=0, metavar="BYTES", help="disk write bandwidth per second, e.g. 5M")
         sub.add_argument("--pids", type=_limit(parse_count), default=0, metavar="N", help="most processes and threads at once")
         sub.add_argument("--timeout", type=_limit(parse_duration), default=0, metavar="DURATION", help="stop the job after this long, e.g. 30s, 5m")
+        sub.add_argument("--name", type=_job_name, default=None, metavar="NAME",
+                         help="a name for the job, unique among your jobs not removed; usable wherever an id is "
+                         "(letters, digits, _ . -; at most 128 bytes)")
+        sub.add_argument("-l", "--label", action="append", default=[], type=_label, metavar="KEY=VALUE",
+                         help="a label (repeatable; at most 32, 4 KiB in all); list --label filters on them")
         sub.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
     start = commands.add_parser("start", help="start a job; print its id")
@@ -158,6 +166,13 @@ def _parser() -> argparse.ArgumentParser:
         help="start at byte offset N of the output, both streams counted together (jobcli status shows the end offset)",
     )
     where.add_argument("-n", "--tail", type=_lines, default=None, metavar="N", help="only the last N lines (of the streams shown)")
+    logs.add_argument(
+        "--since", type=_since, default=None, metavar="DURATION|TIME",
+        help="only output the server read from this time on: a duration back from now (10m, 1h30m) or a time "
+        "(2026-12-02T10:00:00Z, 2026-12-02 10:00; local time without a zone)",
+    )
+    logs.add_argument("-t", "--timestamps", action="store_true",
+                      help="prefix each line with the time the server read its first byte (RFC 3339, UTC)")
     streams = logs.add_mutually_exclusive_group()
     streams.add_argument("--stdout", action="store_true", help="only the job's stdout")
     streams.add_argument("--stderr", action="store_true", help="only the job's stderr")
@@ -180,6 +195,9 @@ def _parser() -> argparse.ArgumentParser:
         help="only jobs in these states (" + ", ".join(state.label for state in m.JobState) + "; repeatable)",
     )
     listing.add_argument("--owner", default="", metavar="NAME", help="only jobs of this owner (certificate CN)")
+    listing.add_argument("--name", type=_job_name, default=None, metavar="NAME", help="only the job of this name")
+    listing.add_argument("-l", "--label", action="append", default=[], type=_label_filter, metavar="KEY[=VALUE]",
+                         help="only jobs with this label (and value); repeatable, all must match")
 
     remove = commands.add_parser("rm", help="forget finished jobs and delete their output")
     remove.add_argument("-f", "--force", action="store_true", help="stop a job that still runs (SIGKILL) first")
@@ -265,6 +283,124 @@ def _lines(text: str) -> int:
     return value
 
 
+def _job_name(text: str) -> str:
+    try:
+        name = check_name(text)
+    except NameError_ as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not name:
+        raise argparse.ArgumentTypeError("a job name must not be empty")
+    return name
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text[:60]!r}: expected KEY=VALUE")
+    try:
+        check_labels([(key, value)])
+    except NameError_ as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return key, value
+
+
+def _label_filter(text: str) -> str:
+    try:
+        check_label_filter(text)
+    except NameError_ as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def parse_since(text: str, now: float) -> float:
+    """
+    A C{--since} value as seconds since the epoch: a duration back from
+    C{now} (C{10m}, C{1h30m}, C{90}: seconds) or a time, RFC 3339 or ISO
+    8601 (C{2026-12-02T10:00:00Z}, C{2026-12-02 10:00:00+01:00},
+    C{2026-12-02}); a time without a zone is local time, as for docker.
+
+    @raise ValueError: neither, or a time after C{now}.
+    """
+    import datetime
+
+    stripped = text.strip()
+    try:
+        return now - parse_duration(stripped) / 1000
+    except LimitError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(stripped.replace("z", "Z"))
+    except ValueError:
+        raise ValueError(
+            f"{text[:60]!r} is neither a duration (10m, 1h30m) nor a time (2026-12-02T10:00:00Z)"
+        ) from None
+    when = moment.timestamp()  # a naive time is local time
+    if when > now:
+        raise ValueError(f"{text[:60]!r} is in the future: no output was read then yet")
+    if when <= 0:
+        raise ValueError(f"{text[:60]!r} is before 1970")
+    return when
+
+
+def _since(text: str) -> float:
+    try:
+        return parse_since(text, time.time())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def format_timestamp(microseconds: int | None) -> str:
+    """
+    An output time as C{jobcli logs -t} prints it: RFC 3339 in UTC with
+    microseconds (C{2026-12-02T10:00:00.123456Z}); C{-} when unknown.
+    """
+    if microseconds is None:
+        return "-"
+    seconds, micros = divmod(microseconds, 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+
+
+class _Timestamper:
+    """
+    Puts the time the server read each line's first byte in front of the
+    line (C{jobcli logs -t}), from the stream's time marks.  Each stream
+    (stdout, stderr) has its own line starts; the time of a byte is that of
+    the last mark at or before its offset.
+    """
+
+    def __init__(self) -> None:
+        self._marks: list[tuple[int, int]] = []  # (offset, time), ascending, not yet passed
+        self._time: int | None = None  # the mark in force
+        self._line_start = {1: True, 2: True}
+
+    def mark(self, offset: int, when: int) -> None:
+        self._marks.append((offset, when))
+
+    def _time_at(self, offset: int) -> int | None:
+        marks = self._marks
+        while marks and marks[0][0] <= offset:
+            self._time = marks.pop(0)[1]
+        return self._time
+
+    def stamp(self, fd: int, offset: int, data: bytes | memoryview) -> bytes:
+        data = bytes(data)
+        if not data:
+            return data
+        pieces = []
+        at = 0
+        while at < len(data):
+            if self._line_start[fd]:
+                pieces.append(format_timestamp(self._time_at(offset + at)).encode() + b" ")
+            newline = data.find(b"\n", at)
+            end = len(data) if newline < 0 else newline + 1
+            pieces.append(data[at:end])
+            self._line_start[fd] = newline >= 0
+            at = end
+        # Marks of bytes passed go, so the list stays as short as a chunk's.
+        self._time_at(offset + len(data) - 1)
+        return b"".join(pieces)
+
+
 def _states(text: str) -> list[m.JobState]:
     labels = {state.label: state for state in m.JobState}
     states = []
@@ -337,7 +473,20 @@ def _start_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]
         if size > MAX_TEXT_BYTES:
             raise UsageError(f"an argument or environment string of {size} bytes is longer than the protocol's {MAX_TEXT_BYTES}")
     network = m.Network.HOST if args.network == "host" else m.Network.NONE
-    return argv, {"env": tuple(env), "workdir": args.workdir, "user": args.user, "network": network, "limits": limits}
+    labels = tuple(args.label)
+    try:
+        check_labels(labels)
+    except NameError_ as exc:
+        raise UsageError(str(exc)) from None
+    return argv, {
+        "env": tuple(env),
+        "workdir": args.workdir,
+        "user": args.user,
+        "network": network,
+        "limits": limits,
+        "name": args.name or "",
+        "labels": labels,
+    }
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -473,7 +622,9 @@ class _OutputWriter:
             if done == len(data):
                 return credit
         rest = memoryview(data)[done:] if done else data
-        later = len(rest) if credit else 0
+        # Never more credit than the data stands for (logs -t writes more
+        # bytes than the stream's: the time in front of each line).
+        later = min(len(rest), credit)
         self._hand_over(fd, rest, later)
         return credit - later
 
@@ -638,12 +789,18 @@ def _stream(
     follow: bool,
     console: _Console,
     fds: frozenset[int] = frozenset((1, 2)),
+    timestamps: bool = False,
+    since: float | None = None,
 ) -> m.JobStatus:
     """
     Copy the job's output from C{offset} to our stdout and stderr (only the
     streams in C{fds}); return the status that ended the stream.
+
+    @param timestamps: each line prefixed with the time the server read it.
+    @param since: seconds since the epoch: only output read from then on.
     """
     status = None
+    stamper = _Timestamper() if timestamps else None
     gaps = dropped = 0
     # Straight to our own stdout, never blocking the main thread, so a slow
     # reader of ours never stalls keep-alive (see _OutputWriter); with a
@@ -666,19 +823,28 @@ def _stream(
     if writer is not None:
         client.wake_on(writer.wake_fd, written)
     try:
-        for message in client.follow(job_id, offset=offset, follow=follow, auto_credit=False):
+        messages = client.follow(
+            job_id, offset=offset, follow=follow, auto_credit=False, timestamps=timestamps, since=since
+        )
+        for message in messages:
             if not stream_id:
                 stream_id.append(message.stream_id)
             if isinstance(message, m.Output):
+                data = message.data
+                if stamper is not None and message.fd in fds:
+                    data = stamper.stamp(message.fd, message.offset, data)
                 if message.fd not in fds:
                     client.grant(message.stream_id, len(message.data))
                 elif writer is not None:
-                    done = writer.write(message.fd, message.data, len(message.data))
+                    done = writer.write(message.fd, data, len(message.data))
                     if done:
                         client.grant(message.stream_id, done)
                 else:
-                    console.write(message.fd, message.data)
+                    console.write(message.fd, data)
                     client.grant(message.stream_id, len(message.data))
+            elif isinstance(message, m.TimeMark):
+                if stamper is not None:
+                    stamper.mark(message.offset, message.time)
             elif isinstance(message, m.Gap):
                 # The first gap is reported when it happens; the rest in one
                 # total at the end, so a long lagging follow does not flood.
@@ -834,6 +1000,7 @@ def _describe(status: m.JobStatus) -> str:
     now = time.time()
     lines = [
         ("id", str(status.job_id)),
+        *([("name", status.name)] if status.name else []),
         ("owner", status.owner),
         ("command", " ".join(status.argv)),
         ("state", status.state.label),
@@ -858,6 +1025,8 @@ def _describe(status: m.JobStatus) -> str:
         ("workdir", status.workdir),
         ("network", status.network.name.lower()),
     ]
+    if status.labels:
+        lines.append(("labels", " ".join(f"{key}={value}" for key, value in status.labels)))
     limits = status.limits
     described = []
     if limits.cpu_millicores:
@@ -1125,8 +1294,10 @@ def _cmd_logs(cmd: _Command) -> int:
     fds = frozenset((1,)) if args.stdout else frozenset((2,)) if args.stderr else frozenset((1, 2))
     offset = args.since_offset
     if args.tail is not None:
+        # With --since too, the server starts at the later of the two: the
+        # last N lines of what was read since then.
         offset = _tail_offset(client, job_id, args.tail, fds)
-    status = _stream(client, job_id, offset, args.follow, cmd.console, fds)
+    status = _stream(client, job_id, offset, args.follow, cmd.console, fds, args.timestamps, args.since)
     return _ended(status, cmd.console) if args.follow else 0
 
 
@@ -1141,7 +1312,11 @@ def _cmd_list(cmd: _Command) -> int:
     args = cmd.args
     # Every page first: a refusal is then one line on stderr, not a table
     # header with nothing under it.  The server pages oldest first.
-    jobs = list(cmd.client.list(states=[state for group in args.state for state in group], owner=args.owner))
+    jobs = list(
+        cmd.client.list(
+            states=[state for group in args.state for state in group], owner=args.owner, name=args.name or "", labels=args.label
+        )
+    )
     jobs.sort(key=lambda job: (job.created_at, job.job_id.int), reverse=True)
     if args.json:
         cmd.results.extend(_status_json(job) for job in jobs)
@@ -1155,8 +1330,13 @@ def _cmd_list(cmd: _Command) -> int:
         return 0
     width = 36 if args.no_trunc else SHORT_ID
     now = time.time()
-    rows = [f"{'ID':<{width}}  {'OWNER':<12}  {'STATE':<9}  {'EXIT':>4}  {'CREATED':<12}  {'DURATION':<9}  COMMAND"]
-    for job in jobs:
+    names = [job.name if args.no_trunc or len(job.name) <= 20 else job.name[:19] + "…" for job in jobs]
+    name_width = max([4, *map(len, names)])
+    rows = [
+        f"{'ID':<{width}}  {'OWNER':<12}  {'STATE':<9}  {'EXIT':>4}  {'CREATED':<12}  {'DURATION':<9}  "
+        f"{'NAME':<{name_width}}  COMMAND"
+    ]
+    for job, name in zip(jobs, names):
         code = str(exit_status(job)) if job.state.is_final else ""
         command = " ".join(job.argv) + (" …" if job.abridged else "")
         if not args.no_trunc and len(command) > 60:
@@ -1165,7 +1345,7 @@ def _cmd_list(cmd: _Command) -> int:
         owner = job.owner if args.no_trunc else f"{job.owner:<12.12}"
         rows.append(
             f"{ident(job):<{width}}  {owner:<12}  {job.state.label:<9}  {code:>4}  "
-            f"{_age(job.created_at, now):<12}  {'-' if ran is None else _duration(ran):<9}  {command}"
+            f"{_age(job.created_at, now):<12}  {'-' if ran is None else _duration(ran):<9}  {name or '-':<{name_width}}  {command}"
         )
     cmd.console.out("\n".join(rows))
     return 0
@@ -1356,6 +1536,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         # Reported by the command's own parser, with its exit code (125 for run).
         args._subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("start", "run"):
+        try:
+            # Each label was checked alone; together they have caps too.
+            check_labels(args.label)
+        except NameError_ as exc:
+            args._subcommands[args.command].error(f"argument -l/--label: {exc}")
     try:
         try:
             targets = _targets(args)

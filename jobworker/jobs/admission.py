@@ -10,7 +10,8 @@ fixed order, so a request wrong in several ways always gets the same answer:
 
   1. the caller's role may start jobs                  PERMISSION_DENIED
   2. the limits decoded                                INVALID_LIMITS
-  3. command, environment, workdir and user strings    BAD_REQUEST
+  3. command, environment, workdir and user strings,
+     the name and labels (jobworker.jobnames)         BAD_REQUEST
   4. limits within the caps (non-admins)               INVALID_LIMITS
   5. the job user (only an admin may choose one)       PERMISSION_DENIED
   6. the host network (admins only)                    PERMISSION_DENIED
@@ -26,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from jobworker.errors import ErrorCode, RequestError
+from jobworker.jobnames import NameError_, check_labels, check_name
 from jobworker.jobs.spec import JobSpec
 from jobworker.limits import LIMIT_CONTROLLERS, Limits
 from jobworker.policy import Identity, Operation, Role, Verdict, authorize
@@ -109,6 +111,8 @@ def admit(identity: Identity, request: StartRequest, config: AdmissionConfig, *,
         user=user,
         limits=limits,
         cgroup_limits=cgroup_limits,
+        name=request.name,
+        labels=tuple(request.labels),
     )
 
 
@@ -128,7 +132,8 @@ def check_request(request: StartRequest) -> None:
 
     @raise RequestError: C{BAD_REQUEST}: an empty command, a command line
         or environment above the MAX_* sizes, a NUL byte anywhere, a bad
-        variable name, a relative workdir.
+        variable name, a relative workdir, a name or labels that break the
+        rules of L{jobworker.jobnames}.
     """
     if not request.argv or not request.argv[0]:
         raise RequestError("empty command", ErrorCode.BAD_REQUEST)
@@ -154,6 +159,11 @@ def check_request(request: StartRequest) -> None:
             raise RequestError(f"bad environment variable name {key[:64]!r}", ErrorCode.BAD_REQUEST)
     if request.workdir and not request.workdir.startswith("/"):
         raise RequestError("workdir must be an absolute path", ErrorCode.BAD_REQUEST)
+    try:
+        check_name(request.name)
+        check_labels(request.labels)
+    except NameError_ as exc:
+        raise RequestError(str(exc), ErrorCode.BAD_REQUEST) from None
 
 
 def limits_for(requested: Limits, config: AdmissionConfig, is_admin: bool) -> Limits:

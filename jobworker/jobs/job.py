@@ -83,10 +83,14 @@ class Job:
         # An attribute, not a property of the spec: listing pages read it
         # (jobworker.protocol.listing.ListedJob).
         self.owner = spec.owner
+        # Attributes too, for the same reason (list filters).
+        self.name = spec.name
+        self.labels = spec.labels
         # The uid the command runs as; UID_UNKNOWN until known.
         self.uid = UID_UNKNOWN
         self.output = output
         self.spool = spool
+        self.times: FileSpool | None = None  # the times file (jobworker.output.log)
         self.state = JobState.STARTING
         self.exit_code = -1
         self.signal = 0
@@ -183,6 +187,8 @@ class Job:
             user=self.user,
             network=self.network,
             uid=self.uid,
+            name=self.name,
+            labels=self.labels,
         )
 
     def when_ended(self) -> defer.Deferred[JobStatus]:
@@ -367,6 +373,8 @@ class Job:
         self.output.close()
         if self.spool is not None:
             self.spool.seal()
+        if self.times is not None:
+            self.times.seal()
         log.info(
             "job {job_id} ended: {state} exit_code={exit_code} signal={signal}",
             job_id=self.job_id,

@@ -32,6 +32,7 @@ from jobworker.jobs.helper import ISOLATE_SCRIPT, HelperSettings, helper_config
 from jobworker.jobs.job import Job
 from jobworker.jobs.persistence import RecordSaver, restored_job
 from jobworker.jobs.report import now_us
+from jobworker.jobs.spec import JobSpec
 from jobworker.jobs.store import JobStore, StateDirLocked, discard
 from jobworker.logs import Logger
 from jobworker.output.log import OutputLog
@@ -198,6 +199,7 @@ class JobManager(Service):
             raise RequestError("the server is shutting down", ErrorCode.SHUTTING_DOWN)
         running = sum(1 for job in self.jobs.values() if job.owner == identity.name and not job.is_final)
         spec = admit(identity, request, self.admission_config(), running=running)
+        self._check_name_free(spec)
         job_id = uuid.uuid4()
         # First of all that the job holds, so that running out makes nothing.
         dynamic_uid = self._allocate_uid(job_id, spec.user)
@@ -209,8 +211,10 @@ class JobManager(Service):
         except BaseException:
             self._forget_uid(dynamic_uid)
             raise
-        output = OutputLog(spool, ring_size=self.config.ring_size, retention=self.config.retention)
+        times = self._open_times(job_id)
+        output = OutputLog(spool, ring_size=self.config.ring_size, retention=self.config.retention, times=times)
         job = Job(self, job_id, spec, output, spool)
+        job.times = times
         try:
             config, job.uid = helper_config(spec, self._helper_settings(), dynamic_uid)
             if self.cgroups is not None:
@@ -236,6 +240,8 @@ class JobManager(Service):
             if job.cgroup is not None:
                 self.remove_cgroup(job.cgroup)
             spool.remove()
+            if times is not None:
+                times.remove()
             self.store.forget(job_id)
             self._forget_uid(dynamic_uid)
             raise
@@ -246,6 +252,34 @@ class JobManager(Service):
             argv=log_excerpt(list(job.argv)),
         )
         return started
+
+    def _check_name_free(self, spec: JobSpec) -> None:
+        """
+        A job's name is not that of another of its owner's jobs not removed
+        (as docker's container names: a finished job keeps its name until it
+        is removed).  Jobs of other owners may have it.
+
+        @raise RequestError: C{NAME_IN_USE}.
+        """
+        if not spec.name:
+            return
+        for job in self.jobs.values():
+            if job.owner == spec.owner and job.name == spec.name:
+                raise RequestError(
+                    f"the name {spec.name!r} is in use by job {job.job_id} (remove it first, or choose another)",
+                    ErrorCode.NAME_IN_USE,
+                )
+
+    def _open_times(self, job_id: uuid.UUID) -> FileSpool | None:
+        """
+        The job's times file; None when it cannot be made (the job runs;
+        its output's times are then known only while the server runs).
+        """
+        try:
+            return FileSpool(self.store.times_path(job_id))
+        except OSError as exc:
+            log.warn("job {job_id}: no times file: {error}", job_id=job_id, error=exc.strerror or exc)
+            return None
 
     def admission_config(self) -> AdmissionConfig:
         """
@@ -311,8 +345,11 @@ class JobManager(Service):
         self.jobs.pop(job.job_id, None)
         if job.spool is not None:
             job.spool.seal()
+        if job.times is not None:
+            job.times.seal()
         # A directory in the spool's place is logged and left (discard).
         discard(self.store.spool_path(job.job_id))
+        discard(self.store.times_path(job.job_id))
         self.store.forget(job.job_id)
         job.output.wake_listeners()
 

@@ -108,12 +108,20 @@ def restored_job(host: JobHost, store: JobStore, record: LoadedRecord, ring_size
         user=status.user,
         limits=status.limits,
         cgroup_limits=status.limits,
+        name=status.name,
+        labels=status.labels,
     )
     path = store.spool_path(status.job_id)
     spool: FileSpool | None
+    times: FileSpool | None
+    try:
+        # No times file: a spool written before times were recorded.
+        times = FileSpool(store.times_path(status.job_id), create=False)
+    except OSError:
+        times = None
     try:
         spool = FileSpool(path, create=False)
-        output = OutputLog.from_spool(spool, ring_size=ring_size, expected_end=status.output_bytes)
+        output = OutputLog.from_spool(spool, ring_size=ring_size, expected_end=status.output_bytes, times=times)
     except OSError as exc:
         spool = None
         output = OutputLog.from_spool(MemorySpool(), expected_end=status.output_bytes)
@@ -121,6 +129,9 @@ def restored_job(host: JobHost, store: JobStore, record: LoadedRecord, ring_size
             output.damage = f"output spool {path} cannot be read: {exc.strerror or exc}"
     if output.damage is not None:
         log.error("job {job_id}: {damage}; readers get a gap there", job_id=status.job_id, damage=output.damage)
+    if output.times_damage is not None:
+        log.error("job {job_id}: {damage}; later output has no times", job_id=status.job_id, damage=output.times_damage)
     job = Job(host, status.job_id, spec, output, spool)
+    job.times = times
     job.restore(status)
     return job

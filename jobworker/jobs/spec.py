@@ -35,6 +35,8 @@ class JobSpec:
         the rest and, for a non-admin, its caps.
     @ivar cgroup_limits: the limits written to the job's cgroup: C{limits}
         less the server's defaults that this host cannot enforce.
+    @ivar name: the job's name, C{""} for none (L{jobworker.jobnames}).
+    @ivar labels: the job's labels, (key, value) in the order given.
     """
 
     owner: str
@@ -45,6 +47,8 @@ class JobSpec:
     user: str = ""
     limits: Limits = Limits()
     cgroup_limits: Limits = Limits()
+    name: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def has_own_uid(self) -> bool:

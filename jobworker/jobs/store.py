@@ -4,7 +4,8 @@ The state directory: one JSON record and one output spool per job.
 Layout::
 
     STATE_DIR/jobs/<uuid>.json   the job's record (status, environment)
-    STATE_DIR/jobs/<uuid>.out    its output spool (see jobworker.outputlog)
+    STATE_DIR/jobs/<uuid>.out    its output spool (see jobworker.output.log)
+    STATE_DIR/jobs/<uuid>.times  when its output was read (ditto); may be absent
 
 Records are replaced atomically (write a temporary file completely, fsync,
 rename), so a crash or a full disk leaves either the old record or the new
@@ -119,6 +120,12 @@ class JobStore:
     def spool_path(self, job_id: uuid.UUID) -> str:
         return os.path.join(self.jobs_dir, f"{job_id}.out")
 
+    def times_path(self, job_id: uuid.UUID) -> str:
+        """
+        The times file beside the job's spool (see L{jobworker.output.log}).
+        """
+        return os.path.join(self.jobs_dir, f"{job_id}.times")
+
     def _record_path(self, job_id: uuid.UUID) -> str:
         return os.path.join(self.jobs_dir, f"{job_id}.json")
 
@@ -192,7 +199,7 @@ class JobStore:
                 job_id = uuid.UUID(stem)
             except ValueError:
                 job_id = None
-            if job_id is None or str(job_id) != stem or suffix not in ("json", "json.tmp", "out"):
+            if job_id is None or str(job_id) != stem or suffix not in ("json", "json.tmp", "out", "times"):
                 log.warn("ignoring {path}: not a file of jobworker's", path=path)
                 continue
             if suffix == "json.tmp":
@@ -204,6 +211,8 @@ class JobStore:
                 except OSError as exc:
                     log.warn("could not remove {path}: {error}", path=path, error=exc)
                 continue
+            if suffix == "times":
+                continue  # read with the job's spool
             if suffix == "out":
                 if f"{stem}.json" not in names:
                     log.error("job {job_id}: its output spool has no record", job_id=job_id)

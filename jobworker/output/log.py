@@ -45,6 +45,27 @@ Memory is bounded per job by C{ring_size} plus a sparse index of the spool
 Reads from the spool are bounded by the caller's C{limit}, so serving a
 follower far behind never blocks the reactor for long.
 
+Times
+=====
+
+The log also records when the server read each chunk of output: a time
+mark (offset, time) says that the bytes from that offset on, up to the next
+mark, were read at that time (microseconds since the epoch).  One mark per
+chunk read from the job's pipe (never per byte or line), and fewer when
+chunks come fast: a chunk read less than L{MARK_STEP_US} after the last
+mark gets none (its bytes take that mark's time).  Times never go
+backwards within a log: a wall clock stepped back reads as the last mark's
+time.  Memory is bounded too: past L{MAX_TIME_MARKS} marks every other one
+is dropped and the step doubles, so a long, chatty job keeps coarser times
+rather than more memory.
+
+The marks are written to a second spool, the times file (C{times}): an
+8-byte magic C{TIME_FILE_MAGIC}, then one 16-byte entry per mark (offset
+u64, time u64, big-endian), for the output the spool keeps.  A log without
+one (a spool written before times were recorded) has no times, and its
+readers are told so; a times file that is damaged is read up to the damage
+and noted in L{OutputLog.times_damage}: the output itself loses nothing.
+
 This module does no I/O of its own: the spool is an object with
 C{append}/C{pread} (L{jobworker.output.spool.FileSpool} on disk,
 L{MemorySpool} in tests).
@@ -52,8 +73,9 @@ L{MemorySpool} in tests).
 
 from __future__ import annotations
 
+import time
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
@@ -66,6 +88,10 @@ __all__ = [
     "RECORD_HEADER_SIZE",
     "DEFAULT_RING_SIZE",
     "DEFAULT_RETENTION",
+    "TimeMarks",
+    "TIME_FILE_MAGIC",
+    "MAX_TIME_MARKS",
+    "MARK_STEP_US",
 ]
 
 RECORD_HEADER_SIZE = 9
@@ -78,6 +104,86 @@ _SPOOL_READ_BLOCK = 256 << 10
 # wire, so a spool whose records add up to more is damaged (its end could
 # not be sent in a status).
 MAX_OUTPUT_END = 2**64 - 1
+# Time marks: at most one per millisecond at first (the resolution people
+# read logs at), and at most 65 536 of them per job in memory (1 MiB).
+MARK_STEP_US = 1000
+MAX_TIME_MARKS = 1 << 16
+TIME_FILE_MAGIC = b"JWTIMES1"
+TIME_ENTRY_SIZE = 16
+_TIME_READ_BLOCK = 4096 * TIME_ENTRY_SIZE
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class TimeMarks:
+    """
+    The time marks of one log, in offset order (see the module docstring).
+    Pure: the caller writes what L{add} returns to the times file.
+    """
+
+    def __init__(self, max_marks: int = MAX_TIME_MARKS, step_us: int = MARK_STEP_US) -> None:
+        self.offsets = array("Q")
+        self.times = array("Q")
+        self.max_marks = max_marks
+        self.step_us = step_us
+        # The time of the last mark (0: none): the hot path's one check.
+        self.last_time = 0
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def add(self, offset: int, at: int) -> tuple[int, int] | None:
+        """
+        Note that the bytes from C{offset} on were read at C{at}; return the
+        mark kept (its time may be clamped to the last one), or None when
+        none was needed.
+        """
+        if self.offsets:
+            last = self.times[-1]
+            if at < last:
+                at = last  # a clock stepped back: times never go backwards
+            if at - last < self.step_us or offset <= self.offsets[-1]:
+                return None
+        if len(self.offsets) >= self.max_marks:
+            # Every other mark goes, the first stays; the step doubles so
+            # that the marks that come later are as far apart.
+            self.offsets = self.offsets[::2]
+            self.times = self.times[::2]
+            self.step_us *= 2
+        self.offsets.append(offset)
+        self.times.append(at)
+        self.last_time = at
+        return offset, at
+
+    def between(self, start: int, end: int) -> list[tuple[int, int]]:
+        """
+        The marks that say when bytes C{start} to C{end} (exclusive) were
+        read: the one in force at C{start} (with offset C{start}), then each
+        that begins inside the range.  Empty when no time is known there.
+        """
+        slot = bisect_right(self.offsets, start)
+        marks: list[tuple[int, int]] = []
+        if slot:
+            marks.append((start, self.times[slot - 1]))
+        while slot < len(self.offsets) and self.offsets[slot] < end:
+            marks.append((self.offsets[slot], self.times[slot]))
+            slot += 1
+        return marks
+
+    def offset_at(self, since: int, end: int) -> int:
+        """
+        The offset of the first byte read at C{since} or later: where the
+        first mark whose time is not before C{since} begins; C{end} when
+        there is none (no byte known to be that recent).
+        """
+        slot = bisect_left(self.times, since)
+        return self.offsets[slot] if slot < len(self.offsets) else end
+
+
+def _time_entry(offset: int, at: int) -> bytes:
+    return offset.to_bytes(8, "big") + at.to_bytes(8, "big")
 
 
 class Chunk(NamedTuple):
@@ -148,8 +254,25 @@ class OutputLog:
         *,
         ring_size: int = DEFAULT_RING_SIZE,
         retention: int = DEFAULT_RETENTION,
+        times: Spool | None = None,
+        clock: Callable[[], int] = _now_us,
     ) -> None:
+        """
+        @param times: the spool the time marks are written to (see the
+            module docstring); None keeps them in memory only.
+        @param clock: now, in microseconds since the epoch.
+        """
         self._spool = spool
+        self._times = times
+        self._clock = clock
+        self.marks = TimeMarks()
+        # The log knows when its output was read: False for a log reopened
+        # from a spool that has no times file (written before they were).
+        self.has_times = True
+        self.times_damage: str | None = None
+        self._last_mark_written = -1  # the offset of the last mark in the file
+        if times is not None and times.size == 0:
+            times.append(TIME_FILE_MAGIC, mark=None)
         self.ring_size = ring_size
         self.retention = retention
         self.end = 0
@@ -169,7 +292,12 @@ class OutputLog:
 
     @classmethod
     def from_spool(
-        cls, spool: Spool, *, ring_size: int = DEFAULT_RING_SIZE, expected_end: int = 0
+        cls,
+        spool: Spool,
+        *,
+        ring_size: int = DEFAULT_RING_SIZE,
+        expected_end: int = 0,
+        times: Spool | None = None,
     ) -> OutputLog:
         """
         Reopen a closed log from its spool (after a restart): scan the
@@ -208,7 +336,63 @@ class OutputLog:
             if log.damage is None:
                 log._damaged(f"output spool: {missing} bytes of output missing from byte {offset} on")
         log.closed = True
+        log._load_times(times)
         return log
+
+    def _load_times(self, times: Spool | None) -> None:
+        """
+        Read the marks of a reopened log from its times file, up to the
+        first damage (noted in L{times_damage}); a torn last entry (the
+        server died mid-write) is dropped silently.  Never raises: times
+        are worth less than the output, which loses nothing either way.
+        """
+        if times is None:
+            self.has_times = False
+            return
+        try:
+            total = times.size
+            if total == 0:
+                self.has_times = False
+                return
+            if times.pread(0, len(TIME_FILE_MAGIC)) != TIME_FILE_MAGIC:
+                self.times_damage = "times file: not a times file (bad magic)"
+                return
+            position = len(TIME_FILE_MAGIC)
+            last_offset = -1
+            while position + TIME_ENTRY_SIZE <= total:
+                block = times.pread(position, min(_TIME_READ_BLOCK, total - position))
+                whole = len(block) - len(block) % TIME_ENTRY_SIZE
+                if not whole:
+                    self.times_damage = f"times file: short read at byte {position}"
+                    return
+                for at in range(0, whole, TIME_ENTRY_SIZE):
+                    offset = int.from_bytes(block[at : at + 8], "big")
+                    when = int.from_bytes(block[at + 8 : at + 16], "big")
+                    last_time = self.marks.times[-1] if len(self.marks) else 0
+                    if offset <= last_offset or offset >= max(self.end, 1) or when < last_time:
+                        self.times_damage = f"times file: bad entry at byte {position + at}"
+                        return
+                    last_offset = offset
+                    self.marks.add(offset, when)
+                position += whole
+        except OSError as exc:
+            self.times_damage = f"times file: cannot read: {exc.strerror or exc}"
+
+    def _write_mark(self, offset: int, at: int) -> None:
+        times = self._times
+        if times is None:
+            return
+        if getattr(times, "failure", None) is not None:
+            # A full disk: the marks it dropped are lost (the output's times
+            # get coarser there), the next one is tried again.
+            resume = getattr(times, "resume", None)
+            if resume is not None:
+                resume()
+        self._last_mark_written = offset
+        try:
+            times.append(_time_entry(offset, at), mark=None)
+        except (OSError, ValueError):
+            pass  # a sealed or broken times file: the output goes on
 
     def _damaged(self, what: str) -> None:
         if self.damage is None:
@@ -218,9 +402,10 @@ class OutputLog:
 
     # -- writing ---------------------------------------------------------------
 
-    def append(self, fd: int, data: bytes) -> None:
+    def append(self, fd: int, data: bytes, at: int | None = None) -> None:
         """
-        Add C{data} read from the job's C{fd} (1 or 2).
+        Add C{data} read from the job's C{fd} (1 or 2) at time C{at}
+        (microseconds since the epoch; default: now by the log's clock).
         """
         if self.closed:
             raise ValueError("output log is closed")
@@ -231,6 +416,14 @@ class OutputLog:
         self._check_spool()
         offset = self.end
         self.end += len(data)
+        if at is None:
+            at = self._clock()
+        marks = self.marks
+        # One comparison per chunk when chunks come fast (most get no mark).
+        if at - marks.last_time >= marks.step_us:
+            mark = marks.add(offset, at)
+            if mark is not None and offset < self.retention:
+                self._write_mark(*mark)
         room = self.retention - self._spooled_end
         if room > 0 and self._spooled_end == offset:
             head = data if len(data) <= room else data[:room]
@@ -250,7 +443,13 @@ class OutputLog:
             return
         self._check_spool()
         self._resume_spool()
+        tail = self.marks.between(self._ring_start(), self.end)
         self._spool_ring(2**63)
+        # The marks of the tail just spooled (past the retention limit);
+        # those of bytes nobody holds any more are not worth keeping.
+        for offset, at in tail:
+            if offset > self._last_mark_written:
+                self._write_mark(offset, at)
         # The spool now holds everything it could (a spool still failing
         # drops the rest; the job's record counts it, so a reload shows it
         # as a gap); a finished job keeps no memory.

@@ -54,6 +54,7 @@ from jobworker.protocol.wire import (
     decode_body,
     encode_message,
     encode_output_head,
+    encode_time_mark,
 )
 
 __all__ = ["Role", "Connection", "FrameTooLarge", "DEFAULT_MAX_FRAME_SIZE", "MIN_FRAME_SIZE"]
@@ -111,6 +112,7 @@ _SERVER_SENDS = frozenset(
         m.Output,
         m.Gap,
         m.EndOfStream,
+        m.TimeMark,
     }
 )
 _RESPONSES = (m.StartResponse, m.StatusResponse, m.ListResponse, m.OkResponse, m.ErrorResponse)
@@ -353,7 +355,7 @@ class Connection:
             if follow is not None and isinstance(message, m.OkResponse):
                 stream_id, credit = follow
                 self._receive_windows[stream_id] = ReceiveWindow(credit)
-        elif isinstance(message, (m.Output, m.Gap)):
+        elif isinstance(message, (m.Output, m.Gap, m.TimeMark)):
             window = self._receive_windows.get(message.stream_id)
             if window is None:
                 raise ProtocolError(f"output on stream {message.stream_id}, which is not open")
@@ -452,7 +454,7 @@ class Connection:
             if len(message.data) > self.max_output_chunk():
                 raise ValueError("output chunk larger than the peer's frame size")
             window.consume(len(message.data))
-        elif isinstance(message, m.Gap):
+        elif isinstance(message, (m.Gap, m.TimeMark)):
             if message.stream_id not in self._send_windows:
                 raise ValueError(f"stream {message.stream_id} is not open")
         elif isinstance(message, m.EndOfStream):
@@ -492,6 +494,15 @@ class Connection:
             raise ValueError("output chunk larger than the peer's frame size")
         window.consume(size)
         return encode_output_head(stream_id, fd, offset, size)
+
+    def send_time_mark(self, stream_id: int, offset: int, time: int) -> bytes:
+        """
+        Encode one C{TimeMark} frame (not flow controlled), on the server's
+        hot path beside L{send_output_head}.
+        """
+        if stream_id not in self._send_windows:
+            raise ValueError(f"stream {stream_id} is not open")
+        return encode_time_mark(stream_id, offset, time)
 
     def consumed(self, stream_id: int, size: int) -> bytes:
         """

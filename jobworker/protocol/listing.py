@@ -10,10 +10,12 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from jobworker.errors import ErrorCode, RequestError
+from jobworker.jobnames import MAX_LABEL_FILTERS, NameError_, check_label_filter, check_name, labels_match
 from jobworker.protocol import messages as m
 from jobworker.protocol.wire import status_size
 
-__all__ = ["ListedJob", "list_order", "list_page", "LIST_RESPONSE_OVERHEAD"]
+__all__ = ["ListedJob", "list_order", "list_page", "check_list_filters", "LIST_RESPONSE_OVERHEAD"]
 
 # Frame bytes of a ListResponse besides its statuses: type (1), request id
 # (4), job count (4), the more flag (1).
@@ -29,6 +31,8 @@ class ListedJob(Protocol):
     job_id: uuid.UUID
     owner: str
     created_at: int
+    name: str
+    labels: tuple[tuple[str, str], ...]
 
     @property
     def state(self) -> m.JobState: ...
@@ -41,6 +45,23 @@ def list_order(job: ListedJob) -> tuple[int, int]:
     The list order: by C{created_at}, then by the job id as a number.
     """
     return (job.created_at, job.job_id.int)
+
+
+def check_list_filters(request: m.ListRequest) -> None:
+    """
+    Refuse a list request whose name or label filters no job could match
+    because they break the syntax or the caps of L{jobworker.jobnames}.
+
+    @raise RequestError: C{BAD_REQUEST}, saying which filter and why.
+    """
+    if len(request.labels) > MAX_LABEL_FILTERS:
+        raise RequestError(f"{len(request.labels)} label filters; at most {MAX_LABEL_FILTERS}", ErrorCode.BAD_REQUEST)
+    try:
+        check_name(request.name)
+        for text in request.labels:
+            check_label_filter(text)
+    except NameError_ as exc:
+        raise RequestError(str(exc), ErrorCode.BAD_REQUEST) from None
 
 
 def list_page(
@@ -71,6 +92,10 @@ def list_page(
         if request.states and not request.states >> int(job.state) & 1:
             continue
         if request.owner and job.owner != request.owner:
+            continue
+        if request.name and job.name != request.name:
+            continue
+        if request.labels and not labels_match(job.labels, request.labels):
             continue
         if request.max_jobs and len(page) >= request.max_jobs:
             more = True

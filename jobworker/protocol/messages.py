@@ -57,6 +57,7 @@ __all__ = [
     "Output",
     "Gap",
     "EndOfStream",
+    "TimeMark",
     "REQUEST_TYPES",
     "SUPPORTED_VERSIONS",
     "state_mask",
@@ -67,10 +68,14 @@ __all__ = [
 
 # The highest protocol version this implementation speaks, and every version
 # it speaks.  Version 2 added keep-alive (Ping/Pong), paged and filtered
-# lists, JobStatus.uid, abridged statuses and EndReason.SERVER_ERROR; version 1 peers
-# refuse it with UNSUPPORTED_VERSION at the hello (spec section 5.4).
-PROTOCOL_VERSION = 2
-SUPPORTED_VERSIONS = frozenset({2})
+# lists, JobStatus.uid, abridged statuses and EndReason.SERVER_ERROR.
+# Version 3 added job names and labels (StartRequest, JobStatus, the list
+# filters) and output times (FollowRequest.timestamps and .since, the
+# TimeMark message).  Their layouts differ, so a server speaks only its own
+# version and refuses another with UNSUPPORTED_VERSION at the hello (spec
+# section 5.4); client and server ship together.
+PROTOCOL_VERSION = 3
+SUPPORTED_VERSIONS = frozenset({3})
 
 # JobStatus.uid when the uid is not known: (uid_t)-1, which Linux never
 # gives a user.
@@ -176,6 +181,8 @@ class JobStatus:
     # section 6.2, "Abridged statuses"); the full status is not lost, only
     # not sent in this frame.
     abridged: bool = False
+    name: str = ""  # "" = no name (jobworker.jobnames has the syntax)
+    labels: tuple[tuple[str, str], ...] = ()  # (key, value), in the order given
 
 
 # An abridged status (spec section 6.2) keeps at most this many argv items
@@ -305,6 +312,8 @@ class StartRequest(Message):
     user: str = ""  # "" = the server's default job user
     network: Network = Network.NONE
     limits: Limits | InvalidLimits = field(default_factory=Limits)
+    name: str = ""  # "" = no name; unique among the owner's jobs otherwise
+    labels: tuple[tuple[str, str], ...] = ()  # (key, value), keys distinct
 
 
 @dataclass(frozen=True)
@@ -359,6 +368,10 @@ class ListRequest(Message):
     max_jobs: int = 0  # most jobs in the page; 0 = as many as fit a frame
     states: int = 0  # bit mask, bit n = JobState n; 0 = every state
     owner: str = ""  # "" = every owner the caller may see
+    name: str = ""  # "" = any name; else only the job of this name
+    # Each "KEY" (the job has the label) or "KEY=VALUE" (with this value);
+    # a job must match them all.
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -381,6 +394,11 @@ class FollowRequest(Message):
     offset: int = 0  # absolute byte offset into the job's output
     window: int = 1 << 20  # initial credit, bytes
     follow: bool = True  # False: stop at the end of what exists now
+    timestamps: bool = False  # True: send TimeMark frames with the output
+    # Microseconds since the epoch; 0 = none.  Otherwise the stream starts
+    # at the first byte read at or after this time (or at C{offset}, if
+    # that is later); see spec section 8.7.
+    since: int = 0
 
 
 @dataclass(frozen=True)
@@ -477,6 +495,20 @@ class EndOfStream(Message):
     stream_id: int
     reason: EndReason
     status: JobStatus
+
+
+@dataclass(frozen=True)
+class TimeMark(Message):
+    """
+    The output from C{offset} on (up to the next mark) was read by the
+    server at C{time}; sent only on streams opened with C{timestamps}, before
+    the first L{Output} frame that holds byte C{offset}.
+    """
+
+    TYPE: ClassVar[int] = 0x33
+    stream_id: int
+    offset: int  # absolute output offset
+    time: int  # microseconds since the epoch
 
 
 REQUEST_TYPES = (

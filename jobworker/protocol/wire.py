@@ -56,6 +56,7 @@ __all__ = [
     "frame_header",
     "encode_output",
     "encode_output_head",
+    "encode_time_mark",
     "status_size",
 ]
 
@@ -119,8 +120,9 @@ def _pairs(value: list[Any]) -> tuple[tuple[str, str], ...]:
 
 def _converters(cls: type) -> dict[str, Any]:
     table: dict[type, dict[str, Any]] = {
-        m.JobStatus: {"argv": tuple, "state": m.JobState, "network": m.Network},
-        m.StartRequest: {"argv": tuple, "env": _pairs, "network": m.Network},
+        m.JobStatus: {"argv": tuple, "state": m.JobState, "network": m.Network, "labels": _pairs},
+        m.StartRequest: {"argv": tuple, "env": _pairs, "network": m.Network, "labels": _pairs},
+        m.ListRequest: {"labels": tuple},
         m.ListResponse: {"jobs": tuple},
         m.EndOfStream: {"reason": m.EndReason},
     }
@@ -136,6 +138,8 @@ class _EnvPairs(Adapter):
 
 
 Text = PascalString(Int16ub, "utf8")
+# Labels have the layout of environment entries: (key, value) texts.
+Labels = _EnvPairs(PrefixedArray(Int16ub, Struct("key" / Text, "value" / Text)))
 JobId = _Uuid(Bytes(16))
 RequestId = Int32ub
 StreamId = Int32ub
@@ -204,6 +208,8 @@ StatusSchema = _Record(
         "network" / Int8ub,
         "uid" / Int32ub,
         "abridged" / Flag,
+        "name" / Text,
+        "labels" / Labels,
     ),
     m.JobStatus,
 )
@@ -230,6 +236,8 @@ SCHEMAS: dict[type[m.Message], Any] = {
         "user" / Text,
         "network" / Int8ub,
         "limits" / _RequestLimits(_LIMITS),
+        "name" / Text,
+        "labels" / Labels,
     ),
     m.StopRequest: Struct(
         "request_id" / RequestId, "job_id" / JobId, "grace_ms" / Int32ub, "force" / Flag
@@ -242,6 +250,8 @@ SCHEMAS: dict[type[m.Message], Any] = {
         "max_jobs" / Int32ub,
         "states" / Int16ub,
         "owner" / Text,
+        "name" / Text,
+        "labels" / PrefixedArray(Int16ub, Text),
     ),
     m.WaitRequest: Struct("request_id" / RequestId, "job_id" / JobId),
     m.FollowRequest: Struct(
@@ -251,6 +261,8 @@ SCHEMAS: dict[type[m.Message], Any] = {
         "offset" / Int64ub,
         "window" / Int32ub,
         "follow" / Flag,
+        "timestamps" / Flag,
+        "since" / Int64ub,
     ),
     m.RemoveRequest: Struct("request_id" / RequestId, "job_id" / JobId),
     m.SignalRequest: Struct("request_id" / RequestId, "job_id" / JobId, "signal" / Int8ub),
@@ -268,6 +280,7 @@ SCHEMAS: dict[type[m.Message], Any] = {
     ),
     m.Gap: Struct("stream_id" / StreamId, "offset" / Int64ub, "length" / Int64ub),
     m.EndOfStream: Struct("stream_id" / StreamId, "reason" / Int8ub, "status" / StatusSchema),
+    m.TimeMark: Struct("stream_id" / StreamId, "offset" / Int64ub, "time" / Int64ub),
 }
 
 _BODIES = {cls: _Record(schema, cls) for cls, schema in SCHEMAS.items()}
@@ -291,6 +304,12 @@ OUTPUT_HEAD_SIZE = 13
 _OUTPUT_PREFIX = struct.Struct(">IBIBQ")  # length, type, stream_id, fd, offset
 _OUTPUT_HEAD = struct.Struct(">IBQ")  # stream_id, fd, offset
 assert _OUTPUT_HEAD.size == OUTPUT_HEAD_SIZE
+# TimeMark frames go out beside the Output frames of a stream that asked for
+# times, so they are packed by one struct too (the same bytes as
+# SCHEMAS[TimeMark]; the test suite checks that both agree).
+TIME_MARK_FRAME_SIZE = 4 + 1 + 20
+_TIME_MARK = struct.Struct(">IBIQQ")  # length, type, stream_id, offset, time
+assert _TIME_MARK.size == TIME_MARK_FRAME_SIZE
 
 
 def frame_header(length: int, message_type: int) -> bytes:
@@ -376,6 +395,15 @@ def encode_output_head(stream_id: int, fd: int, offset: int, size: int) -> bytes
     if not (0 <= stream_id < 1 << 32 and 0 <= fd < 256 and 0 <= offset < 1 << 64):
         raise ValueError(f"cannot encode Output({stream_id}, {fd}, {offset}): a field is out of range")
     return _OUTPUT_PREFIX.pack(size + OUTPUT_HEAD_SIZE + 1, m.Output.TYPE, stream_id, fd, offset)
+
+
+def encode_time_mark(stream_id: int, offset: int, time: int) -> bytes:
+    """
+    Encode an L{m.TimeMark} frame without building the message object.
+    """
+    if not (0 <= stream_id < 1 << 32 and 0 <= offset < 1 << 64 and 0 <= time < 1 << 64):
+        raise ValueError(f"cannot encode TimeMark({stream_id}, {offset}, {time}): a field is out of range")
+    return _TIME_MARK.pack(TIME_MARK_FRAME_SIZE - 4, m.TimeMark.TYPE, stream_id, offset, time)
 
 
 def _decode_output(body: bytes | memoryview) -> m.Output:

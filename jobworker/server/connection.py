@@ -63,7 +63,7 @@ from jobworker.output.log import GAP_FD
 from jobworker.policy import Identity, Operation, Role
 from jobworker.protocol import messages as m
 from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict as KeepAliveVerdict
-from jobworker.protocol.listing import list_page
+from jobworker.protocol.listing import check_list_filters, list_page
 from jobworker.tls import BulkTLSMemoryBIOProtocol, drop_traceback, peer_names
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, Role as WireRole
 
@@ -189,11 +189,14 @@ class _Stream:
     One follower: a cursor into a job's output.
     """
 
-    def __init__(self, stream_id: int, job: Job, offset: int, follow: bool) -> None:
+    def __init__(self, stream_id: int, job: Job, offset: int, follow: bool, timestamps: bool = False) -> None:
         self.stream_id = stream_id
         self.job = job
         self.offset = offset
         self.follow = follow
+        # With timestamps: the time of the last TimeMark sent (-1: none yet).
+        self.timestamps = timestamps
+        self.mark_time = -1
 
 
 @implementer(IPushProducer)
@@ -846,6 +849,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         return m.StatusResponse(request.request_id, job.status())
 
     def _list(self, request: m.ListRequest) -> m.Message:
+        check_list_filters(request)
         jobs = self.manager.list(self.identity)  # type: ignore[arg-type]
         return list_page(jobs, request, self.conn.peer_max_frame_size, self._unlistable)
 
@@ -880,8 +884,12 @@ class ServerProtocol(Protocol, TimeoutMixin):
                 f"offset {request.offset} is past the end of the output ({job.output.end} bytes)",
                 ErrorCode.BAD_REQUEST,
             )
+        offset = request.offset
+        if request.since:
+            # From the first byte read at or after `since` (spec 8.7).
+            offset = max(offset, job.output.marks.offset_at(request.since, job.output.end))
         self._respond(m.OkResponse(request.request_id))
-        stream = _Stream(request.stream_id, job, request.offset, request.follow)
+        stream = _Stream(request.stream_id, job, offset, request.follow, request.timestamps)
         self.streams[stream.stream_id] = stream
         self.factory.stream_opened(self.identity.name)  # type: ignore[union-attr]
         subscription = self.pump.wake
@@ -928,6 +936,8 @@ class ServerProtocol(Protocol, TimeoutMixin):
                     pieces.append(self.conn.send(m.Gap(stream.stream_id, chunk.offset, chunk.gap)))
                 else:
                     data = memoryview(chunk.data)
+                    if stream.timestamps:
+                        self._time_marks(stream, chunk.offset, len(data), pieces)
                     for at in range(0, len(data), frame):
                         piece = data[at : at + frame]
                         pieces.append(self.conn.send_output_head(stream.stream_id, chunk.fd, chunk.offset + at, len(piece)))
@@ -942,6 +952,18 @@ class ServerProtocol(Protocol, TimeoutMixin):
             elif not stream.follow:
                 self._end_stream(stream, m.EndReason.CAUGHT_UP)
         return 0
+
+    def _time_marks(self, stream: _Stream, offset: int, size: int, pieces: list[bytes | memoryview]) -> None:
+        """
+        The TimeMark frames for the C{size} bytes from C{offset}, before
+        their Output frames: one per mark of the log (one per chunk the
+        server read), and none for a range the last one sent covers.
+        """
+        for mark_offset, when in stream.job.output.marks.between(offset, offset + size):
+            if mark_offset == offset and when == stream.mark_time:
+                continue  # the mark in force goes on from the last read
+            pieces.append(self.conn.send_time_mark(stream.stream_id, mark_offset, when))
+            stream.mark_time = when
 
     def _write_turn(self, pieces: list[bytes | memoryview]) -> None:
         """

@@ -165,3 +165,45 @@ async def test_real_client_certificate_from_another_ca(server, tmp_path) -> None
             reactor, f"127.0.0.1:{server.port}",
             ca=server.certs / "ca.pem", cert=stranger / "admin.pem", key=stranger / "admin.key",
         )
+
+
+@real_server_test
+async def test_real_names_labels_and_output_times(server) -> None:
+    """
+    The embeddable client starts a named, labelled job, lists by label on
+    the server, and follows with times: C{time_mark} is called before the
+    output it dates, C{since} skips what was read before.
+    """
+    import time as _time
+
+    client = await connect_to(server)
+    try:
+        name = f"tw-{uuid.uuid4().hex[:8]}"
+        job_id = await client.start(["sh", "-c", "echo a; sleep 0.5; echo b"], name=name, labels={"via": name})
+        await client.wait(job_id)
+        [listed] = await client.list(labels=[f"via={name}"])
+        assert (listed.job_id, listed.name, listed.labels) == (job_id, name, (("via", name),))
+        outputs: list[bytes] = []
+        # (offset, time, bytes of output delivered before the mark)
+        marks: list[tuple[int, float, int]] = []
+        follower = client.follow(
+            job_id,
+            lambda fd, data: outputs.append(data),
+            follow=False,
+            timestamps=True,
+            time_mark=lambda offset, when: marks.append((offset, when, sum(map(len, outputs)))),
+        )
+        await follower.done
+        assert [offset for offset, _, _ in marks] == [0, 2]
+        assert b"".join(outputs) == b"a\nb\n"
+        # Each mark comes before the output that holds its offset.
+        assert all(delivered <= offset for offset, _, delivered in marks)
+        (_, first, _), (_, second, _) = marks
+        assert isinstance(first, float) and isinstance(second, float)
+        assert 0.4 <= second - first < 5 and abs(first - _time.time()) < 60
+        assert follower.time == second
+        later: list[bytes] = []
+        await client.follow(job_id, lambda fd, data: later.append(data), follow=False, since=(first + second) / 2).done
+        assert b"".join(later) == b"b\n"
+    finally:
+        await client.close()

@@ -107,7 +107,7 @@ class RawConnection:
         frame, self.buffer = self.buffer[4 : 4 + length], self.buffer[4 + length :]
         return frame[0], frame[1:]
 
-    def hello(self, version: int = 2, max_frame_size: int = 1 << 20) -> None:
+    def hello(self, version: int = m.PROTOCOL_VERSION, max_frame_size: int = 1 << 20) -> None:
         frame = self.read_frame(timeout=10)
         assert frame is not None and frame[0] == SERVER_HELLO, frame
         self.send(struct.pack(">IBHI", 7, CLIENT_HELLO, version, max_frame_size))
@@ -164,6 +164,32 @@ def test_malformed_frame_gets_goaway_protocol_error(server, raw):
     assert_still_serving(server)
 
 
+@pytest.mark.parametrize("where", ["name", "label key", "label value", "list name filter", "list label filter"])
+def test_invalid_utf8_in_a_name_or_label_gets_goaway_protocol_error(server, raw, where):
+    """
+    Text on the wire is UTF-8 (spec section 4): a job name, a label or a
+    list filter that is not is the peer's protocol error, whatever field it
+    is in; the server says so and serves on.
+    """
+    from jobworker.protocol.wire import encode_message
+
+    marker = "QQQQ"
+    message = {
+        "name": m.StartRequest(1, ("true",), name=marker),
+        "label key": m.StartRequest(1, ("true",), labels=((marker, "v"),)),
+        "label value": m.StartRequest(1, ("true",), labels=(("k", marker),)),
+        "list name filter": m.ListRequest(1, name=marker),
+        "list label filter": m.ListRequest(1, labels=(marker,)),
+    }[where]
+    frame = encode_message(message)
+    assert frame.count(marker.encode()) == 1
+    connection = raw()
+    connection.hello()
+    connection.send(frame.replace(marker.encode(), b"\xff\xfe\xc3\x28"))
+    connection.expect_goaway(ErrorCode.PROTOCOL_ERROR)
+    assert_still_serving(server)
+
+
 def test_unknown_message_type_gets_goaway_unknown_message(server, raw):
     connection = raw()
     connection.hello()
@@ -181,17 +207,17 @@ def test_huge_length_prefix_is_refused_without_the_body(server, raw):
     assert_still_serving(server)
 
 
-@pytest.mark.parametrize("version", [1, 3])
+@pytest.mark.parametrize("version", [1, m.PROTOCOL_VERSION - 1, m.PROTOCOL_VERSION + 1])
 def test_client_hello_with_another_version_gets_goaway_unsupported_version(server, raw, version):
     """
-    A version 1 client (an older jobcli) and one that claims a version
-    above the server's hello are refused at once, with a message naming the
-    versions the server speaks.
+    Older clients (version 1, version 2 jobcli) and one that claims a
+    version above the server's hello are refused at once, with a message
+    naming the versions the server speaks.
     """
     connection = raw()
     connection.hello(version=version)
     message = connection.expect_goaway(ErrorCode.UNSUPPORTED_VERSION)
-    assert f"version {version}" in message and "speaks 2" in message
+    assert f"version {version}" in message and f"speaks {m.PROTOCOL_VERSION}" in message
     assert_still_serving(server)
 
 

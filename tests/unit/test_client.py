@@ -698,3 +698,4 @@ def test_list_reads_every_page_with_the_filters() -> None:
     assert (page.after_created_at, page.after_job_id) == (10, first.job_id)
     server.send(m.ListResponse(page.request_id, (second,)))
     assert result_of(listed) == (first, second)
+

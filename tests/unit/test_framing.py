@@ -63,6 +63,7 @@ usages = st.builds(
 )
 
 argvs = st.lists(text, min_size=0, max_size=5).map(tuple)
+pairs = st.lists(st.tuples(text, text), max_size=4).map(tuple)
 
 statuses = st.builds(
     m.JobStatus,
@@ -84,6 +85,8 @@ statuses = st.builds(
     user=text,
     network=st.sampled_from(m.Network),
     abridged=st.booleans(),
+    name=text,
+    labels=pairs,
 )
 
 MESSAGE_STRATEGIES: dict[type[m.Message], st.SearchStrategy[m.Message]] = {
@@ -103,6 +106,8 @@ MESSAGE_STRATEGIES: dict[type[m.Message], st.SearchStrategy[m.Message]] = {
         user=text,
         network=st.sampled_from(m.Network),
         limits=limits,
+        name=text,
+        labels=pairs,
     ),
     m.StopRequest: st.builds(
         m.StopRequest, request_id=u32, job_id=st.uuids(), grace_ms=u32, force=st.booleans()
@@ -117,6 +122,8 @@ MESSAGE_STRATEGIES: dict[type[m.Message], st.SearchStrategy[m.Message]] = {
         max_jobs=u32,
         states=u16,
         owner=text,
+        name=text,
+        labels=st.lists(text, max_size=4).map(tuple),
     ),
     m.WaitRequest: st.builds(m.WaitRequest, request_id=u32, job_id=st.uuids()),
     m.FollowRequest: st.builds(
@@ -127,6 +134,8 @@ MESSAGE_STRATEGIES: dict[type[m.Message], st.SearchStrategy[m.Message]] = {
         offset=u64,
         window=u32,
         follow=st.booleans(),
+        timestamps=st.booleans(),
+        since=u64,
     ),
     m.RemoveRequest: st.builds(m.RemoveRequest, request_id=u32, job_id=st.uuids()),
     m.WindowUpdate: st.builds(m.WindowUpdate, stream_id=u32, increment=u32),
@@ -143,6 +152,7 @@ MESSAGE_STRATEGIES: dict[type[m.Message], st.SearchStrategy[m.Message]] = {
     m.EndOfStream: st.builds(
         m.EndOfStream, stream_id=u32, reason=st.sampled_from(m.EndReason), status=statuses
     ),
+    m.TimeMark: st.builds(m.TimeMark, stream_id=u32, offset=u64, time=u64),
 }
 
 ALL_TYPES = sorted(MESSAGE_STRATEGIES, key=lambda cls: cls.TYPE)

@@ -291,7 +291,7 @@ def test_spec_lists_every_message_type() -> None:
 
 _FIXED = {"u8": ">B", "u16": ">H", "u32": ">I", "u64": ">Q", "i32": ">i"}
 _ARRAY = re.compile(r"^array\((u16|u32), (\w+)\)$")
-_RECORDS = ("Limits", "JobUsage", "JobStatus", "EnvEntry")
+_RECORDS = ("Limits", "JobUsage", "JobStatus", "EnvEntry", "Label")
 
 
 def _spec_layouts() -> dict[str, list[tuple[str, str]]]:
@@ -345,8 +345,9 @@ class _SpecReader:
             return [self.read(array.group(2)) for _ in range(count)]
         if kind in self.layouts:
             values = {name: self.read(field_kind) for name, field_kind in self.layouts[kind]}
-            # The README's JSON conventions: an EnvEntry is a [name, value] pair.
-            return list(values.values()) if kind == "EnvEntry" else values
+            # The README's JSON conventions: an EnvEntry (and a Label) is a
+            # [name, value] pair.
+            return list(values.values()) if kind in ("EnvEntry", "Label") else values
         raise AssertionError(f"the README does not define the type {kind!r}")
 
 
