@@ -80,6 +80,7 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
     ("core", {
         "jobworker.limits": "resource limits: parsing, checking, caps",
         "jobworker.policy": "who may do what (authorization)",
+        "jobworker.jobnames": "job names and labels: syntax, caps, list filters",
     }),
     ("core", {
         "jobworker.protocol": "the wire protocol, sans I/O: messages, wire codec, framing, flow, keep-alive, connection",
