@@ -20,7 +20,7 @@ run.  The checks:
     pyOpenSSL, service_identity), anywhere; the core also touches no
     I/O module (sockets, processes, files, threads, the clock).
   - The pure modules above the core (L{PURE_MODULES}: admission, the life
-    cycle, the output log...) import no Twisted and no I/O module, and
+    cycle, the procfs parsers...) import no Twisted and no I/O module, and
     from jobworker only the core and each other.
   - C{jobworker.cli} and C{jobworker.blocking} load none of Twisted,
     pyOpenSSL, cryptography, zope or service_identity when they are
@@ -167,7 +167,8 @@ PURE_MODULES: dict[str, str] = {
     "jobworker.jobs.spec": "a job as admitted (JobSpec)",
     "jobworker.jobs.lifecycle": "a job's life cycle as a transition table",
     "jobworker.jobs.fate": "how a job ended, from what its helper and its cgroup said",
-    "jobworker.output.log": "a job's output in memory, with absolute offsets and cursors",
+    # Not jobworker.output.log: its time marks' clock defaults to
+    # time.time_ns (injectable, but the default reads the wall clock).
     "jobworker.host.cgroups._procfs": "the parsers of /proc/self/cgroup and /proc/self/mountinfo",
 }
 
