@@ -1,7 +1,10 @@
 """
 One connection of the Twisted client (L{JobworkerClientProtocol}): the
 requests, the table of those pending, keep-alive, and the end of the
-connection; see L{jobworker.client} for the design.
+connection; see L{jobworker.client} for the design.  One cohesive thing
+(about 480 lines): every request method is a few lines over the same
+pending-request table, and splitting them from the table would only move
+that table's invariants into two files.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ output streaming in L{jobworker.server.streams}; what all connections
 share (limits, counts by identity, the audit rate limit) in
 L{jobworker.server.factory}; the connection's timers in
 L{jobworker.server.timers}; the TCP transport's tuning in
-L{jobworker.server.transport}.
+L{jobworker.server.transport}.  What stays here (about 480 lines) is one
+cohesive thing: the states of one connection and the order in which its
+frames are taken in, answered and closed, which read best together.
 
 The connection keeps one table of requests: those answered later (start,
 wait) by request id, with the L{Deferred} to cancel when the connection
