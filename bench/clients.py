@@ -34,7 +34,7 @@ import uuid
 from typing import Any
 
 from jobworker.blocking import BlockingClient, parse_address
-from jobworker.clienttls import client_ssl_context
+from jobworker.blocking.tls import client_ssl_context
 from jobworker.protocol import messages as m
 
 

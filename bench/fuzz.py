@@ -77,7 +77,7 @@ def show(name: str, report: FuzzReport, seconds: float, growth: dict[str, int]) 
 
 
 def live(count: int, seed: int, threads: int) -> tuple[FuzzReport, float, dict[str, int], str]:
-    from jobworker.clienttls import client_ssl_context
+    from jobworker.blocking.tls import client_ssl_context
     from tests.support import make_pki, start_server
 
     with tempfile.TemporaryDirectory(prefix="jobworker-fuzz-") as scratch:

@@ -55,7 +55,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jobworker.clienttls import client_ssl_context  # noqa: E402
+from jobworker.blocking.tls import client_ssl_context  # noqa: E402
 from jobworker.protocol import messages as m  # noqa: E402
 from jobworker.protocol.connection import Connection, Role  # noqa: E402
 from jobworker.protocol.wire import encode_message, frame_header  # noqa: E402

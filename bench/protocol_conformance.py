@@ -19,7 +19,7 @@ import time
 
 repo = pathlib.Path(sys.argv[1]); sys.path.insert(0, str(repo)); os.chdir(repo)
 from jobworker.blocking import BlockingClient, ConnectionFailed
-from jobworker.clienttls import client_ssl_context
+from jobworker.blocking.tls import client_ssl_context
 from jobworker.errors import ErrorCode, RequestError
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role

@@ -32,7 +32,17 @@ The policy, on both sides:
 Certificates and keys are read once, when the options are made, and any
 problem is raised then as L{CredentialError}, naming the file.  Keys of any
 kind work (RSA from an organisation's own C{openssl} CA as well as the ECDSA
-keys that L{jobworker.pki} makes).
+keys that L{jobworker.pki} makes); the reading itself is
+L{jobworker.credentials}, shared with the PKI tool.
+
+Why one module for both sides, not C{server/tls.py} and C{client/tls.py}:
+the policy above is one contract that both ends must agree on (the same
+version, suites and groups, the same CA-only trust), and the client half is
+one function over the same reading of credentials; split, the two halves
+would drift apart.  The server-only pieces (the bulk-write TLS protocol,
+L{_verify_client}, L{peer_names}) are small and about TLS, not about
+connections.  The blocking client cannot share it: it speaks TLS through
+the standard library's C{ssl}, not pyOpenSSL (see L{jobworker.blocking}).
 """
 
 from __future__ import annotations
@@ -62,7 +72,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from jobworker.audit import log_value
-from jobworker.pki import (
+from jobworker.credentials import (
     CredentialError,
     StrPath,
     read_certificates,

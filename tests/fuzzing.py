@@ -94,6 +94,7 @@ class FakeManager:
 
     def __init__(self, jobs: int = 0) -> None:
         self.jobs: dict[uuid.UUID, FakeJob] = {}
+        self.removal_observers: list[Callable[[FakeJob], None]] = []
         for _ in range(jobs):
             self.add()
 
@@ -120,6 +121,12 @@ class FakeManager:
 
     def remove(self, job: FakeJob) -> None:
         self.jobs.pop(job.job_id, None)
+        for observer in list(self.removal_observers):
+            observer(job)
+
+    def on_removed(self, observer: Callable[[FakeJob], None]) -> Callable[[], None]:
+        self.removal_observers.append(observer)
+        return lambda: self.removal_observers.remove(observer)
 
 
 # -- inputs -----------------------------------------------------------------------
@@ -360,7 +367,7 @@ class ProtocolTarget:
         from twisted.internet.testing import MemoryReactorClock
         from twisted.logger import globalLogPublisher
 
-        from jobworker.server.connection import ServerFactory, ServerLimits
+        from jobworker.server.factory import ServerFactory, ServerLimits
 
         self.clock = MemoryReactorClock()
         self.manager = FakeManager(jobs)

@@ -134,7 +134,7 @@ class RunningServer:
         A connected L{jobworker.blocking.BlockingClient} as C{identity}.
         """
         from jobworker.blocking import BlockingClient
-        from jobworker.clienttls import client_ssl_context
+        from jobworker.blocking.tls import client_ssl_context
 
         context = client_ssl_context(self.certs / "ca.pem", self.certs / f"{identity}.pem", self.certs / f"{identity}.key")
         client = BlockingClient(("127.0.0.1", self.port), context)

@@ -14,7 +14,7 @@ C{run}, C{wait} and C{logs -f} wait as long as the job runs, however
 quiet it is (like C{ssh} and C{docker logs -f}); a server that vanished is
 noticed by keep-alive within twice C{--keepalive} seconds (default 30).
 
-Which server and credentials are used: L{jobworker.clientconfig}
+Which server and credentials are used: L{jobworker.clientside.config}
 (C{--server}, the environment, C{~/.config/jobworker/config.toml});
 C{jobcli config} shows the choice and why.
 
@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 
 from jobworker.cli.output import Console, OutputWriter
-from jobworker.cli.parser import OWN_ERROR, USAGE_ERROR, UsageError, build_parser, parse_since
+from jobworker.cli.parser import OWN_ERROR, USAGE_ERROR, UsageError, build_parser, command_usage_error, parse_since
 from jobworker.cli.runner import MULTI_HOST, execute, own_error_code, print_json, run_on_many
 from jobworker.cli.session import Command, keepalive_seconds, targets_from_args
 from jobworker.cli.streaming import format_timestamp
@@ -61,13 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if extra:
         # Reported by the command's own parser, with its exit code (125 for run).
-        args._subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        command_usage_error(args, f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("start", "run"):
         try:
             # Each label was checked alone; together they have caps too.
             check_labels(args.label)
         except NameError_ as exc:
-            args._subcommands[args.command].error(f"argument -l/--label: {exc}")
+            command_usage_error(args, f"argument -l/--label: {exc}")
     try:
         try:
             targets = targets_from_args(args)

@@ -355,7 +355,7 @@ def _certificate_identity(path: str) -> dict[str, Any] | None:
 
 def _cmd_config(cmd: Command) -> int:
     target = cmd.target
-    from jobworker.clientconfig import config_path
+    from jobworker.clientside.config import config_path
 
     path = config_path()
     found = os.path.isfile(path)

@@ -88,6 +88,14 @@ def status_json(status: m.JobStatus) -> dict[str, Any]:
     return data
 
 
+def _signal_name(number: int) -> str:
+    """C{SIGTERM} for 15; the number itself for one Python does not name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
 def describe(status: m.JobStatus) -> str:
     now = time.time()
     lines = [
@@ -100,8 +108,7 @@ def describe(status: m.JobStatus) -> str:
     if status.exit_code >= 0:
         lines.append(("exit code", str(status.exit_code)))
     if status.signal:
-        name = signal.Signals(status.signal).name if status.signal in signal.Signals._value2member_map_ else str(status.signal)
-        lines.append(("signal", name))
+        lines.append(("signal", _signal_name(status.signal)))
     if status.error:
         lines.append(("error", status.error))
     if status.stopped_by:

@@ -321,3 +321,12 @@ def _states(text: str) -> list[m.JobState]:
             raise argparse.ArgumentTypeError(f"{item!r} is not a job state ({', '.join(labels)})")
         states.append(state)
     return states
+
+
+def command_usage_error(args: argparse.Namespace, message: str) -> None:
+    """
+    Report a usage error of the parsed command C{args.command} the way its
+    own parser does (its usage line and exit code: 125 for C{run}, else 2);
+    does not return.
+    """
+    args._subcommands[args.command].error(message)

@@ -16,7 +16,7 @@ from jobworker.cli.commands import COMMANDS
 from jobworker.cli.output import Console
 from jobworker.cli.parser import OWN_ERROR, UsageError
 from jobworker.cli.session import Command
-from jobworker.clientconfig import Target
+from jobworker.clientside.config import Target
 from jobworker.errors import ErrorCode, JobworkerError
 from jobworker.host.contract import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND
 

@@ -15,7 +15,7 @@ from typing import Any
 from jobworker.blocking import BlockingClient, parse_address
 from jobworker.cli.output import Console
 from jobworker.cli.parser import UsageError, parse_seconds
-from jobworker.clientconfig import ClientConfigError, Target, load_client_config, resolve_targets
+from jobworker.clientside.config import ClientConfigError, Target, load_client_config, resolve_targets
 
 
 def keepalive_seconds(args: argparse.Namespace) -> float:
@@ -38,7 +38,7 @@ def targets_from_args(args: argparse.Namespace) -> list[Target]:
 
 
 def connect_target(args: argparse.Namespace, target: Target) -> BlockingClient:
-    from jobworker.clienttls import ClientTLSError, client_ssl_context
+    from jobworker.blocking.tls import ClientTLSError, client_ssl_context
 
     try:
         address = parse_address(target.address.value)

@@ -21,6 +21,7 @@ import errno
 import os
 import pwd
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -72,6 +73,8 @@ class JobManager(Service):
         self.config = config
         self.cgroups = cgroup_driver
         self.jobs: dict[uuid.UUID, Job] = {}
+        # Told of every job removed (see on_removed), in subscription order.
+        self._removal_observers: list[Callable[[Job], None]] = []
         self.store = JobStore(config.state_dir)
         self._shutting_down = False
         self._cleanups: set[defer.Deferred[None]] = set()
@@ -341,9 +344,22 @@ class JobManager(Service):
         jobs = [job for job in self.jobs.values() if may_see(identity, job.owner)]
         return sorted(jobs, key=lambda job: job.created_at)
 
+    def on_removed(self, observer: Callable[[Job], None]) -> Callable[[], None]:
+        """
+        Call C{observer(job)} each time a job is removed (by a client, or
+        pruned as one finished job too many), once it is gone from L{jobs}.
+        An exception from an observer is logged and the others are still
+        told.
+
+        @return: a function that ends the subscription (call it once).
+        """
+        self._removal_observers.append(observer)
+        return lambda: self._removal_observers.remove(observer)
+
     def remove(self, job: Job) -> None:
         """
-        Forget a finished job: its record and its output spool.
+        Forget a finished job: its record and its output spool; then tell
+        the observers (L{on_removed}).
         """
         if not job.is_final:
             raise RequestError(f"job {job.job_id} is still running; stop it first", ErrorCode.JOB_RUNNING)
@@ -357,6 +373,11 @@ class JobManager(Service):
         discard(self.store.times_path(job.job_id))
         self.store.forget(job.job_id)
         job.output.wake_listeners()
+        for observer in list(self._removal_observers):
+            try:
+                observer(job)
+            except Exception:
+                log.failure("while telling of the removal of job {job_id}", job_id=job.job_id)
 
     # -- internals -------------------------------------------------------------
 

@@ -12,9 +12,10 @@ C{make_*} function writes a PEM certificate C{<name>.pem} and its
 unencrypted private key C{<name>.key}; key files are created with mode 0600
 and any existing file of the same name is replaced.  Certificates made
 elsewhere (for instance by an organisation's own RSA CA, with the C{openssl}
-command) work with the service just as well: L{read_credentials}, which
-L{jobworker.tls} also uses, takes any key type, and raises
-L{CredentialError} naming the file when one cannot be used.
+command) work with the service just as well: L{read_credentials} (from
+L{jobworker.credentials}, which L{jobworker.tls} uses as well; re-exported
+here) takes any key type, and raises L{CredentialError} naming the file
+when one cannot be used.
 
 Command line::
 
@@ -48,22 +49,21 @@ Under C{sudo}, files are given to the invoking user (C{SUDO_UID} and
 C{SUDO_GID}), so C{sudo jobworker-pki dev certs} leaves keys that user can
 read, still mode 0600.
 
-Where it lives: reading and writing credential files in
-L{jobworker.pki.credentials}, making certificates in
-L{jobworker.pki.certificates}, the command in L{jobworker.pki.command};
-their public names are re-exported here.
+Where it lives: making certificates in L{jobworker.pki.certificates},
+writing them in L{jobworker.pki.files}, the command in
+L{jobworker.pki.command}; their public names (and the reading functions of
+L{jobworker.credentials}) are re-exported here.
 """
 
 from __future__ import annotations
 
+from jobworker.credentials import CredentialError, read_certificates, read_credentials
 from jobworker.pki.certificates import ROLES, make_ca, make_client_cert, make_dev_pki, make_server_cert, sign_csr
 from jobworker.pki.command import main
-from jobworker.pki.credentials import CredentialError, StrPath, read_certificates, read_credentials
 
 __all__ = [
     "ROLES",
     "CredentialError",
-    "StrPath",
     "read_certificates",
     "read_credentials",
     "make_ca",

@@ -17,12 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker.pki.credentials import (
-    check_file_stem,
-    give_to_invoking_user,
-    read_credentials,
-    write_pair,
-)
+from jobworker.credentials import read_credentials
+from jobworker.pki.files import check_file_stem, give_to_invoking_user, write_pair
 
 __all__ = ["ROLES", "make_ca", "make_server_cert", "make_client_cert", "make_dev_pki", "sign_csr"]
 

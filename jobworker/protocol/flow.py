@@ -13,11 +13,16 @@ from __future__ import annotations
 
 from jobworker.errors import ErrorCode, ProtocolError
 
-__all__ = ["MAX_WINDOW", "SendWindow", "ReceiveWindow"]
+__all__ = ["DEFAULT_WINDOW", "MAX_WINDOW", "SendWindow", "ReceiveWindow"]
 
 # The largest window a stream may have, as in HTTP/2: it keeps windows in
 # 31 bits and lets a receiver grant at most 2 GiB of unread data.
 MAX_WINDOW = 2**31 - 1
+# The window both clients grant a follow unless told otherwise, in bytes:
+# the most output of one stream that may be on its way to a client, sent but
+# not yet consumed.  8 MiB keeps a fast path busy between two window
+# updates (the clients give credit back in batches of half the window).
+DEFAULT_WINDOW = 8 << 20
 
 
 class SendWindow:

@@ -1,23 +1,12 @@
 """
-The C{twistd jobworker} service: options, the configuration file, start-up
-checks and the service tree.
+The C{twistd jobworker} service: start-up checks and the service tree.
+Its options and the configuration file live in L{jobworker.server.options}
+(re-exported here: twistd's plugin finds C{Options} and C{makeService} in
+this module).
 
     JobworkerService (MultiService)     start-up checks; the JSON log option
       +- JobManager                     stops every job on shutdown, and waits
       +- _Listener, one per --listen    any endpoint string, wrapped in TLS
-
-Configuration file
-==================
-
-Every option of L{Options} is also a key of the TOML file named by
-C{--config} (default L{CONFIG_PATH}, read only if it exists): the key is the
-long option's name (C{state-dir = "/var/lib/jobworker"}), a flag takes
-C{true} or C{false}, and a repeatable option (C{listen}) takes a list.  The
-value goes through the very code the command line's does (the option's
-coerce function, then L{Options.postOptions}), so an option added to the
-tables below is a configuration key at once, with the same checks.  An
-option given on the command line wins over the file's key; for a
-repeatable option the command line's values replace the file's list.
 
 Errors an operator can act on
 =============================
@@ -32,376 +21,34 @@ then the error).
 from __future__ import annotations
 
 import fcntl
-import getopt
-import hashlib
-import math
 import os
-import re
 import sys
 import tempfile
-import tomllib
-from typing import Any, Sequence
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.python import usage
 
 import jobworker
 from jobworker.jobs.manager import JobManager, JobManagerConfig
-from jobworker.limits import LIMIT_CONTROLLERS, LimitError, Limits, host_caps, parse_count, parse_cpu, parse_duration, parse_size
+from jobworker.limits import LIMIT_CONTROLLERS, Limits
 from jobworker.logs import Logger
-from jobworker.server.connection import ServerFactory, ServerLimits
-from jobworker.host.uids import DEFAULT_FIRST_UID, DEFAULT_LAST_UID, parse_uid_range
-
-__all__ = ["CONFIG_PATH", "Options", "StartupError", "makeService"]
-
-log = Logger()
-
-# Read when no --config is given, if it exists (like sshd's and dockerd's).
-CONFIG_PATH = "/etc/jobworker/jobworker.toml"
-
-# Options that are no server setting, so no configuration key.
-_NOT_CONFIG_KEYS = frozenset({"config", "help", "version"})
-
-
-class StartupError(SystemExit):
-    """
-    The server cannot start: the message, one line naming the option and
-    the cause, is printed on standard error and the process exits with
-    status 1 (as any C{SystemExit} with a text does), without a traceback.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"jobworker: {message}")
-
-
-_LIMIT_OPTIONS = [
-    # (option suffix, Limits field, parser, help)
-    ("cpu", "cpu_millicores", parse_cpu, "CPU cores, e.g. 0.5"),
-    ("memory", "memory_bytes", parse_size, "memory, e.g. 512M"),
-    ("io-read-bps", "io_read_bps", parse_size, "disk read bytes/s, e.g. 50M"),
-    ("io-write-bps", "io_write_bps", parse_size, "disk write bytes/s, e.g. 50M"),
-    ("pids", "pids", parse_count, "processes and threads"),
-    ("timeout", "timeout_ms", parse_duration, "run time, e.g. 1h"),
-]
-
-
-
-_CAP_DEFAULTS = {
-    "cpu": " Default: half the CPUs, at least one.",
-    "memory": " Default: half the memory.",
-    "pids": " Default: 4096.",
-}
-
-# A tenth of the memory for a job's /tmp, /var/tmp and /dev/shm together: a
-# job whose memory is not limited (an admin's) cannot fill the host's RAM
-# through them.
-TMP_SIZE_FRACTION = 10
-
-
-# Directories too widely used to hide from jobs, even when the server's key
-# lies in one: then only the key file itself is hidden.
-SHARED_DIRECTORIES = frozenset(
-    ["/", "/etc", "/etc/ssl", "/etc/pki", "/usr", "/usr/local", "/var", "/var/lib", "/opt", "/srv",
-     "/home", "/run", "/tmp", "/var/tmp", "/mnt", "/media"]
+from jobworker.server.factory import ServerFactory, ServerLimits
+from jobworker.server.options import (
+    CONFIG_PATH,
+    LIMIT_OPTIONS,
+    Options,
+    StartupError,
+    host_cpus,
+    host_memory_bytes,
+    secret_paths,
 )
 
+__all__ = ["CONFIG_PATH", "Options", "StartupError", "host_cpus", "host_memory_bytes", "makeService", "secret_paths"]
 
-def secret_paths(key: str, extra: list[str]) -> tuple[str, ...]:
-    """
-    What jobs must not reach besides the state dir: the TLS key, the
-    directory it lies in (a development PKI keeps the CA's and the clients'
-    keys beside it) unless that is one of L{SHARED_DIRECTORIES}, and the
-    operator's C{--hide-path}s.
-    """
-    key = os.path.realpath(key)
-    paths = [key]
-    directory = os.path.dirname(key)
-    if directory not in SHARED_DIRECTORIES:
-        paths.append(directory)
-    return tuple(dict.fromkeys([*paths, *(os.path.realpath(p) for p in extra)]))
-
-
-def host_memory_bytes() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def host_cpus() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-class Options(usage.Options):
-    synopsis = "[options]"
-    longdesc = "Run the jobworker server: runs jobs for clients authenticated by mutual TLS."
-
-    optParameters = [
-        ["config", "c", None, f"TOML file of options (default {CONFIG_PATH}, if it exists); the command line overrides it."],
-        ["ca", None, "certs/ca.pem", "CA certificate that client certificates must chain to."],
-        ["cert", None, "certs/server.pem", "Server certificate (PEM)."],
-        ["key", None, "certs/server.key", "Server private key (PEM)."],
-        ["state-dir", None, None, "Job records and output spools (default /var/lib/jobworker as root, else ./state)."],
-        ["retention", None, "1G", "Output kept on disk per job; beyond it, followers see an explicit gap."],
-        ["ring-size", None, "4M", "Recent output kept in memory per running job."],
-        ["job-user", None, None, "Run every job as this one user (unless an admin asks for another) instead of each as a uid of its own from --job-uids."],
-        ["job-uids", None, f"{DEFAULT_FIRST_UID}-{DEFAULT_LAST_UID}", "Range of uids given to jobs, one each, FIRST-LAST (as root, without --job-user). Servers on one host may share a range (each claims its uids in /run/jobworker/uids)."],
-        ["tmp-size", None, None, "Size of a job's private /tmp, /var/tmp and /dev/shm together (one tmpfs; its pages count against the job's memory limit), e.g. 1G, or none to give jobs the host's (default: a tenth of the memory)."],
-        ["cgroups", None, "auto", "cgroup driver: auto, v1, v2 or none (no resource limits)."],
-        ["cgroup-prefix", None, None, "Directory, below the server's own cgroup, for the job cgroups (default: jobworker-<hash of the state dir>, one per server)."],
-        ["grace", None, "10", "Seconds between SIGTERM and SIGKILL when the server stops jobs."],
-        ["max-jobs-per-identity", None, "256", "Running jobs one identity may have at once."],
-        ["max-finished-jobs", None, "1000", "Finished jobs kept; the oldest beyond this are removed."],
-        ["handshake-timeout", None, "10", "Seconds a client has to finish TLS and the hello."],
-        ["idle-timeout", None, "300", "Seconds a connection may stay idle (no pending request, no open stream) before it is closed."],
-        ["keepalive-interval", None, "30", "Seconds of silence from a client before it is pinged; a client that does not answer within as long again is disconnected. 0: no keep-alive."],
-        ["frame-timeout", None, "30", "Seconds one frame may take to arrive from its first byte."],
-        ["max-connections", None, "512", "Connections open at once, in total; beyond it new ones are closed before TLS."],
-        ["max-connections-per-identity", None, "128", "Connections one identity may hold; beyond it: GoAway TOO_MANY_CONNECTIONS."],
-        ["max-unfinished-frames-per-identity", None, "32M", "Bytes of incomplete frames one identity may have buffered on all its connections."],
-        ["max-followers-per-identity", None, "256", "Output streams one identity may have open, on all its connections."],
-        ["audit-rate-limit", None, "1000/10", "Audit lines per identity per seconds (N/S); the rest are counted in a summary line. 0 for no limit."],
-        ["log-rotate-size", None, "10M", "With twistd --logfile: rotate the log file at this size."],
-        ["log-keep", None, "10", "With twistd --logfile: rotated log files kept; older ones are deleted."],
-        ["server-name", None, "", "Name announced to clients (default: the host name)."],
-        ["log-format", None, "text", "twistd's log: text, or json (one JSON object per line; with twist, use its own --log-format)."],
-    ] + [
-        [f"default-{name}", None, "1024" if name == "pids" else None, f"Default job limit: {text}."]
-        for name, _, _, text in _LIMIT_OPTIONS
-    ] + [
-        [f"max-{name}", None, None, f"Most a non-admin job may ask for: {text}, or none for no cap." + _CAP_DEFAULTS.get(name, "")]
-        for name, _, _, text in _LIMIT_OPTIONS
-    ]
-
-    optFlags = [
-        ["no-isolation", None, "Run jobs without PID, mount, IPC and network namespaces (and without private /tmp, /sys and hidden paths)."],
-        ["no-private-sys", None, "Let jobs see the host's /sys instead of a read-only one of their own."],
-    ]
-
-    # Options that may be given more than once, each use adding one value;
-    # as configuration keys they take a list.
-    repeatable = frozenset({"listen", "hide-path"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self["listen"] = []
-        self["hide-paths"] = []
-        # Configuration keys read, each with the file it came from, so that
-        # an error found later names the key rather than an option the
-        # operator never typed.
-        self._from_config: dict[str, str] = {}
-        self.explicit: frozenset[str] = frozenset()
-
-    def opt_listen(self, endpoint: str) -> None:
-        """
-        Endpoint to listen on, any Twisted server endpoint string: tcp:8443,
-        tcp:8443:interface=10.0.0.5, unix:/run/jobworker/jobworker.sock,
-        systemd:domain=INET:index=0 (socket activation). Repeatable: the
-        server listens on each. Default tcp:8443.
-        """
-        self["listen"].append(endpoint)
-
-    opt_l = opt_listen
-
-    def opt_version(self) -> None:
-        """
-        Print the jobworker version and exit.
-        """
-        print(f"jobworker {jobworker.__version__}")
-        sys.exit(0)
-
-    def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        """
-        Read the configuration file, then the command line over it (see the
-        module docstring).
-
-        @raise StartupError: the file cannot be read, is not TOML, or has an
-            unknown key or a bad value; one line naming the key.
-        """
-        if options is None:
-            options = sys.argv[1:]
-        options = list(options)
-        try:
-            given, _ = getopt.getopt(options, self.shortOpt, self.longOpt)
-        except getopt.error as exc:
-            raise usage.UsageError(str(exc)) from None
-        on_command_line = set()
-        config_path, explicit = CONFIG_PATH, False
-        for option, value in given:
-            name = self.synonyms.get(option.lstrip("-"), option.lstrip("-"))
-            on_command_line.add(name)
-            if name == "config":
-                config_path, explicit = value, True
-        if config_path and (explicit or os.path.exists(config_path)):
-            self._read_config(config_path, skip=on_command_line)
-        # What the operator set, as opposed to the built-in defaults.
-        self.explicit = frozenset(on_command_line | set(self._from_config))
-        try:
-            super().parseOptions(options)
-        except usage.UsageError as exc:
-            for key, path in self._from_config.items():
-                if re.search(rf"--{re.escape(key)}(?![\w-])", str(exc)):
-                    raise StartupError(f"{path}: key {key!r}: {exc}") from None
-            raise
-
-    def _read_config(self, path: str, skip: set[str]) -> None:
-        try:
-            with open(path, "rb") as file:
-                table = tomllib.load(file)
-        except OSError as exc:
-            raise StartupError(f"--config {path}: cannot read it: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise StartupError(f"--config {path}: not valid TOML: {exc}") from None
-        self["config"] = path
-        parameters = {name[:-1] for name in self.longOpt if name.endswith("=")}
-        flags = {name for name in self.longOpt if not name.endswith("=")}
-        for key, value in table.items():
-            if key in _NOT_CONFIG_KEYS or (key not in parameters and key not in flags):
-                raise StartupError(f"{path}: unknown key {key!r} (the keys are the long options of twistd jobworker --help)")
-            if key in skip:
-                continue  # the command line wins
-            self._from_config[key] = path
-            where = f"{path}: key {key!r}"
-            if key in flags:
-                if not isinstance(value, bool):
-                    raise StartupError(f"{where}: {value!r} is not true or false")
-                if value:
-                    self._dispatch[key](key, "")
-                continue
-            values = value if key in self.repeatable and isinstance(value, list) else [value]
-            for item in values:
-                allowed = (str,) if key in self.repeatable else (str, int, float)
-                if isinstance(item, bool) or not isinstance(item, allowed):
-                    kind = "a list of texts" if key in self.repeatable else "a text or a number"
-                    raise StartupError(f"{where}: {item!r} is not {kind}")
-                handler = self._dispatch[key]
-                try:
-                    if isinstance(handler, usage.CoerceParameter):
-                        handler.dispatch(key, str(item))
-                    else:
-                        handler(key, str(item))
-                except usage.UsageError as exc:
-                    raise StartupError(f"{where}: {exc}") from None
-
-    def opt_hide_path(self, path: str) -> None:
-        """
-        A path jobs must not reach (repeatable), besides the state dir, the TLS key and its directory, which are always hidden.
-        """
-        self["hide-paths"].append(os.path.abspath(path))
-
-    def postOptions(self) -> None:
-        if not self["listen"]:
-            self["listen"] = ["tcp:8443"]
-        if self["log-format"] not in ("text", "json"):
-            raise usage.UsageError(f"--log-format: {self['log-format']!r} is not text or json")
-        try:
-            self["default-limits"] = self._limits("default")
-            self["caps"] = self._caps()
-            if self["tmp-size"] is None:
-                self["tmp-bytes"] = host_memory_bytes() // TMP_SIZE_FRACTION
-            elif self["tmp-size"].strip().lower() == "none":
-                self["tmp-bytes"] = 0
-            else:
-                self["tmp-bytes"] = parse_size(self["tmp-size"], what="--tmp-size")
-            self["retention-bytes"] = parse_size(self["retention"], what="--retention")
-            self["ring-bytes"] = parse_size(self["ring-size"], what="--ring-size")
-        except LimitError as exc:
-            raise usage.UsageError(str(exc)) from None
-        try:
-            self["job-uid-range"] = parse_uid_range(self["job-uids"])
-        except ValueError as exc:
-            raise usage.UsageError(f"--job-uids: {exc}") from None
-        for name in ("grace", "handshake-timeout", "idle-timeout", "keepalive-interval", "frame-timeout"):
-            try:
-                self[name] = float(self[name])
-            except ValueError:
-                raise usage.UsageError(f"--{name}: {self[name]!r} is not a number of seconds") from None
-            # NaN and infinity pass float() but no timer takes them (a NaN
-            # keep-alive interval broke every connection at its hello).
-            if not math.isfinite(self[name]) or self[name] < 0:
-                raise usage.UsageError(f"--{name}: {self[name]!r} is not a finite, non-negative number of seconds")
-        for name in ("handshake-timeout", "idle-timeout", "frame-timeout"):
-            if self[name] <= 0:
-                raise usage.UsageError(f"--{name} must be above 0 seconds")
-        for name in (
-            "max-jobs-per-identity",
-            "max-finished-jobs",
-            "max-connections",
-            "max-connections-per-identity",
-            "max-followers-per-identity",
-        ):
-            try:
-                self[name] = int(self[name])
-            except ValueError:
-                raise usage.UsageError(f"--{name}: {self[name]!r} is not a whole number") from None
-        self["audit-burst"], self["audit-interval"] = _rate(self["audit-rate-limit"])
-        try:
-            self["max-unfinished-bytes"] = parse_size(self["max-unfinished-frames-per-identity"], what="max-unfinished-frames-per-identity")
-        except LimitError as exc:
-            raise usage.UsageError(str(exc)) from None
-        try:
-            self["log-rotate-bytes"] = parse_size(self["log-rotate-size"], what="log-rotate-size")
-            self["log-keep"] = int(self["log-keep"])
-        except (LimitError, ValueError) as exc:
-            raise usage.UsageError(f"--log-rotate-size/--log-keep: {exc}") from None
-        if self["log-keep"] < 1 or self["log-rotate-bytes"] < 4096:
-            raise usage.UsageError("--log-keep must be at least 1 and --log-rotate-size at least 4K")
-        if self["cgroups"] not in ("auto", "v1", "v2", "none"):
-            raise usage.UsageError("--cgroups must be auto, v1, v2 or none")
-        if self["state-dir"] is None:
-            self["state-dir"] = "/var/lib/jobworker" if os.geteuid() == 0 else os.path.abspath("state")
-        if self["cgroup-prefix"] is None:
-            # Two servers started in one cgroup must never share a subtree:
-            # each one's start-up clean-up would kill the other's jobs.  The
-            # state dir already names one server (it is locked), so the
-            # prefix follows it.
-            digest = hashlib.sha256(os.path.realpath(self["state-dir"]).encode()).hexdigest()[:10]
-            self["cgroup-prefix"] = f"jobworker-{digest}"
-
-    def _caps(self) -> Limits:
-        """
-        The --max-* options; where one is not given, the cap derived from
-        the machine (L{host_caps}); C{none} for no cap.
-        """
-        derived = host_caps(host_memory_bytes(), host_cpus())
-        values = {}
-        for name, field, parse, _ in _LIMIT_OPTIONS:
-            text = self[f"max-{name}"]
-            if text is None:
-                values[field] = getattr(derived, field)
-            elif text.strip().lower() != "none":
-                try:
-                    values[field] = parse(text)
-                except LimitError as exc:
-                    raise LimitError(f"--max-{name}: {exc}") from None
-        return Limits(**values)
-
-    def _limits(self, prefix: str) -> Limits:
-        values = {}
-        for name, field, parse, _ in _LIMIT_OPTIONS:
-            text = self[f"{prefix}-{name}"]
-            if text:
-                try:
-                    values[field] = parse(text)
-                except LimitError as exc:
-                    raise LimitError(f"--{prefix}-{name}: {exc}") from None
-        return Limits(**values)
-
-
-def _rate(text: str) -> tuple[int, float]:
-    """
-    Parse C{--audit-rate-limit}: C{N/SECONDS}, or C{0} for no limit.
-    """
-    if text.strip() == "0":
-        return 0, 1.0
-    count, slash, seconds = text.partition("/")
-    try:
-        burst, interval = int(count), float(seconds) if slash else 0.0
-    except ValueError:
-        burst, interval = -1, 0.0
-    if burst < 1 or interval <= 0:
-        raise usage.UsageError(f"--audit-rate-limit: {text!r} is not N/SECONDS (e.g. 1000/10) or 0")
-    return burst, interval
+log = Logger()
 
 
 def _cgroup_driver(choice: str, prefix: str) -> Any:
@@ -431,7 +78,7 @@ def _check_controllers(driver: Any, default_limits: Limits, explicit: frozenset[
     instead, as the job manager does.
     """
     available = driver.controllers if driver is not None else frozenset()
-    for name, field, _, _ in _LIMIT_OPTIONS:
+    for name, field, _, _ in LIMIT_OPTIONS:
         controller = LIMIT_CONTROLLERS.get(field)
         if controller is None or not getattr(default_limits, field) or f"default-{name}" not in explicit:
             continue
@@ -447,7 +94,7 @@ def _check_tls_files(ca: str, cert: str, key: str) -> Any:
     """
     Build the server's TLS settings, naming the option whose file is wrong.
     """
-    from jobworker.pki import CredentialError, read_certificates
+    from jobworker.credentials import CredentialError, read_certificates
     from jobworker.tls import server_tls_options
 
     for option, path in (("--ca", ca), ("--cert", cert)):
@@ -516,13 +163,13 @@ class _Listener(StreamServerEndpointService):
     """
 
     def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
-        super().__init__(endpoint, factory)
+        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
         self.description = description
         self._raiseSynchronously = True
 
     def privilegedStartService(self) -> None:
         try:
-            super().privilegedStartService()
+            super().privilegedStartService()  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
         except CannotListenError as exc:
             cause = exc.socketError.strerror if getattr(exc.socketError, "strerror", None) else exc.socketError
             _fail_after_logging_began(f"--listen {self.description}: cannot listen: {cause}")
@@ -531,7 +178,9 @@ class _Listener(StreamServerEndpointService):
         except Exception as exc:
             # systemd: without LISTEN_FDS, for instance.
             _fail_after_logging_began(f"--listen {self.description}: cannot listen: {exc}")
-        self._waitingForPort.addCallback(self._listening)
+        waiting = self._waitingForPort
+        assert waiting is not None, "privilegedStartService has set it"
+        waiting.addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:
         log.info("listening on {endpoint} ({address})", endpoint=self.description, address=str(port.getHost()))
@@ -549,7 +198,7 @@ class JobworkerService(MultiService):
     def __init__(
         self, log_format: str = "text", log_file: str | None = None, rotate_bytes: int = 10 << 20, keep: int = 10
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
         self.log_format = log_format
         self.log_file = log_file
         self.rotate_bytes = rotate_bytes
@@ -562,7 +211,7 @@ class JobworkerService(MultiService):
             from jobworker.logs import json_observer
 
             parent.setComponent(ILogObserver, json_observer(_log_stream(self.log_file, self.rotate_bytes, self.keep)))
-        return super().setServiceParent(parent)
+        return super().setServiceParent(parent)  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
 
 
 def _log_stream(path: str | None, rotate_bytes: int, keep: int) -> Any:
@@ -597,7 +246,7 @@ class LogFileBounds(Service):
         self.bounded: list[Any] = []
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
         from twisted.python.logfile import LogFile
 
         for log_file in _log_files():
@@ -631,7 +280,7 @@ def _log_files() -> list[Any]:
     from twisted.logger import globalLogPublisher
     from twisted.python.logfile import BaseLogFile
 
-    found = []
+    found: list[Any] = []
     for observer in list(getattr(globalLogPublisher, "_observers", ())):
         candidates = [getattr(observer, "_outFile", None)]
         legacy = getattr(getattr(observer, "legacyObserver", None), "__self__", None)
@@ -718,8 +367,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if twistd is not None and not log_file and not twistd.get("nodaemon"):
         log_file = "twistd.log"  # where twistd itself logs when it daemonizes
     top = JobworkerService(options["log-format"], log_file, options["log-rotate-bytes"], options["log-keep"])
-    LogFileBounds(options["log-rotate-bytes"], options["log-keep"]).setServiceParent(top)
-    manager.setServiceParent(top)
+    LogFileBounds(options["log-rotate-bytes"], options["log-keep"]).setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
+    manager.setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
     for description in options["listen"]:
         try:
             endpoint = serverFromString(reactor, description)
@@ -732,5 +381,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             raise StartupError(f"--listen {description}: not an endpoint: {exc!r}") from None
         except (ValueError, TypeError) as exc:
             raise StartupError(f"--listen {description}: not an endpoint: {exc}") from None
-        _Listener(description, endpoint, BulkTLSMemoryBIOFactory(tls, False, factory)).setServiceParent(top)
+        _Listener(description, endpoint, BulkTLSMemoryBIOFactory(tls, False, factory)).setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's application services, unannotated
     return top

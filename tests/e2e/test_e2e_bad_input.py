@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from jobworker.blocking import BlockingClient, ConnectionFailed
-from jobworker.clienttls import client_ssl_context
+from jobworker.blocking.tls import client_ssl_context
 from jobworker.errors import ErrorCode, RequestError
 from jobworker.jobs.admission import MAX_ARGV_BYTES, MAX_ARGV_ITEMS, MAX_ENV_BYTES, MAX_ENV_ITEMS
 from jobworker.pki import make_ca, make_client_cert

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from jobworker.blocking import BlockingClient
-from jobworker.clienttls import client_ssl_context
+from jobworker.blocking.tls import client_ssl_context
 from jobworker.errors import ErrorCode, RequestError
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import MIN_FRAME_SIZE, Connection, Role

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from jobworker.clienttls import client_ssl_context
+from jobworker.blocking.tls import client_ssl_context
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import MIN_FRAME_SIZE, Connection, Role
 from tests.support import start_server

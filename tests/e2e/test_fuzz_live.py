@@ -31,7 +31,7 @@ def test_fuzz_a_live_server(certs: Path, tmp_path: Path) -> None:
     (no cgroups: what is tested is the protocol): no
     traceback in its log, and it is still alive and serving at the end.
     """
-    from jobworker.clienttls import client_ssl_context
+    from jobworker.blocking.tls import client_ssl_context
     from tests.support import start_server
 
     server = start_server(

@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jobworker.blocking import CIPHER_READ, BlockingClient, ConnectionFailed, _TLSChannel
-from jobworker.clienttls import client_ssl_context
+from jobworker.blocking import CIPHER_READ, BlockingClient, ConnectionFailed
+from jobworker.blocking.channel import TLSChannel as _TLSChannel
+from jobworker.blocking.tls import client_ssl_context
 from jobworker.errors import ErrorCode
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE

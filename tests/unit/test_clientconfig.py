@@ -1,5 +1,5 @@
 """
-The client config file (L{jobworker.clientconfig}): where it is looked for,
+The client config file (L{jobworker.clientside.config}): where it is looked for,
 what it may hold, and the order in which flags, the environment and the
 file choose a server and its credentials.  Pure: no server, no reactor.
 """
@@ -11,7 +11,7 @@ import os
 import pytest
 from hypothesis import given, strategies as st
 
-from jobworker.clientconfig import (
+from jobworker.clientside.config import (
     MAX_TARGETS,
     ClientConfig,
     ClientConfigError,
@@ -45,7 +45,7 @@ def test_paths_are_relative_to_the_file_and_tilde_is_home(tmp_path, monkeypatch)
 
 
 def config_with_servers() -> ClientConfig:
-    from jobworker.clientconfig import ServerEntry
+    from jobworker.clientside.config import ServerEntry
 
     return ClientConfig(
         path="/c.toml",

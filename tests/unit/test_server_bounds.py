@@ -27,7 +27,8 @@ from twisted.logger import globalLogPublisher
 from jobworker.errors import ErrorCode
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import Connection, Role
-from jobworker.server.connection import WRITE_BUFFER, ServerFactory, ServerLimits
+from jobworker.server.factory import ServerFactory, ServerLimits
+from jobworker.server.transport import WRITE_BUFFER
 from jobworker.tls import BulkTLSMemoryBIOFactory, client_tls_options, server_tls_options
 from tests.fuzzing import FakeManager
 

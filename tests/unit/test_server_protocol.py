@@ -26,7 +26,7 @@ from jobworker.output.log import MemorySpool, OutputLog
 from jobworker.policy import Identity, Operation, Verdict, authorize, may_see
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, MIN_FRAME_SIZE, Connection, Role
-from jobworker.server.connection import ServerFactory, ServerLimits
+from jobworker.server.factory import ServerFactory, ServerLimits
 
 T0 = 1_717_243_200_000_000
 
@@ -80,6 +80,7 @@ class FakeManager:
     def __init__(self) -> None:
         self.jobs: dict[uuid.UUID, FakeJob] = {}
         self.get_raises: Exception | None = None
+        self.removal_observers: list[Any] = []
 
     def add(self, *args: Any, **kwargs: Any) -> FakeJob:
         job = FakeJob(*args, **kwargs)
@@ -104,6 +105,12 @@ class FakeManager:
 
     def remove(self, job: FakeJob) -> None:
         del self.jobs[job.job_id]
+        for observer in list(self.removal_observers):
+            observer(job)
+
+    def on_removed(self, observer: Any) -> Any:
+        self.removal_observers.append(observer)
+        return lambda: self.removal_observers.remove(observer)
 
 
 class TLSStringTransport(StringTransport):

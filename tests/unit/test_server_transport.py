@@ -1,5 +1,5 @@
 """
-Tests for L{jobworker.server.connection.tune_transport} and L{jobworker.tls.write_through}:
+Tests for L{jobworker.server.transport.tune_transport} and L{jobworker.tls.write_through}:
 how the server's output reaches the socket, checked on real loopback
 connections under Twisted's reactor.
 """
@@ -19,7 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import WrappingFactory
 
-from jobworker.server.connection import WRITE_BUFFER, tune_transport
+from jobworker.server.transport import WRITE_BUFFER, tune_transport
 from jobworker.tls import write_through
 
 

@@ -1,5 +1,5 @@
 """
-Tests for L{jobworker.tls} and L{jobworker.clienttls}: who gets through the
+Tests for L{jobworker.tls} and L{jobworker.blocking.tls}: who gets through the
 mutual TLS handshake, and what identity the server sees.
 
 Most tests run the TLS handshake in memory (L{twisted.test.iosim}) between
@@ -53,7 +53,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from zope.interface import implementer
 
-from jobworker.clienttls import ClientTLSError, client_ssl_context
+from jobworker.blocking.tls import ClientTLSError, client_ssl_context
 from jobworker.pki import make_ca, make_client_cert, make_dev_pki
 from jobworker.tls import (
     BulkTLSMemoryBIOFactory,
@@ -555,7 +555,7 @@ def test_stdlib_context_imports_only_the_standard_library() -> None:
     loads none of Twisted, pyOpenSSL or cryptography.
     """
     probe = (
-        "import sys, jobworker.clienttls;"
+        "import sys, jobworker.blocking.tls;"
         " print(sorted({name.split('.')[0] for name in sys.modules}"
         " & {'twisted', 'OpenSSL', 'cryptography', 'zope', 'service_identity'}))"
     )

@@ -1,5 +1,7 @@
 """
-The command-line client's TLS context, made with the standard library alone.
+The blocking client's TLS, made with the standard library alone: its
+context (L{client_ssl_context}) and what a failed handshake means to a
+user (L{tls_failure_cause}).
 
 C{jobcli} must start fast, so this module imports nothing outside the
 standard library (no Twisted, pyOpenSSL or cryptography).  Its policy is the
@@ -14,7 +16,7 @@ from __future__ import annotations
 import ssl
 from os import PathLike
 
-__all__ = ["ClientTLSError", "client_ssl_context"]
+__all__ = ["ClientTLSError", "client_ssl_context", "tls_failure_cause"]
 
 StrPath = str | PathLike[str]
 
@@ -88,3 +90,38 @@ def _read_pem(path: StrPath, label: str) -> str:
     if f"{label}-----" not in text:
         raise ClientTLSError(f"{path} holds no PEM {label.lower()}")
     return text
+
+
+def tls_failure_cause(exc: ssl.SSLError, host: str) -> str:
+    """
+    What an C{ssl} error of the handshake or of the first read means to a
+    user: which side refused which certificate, and why.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = (exc.verify_message or "").lower()
+        if "hostname mismatch" in detail or "ip address mismatch" in detail:
+            return f"server name mismatch: the server's certificate is not for {host!r} (dial a name the certificate carries)"
+        if "expired" in detail:
+            return "the server's certificate has expired"
+        if "not yet valid" in detail:
+            return "the server's certificate is not valid yet (check the clocks)"
+        if "issuer" in detail or "self-signed" in detail or "self signed" in detail:
+            return "unknown CA: the server's certificate is not signed by the CA given (--ca)"
+        return f"the server's certificate was refused: {exc.verify_message or exc.reason}"
+    reason = (exc.reason or "").upper()
+    if "ALERT" in reason:
+        # TLS 1.3: the server checks our certificate after the handshake
+        # has ended on our side, so its verdict is an alert on a later read.
+        if "UNKNOWN_CA" in reason:
+            return "the server refused our client certificate: it is not signed by a CA the server trusts (unknown CA)"
+        if "EXPIRED" in reason:
+            return "the server refused our client certificate: it has expired"
+        if "CERTIFICATE_REQUIRED" in reason:
+            return "the server requires a client certificate"
+        if "CERTIFICATE" in reason or "BAD_CERT" in reason or "DECRYPT" in reason or "HANDSHAKE" in reason:
+            return f"the server refused our client certificate ({exc.reason})"
+        if "PROTOCOL_VERSION" in reason:
+            return "the server does not speak TLS 1.3"
+    if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason:
+        return "the server does not speak TLS there (a plain-text port?)"
+    return str(exc.reason or exc)

@@ -1,351 +1,44 @@
 """
-The embeddable Twisted client: L{Deferred}-returning requests and a
-flow-controlled follow API, for Twisted programs that drive jobworker.
-
-It is a thin layer over the sans-IO L{Connection}, the same core the server
-and the blocking client (L{jobworker.blocking}) use; this module only moves
-bytes between that core and a Twisted transport and turns responses into
-fired L{Deferred}s.
-
-    from twisted.internet import defer, task
-    from jobworker.client import connect
-
-    async def main(reactor):
-        client = await connect(reactor, "jobs.example.org:8443",
-                               ca="ca.pem", cert="alice.pem", key="alice.key")
-        job_id = await client.start(["echo", "hi"])
-        follower = client.follow(job_id, lambda fd, data: print(fd, data))
-        status = await follower.done
-        print(status.state.label, status.exit_code)
-        await client.close()
-
-    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
-
-Design
-======
-
-Requests are answered in any order; each carries a request id, and a table
-maps every id still unanswered to the L{Deferred} its caller holds (as in
-Twisted AMP).  When the connection ends for any reason (the transport drops,
-the server sends C{GoAway}, the server breaks the protocol, or we close it)
-every pending L{Deferred} and every open follower fails with one
-L{ClientConnectionLost}, so no caller waits forever.
-
-No request has a time limit: a wait or a follow lasts as long as its job.
-A server that vanished without closing the connection is noticed by
-keep-alive (L{jobworker.protocol.keepalive}): after C{keepalive_interval}
-seconds without a byte from the server the client pings it, and ends the
-connection (every pending L{Deferred} fails with L{ClientConnectionLost},
-code C{TIMEOUT}) when the ping goes unanswered for as long again.
-
-Cancelling a request's L{Deferred} only stops waiting for it: the protocol
-has no way to withdraw a request, and its answer, when it comes, is dropped.
-Cancelling a follower's C{done} cancels its stream.
-
-Output of a follow arrives on a stream whose window the client grants (see
-L{jobworker.protocol.flow}): credit for a chunk is given back only after the
-embedder's output callback has returned, so a slow callback slows that one
-stream down on the server, never the connection or the job.
-L{Follower.pause} stops callbacks and credit altogether.
+One connection of the Twisted client (L{JobworkerClientProtocol}): the
+requests, the table of those pending, keep-alive, and the end of the
+connection; see L{jobworker.client} for the design.  One cohesive thing
+(about 480 lines): every request method is a few lines over the same
+pending-request table, and splitting them from the table would only move
+that table's invariants into two files.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections import deque
-from os import PathLike
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol as TypingProtocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.error import ConnectionClosed
-from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
-from jobworker.logs import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from jobworker.blocking import DEFAULT_WINDOW, JobRef, as_job_id, parse_address, since_microseconds
-from jobworker.errors import ErrorCode, JobworkerError, ProtocolError, RequestError
+from jobworker.client.errors import ClientConnectionLost
+from jobworker.client.follower import Follower, GapCallback, OutputCallback, OutputReceiver, TimeMarkCallback
+from jobworker.clientside.jobref import JobRef, as_job_id
+from jobworker.clientside.since import since_microseconds
+from jobworker.errors import ErrorCode, ProtocolError, RequestError
 from jobworker.limits import Limits
+from jobworker.logs import Logger
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, Connection, Role
+from jobworker.protocol.flow import DEFAULT_WINDOW
 from jobworker.protocol.keepalive import DEFAULT_KEEPALIVE_INTERVAL, KeepAlive, Verdict
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTCP, IReactorTime
+    from twisted.internet.interfaces import IReactorTime
 
-__all__ = [
-    "ClientConnectionLost",
-    "Follower",
-    "connect_configured",
-    "JobworkerClientProtocol",
-    "OutputReceiver",
-    "connect",
-    "DEFAULT_WINDOW",
-]
+__all__ = ["JobworkerClientProtocol"]
 
 log = Logger()
 
-StrPath = str | PathLike[str]
-
-# The hello exchange (and the TCP and TLS set-up before it) must end within
-# this many seconds, as for the blocking client.
-DEFAULT_CONNECT_TIMEOUT = 30.0
-
-
-class ClientConnectionLost(JobworkerError, ConnectionClosed):
-    """
-    The connection ended before a request was answered or a stream ended.
-
-    It is both a L{JobworkerError} and Twisted's L{ConnectionClosed}, so
-    C{failure.check(ConnectionClosed)} finds it as it finds Twisted's own.
-
-    @ivar code: the code of the server's C{GoAway} or of the protocol error
-        that ended the connection; L{ErrorCode.INTERNAL} when the transport
-        just went away.
-    @ivar reason: the underlying cause, when there is one (the exception of
-        the transport's C{connectionLost}, a TLS error for instance).
-    """
-
-    def __init__(
-        self, message: str, code: ErrorCode | None = None, reason: BaseException | None = None
-    ) -> None:
-        super().__init__(message, code)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class OutputReceiver(TypingProtocol):
-    """
-    What L{JobworkerClientProtocol.follow} may deliver output to, instead
-    of a plain callable.
-    """
-
-    def output(self, fd: int, data: bytes) -> None:
-        """
-        C{data} of the job's output, from C{fd} 1 (stdout) or 2 (stderr).
-        """
-
-    def gap(self, offset: int, length: int) -> None:
-        """
-        C{length} bytes from C{offset} were dropped by the server's
-        retention limit and will never be delivered.
-        """
-
-    # Optional, for follows with timestamps=True:
-    #   def time_mark(self, offset: int, time: float) -> None:
-    #       the output from C{offset} on (up to the next mark) was read by
-    #       the server at C{time} (seconds since the epoch); called before
-    #       the output that holds byte C{offset} is delivered.
-
-
-OutputCallback = Callable[[int, bytes], None]
-GapCallback = Callable[[int, int], None]
-# (offset, seconds since the epoch): see OutputReceiver's time_mark.
-TimeMarkCallback = Callable[[int, float], None]
-
-
-@implementer(IPushProducer)
-class Follower:
-    """
-    One output stream of a job, opened by L{JobworkerClientProtocol.follow}.
-
-    It is also an L{IPushProducer}, so an embedder writing the output to a
-    transport may register it there and let the transport pause it.
-
-    @ivar job_id: the job followed.
-    @ivar stream_id: the stream's id on the connection.
-    @ivar done: fires with the job's L{JobStatus} of the C{EndOfStream}
-        record, after every byte before it has been delivered; fails with
-        L{RequestError} when the server refuses the follow (unknown job,
-        denied), with L{ClientConnectionLost} when the connection ends
-        first, and with the exception of the output or gap callback if one
-        raises (the stream is then cancelled).  Cancelling it cancels the
-        stream.
-    @ivar offset: the absolute byte offset of the next byte not yet
-        delivered: pass it as C{offset} to a new follow to resume after a
-        lost connection without losing or repeating output.
-    @ivar end_reason: why the stream ended (L{EndReason}), once it has.
-    """
-
-    def __init__(
-        self,
-        protocol: JobworkerClientProtocol,
-        job_id: uuid.UUID,
-        stream_id: int,
-        offset: int,
-        output: OutputCallback,
-        gap: GapCallback | None,
-        time_mark: TimeMarkCallback | None = None,
-    ) -> None:
-        self.job_id = job_id
-        # Seconds since the epoch when the server read the output at
-        # `offset` (the last TimeMark received); None without timestamps, or
-        # when the server does not know (output spooled before version 3).
-        self.time: float | None = None
-        self._time_mark = time_mark
-        self.stream_id = stream_id
-        self.offset = offset
-        self.end_reason: m.EndReason | None = None
-        self.done: defer.Deferred[m.JobStatus] = defer.Deferred(self._done_cancelled)
-        self._protocol = protocol
-        self._output = output
-        self._gap = gap
-        self._open = False  # the server accepted the follow
-        self._finished = False  # EndOfStream handled, or failed
-        self._cancelled = False  # no more callbacks; CancelStream sent or due
-        self._paused = False
-        self._draining = False
-        # Messages that arrived while paused, in order; at most the window
-        # of output bytes, since the server may not send more without credit.
-        self._held: deque[m.Output | m.Gap | m.EndOfStream | m.TimeMark] = deque()
-        # Bytes processed while paused, granted back on resume.
-        self._ungranted = 0
-
-    def __repr__(self) -> str:
-        return f"<Follower job={self.job_id} stream={self.stream_id} offset={self.offset}>"
-
-    # -- the embedder's controls -------------------------------------------------
-
-    def pause(self) -> None:
-        """
-        Deliver nothing more and grant no more credit until L{resume}.
-
-        The server stops sending on this stream once the window it already
-        has is spent; what arrives meanwhile (at most the window) is held
-        here and delivered, in order, on L{resume}.  C{done} does not fire
-        while paused.
-        """
-        self._paused = True
-
-    def resume(self) -> None:
-        """
-        Deliver what was held and grant credit again.
-        """
-        self._paused = False
-        if self._draining:
-            return  # called from a callback during the drain below; it goes on
-        self._draining = True
-        try:
-            while self._held and not self._paused and not self._cancelled:
-                self._handle(self._held.popleft())
-        finally:
-            self._draining = False
-        if not self._paused and self._ungranted:
-            ungranted, self._ungranted = self._ungranted, 0
-            self._protocol._grant(self.stream_id, ungranted)
-
-    def cancel(self) -> None:
-        """
-        Stop following: no callback is called any more, and C{CancelStream}
-        is sent (once the server has opened the stream, if it has not yet).
-        C{done} fires with the job's status when the server confirms, with
-        L{end_reason} L{EndReason.CANCELLED} (or C{JOB_ENDED} if the end
-        crossed the cancellation on the wire).
-        """
-        if self._finished or self._cancelled:
-            return
-        self._cancelled = True
-        held, self._held = self._held, deque()
-        end = [message for message in held if isinstance(message, m.EndOfStream)]
-        if end:
-            # The server has ended the stream already; nothing to cancel.
-            self._end(end[0])
-        elif self._open:
-            self._protocol._send(m.CancelStream(self.stream_id))
-
-    def _done_cancelled(self, done: defer.Deferred[m.JobStatus]) -> None:
-        self.cancel()
-        if not done.called:
-            # done will fail with CancelledError; whatever the server sends
-            # on this stream from now on is dropped.
-            self._finished = True
-            self._protocol._forget(self.stream_id)
-
-    # IPushProducer, in Twisted's names.
-    def pauseProducing(self) -> None:
-        self.pause()
-
-    def resumeProducing(self) -> None:
-        self.resume()
-
-    def stopProducing(self) -> None:
-        self.cancel()
-
-    # -- driven by the protocol ----------------------------------------------------
-
-    def _opened(self, _: object) -> None:
-        self._open = True
-        if self._cancelled:
-            self._protocol._send(m.CancelStream(self.stream_id))
-
-    def _received(self, message: m.Output | m.Gap | m.EndOfStream | m.TimeMark) -> None:
-        if self._finished:
-            return
-        if self._cancelled:
-            # Output in flight when we cancelled is dropped; only the end counts.
-            if isinstance(message, m.EndOfStream):
-                self._end(message)
-            return
-        if self._paused or self._held:
-            self._held.append(message)
-            return
-        self._handle(message)
-
-    def _handle(self, message: m.Output | m.Gap | m.EndOfStream | m.TimeMark) -> None:
-        if isinstance(message, m.EndOfStream):
-            self._end(message)
-            return
-        try:
-            if isinstance(message, m.TimeMark):
-                self.time = message.time / 1e6
-                if self._time_mark is not None:
-                    self._time_mark(message.offset, message.time / 1e6)
-                return
-            if isinstance(message, m.Output):
-                self._output(message.fd, message.data)
-                self.offset = message.offset + len(message.data)
-            else:
-                if self._gap is not None:
-                    self._gap(message.offset, message.length)
-                self.offset = message.offset + message.length
-        except Exception:
-            self._callback_failed(Failure())
-            return
-        if isinstance(message, m.Output) and message.data:
-            if self._paused:
-                self._ungranted += len(message.data)
-            else:
-                self._protocol._grant(self.stream_id, len(message.data))
-
-    def _callback_failed(self, failure: Failure) -> None:
-        # The embedder's exception goes to done, not to Twisted's
-        # dataReceived, which would drop the whole connection for it.
-        self._finished = self._cancelled = True
-        self._held.clear()
-        self._protocol._forget(self.stream_id)
-        # Output still in flight is dropped: the stream is no longer known.
-        self._protocol._send(m.CancelStream(self.stream_id))
-        self.done.errback(failure)
-
-    def _end(self, message: m.EndOfStream) -> None:
-        self.end_reason = message.reason
-        self._finished = True
-        self._protocol._forget(self.stream_id)
-        self.done.callback(message.status)
-
-    def _failed(self, failure: Failure) -> None:
-        """
-        The follow was refused, or the connection ended.
-        """
-        self._held.clear()
-        self._protocol._forget(self.stream_id)
-        if not self._finished:
-            self._finished = True
-            self.done.errback(failure)
+# What a start asks for unless told otherwise: no limits of its own (the
+# server applies its defaults and caps).  Limits is frozen, so one is shared.
+_NO_LIMITS = Limits()
 
 
 class JobworkerClientProtocol(Protocol):
@@ -373,6 +66,10 @@ class JobworkerClientProtocol(Protocol):
         it is pinged; the connection ends when nothing comes back within as
         long again.  0 or None: no keep-alive.
     """
+
+    # The TLS transport from connectionMade on, which can also abort;
+    # Twisted's Protocol types it Optional[ITransport].
+    transport: Any
 
     def __init__(
         self,
@@ -420,7 +117,7 @@ class JobworkerClientProtocol(Protocol):
             self._protocol_error(error)
             return
         for message in messages:
-            if self._lost is not None:
+            if self._ended():
                 break  # a callback closed the connection; drop the rest
             self._dispatch(message)
 
@@ -449,7 +146,7 @@ class JobworkerClientProtocol(Protocol):
         workdir: str = "",
         user: str = "",
         network: m.Network = m.Network.NONE,
-        limits: Limits = Limits(),
+        limits: Limits = _NO_LIMITS,
         name: str = "",
         labels: tuple[tuple[str, str], ...] | dict[str, str] = (),
     ) -> defer.Deferred[uuid.UUID]:
@@ -590,14 +287,14 @@ class JobworkerClientProtocol(Protocol):
                 time_mark = getattr(receiver, "time_mark", None)
         self._check_usable()
         stream_id = self.conn.next_stream_id()
-        follower = Follower(self, as_job_id(job_id), stream_id, offset, output, gap, time_mark)
+        follower = Follower(_Channel(self), as_job_id(job_id), stream_id, offset, output, gap, time_mark)
         request = m.FollowRequest(
             self.conn.next_request_id(), as_job_id(job_id), stream_id, offset, window, follow,
             timestamps, since_microseconds(since),
         )
         self._followers[stream_id] = follower
         opened = self._request(request, m.OkResponse, _nothing)
-        opened.addCallbacks(follower._opened, follower._failed)
+        opened.addCallbacks(follower.opened, follower.failed)
         return follower
 
     def close(self) -> defer.Deferred[None]:
@@ -616,6 +313,11 @@ class JobworkerClientProtocol(Protocol):
         return closed
 
     # -- internals ------------------------------------------------------------------
+
+    def _ended(self) -> bool:
+        # A method, so that the type checker does not take _lost for fixed
+        # across the callbacks that may end the connection.
+        return self._lost is not None
 
     def _check_usable(self) -> None:
         if self._lost is None and not self.conn.is_open:
@@ -670,7 +372,7 @@ class JobworkerClientProtocol(Protocol):
         elif isinstance(message, (m.Output, m.Gap, m.EndOfStream, m.TimeMark)):
             follower = self._followers.get(message.stream_id)
             if follower is not None:
-                follower._received(message)
+                follower.received(message)
         else:
             self._answer(message)
 
@@ -755,100 +457,27 @@ class JobworkerClientProtocol(Protocol):
         for waiting, _, _ in pending.values():
             waiting.errback(Failure(error))
         for follower in followers.values():
-            follower._failed(Failure(error))
+            follower.failed(Failure(error))
+
+
+class _Channel:
+    """
+    What a L{Follower} may do on its connection (L{StreamChannel
+    <jobworker.client.follower.StreamChannel>}), and no more.
+    """
+
+    def __init__(self, protocol: JobworkerClientProtocol) -> None:
+        self._protocol = protocol
+
+    def send(self, message: m.Message) -> None:
+        self._protocol._send(message)
+
+    def grant(self, stream_id: int, size: int) -> None:
+        self._protocol._grant(stream_id, size)
+
+    def forget(self, stream_id: int) -> None:
+        self._protocol._forget(stream_id)
 
 
 def _nothing(_: object) -> None:
     return None
-
-
-def connect(
-    reactor: IReactorTCP | IReactorTime | Any,
-    endpoint_or_address: IStreamClientEndpoint | tuple[str, int] | str,
-    *,
-    ca: StrPath,
-    cert: StrPath,
-    key: StrPath,
-    hostname: str | None = None,
-    timeout: float = DEFAULT_CONNECT_TIMEOUT,
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-    keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
-) -> defer.Deferred[JobworkerClientProtocol]:
-    """
-    Connect to a server over mutual TLS 1.3; fires with the client once the
-    hello exchange has ended.
-
-    @param endpoint_or_address: C{"HOST:PORT"} (C{"[::1]:8443"} for IPv6;
-        the port defaults to 8443), a C{(host, port)} pair, or a plain
-        (not TLS) client endpoint, which is wrapped in TLS here.
-    @param ca: PEM file of the CA certificates the server's certificate must
-        chain to.
-    @param cert: PEM file of this client's certificate.
-    @param key: PEM file of its unencrypted private key.
-    @param hostname: the name or address the server's certificate must
-        carry; defaults to the host dialled, and is required with an
-        endpoint.
-    @param timeout: seconds for TCP, TLS and the hello together; requests
-        have no time limit.
-    @param keepalive_interval: see L{JobworkerClientProtocol}; default 30 s.
-    @raise CredentialError: (synchronously) a CA, certificate or key file
-        cannot be used.
-    @return: fails with L{ClientConnectionLost} when the server closes the
-        connection before its hello (a refused certificate, say), with
-        L{TimeoutError} after C{timeout}, or with the endpoint's error when
-        the server cannot be reached.
-    """
-    from jobworker.tls import client_tls_options
-
-    if isinstance(endpoint_or_address, (str, tuple)):
-        host, port = (
-            parse_address(endpoint_or_address)
-            if isinstance(endpoint_or_address, str)
-            else endpoint_or_address
-        )
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
-        if hostname is None:
-            hostname = host
-    else:
-        endpoint = endpoint_or_address
-        if hostname is None:
-            raise ValueError("hostname is required with an endpoint: the server's certificate must name it")
-    options = client_tls_options(ca, cert, key, hostname)
-    protocol = JobworkerClientProtocol(
-        max_frame_size=max_frame_size, clock=reactor, keepalive_interval=keepalive_interval
-    )
-    connecting = connectProtocol(wrapClientTLS(options, endpoint), protocol)
-    # While this waits on ready, a cancellation (the timeout's) reaches
-    # ready, whose canceller aborts the connection.
-    connecting.addCallback(lambda _: protocol.ready)
-    connecting.addCallback(lambda _: protocol)
-    connecting.addTimeout(timeout, reactor)
-    return connecting
-
-
-def connect_configured(
-    reactor: IReactorTCP | IReactorTime | Any,
-    server: str | None = None,
-    *,
-    config_path: StrPath | None = None,
-    **options: Any,
-) -> defer.Deferred[JobworkerClientProtocol]:
-    """
-    L{connect} to the server C{server} names, with the credentials
-    C{jobcli} would use (L{jobworker.clientconfig}: flags aside, the
-    environment, then the configuration file at C{config_path}, default
-    C{$XDG_CONFIG_HOME/jobworker/config.toml}).  C{options} are those of
-    L{connect}.
-
-    @raise jobworker.clientconfig.ClientConfigError: (synchronously) a bad
-        file, or C{server} names several servers.
-    """
-    from jobworker.clientconfig import ClientConfigError, load_client_config, resolve_targets
-
-    targets = resolve_targets(load_client_config(config_path), server=server)
-    if len(targets) != 1:
-        raise ClientConfigError(f"{server!r} names {len(targets)} servers; a client talks to one")
-    target = targets[0]
-    return connect(
-        reactor, target.address.value, ca=target.ca.value, cert=target.cert.value, key=target.key.value, **options
-    )
