@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 
-from jobworker import cli
+from jobworker.cli import formatting
 from jobworker.protocol import messages as m
 
 
@@ -25,14 +25,14 @@ def signal_line(text: str) -> str:
 
 
 def test_a_known_signal_is_named() -> None:
-    assert signal_line(cli._describe(_status(9))).split()[-1] == "SIGKILL"
-    assert signal_line(cli._describe(_status(15))).split()[-1] == "SIGTERM"
+    assert signal_line(formatting.describe(_status(9))).split()[-1] == "SIGKILL"
+    assert signal_line(formatting.describe(_status(15))).split()[-1] == "SIGTERM"
 
 
 def test_an_unknown_signal_is_given_as_its_number() -> None:
     # 200 is no Linux signal (they end at 64).
-    assert signal_line(cli._describe(_status(200))).split()[-1] == "200"
+    assert signal_line(formatting.describe(_status(200))).split()[-1] == "200"
 
 
 def test_no_signal_no_line() -> None:
-    assert signal_lines(cli._describe(_status(0))) == []
+    assert signal_lines(formatting.describe(_status(0))) == []
