@@ -286,9 +286,12 @@ def _cmd_list(cmd: Command) -> int:
     ident: Callable[[m.JobStatus], str] = (
         (lambda job: str(job.job_id)) if args.no_trunc else (lambda job: short_id(job.job_id))
     )
-    if args.quiet:
+    if args.quiet or args.names:
         for job in jobs:
-            cmd.console.out(ident(job))
+            if args.quiet:
+                cmd.console.out(ident(job))
+            if args.names and job.name:
+                cmd.console.out(job.name)
         return 0
     width = 36 if args.no_trunc else SHORT_ID
     now = time.time()

@@ -6,7 +6,7 @@ as soon as it exists; generated here rather than by a library
 (C{argcomplete}, C{shtab}) because those add a dependency to every install
 for a few dozen lines of shell, and C{argcomplete} runs Python (half of
 C{jobcli}'s start-up) on every Tab.  The script completes without running
-jobcli, except for job ids, which come from C{jobcli list -q} against the
+jobcli, except for job ids and names, which come from C{jobcli list -q --names} against the
 server chosen on the command line so far (one short request), and server
 names, which are read from the config file with C{sed}.
 
@@ -71,7 +71,7 @@ def _bash(parser: argparse.ArgumentParser) -> str:
             + "      esac\n"
             f"      if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W {shlex.quote(' '.join(words))} -- \"$cur\")); return; fi\n"
             + (
-                "      COMPREPLY=($(compgen -W \"$(jobcli \"${global[@]}\" list -q 2>/dev/null)\" -- \"$cur\"))\n"
+                "      COMPREPLY=($(compgen -W \"$(jobcli \"${global[@]}\" list -q --names 2>/dev/null)\" -- \"$cur\"))\n"
                 if takes_ids
                 else ""
             )

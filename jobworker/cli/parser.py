@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list the jobs you may see, newest first")
     json_option(listing)
     listing.add_argument("-q", "--quiet", action="store_true", help="print job ids only")
+    listing.add_argument(
+        "--names",
+        action="store_true",
+        help="print the names of named jobs only, one a line; with -q, the ids too (what shell completion offers)",
+    )
     listing.add_argument("--no-trunc", action="store_true", help="whole ids and commands")
     listing.add_argument(
         "--state",

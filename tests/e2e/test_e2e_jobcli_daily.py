@@ -627,6 +627,24 @@ def test_bash_completion_of_commands_options_choices_servers_and_ids(home):
     assert "--no-wait" in complete(home, ["jobcli", "stop", "--"])
 
 
+def test_bash_completion_offers_job_names_too(home):
+    """
+    Names work wherever ids do, so they are completed where ids are, from
+    the same single list request (C{list -q --names}).
+    """
+    marker = uuid.uuid4().hex[:8]
+    named = home.ok("--server", "ops", "start", "--name", f"web-{marker}", "--", "true").strip()
+    start_job(home, "true")  # one without a name adds only its id
+    assert complete(home, ["jobcli", "--server", "ops", "logs", f"web-{marker[:4]}"]) == [f"web-{marker}"]
+    offered = complete(home, ["jobcli", "--server", "ops", "status", ""])
+    assert f"web-{marker}" in offered and uuid.UUID(named).hex[:12] in offered
+    # The listing behind it: names of named jobs only; with -q, ids as well.
+    names = home.ok("--server", "ops", "list", "--names").split()
+    assert f"web-{marker}" in names and not any(len(word) == 12 and word.isalnum() and "-" not in word for word in names)
+    both = home.ok("--server", "ops", "list", "-q", "--names").split()
+    assert f"web-{marker}" in both and uuid.UUID(named).hex[:12] in both
+
+
 def test_zsh_completion_is_the_bash_function_through_bashcompinit(home):
     script = home.ok("completion", "zsh")
     assert script.startswith("#compdef jobcli\n")
