@@ -41,7 +41,7 @@ from bench.harness.cgroups import ServerCgroup
 from bench.harness.proc import proc_cpu_split
 from bench.harness.processes import Workspace, check, free_port, run_timed, wait_listening
 from bench.harness.servers import SshServer, make_pki
-from bench.harness.settings import CLIENTS, REPO, VENV_BIN
+from bench.harness.settings import REPO, VENV_BIN
 
 GiB = 1 << 30
 
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workspace = Workspace()
     trees_root = tempfile.mkdtemp(prefix="jobworker-bench-ab-trees-")
     worktrees: list[str] = []
-    servers: dict[str, tuple[subprocess.Popen[bytes], dict[str, str]]] = {}
+    servers: dict[str, tuple[subprocess.Popen[bytes], dict[str, str], str]] = {}
     ssh = None
     try:
         certs = make_pki(workspace)
@@ -111,13 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.environ, PYTHONPATH=client_tree, JOBWORKER_SERVER=f"127.0.0.1:{port}",
                 JOBWORKER_CA=f"{certs}/ca.pem", JOBWORKER_CERT=f"{certs}/admin.pem", JOBWORKER_KEY=f"{certs}/admin.key",
             )  # fmt: skip
-            servers[name] = (process, env)
+            # The client tree's own bench/clients.py prunes: it speaks that
+            # tree's protocol and imports that tree's modules.
+            servers[name] = (process, env, os.path.join(client_tree, "bench", "clients.py"))
         ssh = SshServer(workspace) if args.ssh else None
         results: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
         if ssh is not None:
             results["ssh"] = []
         for _ in range(args.runs):
-            for name, (process, env) in servers.items():
+            for name, (process, env, clients) in servers.items():
                 user0, system0, faults0 = proc_cpu_split(process.pid)
                 began = time.perf_counter()
                 if args.mode == "run":
@@ -144,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"  faults/GiB server {run['server_faults']:.0f} client {run['client_faults']:.0f}",
                     flush=True,
                 )
-                subprocess.run([os.path.join(VENV_BIN, "python"), CLIENTS, "prune"], env=env, stdout=subprocess.DEVNULL, check=True)
+                subprocess.run([os.path.join(VENV_BIN, "python"), clients, "prune"], env=env, stdout=subprocess.DEVNULL, check=True)
             if ssh is not None:
                 timing = check(run_timed(ssh.command(" ".join(head))), "ssh")
                 results["ssh"].append({"mb_per_s": size / timing.wall_s / 1e6, "client_cpu": (timing.user_s + timing.sys_s) * per_gib})
