@@ -214,6 +214,14 @@ class UidAllocator:
                 return uid
         return None
 
+    def adopt(self, uid: int, holder: str) -> None:
+        """
+        C{holder} holds C{uid} already: a job of an earlier server, taken
+        back (its claim is renewed by the caller).
+        """
+        self._retired.discard(uid)
+        self._holders[uid] = holder
+
     def release(self, uid: int) -> None:
         """
         The job holding C{uid} has ended: retire the uid until no process
