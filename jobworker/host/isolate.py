@@ -56,6 +56,22 @@ Every process joins the job's cgroups before anything else, so the
 command's very first instruction already runs under the job's limits.  Note
 that outer and init count against a C{pids} limit (2 processes).
 
+Supervised jobs (C{"supervise": true}, what the server runs for every
+isolated job): outer stays as the job's B{supervisor} until the job has
+ended and its end is recorded (L{Supervisor}; the server's side is
+L{jobworker.jobs.supervisor}).  It does not join the job's cgroups (init
+does, through C{cgroup.procs} files outer opened before the mounts hid
+them, so only init and the command count against a C{pids} limit, and a
+kill of the cgroup leaves the supervisor to read the job's last output),
+it has no parent-death signal (it outlives a server that dies), and fd 3
+is a socket that carries frames (L{contract.frame}) rather than status
+lines; init's lines reach it on a pipe of its own and it relays them.  It
+inherits, besides fds 0-3, the read ends of the job's stdout and stderr
+pipes (4, 5: nobody else holds them), a listening socket (6) a later
+server connects to, and the empty backlog and end files (7, 8), all made
+by the server: the supervisor runs in the job's mount namespace, where the
+state directory is hidden.
+
 Signals sent before the forwarding handlers exist must not be lost: the
 forwarded signals are blocked before init is forked and unblocked only once
 the process has somewhere to forward them to.  A blocked signal sent to
