@@ -480,11 +480,9 @@ def test_jobs_that_end_while_no_server_runs_have_their_true_final_state(rig):
     oom_id = rig.start_job(first, "--memory", "32M", "--", "python3", "-c", grow, rig.gate("down"), hungry)
     for job_id in (exit_id, oom_id):
         rig.supervisor(job_id)
-    began = time.monotonic()
     timeout_id = rig.start_job(first, "--timeout", "2s", "--", "sleep", slow)
     kill_server(first)
-    if time.monotonic() - began > 1.5:
-        pytest.fail("the test could not kill the server within 1.5 s of the timed job's start (machine too loaded)")
+    killed_at = time.time()
     rig.supervisor(timeout_id)
     rig.open_gate("down")
     ends = [rig.state / "jobs" / f"{job_id}.end" for job_id in (exit_id, oom_id, timeout_id)]
@@ -494,6 +492,8 @@ def test_jobs_that_end_while_no_server_runs_have_their_true_final_state(rig):
 
     second = rig.start()
     exited, oom, timed_out = (status(second, job_id) for job_id in (exit_id, oom_id, timeout_id))
+    if timed_out["started_at"] + 2.0 <= killed_at:
+        pytest.fail("the timed job's timeout expired before the server was killed (a loaded machine): nothing tested")
     assert (exited["state"], exited["exit_code"]) == ("exited", 7), exited
     assert exited["usage"]["cpu_usec"] > 0 and exited["usage"]["memory_peak_bytes"] > 0, exited
     assert oom["state"] == "oom", oom
