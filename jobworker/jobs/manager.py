@@ -271,16 +271,23 @@ class JobManager(Service):
     def stopService(self) -> defer.Deferred[None]:
         """
         Stop every job (SIGTERM, then SIGKILL after the default grace) and
-        wait until each has ended and its cgroup is gone.
+        wait until each has ended and its cgroup is gone.  With
+        C{live_restore}, leave every running job running instead (each is
+        detached from this server, its supervisor goes on) and wait for none.
         """
         super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._shutting_down = True
         running = [job for job in self.jobs.values() if not job.is_final]
         ends = []
-        for job in running:
-            ends.append(job.when_ended())
-            job.stop("shutdown", self.config.default_grace_s)
-        log.info("stopping {count} running jobs", count=len(running))
+        if self.config.live_restore:
+            for job in running:
+                job.detach()
+            log.info("leaving {count} running jobs running for the next server (live restore)", count=len(running))
+        else:
+            for job in running:
+                ends.append(job.when_ended())
+                job.stop("shutdown", self.config.default_grace_s)
+            log.info("stopping {count} running jobs", count=len(running))
         every_end: defer.Deferred[Any] = defer.DeferredList(ends, consumeErrors=True)
         every_end.addCallback(lambda _: defer.DeferredList(list(self._cleanups), consumeErrors=True))
         every_end.addCallback(lambda _: self._release_cgroups())

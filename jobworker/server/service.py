@@ -6,6 +6,7 @@ this module).
 
     JobworkerService (MultiService)     start-up checks; the JSON log option
       +- JobManager                     stops every job on shutdown, and waits
+                                        (with --live-restore: leaves them running)
       +- _Listener, one per --listen    any endpoint string, wrapped in TLS
 
 Errors an operator can act on
@@ -321,6 +322,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_finished_jobs=options["max-finished-jobs"],
         ring_size=options["ring-bytes"],
         retention=options["retention-bytes"],
+        live_restore=bool(options["live-restore"]),
     )
     log.info(
         "jobs run as {who}; caps for non-admins: {caps}",
@@ -330,6 +332,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ),
         caps=", ".join(f"{name}={value}" for name, value in vars(config.caps).items() if value) or "none",
     )
+    if config.live_restore:
+        log.info("live restore: a clean stop leaves running jobs running for the next server")
     tls = _check_tls_files(options["ca"], options["cert"], options["key"])
     _check_state_dir(options["state-dir"])
     driver = _cgroup_driver(options["cgroups"], options["cgroup-prefix"]) if privileged else None
