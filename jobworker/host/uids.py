@@ -310,9 +310,18 @@ class UidLocks:
                 pass
             os.close(fd)
 
-    def close(self) -> None:
+    def close(self, leave: Iterable[int] = ()) -> None:
+        """
+        Give back every claim; those of C{leave} (the uids of jobs left
+        running for the next server) keep their files, which that server
+        claims again.
+        """
+        left = set(leave)
         for uid in list(self._held):
-            self.unclaim(uid)
+            if uid in left:
+                os.close(self._held.pop(uid))
+            else:
+                self.unclaim(uid)
 
     def sweep(self) -> list[int]:
         """

@@ -520,12 +520,6 @@ class Job:
         self._signal_helper(signal.SIGTERM)
         self._timers.start_by("kill", grace_s, self._kill_all)
 
-    def detach(self) -> None:  # lead implements
-        """
-        Let go of the running job without stopping it (live restore): its
-        supervisor keeps it running for the next server.
-        """
-        raise NotImplementedError("Job.detach: live restore is not built yet")
 
     def _timed_out(self) -> None:
         log.info("job {job_id} ran past its timeout of {ms} ms", job_id=self.job_id, ms=self.limits.timeout_ms)

@@ -288,10 +288,13 @@ class JobManager(Service):
                 ends.append(job.when_ended())
                 job.stop("shutdown", self.config.default_grace_s)
             log.info("stopping {count} running jobs", count=len(running))
+        left = {job.uid for job in running} if self.config.live_restore else set()
         every_end: defer.Deferred[Any] = defer.DeferredList(ends, consumeErrors=True)
         every_end.addCallback(lambda _: defer.DeferredList(list(self._cleanups), consumeErrors=True))
-        every_end.addCallback(lambda _: self._release_cgroups())
-        every_end.addCallback(lambda _: self._uid_locks.close() if self._uid_locks is not None else None)
+        if not left:
+            # (The base holds the cgroups of the jobs left running.)
+            every_end.addCallback(lambda _: self._release_cgroups())
+        every_end.addCallback(lambda _: self._uid_locks.close(leave=left) if self._uid_locks is not None else None)
         every_end.addCallback(lambda _: self._saver.save_unsaved(final=True))
         every_end.addCallback(lambda _: self.store.close())
         return every_end

@@ -23,12 +23,13 @@ from jobworker.server import service
 
 class FakeJob:
     """
-    What stopService uses of a job: whether it is final, C{stop},
+    What stopService uses of a job: whether it is final, its uid, C{stop},
     C{detach} and C{when_ended}; each call is recorded.
     """
 
     def __init__(self, name: str, *, final: bool = False) -> None:
         self.job_id = name
+        self.uid = -1
         self.is_final = final
         self.calls: list[tuple[Any, ...]] = []
         self.ended: defer.Deferred[Any] = defer.Deferred()
