@@ -413,8 +413,13 @@ def test_200_mib_with_a_follower_across_a_kill_of_the_server(rig, tmp_path):
 
 # -- the write rate with the server down --------------------------------------------------------
 
-# argv: MARKER.  Writes 64 KiB blocks to its stdout as fast as it can, for ever.
-FAST_WRITER = "import os\nblock = b'x' * 65536\nwhile True:\n    os.write(1, block)\n"
+# argv: MARKER.  Writes 1 KiB blocks to its stdout as fast as it can, for
+# ever.  Run under --cpu 0.1: the cap, not the reader of its output, sets its
+# pace (~110 MiB/s here, against today's server), so ~1 GiB passes in the
+# 10 s the server is down.  Without a cap it wrote 64 KiB blocks at 3 GiB/s:
+# 30 GiB on the disk in those 10 s, were its supervisor that fast.
+FAST_WRITER = "import os\nblock = b'x' * 1024\nwhile True:\n    os.write(1, block)\n"
+FAST_WRITER_CPU = "0.1"
 
 
 def write_rate(pid: int, seconds: float) -> float:
@@ -428,18 +433,20 @@ def write_rate(pid: int, seconds: float) -> float:
 
 def test_a_job_writes_as_fast_with_the_server_down_as_up(rig):
     """
-    A job writes to its stdout as fast as it can; its write rate is its own
-    count of bytes written (C{wchar} of its process, read by the test from
-    the host's C{/proc}: it does not depend on the server, up or down), over
-    2 s with the server up, then over the 10 s after the server was killed
-    (C{kill -9}), then over 2 s under the next server.  The rate while down
-    must be at least 0.9 times the rate while the first server ran: a job
-    whose output waits in its pipe for a server blocks within 1 MiB.
-    (Spools are capped with C{--retention 32M}: gigabytes pass.)
+    A job writes to its stdout as fast as it can within its CPU limit (see
+    L{FAST_WRITER}); its write rate is its own count of bytes written
+    (C{wchar} of its process, read by the test from the host's C{/proc}: it
+    does not depend on the server, up or down), over 2 s with the server up,
+    then over the 10 s after the server was killed (C{kill -9}), then over
+    2 s under the next server.  The rate while down must be at least 0.9
+    times the rate while the first server ran: a job whose output waits in
+    its pipe for a server blocks within 1 MiB, and one whose output is
+    drained more slowly than it writes is held to that pace.  (Spools are
+    capped with C{--retention 32M}: a gigabyte passes.)
     """
     argument = rig.marker()
     first = rig.start("--retention", "32M")
-    job_id = rig.start_job(first, "--", "python3", "-c", FAST_WRITER, argument)
+    job_id = rig.start_job(first, "--cpu", FAST_WRITER_CPU, "--", "python3", "-c", FAST_WRITER, argument)
     writer = rig.command_process(argument, "python3")
     poll(lambda: written_bytes(writer) > 4 * MiB, 10, "the job's first 4 MiB")
     time.sleep(0.5)  # past the start's transient
