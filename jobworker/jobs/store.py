@@ -42,7 +42,7 @@ from jobworker.logs import Logger
 from jobworker.protocol.messages import JobStatus
 from jobworker.records import salvage_status, status_to_dict
 
-__all__ = ["JobStore", "LoadedRecord", "StateDirLocked", "discard"]
+__all__ = ["STATE_FORMAT", "JobStore", "LoadedRecord", "StateDirLocked", "StateFormatTooNew", "check_state_format", "discard"]
 
 log = Logger()
 
@@ -125,6 +125,36 @@ class StateFormatTooNew(Exception):
 STATE_FORMAT = 2
 
 
+def check_state_format(state_dir: str) -> int | None:
+    """
+    The format of the state directory (None: it has no format file, so
+    it is new, or of format 1); changes nothing.
+
+    @raise StateFormatTooNew: it is in a newer format, or its format file
+        is not one.
+    """
+    path = os.path.join(state_dir, "format")
+    try:
+        with open(path, "rb") as handle:
+            content = handle.read(4096)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateFormatTooNew(f"cannot read the format file {path}: {exc.strerror or exc}") from None
+    try:
+        found = json.loads(content).get("format")
+    except (ValueError, AttributeError):
+        found = None
+    if not isinstance(found, int) or isinstance(found, bool):
+        raise StateFormatTooNew(f"the state directory {state_dir} has a damaged format file {path}")
+    if found > STATE_FORMAT:
+        raise StateFormatTooNew(
+            f"the state directory {state_dir} is in format {found}; this server reads formats up to "
+            f"{STATE_FORMAT} (a newer jobworker wrote it: run that, or use another --state-dir)"
+        )
+    return found
+
+
 class JobStore:
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
@@ -157,27 +187,9 @@ class JobStore:
         """
         @raise StateFormatTooNew: the directory is in a newer format.
         """
-        path = os.path.join(self.state_dir, "format")
-        try:
-            with open(path, "rb") as handle:
-                content = handle.read(4096)
-        except FileNotFoundError:
-            content = None
-        if content is not None:
-            try:
-                found = json.loads(content).get("format")
-            except (ValueError, AttributeError):
-                found = None
-            if not isinstance(found, int) or isinstance(found, bool):
-                raise StateFormatTooNew(f"the state directory {self.state_dir} has a damaged format file {path}")
-            if found > STATE_FORMAT:
-                raise StateFormatTooNew(
-                    f"the state directory {self.state_dir} is in format {found}; this server reads formats up to "
-                    f"{STATE_FORMAT} (a newer jobworker wrote it: run that, or use another --state-dir)"
-                )
-            if found == STATE_FORMAT:
-                return
-        self._replace(path, json.dumps({"format": STATE_FORMAT}).encode() + b"\n", directory=self.state_dir)
+        if check_state_format(self.state_dir) != STATE_FORMAT:
+            path = os.path.join(self.state_dir, "format")
+            self._replace(path, json.dumps({"format": STATE_FORMAT}).encode() + b"\n", directory=self.state_dir)
 
     def close(self) -> None:
         if self._run_fd is not None:

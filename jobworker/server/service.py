@@ -34,6 +34,7 @@ from twisted.internet.error import CannotListenError
 
 import jobworker
 from jobworker.jobs.manager import JobManager, JobManagerConfig
+from jobworker.jobs.store import StateFormatTooNew, check_state_format
 from jobworker.limits import LIMIT_CONTROLLERS, Limits
 from jobworker.logs import Logger
 from jobworker.server.factory import ServerFactory, ServerLimits
@@ -141,6 +142,10 @@ def _check_state_dir(state_dir: str) -> None:
         raise StartupError(f"{where}: another jobworker server is using it (it holds {lock_path})") from None
     finally:
         os.close(descriptor)
+    try:
+        check_state_format(state_dir)
+    except StateFormatTooNew as exc:
+        raise StartupError(f"{where}: {exc}") from None
 
 
 def _fail_after_logging_began(message: str) -> None:
