@@ -28,7 +28,7 @@ from jobworker.jobs.lifecycle import Event, LifeCycle, Phase
 from jobworker.jobs.pipes import OutputPump
 from jobworker.jobs.report import error_text, now_us, read_usage
 from jobworker.jobs.spec import JobSpec
-from jobworker.jobs.supervisor import BacklogReader, SupervisorLink, spawn_supervised
+from jobworker.jobs.supervisor import BacklogReader, SupervisorLink, Zygote, spawn_supervised
 from jobworker.jobs.timers import JobTimers
 from jobworker.limits import Limits
 from jobworker.logs import Logger
@@ -63,6 +63,7 @@ class JobHost(Protocol):
     reactor: Any
     config: JobManagerConfig
     helper_path: str
+    zygote: Zygote | None
 
     def job_changed(self, job: Job) -> None:
         """Save the job's record: its state changed."""
@@ -257,8 +258,10 @@ class Job:
                     retention=self.output.retention,
                 ),
             )
-            self.transport, ours = spawn_supervised(reactor, self.manager.helper_path, config, self.job_id, self.manager)
-            self.pid = self.transport.pid
+            self.transport, ours = spawn_supervised(
+                reactor, self.manager.helper_path, config, self.job_id, self.manager, self.manager.zygote
+            )
+            self.pid = self.transport.pid if self.transport is not None else None
             try:
                 self.connect(ours)
             finally:
