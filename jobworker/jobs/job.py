@@ -37,6 +37,13 @@ from jobworker.output.spool import FileSpool
 from jobworker.protocol.messages import UID_UNKNOWN, JobState, JobStatus, JobUsage, Network
 
 
+def _has_content(path: str) -> bool:
+    try:
+        return os.stat(path).st_size > 0
+    except OSError:
+        return False
+
+
 def protocol_factory(link: SupervisorLink) -> Any:
     """
     A factory that builds C{link} once (to adopt a connected socket).
@@ -319,9 +326,10 @@ class Job:
             if isinstance(started_at, int) and started_at > 0:
                 self.started_at = started_at
         backlog = hello.get("backlog")
-        if backlog is not None and self.link is not None:
-            self.link.pause()
-            self.read_backlog(self.link.resume)
+        link = self.link
+        if backlog is not None and link is not None:
+            link.pause("backlog")
+            self.read_backlog(lambda: link.resume("backlog"))
 
     def read_backlog(self, then: Any) -> None:
         """
@@ -394,6 +402,14 @@ class Job:
         self.link = None
         if self._detached or self.is_final or self.life.phase in (Phase.SETTLING, Phase.ENDED):
             return
+        if end is not None and not self._ingesting and _has_content(self.manager.backlog_path(self.job_id)):
+            # A supervisor that ended without our acknowledgement of its last
+            # output wrote it to its backlog: read that first.
+            self.read_backlog(lambda: self._supervisor_ended(end))
+            return
+        self._supervisor_ended(end)
+
+    def _supervisor_ended(self, end: tuple[int, int] | None) -> None:
         self.pipes.relay_closed()
         if end is None:
             self._supervisor_lost = True
@@ -421,7 +437,7 @@ class Job:
             ended_at = record.get("ended_at")
             if isinstance(ended_at, int) and ended_at > 0:
                 self._ended_at_hint = ended_at
-            self.supervisor_gone(end)
+            self._supervisor_ended(end)
 
         self.pipes.attach_relay(lambda: None, lambda: None)
         self.read_backlog(done)

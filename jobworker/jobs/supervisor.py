@@ -303,7 +303,9 @@ class SupervisorLink(protocol.Protocol):
         self._ack_call: Any = None
         self.connected_to = False
         self._paused = False
+        self._paused_by: set[str] = set()
         self._held: list[tuple[int, bytes]] = []  # frames received while paused
+        self._lost = False  # the connection is gone
 
     def _transport(self) -> Any:
         # A unix socket's transport (Twisted's unix.Client or Server); the
@@ -365,10 +367,13 @@ class SupervisorLink(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected_to = False
+        self._lost = True
         if self._ack_call is not None and self._ack_call.active():
             self._ack_call.cancel()
         self._ack_call = None
-        self.events.supervisor_gone(self.end)
+        if not (self._paused or self._held):
+            self.events.supervisor_gone(self.end)
+        # else: told once the frames held meanwhile are taken (resume).
 
     # -- to the supervisor -------------------------------------------------------
 
@@ -393,19 +398,22 @@ class SupervisorLink(protocol.Protocol):
         if self.connected_to and 0 < signum < 256:
             self._transport().write(contract.frame(contract.SEND_SIGNAL, bytes((signum,))))
 
-    def pause(self) -> None:
+    def pause(self, reason: str = "spool") -> None:
         """
-        Stop taking frames (the spool is congested, or a backlog is being
-        read first): the supervisor's window fills and it stops reading
-        the job's pipes.
+        Stop taking frames, for C{reason}: the spool is congested
+        (C{"spool"}), or a backlog is being read first (C{"backlog"}).  The
+        supervisor's window fills and it stops reading the job's pipes.
+        Frames go on only once every reason is gone (L{resume}).
         """
-        if not self._paused:
+        if not self._paused_by:
             self._paused = True
-            if self.transport is not None:
+            if self.transport is not None and self.connected_to:
                 self._transport().pauseProducing()
+        self._paused_by.add(reason)
 
-    def resume(self) -> None:
-        if not self._paused:
+    def resume(self, reason: str = "spool") -> None:
+        self._paused_by.discard(reason)
+        if self._paused_by or not self._paused:
             return
         self._paused = False
         held, self._held = self._held, []
@@ -414,7 +422,9 @@ class SupervisorLink(protocol.Protocol):
                 self._held = held[index:] + self._held
                 return
             self._frame(kind, payload)
-        if self.transport is not None and self.connected_to:
+        if self._lost:
+            self.events.supervisor_gone(self.end)
+        elif self.transport is not None:
             self._transport().resumeProducing()
 
     def leave(self) -> None:
