@@ -1819,11 +1819,25 @@ def compiled_helper(directory: str | None = None) -> str:
     else:
         target = os.path.join(directory, "isolate.pyc")
     contract_source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "contract.py")
-    try:
-        py_compile.compile(contract_source, cfile=os.path.join(os.path.dirname(target), "contract.pyc"), doraise=True)
-        py_compile.compile(__file__, cfile=target, doraise=True)
-    except OSError:
-        return __file__
+    import marshal
+
+    contract_target = os.path.join(os.path.dirname(target), "contract.pyc")
+    for source, cfile in ((contract_source, contract_target), (__file__, target)):
+        # Into a new file, checked, then renamed: on a full disk py_compile
+        # can leave a truncated file (its write is not checked for a short
+        # count), and every job would fail "Bad code object in .pyc file".
+        fresh = cfile + ".new"
+        try:
+            py_compile.compile(source, cfile=fresh, doraise=True)
+            with open(fresh, "rb") as handle:
+                marshal.loads(handle.read()[16:])
+            os.replace(fresh, cfile)
+        except (OSError, ValueError, EOFError, TypeError):
+            try:
+                os.unlink(fresh)
+            except OSError:
+                pass
+            return __file__
     return target
 
 

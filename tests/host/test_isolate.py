@@ -930,3 +930,22 @@ def test_isolated_job_memory(tmp_path: Path) -> None:
             (init,) = (int(pid) for pid in f.read().split())
         used = job_only_memory([job.pid, init])
     assert used <= HELPER_MEMORY_BUDGET, f"{used / 2**20:.2f} MiB"
+
+
+def test_a_truncated_compiled_helper_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a full disk py_compile can leave a short file in place (its write
+    # is unchecked): every job then failed "Bad code object in .pyc file".
+    import py_compile
+
+    real = py_compile.compile
+
+    def short_write(source: str, cfile: str, doraise: bool) -> str:
+        real(source, cfile=cfile, doraise=doraise)
+        if cfile.endswith("isolate.pyc.new"):
+            with open(cfile, "r+b") as handle:
+                handle.truncate(os.path.getsize(cfile) // 2)
+        return cfile
+
+    monkeypatch.setattr(py_compile, "compile", short_write)
+    assert isolate.compiled_helper(str(tmp_path)) == isolate.__file__
+    assert not (tmp_path / "isolate.pyc").exists()
