@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         server.answering()
         ticking = [server.jobcli("start", "--", "python3", "-c", TICKER).stdout.decode().strip() for _ in range(args.ticking)]
         sleeping = server.clients("start", "--count", str(args.jobs - args.ticking), "--", "sleep", "3600")
-        ids = ticking + list(sleeping)  # type: ignore[arg-type]
+        assert isinstance(sleeping, list)
+        ids = ticking + [str(job_id) for job_id in sleeping]
         server.clients("running", *ids)
         lost_total = 0
         for cycle in range(args.cycles):

@@ -1644,6 +1644,8 @@ class Supervisor:
     def _finish(self) -> None:
         if self.window:
             self._disconnect()
+        if self.conn is not None:
+            self._hang_up()
         try:
             posix.fsync(BACKLOG_FD)
         except OSError:
@@ -1679,6 +1681,30 @@ class Supervisor:
                 else:
                     self.outgoing[0] = first[written:]
                     written = 0
+
+    def _hang_up(self) -> None:
+        """
+        Close the connection only once the server has read everything and
+        closed its end: a socket closed with unread data (a signal or an
+        acknowledgement the server sent meanwhile) is reset, and the
+        server's reading of the frames before it (the job's end) with it.
+        """
+        import _socket
+
+        conn = self.conn
+        assert conn is not None
+        sock = _socket.socket(fileno=posix.dup(conn))
+        try:
+            sock.shutdown(_socket.SHUT_WR)
+            sock.settimeout(ACK_WAIT_S)
+            while sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+        finally:
+            sock.close()
+            posix.close(conn)
+            self.conn = None
 
     def _read_conn(self) -> None:
         conn = self.conn
