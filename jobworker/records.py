@@ -84,6 +84,8 @@ _MISSING = object()
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise RecordError(f"{name}: not text ({type(value).__name__})")
+    if value.isascii() and len(value) <= MAX_TEXT_BYTES:
+        return value  # valid UTF-8 of len() bytes, without encoding it
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
@@ -138,13 +140,15 @@ def _network(value: Any) -> Network:
     return Network[value.upper()]
 
 
+_LIMIT_NAMES = frozenset(f.name for f in fields(Limits))
+
+
 def _limits(value: Any) -> Limits:
     if not isinstance(value, dict):
         raise RecordError(f"limits: not an object ({type(value).__name__})")
-    names = {f.name for f in fields(Limits)}
     try:
         # Names from a newer version are ignored; Limits checks the ranges.
-        return Limits(**{key: item for key, item in value.items() if key in names})
+        return Limits(**{key: item for key, item in value.items() if key in _LIMIT_NAMES})
     except (ValueError, TypeError) as exc:
         raise RecordError(f"limits: {exc}") from None
 

@@ -21,6 +21,7 @@ problems found), so that an operator sees them in C{jobcli list}.
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import os
 import stat
@@ -77,6 +78,25 @@ def discard(path: str) -> None:
         pass
     except OSError as exc:
         log.warn("could not remove {path}: {error}; left as it is", path=path, error=exc.strerror or exc)
+
+
+def _read_record(fd: int, size: int) -> bytes:
+    """
+    The file's content, at most C{MAX_RECORD_BYTES + 1} bytes of it, read
+    in a buffer of the size C{fstat} gave (a read of the maximum at once
+    allocated 16 MiB per record: 60 us of every record's start-up).
+    """
+    chunks = []
+    left = MAX_RECORD_BYTES + 1
+    want = min(size + 1, left)
+    while left > 0:
+        chunk = os.read(fd, want)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+        want = min(1 << 16, left)  # it grew meanwhile: on in small steps
+    return b"".join(chunks)
 
 
 class _NotAFile(Exception):
@@ -192,6 +212,19 @@ class JobStore:
         (names that are not a job id) are logged and left alone.
         """
         names = set(os.listdir(self.jobs_dir))
+        # What is made from the records (and from each by the caller,
+        # between two of them) lives on: the collector's passes over it
+        # while it grows are wasted, half the start-up with 10,000 records.
+        # It runs again when the load ends, or is abandoned.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            yield from self._load_all(names)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _load_all(self, names: set[str]) -> Iterator[LoadedRecord]:
         for name in sorted(names):
             path = os.path.join(self.jobs_dir, name)
             stem, dot, suffix = name.partition(".")
@@ -229,15 +262,12 @@ class JobStore:
             # for ever, and the server would never start.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
-                is_file = stat.S_ISREG(os.fstat(fd).st_mode)
-            except OSError:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise _NotAFile()
+                content = _read_record(fd, info.st_size)
+            finally:
                 os.close(fd)
-                raise
-            if not is_file:
-                os.close(fd)
-                raise _NotAFile()
-            with open(fd, "rb") as handle:
-                content = handle.read(MAX_RECORD_BYTES + 1)
             if len(content) > MAX_RECORD_BYTES:
                 problems.append(f"the job record is larger than {MAX_RECORD_BYTES} bytes")
             else:

@@ -134,3 +134,47 @@ def test_a_bad_env_is_a_problem(store: JobStore) -> None:
     data["env"] = [["A"], 5]
     path.write_text(json.dumps(data))
     assert loaded(store)[job.job_id].problems == ["env: not a list of [name, value] pairs"]
+
+
+# -- start-up cost (issue 17 item 2) -----------------------------------------------
+
+
+def test_loading_a_small_record_does_not_allocate_the_largest_one(store: JobStore) -> None:
+    # The read of a record asked for MAX_RECORD_BYTES + 1 at once: a 16 MiB
+    # buffer for each record of a few hundred bytes, ~60 us of every
+    # record's share of the start-up.
+    import tracemalloc
+
+    store.save(FakeJob(uuid.uuid4(), 0))
+    tracemalloc.start()
+    try:
+        [loaded] = list(store.load())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not loaded.problems
+    assert peak < 1 << 20, peak
+
+
+def test_a_record_that_grows_while_read_is_read_whole_up_to_the_cap(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    job = FakeJob(uuid.uuid4(), 0)
+    store.save(job)
+    real_fstat = os.fstat
+    monkeypatch.setattr(jobworker.jobs.store.os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 10, *real_fstat(fd)[7:])))
+    [loaded] = list(store.load())
+    assert not loaded.problems and loaded.status.job_id == job.job_id
+
+
+def test_the_collector_pauses_while_records_load_and_resumes_after(store: JobStore) -> None:
+    import gc
+
+    for _ in range(3):
+        store.save(FakeJob(uuid.uuid4(), 0))
+    assert gc.isenabled()
+    during = [gc.isenabled() for _ in store.load()]
+    assert during == [False] * 3 and gc.isenabled()
+    loading = store.load()
+    next(loading)
+    assert not gc.isenabled()
+    loading.close()  # abandoned half-way: the collector runs again
+    assert gc.isenabled()
