@@ -45,6 +45,7 @@ from jobworker.server.options import (
     host_memory_bytes,
     secret_paths,
 )
+from jobworker.server.reaping import install_reaper
 
 __all__ = ["CONFIG_PATH", "Options", "StartupError", "host_cpus", "host_memory_bytes", "makeService", "secret_paths"]
 
@@ -301,6 +302,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         version=jobworker.__version__,
         config=options["config"] or "none",
     )
+    # A SIGCHLD reaps the helpers that ended, not a waitpid per running job.
+    install_reaper()
     privileged = os.geteuid() == 0
     isolate = not options["no-isolation"]
     if isolate and not privileged:

@@ -135,7 +135,7 @@ INNER_ORDER: dict[str, list[list[str]]] = {
         ["persistence"], ["manager"],
     ],
     "jobworker.server": [
-        ["transport", "streams", "options"], ["timers"], ["requests"], ["connection"], ["factory"], ["service"],
+        ["transport", "streams", "options", "reaping"], ["timers"], ["requests"], ["connection"], ["factory"], ["service"],
     ],
     "jobworker.client": [["errors", "follower"], ["protocol"], ["connect"]],
     "jobworker.blocking": [["channel", "tls"], ["connection"], ["client"]],
