@@ -347,6 +347,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         log.warn("no cgroup driver: resource limits will be refused")
     _check_controllers(driver, options["default-limits"], getattr(options, "explicit", frozenset()))
     manager = JobManager(reactor, config, cgroup_driver=driver)
+    # Records of running jobs are written off the reactor's thread: a stop
+    # of hundreds of jobs held every client up while each synced its file.
+    manager.store.write_behind(reactor.callFromThread)
     limits = ServerLimits(
         handshake_timeout_s=options["handshake-timeout"],
         idle_timeout_s=options["idle-timeout"],
