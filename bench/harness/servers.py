@@ -10,6 +10,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -77,8 +79,10 @@ class JobworkerServer:
         with open(self.log_path, "ab") as log:
             self.process = workspace.spawn(self.cgroup.wrap(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
         wait_listening(self.port, self.process, f"jobworker server {name}", self.log_path, interval=0.005)
-        # From the spawn until it accepts connections: the job manager has
-        # loaded every record by then (it starts before the listener).
+        self._wait_serving(certs)
+        # From the spawn until a TLS handshake completes: twistd binds the
+        # port before the services start, but the reactor, which does the
+        # handshake, runs only once the job manager has loaded every record.
         self.startup_s = time.perf_counter() - began
         self.env = dict(os.environ)
         self.env.update(
@@ -87,6 +91,22 @@ class JobworkerServer:
             JOBWORKER_CERT=os.path.join(certs, "admin.pem"),
             JOBWORKER_KEY=os.path.join(certs, "admin.key"),
         )
+
+    def _wait_serving(self, certs: str, timeout: float = 60.0) -> None:
+        context = ssl.create_default_context(cafile=os.path.join(certs, "ca.pem"))
+        context.check_hostname = False
+        context.load_cert_chain(os.path.join(certs, "admin.pem"), os.path.join(certs, "admin.key"))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as raw:
+                    with context.wrap_socket(raw) as tls:
+                        tls.do_handshake()
+                return
+            except (OSError, ssl.SSLError) as exc:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise BenchError(f"jobworker server {self.name} never completed a TLS handshake: {exc}\n{tail(self.log_path)}") from None
+                time.sleep(0.005)
 
     @property
     def pid(self) -> int:

@@ -98,43 +98,57 @@ def encode_status(status: m.JobStatus) -> bytes:
     return b"".join(parts)
 
 
-class _Reader:
-    """
-    A position in a frame's body; every read checks that the bytes are
-    there (a short body is the peer's error, a L{ProtocolError}).
-    """
-
-    __slots__ = ("data", "at")
-
-    def __init__(self, data: bytes | memoryview, at: int) -> None:
-        self.data = data
-        self.at = at
-
-    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
-        if self.at + layout.size > len(self.data):
-            raise ProtocolError(f"the frame ends inside a status, at byte {self.at}")
-        values = layout.unpack_from(self.data, self.at)
-        self.at += layout.size
-        return values
-
-    def text(self) -> str:
-        (size,) = self.unpack(_U16)
-        end = self.at + size
-        if end > len(self.data):
-            raise ProtocolError(f"the frame ends inside a text of {size} bytes, at byte {self.at}")
-        raw = self.data[self.at : end]
-        self.at = end
-        try:
-            return str(raw, "utf-8")
-        except UnicodeDecodeError as exc:
-            raise ProtocolError(f"a text is not UTF-8: {exc}") from None
+def _short(at: int) -> ProtocolError:
+    return ProtocolError(f"the frame ends inside a status, at byte {at}")
 
 
-def _enum(kind: Any, name: str, value: int) -> Any:
+def _read_text(data: bytes | memoryview, at: int) -> tuple[str, int]:
+    if at + 2 > len(data):
+        raise _short(at)
+    end = at + 2 + (data[at] << 8 | data[at + 1])
+    if end > len(data):
+        raise _short(at)
     try:
-        return kind(value)
-    except ValueError:
-        raise ProtocolError(f"JobStatus.{name}: invalid value {value!r}") from None
+        return str(data[at + 2 : end], "utf-8"), end
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"a text is not UTF-8: {exc}") from None
+
+
+def _unpack(layout: struct.Struct, data: bytes | memoryview, at: int) -> tuple[Any, ...]:
+    if at + layout.size > len(data):
+        raise _short(at)
+    return layout.unpack_from(data, at)
+
+
+# Statuses of one list mostly share their limits (the defaults, a team's
+# usual ones): each distinct one is checked and made once.  Bounded, as the
+# peer chooses them.
+_LIMITS_MEMO: dict[tuple[int, ...], Limits] = {}
+_LIMITS_MEMO_SIZE = 256
+
+
+def _limits(numbers: tuple[int, ...]) -> Limits:
+    limits = _LIMITS_MEMO.get(numbers)
+    if limits is None:
+        try:
+            limits = Limits(*numbers)
+        except LimitError as exc:
+            raise ProtocolError(f"Limits: {exc}") from exc
+        if len(_LIMITS_MEMO) >= _LIMITS_MEMO_SIZE:
+            _LIMITS_MEMO.clear()
+        _LIMITS_MEMO[numbers] = limits
+    return limits
+
+
+_STATES = {int(state): state for state in m.JobState}
+_NETWORKS = {int(network): network for network in m.Network}
+
+
+def _enum(members: dict[int, Any], name: str, value: int) -> Any:
+    member = members.get(value)
+    if member is None:
+        raise ProtocolError(f"JobStatus.{name}: invalid value {value!r}")
+    return member
 
 
 def decode_status(data: bytes | memoryview, at: int) -> tuple[m.JobStatus, int]:
@@ -145,33 +159,39 @@ def decode_status(data: bytes | memoryview, at: int) -> tuple[m.JobStatus, int]:
 
     @raise ProtocolError: the record is malformed or cut short.
     """
-    reader = _Reader(data, at)
     if at + 16 > len(data):
-        raise ProtocolError(f"the frame ends inside a status, at byte {at}")
+        raise _short(at)
     job_id = uuid.UUID(bytes=bytes(data[at : at + 16]))
-    reader.at += 16
-    owner = reader.text()
-    (count,) = reader.unpack(_U16)
-    argv = tuple(reader.text() for _ in range(count))
-    state, exit_code, signal, created_at, started_at, ended_at = reader.unpack(_TIMES)
-    error = reader.text()
-    stopped_by = reader.text()
-    numbers = reader.unpack(_NUMBERS)
-    workdir = reader.text()
-    user = reader.text()
-    network, uid, abridged = reader.unpack(_TAIL)
-    name = reader.text()
-    (count,) = reader.unpack(_U16)
-    labels = tuple((reader.text(), reader.text()) for _ in range(count))
-    try:
-        limits = Limits(*numbers[:6])
-    except LimitError as exc:
-        raise ProtocolError(f"Limits: {exc}") from exc
+    owner, at = _read_text(data, at + 16)
+    (count,) = _unpack(_U16, data, at)
+    at += 2
+    items = []
+    for _ in range(count):
+        item, at = _read_text(data, at)
+        items.append(item)
+    argv = tuple(items)
+    state, exit_code, signal, created_at, started_at, ended_at = _unpack(_TIMES, data, at)
+    error, at = _read_text(data, at + _TIMES.size)
+    stopped_by, at = _read_text(data, at)
+    numbers = _unpack(_NUMBERS, data, at)
+    workdir, at = _read_text(data, at + _NUMBERS.size)
+    user, at = _read_text(data, at)
+    network, uid, abridged = _unpack(_TAIL, data, at)
+    name, at = _read_text(data, at + _TAIL.size)
+    (count,) = _unpack(_U16, data, at)
+    at += 2
+    pairs = []
+    for _ in range(count):
+        key, at = _read_text(data, at)
+        value, at = _read_text(data, at)
+        pairs.append((key, value))
+    labels = tuple(pairs)
+    limits = _limits(numbers[:6])
     status = m.JobStatus(
         job_id=job_id,
         owner=owner,
         argv=argv,
-        state=_enum(m.JobState, "state", state),
+        state=_enum(_STATES, "state", state),
         exit_code=exit_code,
         signal=signal,
         created_at=created_at,
@@ -184,10 +204,10 @@ def decode_status(data: bytes | memoryview, at: int) -> tuple[m.JobStatus, int]:
         output_bytes=numbers[11],
         workdir=workdir,
         user=user,
-        network=_enum(m.Network, "network", network),
+        network=_enum(_NETWORKS, "network", network),
         uid=uid,
         abridged=abridged != 0,
         name=name,
         labels=labels,
     )
-    return status, reader.at
+    return status, at
