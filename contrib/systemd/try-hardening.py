@@ -77,8 +77,8 @@ def _trial_script(results: str, variants: list[str] | None = None) -> str:
     What the oneshot unit runs inside the guest: one server per variant
     (C{"shipped"}: the unit as it is; otherwise the unit plus that line).
     The shipped unit is also stopped with a job running, and started again,
-    to see the job recorded as stopped by the server's shutdown (what
-    KillMode=mixed relies on).
+    to see the job recorded as stopped by the server's shutdown (the server
+    stops its jobs itself: KillMode=process has systemd signal it alone).
     """
     venv = os.path.join(ROOT, ".venv", "bin")
     unit_text = open(UNIT).read().replace("/opt/jobworker/bin/twistd", f"{venv}/twistd")

@@ -35,6 +35,7 @@ FAILED = "failed"  # "failed <kind> <errno> <message>": the command never ran
 EXIT = "exit"  # "exit <code>": isolated: the command exited
 SIGNAL = "signal"  # "signal <n>": isolated: a signal killed the command
 PID = "pid"  # informational; the server ignores it
+TIMEOUT = "timeout"  # supervised: the supervisor stopped the job at its timeout
 
 # -- kinds of start failure, and the exit code of each -----------------------
 
@@ -85,6 +86,13 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "read_only_root": False,
     "hide": [],
     "inaccessible_file": None,
+    # Isolated jobs only: the outer helper stays as the job's supervisor
+    # (the frames below, on fd 3 and on the listening socket); see
+    # jobworker.host.isolate.
+    "supervise": False,
+    "timeout_ms": 0,  # supervised: stop the job this long after it started; 0: never
+    "grace_ms": 10000,  # supervised: SIGKILL this long after the timeout's SIGTERM
+    "retention": 1 << 30,  # supervised: output kept in the backlog while no server runs
 }
 CONFIG_KEYS = tuple(CONFIG_DEFAULTS)
 
@@ -103,3 +111,83 @@ def helper_config(**settings: object) -> dict[str, object]:
     if unknown:
         raise KeyError(f"not a key of the helper's configuration: {', '.join(sorted(unknown))}")
     return dict(settings)
+
+
+# -- the supervisor's socket ---------------------------------------------------
+#
+# A supervised job's outer helper (its supervisor) talks to a server over a
+# stream socket: fd 3 (a socketpair with the server that started it) and the
+# connections it accepts on the listening socket a later server connects to.
+# Frames: a 1-byte kind, a 4-byte big-endian payload length, the payload.
+
+# The descriptors a supervisor inherits besides 0-3.
+STDOUT_READ_FD = 4  # the read end of the job's stdout pipe
+STDERR_READ_FD = 5  # ... of its stderr pipe
+LISTEN_FD = 6  # a bound, listening unix stream socket (STATE/run/<id>.sock)
+BACKLOG_FD = 7  # STATE/jobs/<id>.backlog, empty: output read while no server is connected
+END_FD = 8  # STATE/jobs/<id>.end, empty: the job's end, written once it ended
+SUPERVISOR_FDS = (STDOUT_READ_FD, STDERR_READ_FD, LISTEN_FD, BACKLOG_FD, END_FD)
+
+# The state format the supervisor speaks (its hello, its end record, the
+# backlog's frames); a server takes back only supervisors of a format it knows.
+SUPERVISOR_FORMAT = 2
+
+FRAME_HEADER = 5
+# The largest payload: a data frame of 256 KiB of output plus its 9 bytes,
+# with room to spare; a larger length is a broken peer.
+MAX_FRAME = 1 << 20
+
+# Supervisor -> server.
+HELLO = 0x48  # "H": JSON: format, pid, lines, offset, backlog, ended, ...
+LINE = 0x4C  # "L": one status line (as on the status pipe)
+DATA = 0x44  # "D": fd (1 byte), offset (8 bytes), output bytes
+CLOSED = 0x43  # "C": the job's output ended (both pipes at EOF)
+END = 0x58  # "X": "<exit code> <signal>" of the job's init, as a helper's end; last frame
+# Server -> supervisor.
+ACK = 0x41  # "A": offset (8 bytes): output below it is stored by the server
+SEND_SIGNAL = 0x53  # "S": signal number (1 byte): forward it; SIGKILL kills the job
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    return bytes((kind,)) + len(payload).to_bytes(4, "big") + payload
+
+
+def data_header(fd: int, offset: int, length: int) -> bytes:
+    """
+    The frame header and the fd and offset of a data frame of C{length}
+    output bytes (which follow it).
+    """
+    return bytes((DATA,)) + (9 + length).to_bytes(4, "big") + bytes((fd,)) + offset.to_bytes(8, "big")
+
+
+def split_frames(buffer: bytes | bytearray, start: int = 0) -> tuple[list[tuple[int, bytes]], int]:
+    """
+    The whole frames in C{buffer} from C{start}, as (kind, payload), and
+    the position after the last of them.
+
+    @raise ValueError: a length over L{MAX_FRAME}.
+    """
+    frames = []
+    position = start
+    size = len(buffer)
+    while size - position >= FRAME_HEADER:
+        length = int.from_bytes(buffer[position + 1 : position + FRAME_HEADER], "big")
+        if length > MAX_FRAME:
+            raise ValueError(f"frame of {length} bytes (at most {MAX_FRAME})")
+        end = position + FRAME_HEADER + length
+        if end > size:
+            break
+        frames.append((buffer[position], bytes(buffer[position + FRAME_HEADER : end])))
+        position = end
+    return frames, position
+
+
+def parse_data(payload: bytes) -> tuple[int, int, bytes]:
+    """
+    A data frame's (fd, offset, bytes).
+
+    @raise ValueError: too short, or not fd 1 or 2.
+    """
+    if len(payload) < 9 or payload[0] not in (1, 2):
+        raise ValueError("bad data frame")
+    return payload[0], int.from_bytes(payload[1:9], "big"), payload[9:]

@@ -56,6 +56,22 @@ Every process joins the job's cgroups before anything else, so the
 command's very first instruction already runs under the job's limits.  Note
 that outer and init count against a C{pids} limit (2 processes).
 
+Supervised jobs (C{"supervise": true}, what the server runs for every
+isolated job): outer stays as the job's B{supervisor} until the job has
+ended and its end is recorded (L{Supervisor}; the server's side is
+L{jobworker.jobs.supervisor}).  It does not join the job's cgroups (init
+does, through C{cgroup.procs} files outer opened before the mounts hid
+them, so only init and the command count against a C{pids} limit, and a
+kill of the cgroup leaves the supervisor to read the job's last output),
+it has no parent-death signal (it outlives a server that dies), and fd 3
+is a socket that carries frames (L{contract.frame}) rather than status
+lines; init's lines reach it on a pipe of its own and it relays them.  It
+inherits, besides fds 0-3, the read ends of the job's stdout and stderr
+pipes (4, 5: nobody else holds them), a listening socket (6) a later
+server connects to, and the empty backlog and end files (7, 8), all made
+by the server: the supervisor runs in the job's mount namespace, where the
+state directory is hidden.
+
 Signals sent before the forwarding handlers exist must not be lost: the
 forwarded signals are blocked before init is forked and unblocked only once
 the process has somewhere to forward them to.  A blocked signal sent to
@@ -198,8 +214,13 @@ _PARENT_PID = posix.getppid()
 # found by putting that directory there for this one import.
 if __package__:
     from jobworker.host.contract import (
+        ACK,
+        BACKLOG_FD,
+        CLOSED,
         CONFIG_DEFAULTS,
         CONFIG_KEYS,
+        END,
+        END_FD,
         EXIT,
         EXIT_CODES,
         EXIT_NOT_EXECUTABLE,
@@ -207,22 +228,39 @@ if __package__:
         EXIT_SETUP_FAILED,
         FAILED,
         FORWARDED_SIGNALS,
+        HELLO,
+        LINE,
+        LISTEN_FD,
         MAX_STATUS_LINE,
         NETWORK_HOST,
         NETWORK_NONE,
         NOT_EXECUTABLE,
         NOT_FOUND,
+        SEND_SIGNAL,
         SETUP,
         SIGNAL,
         STARTED,
         STATUS_FD,
+        STDERR_READ_FD,
+        STDOUT_READ_FD,
+        SUPERVISOR_FDS,
+        SUPERVISOR_FORMAT,
+        TIMEOUT,
+        data_header,
+        frame,
+        split_frames,
     )
 else:
     sys.path.insert(0, __file__.rpartition("/")[0] or ".")
     try:
         from contract import (  # type: ignore[import-not-found,no-redef]
+            ACK,
+            BACKLOG_FD,
+            CLOSED,
             CONFIG_DEFAULTS,
             CONFIG_KEYS,
+            END,
+            END_FD,
             EXIT,
             EXIT_CODES,
             EXIT_NOT_EXECUTABLE,
@@ -230,15 +268,27 @@ else:
             EXIT_SETUP_FAILED,
             FAILED,
             FORWARDED_SIGNALS,
+            HELLO,
+            LINE,
+            LISTEN_FD,
             MAX_STATUS_LINE,
             NETWORK_HOST,
             NETWORK_NONE,
             NOT_EXECUTABLE,
             NOT_FOUND,
+            SEND_SIGNAL,
             SETUP,
             SIGNAL,
             STARTED,
             STATUS_FD,
+            STDERR_READ_FD,
+            STDOUT_READ_FD,
+            SUPERVISOR_FDS,
+            SUPERVISOR_FORMAT,
+            TIMEOUT,
+            data_header,
+            frame,
+            split_frames,
         )
     finally:
         del sys.path[0]
@@ -421,6 +471,14 @@ class JobConfig:
             isinstance(self.inaccessible_file, str) and self.inaccessible_file.startswith("/")
         ):
             raise _bad_config("inaccessible_file must be an absolute path or null")
+        self.supervise = _flag(raw, "supervise")
+        if self.supervise and not self.isolate:
+            raise _bad_config("supervise needs isolate")
+        self.timeout_ms = _optional_id(raw, "timeout_ms") or 0
+        grace_ms = _optional_id(raw, "grace_ms")
+        self.grace_ms: int = CONFIG_DEFAULTS["grace_ms"] if grace_ms is None else grace_ms
+        retention = _optional_id(raw, "retention")
+        self.retention: int = CONFIG_DEFAULTS["retention"] if retention is None else retention
 
 
 def _bad_config(reason: str) -> StartError:
@@ -572,6 +630,12 @@ def new_session() -> None:
             raise StartError.from_os_error(SETUP, "setsid", e) from None
 
 
+# fd 3 is a supervisor's socket (see report).
+_framed = False
+# A supervised job's cgroup.procs files, open for init to join (see run_outer).
+_cgroup_files: list[tuple[str, int]] = []
+
+
 def report(line: str) -> None:
     """
     Write one status line to fd 3.
@@ -581,7 +645,12 @@ def report(line: str) -> None:
     """
     data = line.encode("ascii", "backslashreplace")[: MAX_STATUS_LINE - 1]
     try:
-        posix.write(STATUS_FD, data + b"\n")
+        if _framed:
+            # A supervised helper before its supervisor runs: fd 3 is the
+            # socket, which carries frames.
+            posix.write(STATUS_FD, frame(LINE, data))
+        else:
+            posix.write(STATUS_FD, data + b"\n")
     except OSError:
         pass
 
@@ -590,16 +659,40 @@ def join_cgroups(procs_files: list[str]) -> None:
     """
     Move this process into each cgroup, so its descendants start inside.
     """
-    pid = b"%d" % posix.getpid()
+    join_cgroup_files(open_cgroups(procs_files))
+
+
+def open_cgroups(procs_files: list[str]) -> list[tuple[str, int]]:
+    """
+    Open each C{cgroup.procs} file for writing (before the mounts of the
+    job's namespace hide the host's cgroup file systems).
+    """
+    opened: list[tuple[str, int]] = []
     for path in procs_files:
         try:
-            fd = posix.open(path, posix.O_WRONLY | posix.O_CLOEXEC)
-            try:
-                posix.write(fd, pid)
-            finally:
-                posix.close(fd)
+            opened.append((path, posix.open(path, posix.O_WRONLY | posix.O_CLOEXEC)))
         except OSError as e:
+            for _, fd in opened:
+                posix.close(fd)
             raise StartError.from_os_error(SETUP, f"cgroup join {path}", e) from None
+    return opened
+
+
+def join_cgroup_files(opened: list[tuple[str, int]]) -> None:
+    """
+    Move this process into the cgroup of each open C{cgroup.procs} file,
+    and close them.  Writes "0", the writer itself: a pid would be read in
+    the writer's PID namespace, where init is 1.
+    """
+    try:
+        for path, fd in opened:
+            try:
+                posix.write(fd, b"0")
+            except OSError as e:
+                raise StartError.from_os_error(SETUP, f"cgroup join {path}", e) from None
+    finally:
+        for _, fd in opened:
+            posix.close(fd)
 
 
 def unshare(network: str) -> None:
@@ -1054,6 +1147,11 @@ def run_init(config: JobConfig) -> None:
     global _forward_target
     code = EXIT_SETUP_FAILED
     try:
+        if config.supervise:
+            # The supervisor stays outside the job's cgroups (a kill of the
+            # cgroup must leave it to read the job's last output); init and
+            # so the command join them before anything else.
+            join_cgroup_files(_cgroup_files)
         # Init keeps its own session so that a signal to outer's process
         # group reaches the job once (through outer), not twice.
         new_session()
@@ -1142,6 +1240,9 @@ def run_outer(config: JobConfig) -> None:
     if config.hide:
         # While the host's file system is still writable to us.
         _check_inaccessible_file(config.inaccessible_file)
+    if config.supervise:
+        global _cgroup_files
+        _cgroup_files = open_cgroups(config.cgroup_procs)
     unshare(config.network)
     # Outer is in the new mount and network namespaces already.  Whatever
     # can be done here rather than in init is done before the fork, while
@@ -1160,14 +1261,35 @@ def run_outer(config: JobConfig) -> None:
             mount_sys()
     _signal.pthread_sigmask(_signal.SIG_BLOCK, FORWARDED_SIGNALS)
     _install_forwarding()
+    if config.supervise:
+        status_read, status_write = posix.pipe()
     try:
         init = posix.fork()
     except OSError as e:
         raise StartError.from_os_error(SETUP, "fork", e) from None
     if init == 0:
+        if config.supervise:
+            global _framed
+            # Init reports on a pipe of its own; the supervisor relays it.
+            _framed = False
+            posix.dup2(status_write, STATUS_FD)
+            for fd in (status_read, status_write, *SUPERVISOR_FDS):
+                posix.close(fd)
         run_init(config)
-    posix.close(STATUS_FD)
     _forward_target = init
+    if config.supervise:
+        posix.close(status_write)
+        for _, fd in _cgroup_files:
+            posix.close(fd)
+        # The job's stdout and stderr: only the job holds their write ends,
+        # so the pipes reach EOF when it is gone.
+        null = posix.open("/dev/null", posix.O_RDWR)
+        posix.dup2(null, 1)
+        posix.dup2(null, 2)
+        posix.close(null)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+        Supervisor(config, init, status_read).run()
+    posix.close(STATUS_FD)
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     _, status = posix.waitpid(init, 0)
     if posix.WIFSIGNALED(status):
@@ -1179,6 +1301,482 @@ def run_outer(config: JobConfig) -> None:
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [signum])
         posix.kill(posix.getpid(), signum)
     posix._exit(_exit_code(status))
+
+
+# -- the supervisor (isolated jobs with "supervise") ---------------------------
+
+# The most output a supervisor holds that no server has acknowledged: past
+# it, it stops reading the job's pipes until a server catches up (the job
+# then waits on its pipe, as it would on a slow server).  Held in the
+# supervisor's memory, charged to the server's cgroup, per busy job.
+WINDOW_BYTES = 4 << 20
+# One read of a job's pipe (the server's own reads were this size).
+READ_BYTES = 256 << 10
+# After init ended: how long to wait for the pipes' EOF (a process outside
+# the job could hold a write end), and for a connected server to
+# acknowledge the last output before it is written to the backlog instead.
+EOF_GRACE_S = 2.0
+ACK_WAIT_S = 5.0
+_POLLIN = 0x001
+_POLLOUT = 0x004
+_POLLERR = 0x008
+_POLLHUP = 0x010
+
+
+def _json(value: object) -> str:
+    """
+    JSON of dicts, lists, str, int, bool and None (json.dumps would import
+    re and enum into every supervisor).
+    """
+    from _json import encode_basestring_ascii
+
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return encode_basestring_ascii(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_json(item) for item in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ",".join(encode_basestring_ascii(key) + ":" + _json(item) for key, item in value.items()) + "}"
+
+
+class Supervisor:
+    """
+    The outer helper of a supervised job, once init runs: the job's
+    supervisor until it has ended and its end is recorded.
+
+    It holds the only read ends of the job's stdout and stderr pipes and
+    relays what it reads, with its offset, to the connected server, keeping
+    each chunk until the server acknowledges that it has stored it; while
+    no server is connected (the server died, or left the job for the next
+    one) it appends the chunks to the backlog file instead, so the job never
+    waits on a server that is not there.  It relays init's status lines,
+    forwards the signals a server sends, stops the job at its timeout
+    (counted from its start, whoever runs the server), and when the job has
+    ended writes its end record and tells the server.  A server connects
+    on the listening socket; the first one is fd 3, a socketpair.
+    """
+
+    def __init__(self, config: JobConfig, init: int, status: int) -> None:
+        import _socket
+        import select
+        import time
+
+        self._time = time
+        self.config = config
+        self.init = init
+        self.status = status  # init's status lines
+        self.status_buffer = b""
+        self.listen = _socket.socket(fileno=LISTEN_FD)
+        self.listen.setblocking(False)
+        self.conn: int | None = STATUS_FD
+        self.incoming = bytearray()
+        self.outgoing: list[bytes] = []  # queued for the connection
+        self.outgoing_bytes = 0
+        self.pipes = {STDOUT_READ_FD: 1, STDERR_READ_FD: 2}
+        for fd in self.pipes:
+            posix.set_blocking(fd, False)
+        posix.set_blocking(STATUS_FD, False)
+        posix.set_blocking(status, False)
+        self.offset = 0  # of the next output byte
+        self.window: list[tuple[int, int, bytes]] = []  # (offset, fd, data), not acknowledged
+        self.window_bytes = 0
+        self.acked = 0
+        self.backlog_position = 0  # bytes in the backlog file
+        self.backlog_range: list[int] | None = None  # [first offset, end offset] it holds
+        self.backlog_failed = False
+        self.dropped = 0  # bytes never stored: past the retention, or a full disk
+        self.lines: list[str] = []
+        self.started_at = 0  # microseconds since the epoch
+        self.deadline: float | None = None  # the timeout's SIGTERM
+        self.kill_at: float | None = None  # the timeout's SIGKILL
+        self.timed_out = False
+        self.init_status: int | None = None
+        self.eof_by: float | None = None
+        self.ended_at = 0
+        self.end_sent = False
+        self.ack_by: float | None = None
+        self.poller = select.poll()
+        wake_read, wake_write = posix.pipe()
+        posix.set_blocking(wake_read, False)
+        posix.set_blocking(wake_write, False)
+        self.wake = wake_read
+        _signal.set_wakeup_fd(wake_write)
+        _signal.signal(_signal.SIGCHLD, _ignore)
+        # A server that vanished must not kill us with SIGPIPE.
+        _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+
+    # -- the loop ----------------------------------------------------------------
+
+    def run(self) -> None:
+        """
+        Supervise until the job has ended and its end is written and told;
+        never returns.
+        """
+        self._send(frame(HELLO, self._hello()))
+        while not self._done():
+            self._poll()
+        self._finish()
+
+    def _done(self) -> bool:
+        if not self.end_sent:
+            return False
+        if self.conn is None:
+            return True
+        if self.acked >= self.offset and not self.outgoing:
+            return True
+        return self._time.monotonic() >= (self.ack_by or 0)
+
+    def _poll(self) -> None:
+        poller = self.poller
+        watched = {self.wake: _POLLIN, self.status: _POLLIN, self.listen.fileno(): _POLLIN}
+        if self.conn is not None:
+            watched[self.conn] = _POLLIN | (_POLLOUT if self.outgoing else 0)
+        if self._reading():
+            for fd in self.pipes:
+                watched[fd] = _POLLIN
+        for fd, events in watched.items():
+            poller.register(fd, events)
+        try:
+            ready = poller.poll(self._timeout_ms())
+        finally:
+            for fd in watched:
+                poller.unregister(fd)
+        for fd, events in ready:
+            if fd == self.wake:
+                self._drain_wake()
+            elif fd == self.status:
+                self._read_status()
+            elif fd == self.listen.fileno():
+                self._accept()
+            elif fd == self.conn:
+                if events & _POLLOUT:
+                    self._flush()
+                if events & (_POLLIN | _POLLERR | _POLLHUP) and self.conn == fd:
+                    self._read_conn()
+            elif fd in self.pipes:
+                self._read_pipe(fd)
+        self._reap()
+        self._run_timers()
+
+    def _reading(self) -> bool:
+        if not self.pipes:
+            return False
+        if self.conn is None:
+            return True
+        return self.window_bytes < WINDOW_BYTES and self.outgoing_bytes < READ_BYTES
+
+    def _timeout_ms(self) -> int:
+        now = self._time.monotonic()
+        times = [t for t in (self.deadline, self.kill_at, self.eof_by, self.ack_by) if t is not None]
+        if not times:
+            return -1
+        return max(0, int((min(times) - now) * 1000) + 1)
+
+    # -- init and the job's output ---------------------------------------------------
+
+    def _drain_wake(self) -> None:
+        try:
+            while posix.read(self.wake, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        if self.init_status is not None:
+            return
+        try:
+            pid, status = posix.waitpid(self.init, posix.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == self.init:
+            self.init_status = status
+            global _forward_target
+            _forward_target = 0
+            self.deadline = self.kill_at = None
+            self.eof_by = self._time.monotonic() + EOF_GRACE_S
+            self._read_status()
+
+    def _read_status(self) -> None:
+        while True:
+            try:
+                data = posix.read(self.status, MAX_STATUS_LINE)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                break
+            self.status_buffer += data
+        while b"\n" in self.status_buffer:
+            raw, self.status_buffer = self.status_buffer.split(b"\n", 1)
+            self._line(raw.decode("ascii", "replace"))
+
+    def _line(self, line: str) -> None:
+        if line.startswith(STARTED):
+            self.started_at = self._time.time_ns() // 1000
+            if self.config.timeout_ms:
+                self.deadline = self._time.monotonic() + self.config.timeout_ms / 1000
+        self.lines.append(line)
+        self._send(frame(LINE, line.encode("ascii", "replace")))
+
+    def _read_pipe(self, fd: int) -> None:
+        try:
+            data = posix.read(fd, READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            posix.close(fd)
+            del self.pipes[fd]
+            return
+        stream = self.pipes[fd]
+        offset = self.offset
+        self.offset += len(data)
+        if self.conn is not None:
+            self.window.append((offset, stream, data))
+            self.window_bytes += len(data)
+            self._send(data_header(stream, offset, len(data)), data)
+        else:
+            self._to_backlog(offset, stream, data)
+
+    def _output_ended(self) -> bool:
+        if self.init_status is None:
+            return False
+        if self.pipes and self._time.monotonic() < (self.eof_by or 0):
+            return False
+        for fd in list(self.pipes):
+            # A process outside the job holds a write end: its output after
+            # the job's end is not the job's.
+            self._read_pipe(fd)
+            if fd in self.pipes:
+                posix.close(fd)
+                del self.pipes[fd]
+        return True
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def _run_timers(self) -> None:
+        now = self._time.monotonic()
+        if self.deadline is not None and now >= self.deadline:
+            self.deadline = None
+            self.timed_out = True
+            self._line(TIMEOUT)
+            self._signal(_signal.SIGTERM)
+            self.kill_at = now + self.config.grace_ms / 1000
+        if self.kill_at is not None and now >= self.kill_at:
+            self.kill_at = None
+            self._signal(_signal.SIGKILL)
+        if not self.end_sent and self._output_ended():
+            self._end()
+
+    def _signal(self, signum: int) -> None:
+        if self.init_status is not None:
+            return
+        try:
+            posix.kill(self.init, signum)
+        except OSError:
+            pass
+
+    def _end(self) -> None:
+        """
+        The job has ended and its output is read: record it, tell the server.
+        """
+        status = self.init_status
+        assert status is not None
+        if posix.WIFSIGNALED(status):
+            code, signum = -1, posix.WTERMSIG(status)
+        else:
+            code, signum = posix.waitstatus_to_exitcode(status), 0
+        self.ended_at = self._time.time_ns() // 1000
+        self.exit = (code, signum)
+        record = _json(dict(self._state(), format=SUPERVISOR_FORMAT)) + "\n"
+        try:
+            posix.pwrite(END_FD, record.encode("ascii"), 0)
+            posix.fsync(END_FD)
+        except OSError:
+            pass  # the server learns it from the END frame; a later one reads it as lost
+        self._send(frame(CLOSED, b""))
+        self._send(frame(END, b"%d %d" % (code, signum)))
+        self.end_sent = True
+        self.ack_by = self._time.monotonic() + ACK_WAIT_S
+
+    def _state(self) -> dict[str, object]:
+        exit = getattr(self, "exit", None)
+        return {
+            "pid": posix.getpid(),
+            "lines": self.lines,
+            "offset": self.offset,
+            "backlog": self.backlog_range,
+            "dropped": self.dropped,
+            "started_at": self.started_at,
+            "timed_out": self.timed_out,
+            "ended": exit is not None,
+            "exit": list(exit) if exit is not None else None,
+            "ended_at": self.ended_at,
+        }
+
+    def _hello(self) -> bytes:
+        return _json(dict(self._state(), format=SUPERVISOR_FORMAT)).encode("ascii")
+
+    def _finish(self) -> None:
+        if self.window:
+            self._disconnect()
+        try:
+            posix.fsync(BACKLOG_FD)
+        except OSError:
+            pass
+        code, signum = self.exit
+        posix._exit(128 + signum if signum else code)
+
+    # -- the server ------------------------------------------------------------------------
+
+    def _send(self, *pieces: bytes) -> None:
+        if self.conn is None:
+            return
+        self.outgoing.extend(pieces)
+        self.outgoing_bytes += sum(map(len, pieces))
+        self._flush()
+
+    def _flush(self) -> None:
+        conn = self.conn
+        while self.outgoing and conn is not None:
+            try:
+                written = posix.writev(conn, self.outgoing[:64])
+            except BlockingIOError:
+                return
+            except OSError:
+                self._disconnect()
+                return
+            self.outgoing_bytes -= written
+            while written:
+                first = self.outgoing[0]
+                if written >= len(first):
+                    written -= len(first)
+                    self.outgoing.pop(0)
+                else:
+                    self.outgoing[0] = first[written:]
+                    written = 0
+
+    def _read_conn(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            data = posix.read(conn, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._disconnect()
+            return
+        self.incoming += data
+        try:
+            frames, used = split_frames(self.incoming)
+        except ValueError:
+            self._disconnect()
+            return
+        del self.incoming[:used]
+        for kind, payload in frames:
+            if kind == ACK and len(payload) == 8:
+                self._acked(int.from_bytes(payload, "big"))
+            elif kind == SEND_SIGNAL and len(payload) == 1:
+                self._signal(payload[0])
+
+    def _acked(self, offset: int) -> None:
+        self.acked = max(self.acked, offset)
+        window = self.window
+        drop = 0
+        while drop < len(window) and window[drop][0] + len(window[drop][2]) <= self.acked:
+            self.window_bytes -= len(window[drop][2])
+            drop += 1
+        del window[:drop]
+        if self.backlog_range is not None and self.acked >= self.backlog_range[1]:
+            try:
+                posix.ftruncate(BACKLOG_FD, 0)
+            except OSError:
+                pass
+            self.backlog_position = 0
+            self.backlog_range = None
+
+    def _disconnect(self) -> None:
+        """
+        The server is gone (or left): what it did not acknowledge goes to
+        the backlog, and so does all output until the next one connects.
+        """
+        if self.conn is not None:
+            try:
+                posix.close(self.conn)
+            except OSError:
+                pass
+            self.conn = None
+        self.outgoing = []
+        self.outgoing_bytes = 0
+        self.incoming = bytearray()
+        window, self.window = self.window, []
+        self.window_bytes = 0
+        for offset, stream, data in window:
+            self._to_backlog(offset, stream, data)
+
+    def _accept(self) -> None:
+        try:
+            fd, _ = self.listen._accept()  # type: ignore[attr-defined]  # the C socket's own accept
+        except OSError:
+            return
+        if self.conn is not None:
+            # A new server while one seems connected: the old one is dead
+            # (two servers never share a state directory).
+            self._disconnect()
+        posix.set_blocking(fd, False)
+        posix.set_inheritable(fd, False)
+        self.conn = fd
+        self.acked = 0
+        self._send(frame(HELLO, self._hello()))
+        if self.end_sent:
+            self._send(frame(CLOSED, b""))
+            self._send(frame(END, b"%d %d" % self.exit))
+            self.ack_by = self._time.monotonic() + ACK_WAIT_S
+
+    def _to_backlog(self, offset: int, stream: int, data: bytes) -> None:
+        """
+        Append one chunk to the backlog file; past the retention, or when
+        the disk is full, it is dropped (the server sees the gap in the
+        offsets).
+        """
+        room = self.config.retention - offset
+        if room < len(data):
+            self.dropped += len(data) - max(0, room)
+            if room <= 0:
+                return
+            data = data[:room]
+        record = data_header(stream, offset, len(data)) + data
+        try:
+            written = posix.pwrite(BACKLOG_FD, record, self.backlog_position)
+            if written != len(record):
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError:
+            try:
+                posix.ftruncate(BACKLOG_FD, self.backlog_position)
+            except OSError:
+                pass
+            self.dropped += len(data)
+            return
+        self.backlog_position += len(record)
+        if self.backlog_range is None:
+            self.backlog_range = [offset, offset + len(data)]
+        else:
+            self.backlog_range[1] = offset + len(data)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass
 
 
 def compiled_helper(directory: str | None = None) -> str:
@@ -1253,8 +1851,15 @@ def main(argv: list[str]) -> None:
         if len(argv) != 2:
             raise _bad_config("usage: isolate.py CONFIG_JSON|-")
         config = parse_config(read_stdin_config() if argv[1] == "-" else argv[1])
-        join_cgroups(config.cgroup_procs)
-        die_with_parent()
+        if config.supervise:
+            # The supervisor outlives the server that started it (it is
+            # what keeps the job when that server dies): no parent-death
+            # signal, and no cgroup of the job's (init joins them).
+            global _framed
+            _framed = True
+        else:
+            join_cgroups(config.cgroup_procs)
+            die_with_parent()
         new_session()
         if config.isolate:
             run_outer(config)

@@ -214,6 +214,14 @@ class UidAllocator:
                 return uid
         return None
 
+    def adopt(self, uid: int, holder: str) -> None:
+        """
+        C{holder} holds C{uid} already: a job of an earlier server, taken
+        back (its claim is renewed by the caller).
+        """
+        self._retired.discard(uid)
+        self._holders[uid] = holder
+
     def release(self, uid: int) -> None:
         """
         The job holding C{uid} has ended: retire the uid until no process
@@ -302,9 +310,18 @@ class UidLocks:
                 pass
             os.close(fd)
 
-    def close(self) -> None:
+    def close(self, leave: Iterable[int] = ()) -> None:
+        """
+        Give back every claim; those of C{leave} (the uids of jobs left
+        running for the next server) keep their files, which that server
+        claims again.
+        """
+        left = set(leave)
         for uid in list(self._held):
-            self.unclaim(uid)
+            if uid in left:
+                os.close(self._held.pop(uid))
+            else:
+                self.unclaim(uid)
 
     def sweep(self) -> list[int]:
         """

@@ -42,6 +42,9 @@ class JobManagerConfig:
         when the stop names none (shutdown, timeout).
     @ivar ring_size: bytes of each job's newest output kept in memory.
     @ivar retention: bytes of each job's output kept in its spool.
+    @ivar live_restore: at shutdown, leave running jobs running (each
+        under its own supervisor) for the next server on this state dir
+        to take back, instead of stopping them (C{--live-restore}).
     """
 
     state_dir: str
@@ -59,3 +62,4 @@ class JobManagerConfig:
     max_finished_jobs: int = 1000
     ring_size: int = DEFAULT_RING_SIZE
     retention: int = DEFAULT_RETENTION
+    live_restore: bool = False

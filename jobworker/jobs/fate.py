@@ -56,6 +56,7 @@ def decide_fate(
     oom: bool,
     stop_reason: JobState | None,
     timeout_ms: int,
+    supervisor_lost: bool = False,
 ) -> Fate:
     """
     @param helper_exit: the helper's own exit code and signal (None: none).
@@ -66,6 +67,8 @@ def decide_fate(
     @param oom: the cgroup's OOM killer struck.
     @param stop_reason: the state a stop asked for (STOPPED, TIMEOUT), if any.
     @param timeout_ms: the job's timeout, for the error text.
+    @param supervisor_lost: the job's supervisor ended without saying how
+        the job ended (killed): the job died with it, its end unknown.
 
     In order: a command that a stop kept from running ends as the stop
     asked (exit code -1, signal 0: the command had neither), unless the
@@ -94,6 +97,11 @@ def decide_fate(
             exit_code=contract.EXIT_CODES.get(kind, contract.EXIT_SETUP_FAILED),
             error=message,
             start_error=_START_ERRORS.get(kind, ErrorCode.START_FAILED),
+        )
+    if supervisor_lost and final_line is None:
+        return Fate(
+            JobState.LOST,
+            error="the job's supervisor died (killed?) before the job ended; the job's processes went with it",
         )
     code = -1 if signum or exit_code is None else exit_code
     signal = signum or 0

@@ -16,23 +16,36 @@ import signal
 import uuid
 from typing import Any, Protocol
 
-from twisted.internet import defer, error as twisted_error
+from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from jobworker.errors import RequestError
+from jobworker.host import contract
 from jobworker.jobs.config import JobManagerConfig
 from jobworker.jobs.fate import decide_fate
-from jobworker.jobs.helper import StatusLine, spawn_helper
+from jobworker.jobs.helper import StatusLine, parse_status_line, spawn_helper
 from jobworker.jobs.lifecycle import Event, LifeCycle, Phase
 from jobworker.jobs.pipes import OutputPump
 from jobworker.jobs.report import error_text, now_us, read_usage
 from jobworker.jobs.spec import JobSpec
+from jobworker.jobs.supervisor import BacklogReader, SupervisorLink, spawn_supervised
 from jobworker.jobs.timers import JobTimers
 from jobworker.limits import Limits
 from jobworker.logs import Logger
 from jobworker.output.log import OutputLog
 from jobworker.output.spool import FileSpool
 from jobworker.protocol.messages import UID_UNKNOWN, JobState, JobStatus, JobUsage, Network
+
+
+def protocol_factory(link: SupervisorLink) -> Any:
+    """
+    A factory that builds C{link} once (to adopt a connected socket).
+    """
+    from twisted.internet.protocol import Factory
+
+    factory = Factory()
+    factory.buildProtocol = lambda addr: link  # type: ignore[method-assign]
+    return factory
 
 __all__ = ["EOF_GRACE_S", "Job", "JobHost"]
 
@@ -62,6 +75,18 @@ class JobHost(Protocol):
 
     def remove_cgroup(self, cgroup: Any) -> defer.Deferred[None]:
         """Remove the (empty) cgroup, off the reactor thread."""
+
+    def socket_path(self, job_id: uuid.UUID) -> str:
+        """Where the job's supervisor listens."""
+
+    def backlog_path(self, job_id: uuid.UUID) -> str:
+        """The output its supervisor kept while no server ran."""
+
+    def end_path(self, job_id: uuid.UUID) -> str:
+        """Its supervisor's end record."""
+
+    def supervisor_files_done(self, job_id: uuid.UUID) -> None:
+        """The job's end is settled: its supervisor's files may go."""
 
 
 class Job:
@@ -121,6 +146,14 @@ class Job:
         self._stop_reason: JobState | None = None
         self._timers = JobTimers(manager.reactor)
         self._last_oom = False  # from the last usage read of the cgroup
+        # A supervised (isolated) job's supervisor: the link to it while
+        # connected, and its format and pid (saved in the record).
+        self.link: SupervisorLink | None = None
+        self.supervisor: dict[str, int] | None = None
+        self._supervisor_lost = False  # it went without telling the job's end
+        self._detached = False  # left running for the next server (live restore)
+        self._ingesting = False  # reading the supervisor's backlog
+        self._ended_at_hint = 0  # when the job ended, if it ended while no server ran
         self.pipes = OutputPump(manager.reactor, job_id, output, spool, self._maybe_finish)
 
     def restore(self, status: JobStatus) -> None:
@@ -210,11 +243,211 @@ class Job:
 
         @raise OSError: the helper could not be started.
         """
-        self.transport, read_ends = spawn_helper(reactor, self.manager.helper_path, self, helper_config, self.job_id)
-        self.pid = self.transport.pid
-        self.pipes.attach(read_ends)
+        if not self.manager.config.isolate:
+            self.transport, read_ends = spawn_helper(reactor, self.manager.helper_path, self, helper_config, self.job_id)
+            self.pid = self.transport.pid
+            self.pipes.attach(read_ends)
+        else:
+            config = dict(
+                helper_config,
+                **contract.helper_config(
+                    supervise=True,
+                    timeout_ms=self.limits.timeout_ms,
+                    grace_ms=int(self.manager.config.default_grace_s * 1000),
+                    retention=self.output.retention,
+                ),
+            )
+            self.transport, ours = spawn_supervised(reactor, self.manager.helper_path, config, self.job_id, self.manager)
+            self.pid = self.transport.pid
+            try:
+                self.connect(ours)
+            finally:
+                ours.close()
         assert self._started is not None
         return self._started
+
+    # -- the supervisor ------------------------------------------------------------
+
+    def new_link(self) -> SupervisorLink:
+        """
+        A link to the job's supervisor, which this job then listens to.
+        """
+        link = SupervisorLink(self.manager.reactor, self, self.job_id, lambda: self.output.stored_end)
+        self.link = link
+        self.pipes.attach_relay(link.pause, link.resume)
+        return link
+
+    def connect(self, sock: Any) -> None:
+        """
+        Talk to the supervisor over C{sock}, a connected socket (which the
+        caller then closes: the reactor has its own copy).
+        """
+        link = self.new_link()
+        factory = protocol_factory(link)
+        self.manager.reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+
+    def take_back(self, status: JobStatus, supervisor: dict[str, int]) -> None:
+        """
+        Become the job a record tells of, still running under its
+        supervisor (of an earlier server): the supervisor's hello then says
+        what happened meanwhile.
+        """
+        for name in ("state", "created_at", "started_at", "stopped_by", "usage", "uid"):
+            setattr(self, name, getattr(status, name))
+        self.supervisor = dict(supervisor)
+        self._started = None
+        # Its status lines come again in the hello, from the first.
+        self.life = LifeCycle()
+
+    def supervisor_hello(self, hello: dict[str, Any]) -> None:
+        """
+        The supervisor said hello: on a take-back, catch up with what it
+        says happened, and read its backlog before any newer output.
+        """
+        pid, format_ = hello.get("pid"), hello.get("format")
+        if isinstance(pid, int) and isinstance(format_, int):
+            self.supervisor = {"format": format_, "pid": pid}
+        lines = hello.get("lines")
+        if isinstance(lines, list) and self.life.phase is Phase.STARTING and self._started is None:
+            started_at = hello.get("started_at")
+            for line in lines:
+                if isinstance(line, str):
+                    self.supervisor_line(line)
+            if isinstance(started_at, int) and started_at > 0:
+                self.started_at = started_at
+        backlog = hello.get("backlog")
+        if backlog is not None and self.link is not None:
+            self.link.pause()
+            self.read_backlog(self.link.resume)
+
+    def read_backlog(self, then: Any) -> None:
+        """
+        Read the supervisor's backlog into the output log, a step per turn
+        of the reactor (waiting while the spool is congested); then call
+        C{then()}.
+        """
+        reader = BacklogReader(self.manager.backlog_path(self.job_id))
+        self._ingesting = True
+
+        def step() -> None:
+            if self.output.closed:
+                reader.close()
+                self._ingesting = False
+                return
+            if self.spool is not None and self.spool.congested:
+                self.manager.reactor.callLater(0.05, step)
+                return
+            chunks = reader.step()
+            if chunks is None:
+                if reader.damage is not None:
+                    log.error("job {job_id}: {damage}; readers get a gap there", job_id=self.job_id, damage=reader.damage)
+                self._ingesting = False
+                then()
+                return
+            for fd, offset, data in chunks:
+                self.supervisor_output(fd, offset, data)
+            self.manager.reactor.callLater(0, step)
+
+        step()
+
+    def supervisor_line(self, line: str) -> None:
+        if line == contract.TIMEOUT:
+            self._supervisor_timed_out()
+            return
+        try:
+            status = parse_status_line(line)
+        except ValueError:
+            log.warn("job {job_id}: bad status line {line!r}", job_id=self.job_id, line=line)
+            return
+        self.helper_status(status)
+
+    def supervisor_output(self, fd: int, offset: int, data: bytes) -> None:
+        """
+        A chunk of output at C{offset}: what the log has already (a backlog
+        overlapping the spool) is skipped; what it lacks before it is a gap.
+        """
+        output = self.output
+        if output.closed:
+            return
+        end = output.end
+        if offset + len(data) <= end:
+            return
+        if offset < end:
+            data = data[end - offset :]
+        elif offset > end:
+            log.warn("job {job_id}: {count} bytes of output were lost", job_id=self.job_id, count=offset - end)
+            output.skip_to(offset)
+        self.pipes.received(fd, data)
+
+    def supervisor_output_closed(self) -> None:
+        self.pipes.relay_closed()
+
+    def supervisor_gone(self, end: tuple[int, int] | None) -> None:
+        """
+        The supervisor's socket closed: after the job's end it told
+        (C{end}), or without it: the supervisor died, and the job with it
+        (its init has a parent-death signal).
+        """
+        self.link = None
+        if self._detached or self.is_final or self.life.phase in (Phase.SETTLING, Phase.ENDED):
+            return
+        self.pipes.relay_closed()
+        if end is None:
+            self._supervisor_lost = True
+            exit_code, signum = None, None
+        else:
+            code, signum_ = end
+            exit_code, signum = (None, signum_) if signum_ else (code, None)
+        if self.life.allows(Event.STATUS_EOF):
+            self.life.fire(Event.STATUS_EOF)
+        self.helper_ended(exit_code, signum)
+
+    def supervisor_ended_unseen(self, record: dict[str, Any]) -> None:
+        """
+        The job ended while no server ran: take its end from the
+        supervisor's end record, and its output from the backlog.
+        """
+        self.supervisor_hello(dict(record, backlog=None))
+
+        def done() -> None:
+            exit_ = record.get("exit")
+            if isinstance(exit_, list) and len(exit_) == 2 and all(isinstance(n, int) for n in exit_):
+                end: tuple[int, int] | None = (exit_[0], exit_[1])
+            else:
+                end = None
+            ended_at = record.get("ended_at")
+            if isinstance(ended_at, int) and ended_at > 0:
+                self._ended_at_hint = ended_at
+            self.supervisor_gone(end)
+
+        self.pipes.attach_relay(lambda: None, lambda: None)
+        self.read_backlog(done)
+
+    def _supervisor_timed_out(self) -> None:
+        """
+        The supervisor stopped the job at its timeout (SIGTERM, and SIGKILL
+        after the grace period, its own timers: they count from the job's
+        start, whichever server runs).
+        """
+        log.info("job {job_id} ran past its timeout of {ms} ms", job_id=self.job_id, ms=self.limits.timeout_ms)
+        if self.life.allows(Event.STOP):
+            self.life.fire(Event.STOP)
+        if self._stop_reason is None:
+            self._stop_reason = JobState.TIMEOUT
+            self.stopped_by = "timeout"
+        # The cgroup kill, should the supervisor's own fail.
+        self._timers.start_by("kill", self.manager.config.default_grace_s + 1.0, self._kill_all)
+
+    def detach(self) -> None:
+        """
+        Leave the job running for the next server (live restore): its
+        supervisor keeps its output meanwhile.
+        """
+        self._detached = True
+        self._timers.cancel_all()
+        self.pipes.cancel_retry()
+        if self.link is not None:
+            self.link.leave()
 
     def helper_status(self, status: StatusLine) -> None:
         """
@@ -260,7 +493,8 @@ class Job:
         self.started_at = now_us()
         self.manager.job_changed(self)
         timeout_s = self.spec.timeout_s
-        if timeout_s is not None:
+        if timeout_s is not None and self.supervisor is None and not self.manager.config.isolate:
+            # A supervised job's supervisor keeps its timeout.
             self._timers.start("timeout", timeout_s, self._timed_out)
         started, self._started = self._started, None
         if started is not None:
@@ -286,6 +520,7 @@ class Job:
         self._signal_helper(signal.SIGTERM)
         self._timers.start_by("kill", grace_s, self._kill_all)
 
+
     def _timed_out(self) -> None:
         log.info("job {job_id} ran past its timeout of {ms} ms", job_id=self.job_id, ms=self.limits.timeout_ms)
         self.stop("timeout", self.manager.config.default_grace_s, reason=JobState.TIMEOUT)
@@ -303,15 +538,19 @@ class Job:
         self._signal_helper(signum)
 
     def _signal_helper(self, signum: int) -> None:
-        if self.transport is None or not self.life.phase.is_alive:
+        if not self.life.phase.is_alive:
+            return
+        if self.link is not None:
+            # It forwards it to the job; SIGKILL kills all of it.
+            self.link.send_signal(signum)
+            return
+        if self.pid is None or self.manager.config.isolate:
             return
         try:
-            if self.manager.config.isolate:
-                # The helper forwards it to the command's process group.
-                self.transport.signalProcess(signum)
-            elif self.pid is not None:
-                os.killpg(self.pid, signum)
-        except (OSError, twisted_error.ProcessExitedAlready):
+            # A direct job's helper became the command, the leader of its
+            # own process group.
+            os.killpg(self.pid, signum)
+        except OSError:
             pass
 
     def _kill_all(self) -> None:
@@ -356,6 +595,7 @@ class Job:
         if self.cgroup is not None:
             self.usage = self._read_usage()
         fate = decide_fate(
+            supervisor_lost=self._supervisor_lost,
             helper_exit=self._helper_exit,
             final_line=self._final_line,
             start_failure=self._start_failure,
@@ -364,7 +604,7 @@ class Job:
             stop_reason=self._stop_reason,
             timeout_ms=self.limits.timeout_ms,
         )
-        self.ended_at = now_us()
+        self.ended_at = self._ended_at_hint or now_us()
         self.state, self.exit_code, self.signal, self.error = fate.state, fate.exit_code, fate.signal, fate.error
         if fate.start_error is not None:
             started, self._started = self._started, None
@@ -389,6 +629,8 @@ class Job:
     def _announce_end(self) -> None:
         self.life.fire(Event.SETTLED)
         self.manager.job_changed(self)
+        if self.supervisor is not None:
+            self.manager.supervisor_files_done(self.job_id)
         self.manager.job_ended(self)
         final = self.status()
         waiters, self._ended_waiters = self._ended_waiters, []

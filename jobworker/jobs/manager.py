@@ -30,6 +30,7 @@ from twisted.internet import defer, threads
 from jobworker.audit import log_excerpt, log_value
 from jobworker.errors import ErrorCode, JobworkerError, RequestError
 from jobworker.host import contract
+from jobworker.host.cgroups import job_directory_name
 from jobworker.host.isolate import compiled_helper
 from jobworker.host.uids import UidAllocator, UidLocks, host_has_id, host_live_uids
 from jobworker.jobs.admission import AdmissionConfig, admit, check_verdict
@@ -39,7 +40,8 @@ from jobworker.jobs.job import Job
 from jobworker.jobs.persistence import RecordSaver, restored_job
 from jobworker.jobs.report import now_us
 from jobworker.jobs.spec import JobSpec
-from jobworker.jobs.store import JobStore, StateDirLocked, discard
+from jobworker.jobs.store import JobStore, LoadedRecord, StateDirLocked, StateFormatTooNew, discard
+from jobworker.jobs.supervisor import read_end_record
 from jobworker.logs import Logger
 from jobworker.output.log import OutputLog
 from jobworker.output.spool import FileSpool
@@ -94,7 +96,7 @@ class JobManager(Service):
         super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         try:
             self.store.open()
-        except StateDirLocked as exc:
+        except (StateDirLocked, StateFormatTooNew) as exc:
             # Refusing to start beats two servers killing each other's jobs.
             log.critical("{error}", error=str(exc))
             self.reactor.callWhenRunning(self.reactor.stop)
@@ -102,12 +104,24 @@ class JobManager(Service):
         # Python recompiles a script named on its command line on every run;
         # running the helper's bytecode saves each job ~5 ms and ~1.3 MiB.
         self.helper_path = compiled_helper(self.store.state_dir)
+        records = list(self.store.load())
+        supervised, refused = self._supervised(records)
         if self.cgroups is not None:
             self.cgroups.prepare()
-            removed = self.cgroups.cleanup_stale()
+            keep = frozenset(job_directory_name(str(job_id)) for job_id in supervised | refused)
+            removed = self.cgroups.cleanup_stale(keep=keep) if keep else self.cgroups.cleanup_stale()
             for name in removed:
                 log.warn("removed cgroup {name} left by an earlier server", name=name)
-        for record in self.store.load():
+        taken_back = []
+        for record in records:
+            job_id = record.status.job_id
+            if job_id in refused:
+                continue
+            if job_id in supervised:
+                job = restored_job(self, self.store, record, self.config.ring_size, retention=self.config.retention)
+                self.jobs[job_id] = job
+                taken_back.append(job)
+                continue
             job = restored_job(self, self.store, record, self.config.ring_size)
             if record.problems:
                 # Nothing in a damaged record is trusted to say how the job
@@ -128,6 +142,13 @@ class JobManager(Service):
                 self._uid_locks = UidLocks(self.config.uid_lock_dir)
             except OSError as exc:
                 raise SystemExit(f"jobworker: cannot make {self.config.uid_lock_dir}: {exc}") from None
+            # The uids of the jobs taken back stay theirs.
+            for job in taken_back:
+                if job.uid in self.config.job_uids:
+                    try:
+                        self._uid_locks.claim(job.uid)
+                    except OSError as exc:
+                        log.warn("job {job_id}: cannot claim its uid {uid} again: {error}", job_id=job.job_id, uid=job.uid, error=exc)
             swept = self._uid_locks.sweep()
             if swept:
                 log.info(
@@ -142,6 +163,9 @@ class JobManager(Service):
                 claim=self._uid_locks.claim,
                 unclaim=self._uid_locks.unclaim,
             )
+            for job in taken_back:
+                if job.uid in self.config.job_uids:
+                    self.uids.adopt(job.uid, str(job.job_id))
             # After the stale cgroups' processes were killed: what still
             # runs as a job uid is not ours to reuse yet.
             lingering = self.uids.retire_lingering()
@@ -153,6 +177,83 @@ class JobManager(Service):
                 )
         if self.config.isolate:
             self._make_inaccessible_file()
+        for job in taken_back:
+            self._take_back(job)
+
+    def _supervised(self, records: list[LoadedRecord]) -> tuple[set[uuid.UUID], set[uuid.UUID]]:
+        """
+        The running jobs of the records that have a supervisor: those to
+        take back, and those of a newer format, which this server leaves
+        alone (running, their files and cgroup untouched), as Docker does.
+        """
+        supervised: set[uuid.UUID] = set()
+        refused: set[uuid.UUID] = set()
+        for record in records:
+            supervisor = record.supervisor
+            if supervisor is None or record.problems or record.status.state.is_final:
+                continue
+            job_id = record.status.job_id
+            if supervisor["format"] > contract.SUPERVISOR_FORMAT:
+                log.error(
+                    "job {job_id}: its supervisor uses state format {found}, this server speaks {ours}; "
+                    "left running and untouched (a newer jobworker can take it back)",
+                    job_id=job_id,
+                    found=supervisor["format"],
+                    ours=contract.SUPERVISOR_FORMAT,
+                )
+                refused.add(job_id)
+            else:
+                supervised.add(job_id)
+        return supervised, refused
+
+    def _take_back(self, job: Job) -> None:
+        """
+        Connect to the supervisor of a job of an earlier server.  If none
+        answers, the job ended while no server ran (its end record says
+        how), or its supervisor died with it: lost.
+        """
+        from twisted.internet.endpoints import UNIXClientEndpoint
+
+        from jobworker.jobs.job import protocol_factory
+
+        if self.cgroups is not None:
+            job.cgroup = self.cgroups.attach(str(job.job_id))
+        link = job.new_link()
+        endpoint = UNIXClientEndpoint(self.reactor, self.store.socket_path(job.job_id), timeout=5)
+        connecting = endpoint.connect(protocol_factory(link))
+
+        def absent(failure: Any) -> None:
+            record = read_end_record(self.store.end_path(job.job_id))
+            if record is not None:
+                log.info("job {job_id} ended while no server ran; its end is taken from its supervisor", job_id=job.job_id)
+                job.supervisor_ended_unseen(record)
+                return
+            log.warn(
+                "job {job_id}: its supervisor is gone ({error}) and left no end record: lost",
+                job_id=job.job_id,
+                error=failure.getErrorMessage(),
+            )
+            job.supervisor_gone(None)
+
+        def connected(_: Any) -> None:
+            log.info("job {job_id} taken back from its supervisor", job_id=job.job_id)
+
+        connecting.addCallbacks(connected, absent)
+        connecting.addErrback(lambda f: log.failure("job {job_id}: take-back failed", f, job_id=job.job_id))
+
+    # -- the supervisor's files (JobHost) -------------------------------------------------
+
+    def socket_path(self, job_id: uuid.UUID) -> str:
+        return self.store.socket_path(job_id)
+
+    def backlog_path(self, job_id: uuid.UUID) -> str:
+        return self.store.backlog_path(job_id)
+
+    def end_path(self, job_id: uuid.UUID) -> str:
+        return self.store.end_path(job_id)
+
+    def supervisor_files_done(self, job_id: uuid.UUID) -> None:
+        self.store.forget_supervisor(job_id)
 
     def _make_inaccessible_file(self) -> None:
         """
@@ -171,20 +272,30 @@ class JobManager(Service):
     def stopService(self) -> defer.Deferred[None]:
         """
         Stop every job (SIGTERM, then SIGKILL after the default grace) and
-        wait until each has ended and its cgroup is gone.
+        wait until each has ended and its cgroup is gone.  With
+        C{live_restore}, leave every running job running instead (each is
+        detached from this server, its supervisor goes on) and wait for none.
         """
         super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._shutting_down = True
         running = [job for job in self.jobs.values() if not job.is_final]
         ends = []
-        for job in running:
-            ends.append(job.when_ended())
-            job.stop("shutdown", self.config.default_grace_s)
-        log.info("stopping {count} running jobs", count=len(running))
+        if self.config.live_restore:
+            for job in running:
+                job.detach()
+            log.info("leaving {count} running jobs running for the next server (live restore)", count=len(running))
+        else:
+            for job in running:
+                ends.append(job.when_ended())
+                job.stop("shutdown", self.config.default_grace_s)
+            log.info("stopping {count} running jobs", count=len(running))
+        left = {job.uid for job in running} if self.config.live_restore else set()
         every_end: defer.Deferred[Any] = defer.DeferredList(ends, consumeErrors=True)
         every_end.addCallback(lambda _: defer.DeferredList(list(self._cleanups), consumeErrors=True))
-        every_end.addCallback(lambda _: self._release_cgroups())
-        every_end.addCallback(lambda _: self._uid_locks.close() if self._uid_locks is not None else None)
+        if not left:
+            # (The base holds the cgroups of the jobs left running.)
+            every_end.addCallback(lambda _: self._release_cgroups())
+        every_end.addCallback(lambda _: self._uid_locks.close(leave=left) if self._uid_locks is not None else None)
         every_end.addCallback(lambda _: self._saver.save_unsaved(final=True))
         every_end.addCallback(lambda _: self.store.close())
         return every_end
@@ -387,6 +498,7 @@ class JobManager(Service):
         # A directory in the spool's place is logged and left (discard).
         discard(self.store.spool_path(job.job_id))
         discard(self.store.times_path(job.job_id))
+        self.store.forget_supervisor(job.job_id)
         self.store.forget(job.job_id)
         job.output.wake_listeners()
         for observer in list(self._removal_observers):

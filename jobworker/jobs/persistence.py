@@ -8,6 +8,7 @@ is passed in.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -93,10 +94,15 @@ class RecordSaver:
             self._retry.cancel()
 
 
-def restored_job(host: JobHost, store: JobStore, record: LoadedRecord, ring_size: int) -> Job:
+def restored_job(
+    host: JobHost, store: JobStore, record: LoadedRecord, ring_size: int, *, retention: int | None = None
+) -> Job:
     """
     The job a record tells of, with its output spool (a spool that cannot
-    be read is a gap, logged); final as the record says.
+    be read is a gap, logged); final as the record says, unless
+    C{retention} is given: then the job is one to take back from its
+    supervisor (L{Job.take_back}), and its spool is reopened for more
+    output, after its last whole record.
     """
     status: JobStatus = record.status
     spec = JobSpec(
@@ -131,7 +137,46 @@ def restored_job(host: JobHost, store: JobStore, record: LoadedRecord, ring_size
         log.error("job {job_id}: {damage}; readers get a gap there", job_id=status.job_id, damage=output.damage)
     if output.times_damage is not None:
         log.error("job {job_id}: {damage}; later output has no times", job_id=status.job_id, damage=output.times_damage)
+    if retention is not None:
+        spool, times = _reopened(store, status.job_id, output, spool, times, retention)
     job = Job(host, status.job_id, spec, output, spool)
     job.times = times
-    job.restore(status)
+    if retention is None:
+        job.restore(status)
+    else:
+        assert record.supervisor is not None
+        job.take_back(status, record.supervisor)
     return job
+
+
+def _reopened(
+    store: JobStore,
+    job_id: uuid.UUID,
+    output: OutputLog,
+    spool: FileSpool | None,
+    times: FileSpool | None,
+    retention: int,
+) -> tuple[FileSpool | None, FileSpool | None]:
+    """
+    Open a running job's spool and times file for more output, the spool
+    cut back to its last whole record (a server killed mid-write leaves a
+    torn one).  A spool that cannot be opened leaves the job's output in
+    memory only (logged).
+    """
+    path = store.spool_path(job_id)
+    if times is not None:
+        times.seal()
+    try:
+        if spool is not None:
+            spool.seal()
+            os.truncate(path, output.spool_bytes)
+        writable: FileSpool | None = FileSpool(path)
+    except OSError as exc:
+        log.error("job {job_id}: cannot reopen its output spool {path}: {error}", job_id=job_id, path=path, error=exc)
+        writable = None
+    try:
+        new_times: FileSpool | None = FileSpool(store.times_path(job_id))
+    except OSError:
+        new_times = None
+    output.continue_on(writable if writable is not None else MemorySpool(), retention, new_times)
+    return writable, new_times

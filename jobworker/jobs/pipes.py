@@ -131,6 +131,9 @@ class OutputPump:
         self._spool = spool
         self._on_closed = on_closed
         self._readers: list[PipeReader] = []
+        # A supervised job's output comes from its supervisor instead (see
+        # attach_relay): how to stop and resume it.
+        self._relay: tuple[Callable[[], None], Callable[[], None]] | None = None
         self._reading = False
         self._losing_output = False  # the spool failed and has not recovered
         self._retry: Any = None
@@ -146,13 +149,36 @@ class OutputPump:
             self._readers.append(PipeReader(self._reactor, read_end, functools.partial(self.received, fd), self._pipe_closed))
         self.open_count = len(self._readers)
         self._reading = True
+        self._watch_spool()
+        for reader in self._readers:
+            self._reactor.addReader(reader)
+
+    def attach_relay(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        """
+        The output comes from the job's supervisor (L{received} for each
+        chunk, L{relay_closed} at its end), not from pipes of ours: while
+        the spool is congested, C{pause} stops it and C{resume} starts it
+        again.
+        """
+        self._relay = (pause, resume)
+        self.open_count = 1
+        self._reading = True
+        self._watch_spool()
+
+    def _watch_spool(self) -> None:
         if self._spool is not None:
             reactor = self._reactor
             self._spool.on_drained = lambda: reactor.callFromThread(self.resume)
             self._spool.on_failed = lambda failure: reactor.callFromThread(self.spool_failed, failure)
             self._spool.on_recovered = lambda: reactor.callFromThread(self.spool_recovered)
-        for reader in self._readers:
-            self._reactor.addReader(reader)
+
+    def relay_closed(self) -> None:
+        """
+        The supervisor said the job's output ended (or is gone).
+        """
+        if self._relay is not None and self.open_count:
+            self.open_count = 0
+            self._on_closed()
 
     def received(self, fd: int, data: bytes) -> None:
         self._output.append(fd, data)
@@ -160,6 +186,8 @@ class OutputPump:
             # The disk is behind by HIGH_WATER bytes: let the job wait on its
             # pipe rather than let the backlog grow our memory.
             self._reading = False
+            if self._relay is not None:
+                self._relay[0]()
             for reader in self._readers:
                 if not reader.closed:
                     self._reactor.removeReader(reader)
@@ -168,6 +196,8 @@ class OutputPump:
         if self._reading:
             return
         self._reading = True
+        if self._relay is not None:
+            self._relay[1]()
         for reader in self._readers:
             if not reader.closed:
                 self._reactor.addReader(reader)
@@ -179,6 +209,7 @@ class OutputPump:
         """
         for reader in list(self._readers):
             reader.close()
+        self.relay_closed()
 
     def cancel_retry(self) -> None:
         if self._retry is not None and self._retry.active():

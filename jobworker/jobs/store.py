@@ -6,6 +6,15 @@ Layout::
     STATE_DIR/jobs/<uuid>.json   the job's record (status, environment)
     STATE_DIR/jobs/<uuid>.out    its output spool (see jobworker.output.log)
     STATE_DIR/jobs/<uuid>.times  when its output was read (ditto); may be absent
+    STATE_DIR/jobs/<uuid>.backlog  output its supervisor read while no server ran
+    STATE_DIR/jobs/<uuid>.end    its supervisor's record of the job's end
+    STATE_DIR/run/<uuid>.sock    its supervisor's socket, while it runs
+    STATE_DIR/format             the state format, {"format": 2}
+    STATE_DIR/lock               held by the server using the directory
+
+(see L{jobworker.jobs.supervisor}).  A server reads a directory of its own
+format or older (a directory without a C{format} file is format 1: no job
+in it has a supervisor), and refuses a newer one, touching nothing.
 
 Records are replaced atomically (write a temporary file completely, fsync,
 rename), so a crash or a full disk leaves either the old record or the new
@@ -13,7 +22,8 @@ one, never a torn one: a write that fails, short or not, removes the
 temporary file and leaves the old record in place.
 
 Write-behind (L{JobStore.write_behind}, what the server turns on): a save
-of a job that has a record already is written by a thread of the store's,
+of a job's final state (one that has a record already) is written by a
+thread of the store's,
 so that the ~1-3 ms of creating, syncing and renaming files is not spent on
 the reactor's thread, where a burst of jobs ending (a stop of hundreds)
 held every client up for tens of milliseconds.  What is saved is taken at
@@ -23,7 +33,8 @@ again every L{WRITE_RETRY_S} seconds until it is written or replaced; a job
 forgotten drops what is queued for it and waits for a write under way; and
 closing the store writes what is queued.  A job's first save (the one that
 makes its record, when it starts) is written at once, so that a start on a
-full disk is still refused with the cause.
+full disk is still refused with the cause; so is every save of a running
+job, whose record tells the next server how to take it back.
 
 Loading trusts nothing on disk: every record is validated
 (L{jobworker.records.salvage_status}); a damaged one, and a spool whose
@@ -49,7 +60,7 @@ from jobworker.logs import Logger
 from jobworker.protocol.messages import JobStatus
 from jobworker.records import salvage_status, status_to_dict
 
-__all__ = ["JobStore", "LoadedRecord", "StateDirLocked", "discard"]
+__all__ = ["STATE_FORMAT", "JobStore", "LoadedRecord", "StateDirLocked", "StateFormatTooNew", "check_state_format", "discard"]
 
 log = Logger()
 
@@ -74,6 +85,8 @@ class LoadedRecord:
     status: JobStatus
     env: list[tuple[str, str]]
     problems: list[str] = field(default_factory=list)
+    # The job's supervisor ({"format", "pid"}) if it had one.
+    supervisor: dict[str, int] | None = None
 
 
 def _env(value: Any) -> tuple[list[tuple[str, str]], list[str]]:
@@ -84,6 +97,18 @@ def _env(value: Any) -> tuple[list[tuple[str, str]], list[str]]:
     ):
         return [(key, item) for key, item in value], []
     return [], ["env: not a list of [name, value] pairs"]
+
+
+def _supervisor(value: Any) -> tuple[dict[str, int] | None, list[str]]:
+    if value is None:
+        return None, []
+    if (
+        isinstance(value, dict)
+        and all(isinstance(value.get(key), int) and not isinstance(value.get(key), bool) for key in ("format", "pid"))
+        and value["pid"] > 0
+    ):
+        return {"format": value["format"], "pid": value["pid"]}, []
+    return None, ["supervisor: not an object with a format and a pid"]
 
 
 def discard(path: str) -> None:
@@ -246,10 +271,53 @@ class StateDirLocked(Exception):
     """
 
 
+class StateFormatTooNew(Exception):
+    """
+    The state directory was written by a newer server, in a format this one
+    cannot read.
+    """
+
+
+# The state format this server writes (see the module docstring).
+STATE_FORMAT = 2
+
+
+def check_state_format(state_dir: str) -> int | None:
+    """
+    The format of the state directory (None: it has no format file, so
+    it is new, or of format 1); changes nothing.
+
+    @raise StateFormatTooNew: it is in a newer format, or its format file
+        is not one.
+    """
+    path = os.path.join(state_dir, "format")
+    try:
+        with open(path, "rb") as handle:
+            content = handle.read(4096)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateFormatTooNew(f"cannot read the format file {path}: {exc.strerror or exc}") from None
+    try:
+        found = json.loads(content).get("format")
+    except (ValueError, AttributeError):
+        found = None
+    if not isinstance(found, int) or isinstance(found, bool):
+        raise StateFormatTooNew(f"the state directory {state_dir} has a damaged format file {path}")
+    if found > STATE_FORMAT:
+        raise StateFormatTooNew(
+            f"the state directory {state_dir} is in format {found}; this server reads formats up to "
+            f"{STATE_FORMAT} (a newer jobworker wrote it: run that, or use another --state-dir)"
+        )
+    return found
+
+
 class JobStore:
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
         self.jobs_dir = os.path.join(state_dir, "jobs")
+        self.run_dir = os.path.join(state_dir, "run")
+        self._run_fd: int | None = None
         self._behind: _RecordWriter | None = None
 
     def write_behind(self, call_soon: Callable[..., None]) -> None:
@@ -278,6 +346,20 @@ class JobStore:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise StateDirLocked(f"another jobworker server is using the state directory {self.state_dir}") from None
+        try:
+            self._check_format()
+            os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_format(self) -> None:
+        """
+        @raise StateFormatTooNew: the directory is in a newer format.
+        """
+        if check_state_format(self.state_dir) != STATE_FORMAT:
+            path = os.path.join(self.state_dir, "format")
+            self._replace(path, json.dumps({"format": STATE_FORMAT}).encode() + b"\n", directory=self.state_dir)
 
     def close(self) -> None:
         """
@@ -287,6 +369,9 @@ class JobStore:
         behind, self._behind = self._behind, None
         if behind is not None:
             behind.close()
+        if self._run_fd is not None:
+            os.close(self._run_fd)
+            self._run_fd = None
         fd = getattr(self, "_lock_fd", None)
         if fd is not None:
             os.close(fd)
@@ -301,6 +386,32 @@ class JobStore:
         """
         return os.path.join(self.jobs_dir, f"{job_id}.times")
 
+    def backlog_path(self, job_id: uuid.UUID) -> str:
+        return os.path.join(self.jobs_dir, f"{job_id}.backlog")
+
+    def end_path(self, job_id: uuid.UUID) -> str:
+        return os.path.join(self.jobs_dir, f"{job_id}.end")
+
+    def socket_path(self, job_id: uuid.UUID) -> str:
+        """
+        The supervisor's socket, by a path short enough for a unix socket
+        address (108 bytes) wherever the state directory is: through this
+        process's descriptor of the run directory.
+        """
+        if self._run_fd is None:
+            self._run_fd = os.open(self.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self._run_fd}/{job_id}.sock"
+
+    def socket_file(self, job_id: uuid.UUID) -> str:
+        return os.path.join(self.run_dir, f"{job_id}.sock")
+
+    def forget_supervisor(self, job_id: uuid.UUID) -> None:
+        """
+        Remove what the job's supervisor left (its end is settled).
+        """
+        for path in (self.backlog_path(job_id), self.end_path(job_id), self.socket_file(job_id)):
+            discard(path)
+
     def _record_path(self, job_id: uuid.UUID) -> str:
         return os.path.join(self.jobs_dir, f"{job_id}.json")
 
@@ -312,16 +423,23 @@ class JobStore:
             many open files); the old record, if any, is left as it was and
             no temporary file is left behind.
         """
-        record = {"status": status_to_dict(job.status()), "env": [list(pair) for pair in job.env]}
+        status = job.status()
+        record: dict[str, Any] = {"status": status_to_dict(status), "env": [list(pair) for pair in job.env]}
+        supervisor = getattr(job, "supervisor", None)
+        if supervisor is not None and not job.is_final:
+            record["supervisor"] = supervisor
         content = json.dumps(record).encode()
         behind = self._behind
-        if behind is not None and behind.queue(job.job_id, content):
+        # Only a final state is written behind: a running job's record says
+        # how to take it back after a crash (its supervisor), and is written
+        # before the call returns, as ever.
+        if behind is not None and status.state.is_final and behind.queue(job.job_id, content):
             return
         self._replace(self._record_path(job.job_id), content)
         if behind is not None:
             behind.made(job.job_id)
 
-    def _replace(self, path: str, content: bytes) -> None:
+    def _replace(self, path: str, content: bytes, directory: str | None = None) -> None:
         temporary = path + ".tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -344,15 +462,15 @@ class JobStore:
             raise
         # The rename itself survives a crash once the directory is synced.
         try:
-            directory = os.open(self.jobs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            dir_fd = os.open(directory or self.jobs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             return
         try:
-            os.fsync(directory)
+            os.fsync(dir_fd)
         except OSError:
             pass
         finally:
-            os.close(directory)
+            os.close(dir_fd)
 
     def forget(self, job_id: uuid.UUID) -> None:
         """
@@ -395,7 +513,7 @@ class JobStore:
                 job_id = uuid.UUID(stem)
             except ValueError:
                 job_id = None
-            if job_id is None or str(job_id) != stem or suffix not in ("json", "json.tmp", "out", "times"):
+            if job_id is None or str(job_id) != stem or suffix not in ("json", "json.tmp", "out", "times", "backlog", "end"):
                 log.warn("ignoring {path}: not a file of jobworker's", path=path)
                 continue
             if suffix == "json.tmp":
@@ -407,8 +525,8 @@ class JobStore:
                 except OSError as exc:
                     log.warn("could not remove {path}: {error}", path=path, error=exc)
                 continue
-            if suffix == "times":
-                continue  # read with the job's spool
+            if suffix in ("times", "backlog", "end"):
+                continue  # read with the job's spool, or by its supervisor's server
             if suffix == "out":
                 if f"{stem}.json" not in names:
                     log.error("job {job_id}: its output spool has no record", job_id=job_id)
@@ -452,10 +570,13 @@ class JobStore:
                 problems.extend(found)
             env, env_problems = _env(data.get("env"))
             problems.extend(env_problems)
+            supervisor, supervisor_problems = _supervisor(data.get("supervisor"))
+            problems.extend(supervisor_problems)
         else:
             env = []
+            supervisor = None
         if problems:
             log.error(
                 "job {job_id}: damaged record {path}: {problems}", job_id=job_id, path=path, problems="; ".join(problems)
             )
-        return LoadedRecord(status, env, problems)
+        return LoadedRecord(status, env, problems, supervisor)

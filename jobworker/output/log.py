@@ -347,6 +347,54 @@ class OutputLog:
         self._spool_records += RECORD_HEADER_SIZE + len(data)
         self._spooled_end = offset + length
 
+    @property
+    def stored_end(self) -> int:
+        """
+        The offset below which every byte appended is stored as well as it
+        will be: written by the spool, or past what the spool keeps (the
+        retention limit, a full disk), where the ring alone holds it.
+        """
+        first_unwritten = getattr(self._spool, "first_unwritten", None)
+        return self.end if first_unwritten is None else min(first_unwritten, self.end)
+
+    def skip_to(self, offset: int) -> None:
+        """
+        The output up to C{offset} was produced but is lost (never reached
+        this log): readers get a gap there, and the spool records it.
+        """
+        if self.closed:
+            raise ValueError("output log is closed")
+        if offset <= self.end:
+            return
+        gap = offset - self.end
+        self._check_spool()
+        if self._spooled_end == self.end and self.end < self.retention and not self._spool_failed:
+            self._spool_record(GAP_FD, self.end, b"", gap)
+        self.lost_bytes += gap
+        self.end = offset
+        # The ring holds contiguous output only.
+        self._ring.clear()
+        self._ring_bytes = 0
+        self._notify()
+
+    def continue_on(self, spool: Spool, retention: int, times: Spool | None = None) -> None:
+        """
+        Open a log reopened by L{from_spool} for more output: C{spool} is
+        the same file, open for appending at the end of its last whole
+        record (a job taken back by a new server).
+        """
+        self._spool = spool
+        self._times = times
+        self.retention = retention
+        self.closed = False
+
+    @property
+    def spool_bytes(self) -> int:
+        """
+        The spool bytes (headers included) of the records the log holds.
+        """
+        return self._spool_records
+
     # -- a spool that cannot write -------------------------------------------
 
     @property

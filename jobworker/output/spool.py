@@ -219,6 +219,15 @@ class FileSpool:
         return self._pending_bytes
 
     @property
+    def first_unwritten(self) -> int | None:
+        """
+        The mark of the first record appended and not yet written (None:
+        every record is written).
+        """
+        with self._lock:
+            return self._marks[0] if self._marks else None
+
+    @property
     def congested(self) -> bool:
         return self._pending_bytes > HIGH_WATER
 

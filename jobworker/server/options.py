@@ -163,6 +163,7 @@ class Options(usage.Options):
     optFlags = [
         ["no-isolation", None, "Run jobs without PID, mount, IPC and network namespaces (and without private /tmp, /sys and hidden paths)."],
         ["no-private-sys", None, "Let jobs see the host's /sys instead of a read-only one of their own."],
+        ["live-restore", None, "On a clean stop (SIGTERM), leave running jobs running for the next server on this state dir (for upgrades and configuration changes) instead of stopping them. Under systemd it needs KillMode=process."],
     ]
 
     # Options that may be given more than once, each use adding one value;

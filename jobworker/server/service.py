@@ -6,6 +6,7 @@ this module).
 
     JobworkerService (MultiService)     start-up checks; the JSON log option
       +- JobManager                     stops every job on shutdown, and waits
+                                        (with --live-restore: leaves them running)
       +- _Listener, one per --listen    any endpoint string, wrapped in TLS
 
 Errors an operator can act on
@@ -33,6 +34,7 @@ from twisted.internet.error import CannotListenError
 
 import jobworker
 from jobworker.jobs.manager import JobManager, JobManagerConfig
+from jobworker.jobs.store import StateFormatTooNew, check_state_format
 from jobworker.limits import LIMIT_CONTROLLERS, Limits
 from jobworker.logs import Logger
 from jobworker.server.factory import ServerFactory, ServerLimits
@@ -141,6 +143,10 @@ def _check_state_dir(state_dir: str) -> None:
         raise StartupError(f"{where}: another jobworker server is using it (it holds {lock_path})") from None
     finally:
         os.close(descriptor)
+    try:
+        check_state_format(state_dir)
+    except StateFormatTooNew as exc:
+        raise StartupError(f"{where}: {exc}") from None
 
 
 def _fail_after_logging_began(message: str) -> None:
@@ -324,6 +330,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_finished_jobs=options["max-finished-jobs"],
         ring_size=options["ring-bytes"],
         retention=options["retention-bytes"],
+        live_restore=bool(options["live-restore"]),
     )
     log.info(
         "jobs run as {who}; caps for non-admins: {caps}",
@@ -333,6 +340,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ),
         caps=", ".join(f"{name}={value}" for name, value in vars(config.caps).items() if value) or "none",
     )
+    if config.live_restore:
+        log.info("live restore: a clean stop leaves running jobs running for the next server")
     tls = _check_tls_files(options["ca"], options["cert"], options["key"])
     _check_state_dir(options["state-dir"])
     driver = _cgroup_driver(options["cgroups"], options["cgroup-prefix"]) if privileged else None

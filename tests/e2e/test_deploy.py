@@ -423,8 +423,10 @@ def _unit_settings(path: Path) -> dict[str, str]:
 def test_systemd_unit_matches_what_the_service_does(tmp_path):
     settings = _unit_settings(UNITS / "jobworker.service")
     assert settings["Delegate"] == "yes"
-    # The server stops every job itself on SIGTERM: systemd signals it alone.
-    assert settings["KillMode"] == "mixed"
+    # The server stops every job itself on SIGTERM (or, with live-restore,
+    # leaves them to the next server): systemd signals it alone, and kills
+    # no job when the server has exited (a crash, a live-restore stop).
+    assert settings["KillMode"] == "process"
     from jobworker.server.service import Options
 
     grace = float(Options().defaults["grace"])

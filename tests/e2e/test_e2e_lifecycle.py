@@ -307,7 +307,18 @@ def test_finished_jobs_survive_a_restart(servers):
     assert (followed.returncode, followed.stdout, followed.stderr) == (3, out, err)
 
 
-def test_a_job_running_when_the_server_is_killed_is_lost_after_restart(servers):
+def _supervised(server, job_id: str) -> bool:
+    """
+    Whether the job has a supervisor that outlives the server (an isolated
+    job does; a direct one, the server's own child, dies with it).
+    """
+    record = json.loads((server.state_dir / "jobs" / f"{job_id}.json").read_text())
+    return "supervisor" in record
+
+
+def test_a_job_running_when_the_server_is_killed_is_taken_back_or_lost(servers):
+    # An isolated job's supervisor outlives the server: the next server
+    # takes the job back.  A direct job dies with the server: lost.
     argument = marker()
     try:
         first = servers()
@@ -315,38 +326,52 @@ def test_a_job_running_when_the_server_is_killed_is_lost_after_restart(servers):
         assert wait(first, finished).exit_code == 2
         running = start(first, "sh", "-c", f"echo before; exec sleep {argument}")
         wait_running(first, running, argument)
-        # The server has read the output (output still in the job's pipe
-        # when the server dies is lost with it, unavoidably).
         wait_output(first, running, b"before\n")
+        supervised = _supervised(first, running)
         first.process.kill()
         first.process.wait()
 
         second = servers()
-        lost = status(second, running)
-        assert lost["state"] == "lost", lost
-        assert lost["ended_at"] is not None
+        again = status(second, running)
         # Its output up to the crash is still there.
         assert second.jobcli("logs", running, check=True).stdout == b"before\n"
         # A finished job is as it was.
         kept = status(second, finished)
         assert (kept["state"], kept["exit_code"]) == ("exited", 2)
         assert second.jobcli("logs", finished, check=True).stdout == b"done\n"
-        # A lost job is final: waiting on it ends at once, with no job code.
-        waited = second.jobcli("wait", running, timeout=10)
-        assert waited.returncode == 125
+        if supervised:
+            assert again["state"] == "running", again
+            assert processes_with(argument), "the job died with the server"
+            assert second.jobcli("stop", running).returncode == 0
+            waited = second.jobcli("wait", running, timeout=10)
+            assert waited.returncode == 128 + 15 or status(second, running)["state"] == "stopped"
+            assert gone_within(argument, 5), "a stop of a job taken back left its processes"
+        else:
+            assert again["state"] == "lost", again
+            assert again["ended_at"] is not None
+            # A lost job is final: waiting on it ends at once, with no job code.
+            waited = second.jobcli("wait", running, timeout=10)
+            assert waited.returncode == 125
     finally:
         kill_leftovers(argument)
 
 
 def test_the_processes_of_a_lost_job_are_gone_after_restart(servers):
+    # A direct job dies with its server; a supervised one is lost only when
+    # its supervisor dies (tests/e2e/test_e2e_live_restore.py): either way,
+    # none of its processes outlives it.
     argument = marker()
     try:
         first = servers()
         running = start(first, "sleep", argument)
         wait_running(first, running, argument)
+        supervised = _supervised(first, running)
         first.process.kill()
         first.process.wait()
-        servers()
+        second = servers()
+        if supervised:
+            assert status(second, running)["state"] == "running"
+            assert second.jobcli("stop", "--force", running).returncode == 0
         assert gone_within(argument, 5), f"sleep {argument} of a lost job outlived the restart"
     finally:
         kill_leftovers(argument)

@@ -551,12 +551,18 @@ def test_uid_range_exhausted_is_a_clear_start_failure(certs, tmp_path):
         server = start_server(certs, state, "--job-uids", f"{first}-{last}")
         jobs = [start(server, ["sleep", "1000"], who) for who in ("alice", "bob")]
         assert {status(server, j).uid for j in jobs} == {first, last}
-        # ...and after a crash: the lost jobs' processes are gone (the next
-        # server kills them), their uids free again.
+        # ...and after a crash: the next server takes the jobs back, with
+        # their uids (still theirs: no third job gets one)...
         server.process.kill()
         server.process.wait()
         server = start_server(certs, state, "--job-uids", f"{first}-{last}")
-        assert all(status(server, j).state is m.JobState.LOST for j in jobs)
+        assert all(status(server, j).state is m.JobState.RUNNING for j in jobs)
+        with pytest.raises(RequestError) as refused:
+            start(server, ["true"], "alice")
+        assert "no free uid" in refused.value.message
+        # ...until they are stopped: their processes gone, their uids free.
+        for job in jobs:
+            stop(server, job)
         assert pids_running_as(first) == pids_running_as(last) == []
         jobs = [start(server, ["sleep", "1000"], who) for who in ("alice", "bob")]
         assert {status(server, j).uid for j in jobs} == {first, last}

@@ -203,8 +203,11 @@ def test_no_uid_lock_file_is_left_after_a_crash_and_a_restart(certs, tmp_path):
         # host now, another test's, may already sweep the file away.)
         server = start_server(certs, state, "--job-uids", f"{first}-{last}")
         # It listens before its start-up is done; an answer means it is.
-        assert status(server, job).state is m.JobState.LOST
-        assert not lock.exists(), "the claim of a dead server is left in /run"
+        # The job is taken back, and its claim with it.
+        assert status(server, job).state is m.JobState.RUNNING
+        assert lock.exists(), "the claim of a job taken back was swept"
+        stop(server, job)
+        assert not lock.exists(), "the claim of a stopped job is left in /run"
         job = start(server, ["sleep", "1000"], "bob")
         assert (UID_LOCKS / str(status(server, job).uid)).exists()
         server.stop()
@@ -358,16 +361,18 @@ def test_two_live_jobs_share_no_abstract_socket_or_ipc_and_hold_no_capability(ke
 # -- after a crash -------------------------------------------------------------------------
 
 
-def test_a_crash_of_the_server_frees_its_jobs_scratch_pages_at_once(certs, tmp_path):
+def test_a_job_taken_back_after_a_crash_frees_its_scratch_pages_when_it_ends(certs, tmp_path):
     """
-    Nothing waits for the next start-up: the jobs die with the server
-    (their helpers' parent-death signal), and their tmpfs with them.
+    A job outlives a crash of the server (its supervisor does), scratch and
+    all; when the next server stops it, its tmpfs goes with it at once.
     """
     from tests.e2e.test_e2e_tenants import host_pids_with, shmem_bytes
 
     need_root()
     first, last = own_uid_range(9, 2)
-    server = start_server(certs, tmp_path / "state", "--job-uids", f"{first}-{last}", "--tmp-size", "256M")
+    state = tmp_path / "state"
+    options = ("--job-uids", f"{first}-{last}", "--tmp-size", "256M")
+    server = start_server(certs, state, *options)
     sleeper = f"1000.{os.getpid()}"
     try:
         before = shmem_bytes()
@@ -378,6 +383,9 @@ def test_a_crash_of_the_server_frees_its_jobs_scratch_pages_at_once(certs, tmp_p
         assert len(host_pids_with(sleeper)) == 1
         server.process.kill()
         server.process.wait()
+        assert len(host_pids_with(sleeper)) == 1, "the job died with the server"
+        server = start_server(certs, state, *options)
+        stop(server, job)
         deadline = time.monotonic() + 10
         while (host_pids_with(sleeper) or shmem_bytes() > during - (120 << 20)) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from jobworker.errors import ErrorCode, RequestError
-from jobworker.jobs.job import EOF_GRACE_S, Job
+from jobworker.host import contract
+from jobworker.jobs.job import Job
 from jobworker.jobs.manager import JobManager, JobManagerConfig
 from jobworker.limits import Limits
 from jobworker.policy import Identity, Role
@@ -37,10 +38,10 @@ GRACE_S = 5.0
 
 class FakeHelper:
     """
-    The helper process of one job (the process transport the server gets),
-    played by the test: it holds the write
-    ends of the job's output pipes as the real helper would, and records
-    its configuration and the signals the server sends it.
+    The supervisor of one isolated job (the process transport the server
+    gets, and the server's end of its socket), played by the test: it
+    records its configuration and the signals the server sends it, and
+    speaks the supervisor's frames (its status lines, output, end).
     """
 
     def __init__(self, protocol: Any, args: list[str], child_fds: dict[int, Any]) -> None:
@@ -49,9 +50,11 @@ class FakeHelper:
         self.pid = 0x7FFF_0000 + id(self) % 0xFFFF  # never signalled for real (isolated jobs)
         self.config = bytearray()
         self.stdin_closed = False
-        self.signals: list[int] = []
         self.ended = False
-        self.outputs = {fd: os.dup(child_fds[fd]) for fd in (1, 2)}
+        self.link: Any = None  # the server's SupervisorLink
+        self.wire: Any = None  # what the server wrote to it
+        self.offset = 0
+        self.output_open = True
 
     # -- the transport the server uses -----------------------------------------
 
@@ -61,40 +64,51 @@ class FakeHelper:
     def closeStdin(self) -> None:
         self.stdin_closed = True
 
-    def signalProcess(self, signum: str | int) -> None:
-        if self.ended:
-            raise ProcessExitedAlready()
-        assert isinstance(signum, int), signum
-        self.signals.append(signum)
+    @property
+    def signals(self) -> list[int]:
+        frames, _ = contract.split_frames(self.wire.value())
+        return [payload[0] for kind, payload in frames if kind == contract.SEND_SIGNAL]
 
-    # -- what the test makes the helper do ---------------------------------------
+    # -- what the test makes the supervisor do ---------------------------------------
+
+    def _frame(self, data: bytes) -> None:
+        if not self.ended:
+            self.link.dataReceived(data)
 
     def say(self, line: str) -> None:
-        self.protocol.childDataReceived(3, line.encode() + b"\n")
+        self._frame(contract.frame(contract.LINE, line.encode()))
 
     def close_status(self) -> None:
-        self.protocol.childConnectionLost(3)
+        pass  # a supervisor has no status pipe: its end closes the socket
 
     def output(self, fd: int, data: bytes) -> None:
-        os.write(self.outputs[fd], data)
+        self._frame(contract.data_header(fd, self.offset, len(data)) + data)
+        self.offset += len(data)
 
     def close_output(self) -> None:
-        for fd in self.outputs.values():
-            os.close(fd)
-        self.outputs.clear()
+        if self.output_open:
+            self.output_open = False
+            self._frame(contract.frame(contract.CLOSED, b""))
 
-    def end(self, code: int | None = 0, signum: int | None = None) -> None:
+    @property
+    def outputs(self) -> bool:
+        return self.output_open and not self.ended
+
+    def end(self, code: int | None = 0, signum: int | None = None, *, told: bool = True) -> None:
+        """
+        The supervisor ends: after telling the job's end (C{told}), or
+        killed without a word.
+        """
+        if told:
+            self._frame(contract.frame(contract.END, b"%d %d" % (-1 if code is None else code, signum or 0)))
         self.ended = True
-        if code == 0 and signum is None:
-            self.protocol.processEnded(Failure(ProcessDone(0)))
-        else:
-            self.protocol.processEnded(Failure(ProcessTerminated(exitCode=code, signal=signum)))
+        self.link.connectionLost(Failure(ConnectionDone()))
 
 
 class FakeProcessReactor(MemoryReactorClock):
     """
-    A memory reactor with a clock whose spawnProcess starts a L{FakeHelper};
-    L{read_pipes} is one turn of the reactor for the job's output pipes.
+    A memory reactor with a clock whose spawnProcess starts a L{FakeHelper}
+    and whose adoptStreamConnection connects its socket to it.
     """
 
     def __init__(self) -> None:
@@ -107,6 +121,12 @@ class FakeProcessReactor(MemoryReactorClock):
         processProtocol.makeConnection(helper)
         self.helpers.append(helper)
         return helper
+
+    def adoptStreamConnection(self, fileDescriptor: int, addressFamily: Any, factory: Any) -> None:
+        helper = self.helpers[-1]
+        helper.link = factory.buildProtocol(None)
+        helper.wire = StringTransport()
+        helper.link.makeConnection(helper.wire)
 
     def callFromThread(self, callable: Any, *args: Any, **kwargs: Any) -> None:
         self.callLater(0, callable, *args, **kwargs)
@@ -147,9 +167,6 @@ class Setup:
 def setup(tmp_path: Path) -> Iterator[Setup]:
     made = Setup(tmp_path)
     yield made
-    for helper in made.reactor.helpers:
-        if helper.outputs:
-            helper.close_output()
     for reader in list(made.reactor.readers):
         reader.connectionLost(Failure(Exception("test over")))
     made.manager.store.close()
@@ -338,63 +355,70 @@ def test_a_job_stopped_while_its_helper_sets_up_fails_the_start_and_ends_stopped
 # -- output after the helper ended ----------------------------------------------------------
 
 
-def test_output_after_the_helper_ended_is_read_until_eof(setup: Setup) -> None:
+def test_output_until_the_supervisor_says_it_closed_is_kept(setup: Setup) -> None:
     job, helper = setup.running()
     helper.output(1, b"early\n")
-    setup.reactor.read_pipes()
-    helper.close_status()
-    helper.end(0)  # a background process of the job still holds the pipes
-    assert not job.is_final
+    helper.say("exit 0")  # a background process of the job still holds the pipes
     helper.output(2, b"late\n")
-    setup.reactor.read_pipes()
+    assert not job.is_final
     assert output_of(job) == b"early\nlate\n"
     helper.close_output()
-    setup.reactor.read_pipes()
-    assert job.state is JobState.EXITED
-    assert setup.reactor.getDelayedCalls() == []  # the EOF grace timer is gone
-
-
-def test_pipes_held_open_are_closed_after_the_eof_grace(setup: Setup) -> None:
-    job, helper = setup.running()
-    helper.close_status()
     helper.end(0)
-    setup.reactor.advance(EOF_GRACE_S - 0.01)
-    helper.output(1, b"still here\n")
-    setup.reactor.read_pipes()
-    assert not job.is_final
-    setup.reactor.advance(0.01)
-    assert job.state is JobState.EXITED
-    assert output_of(job) == b"still here\n"
-    assert not setup.reactor.readers
+    assert job.state is JobState.EXITED and job.exit_code == 0
+    assert setup.reactor.getDelayedCalls() == []  # no ack or EOF timer left
+
+
+def test_a_supervisor_killed_without_a_word_loses_the_job(setup: Setup) -> None:
+    job, helper = setup.running()
+    helper.output(1, b"so far\n")
+    helper.end(told=False)  # kill -9 of the supervisor: its init, and the job, die with it
+    assert job.state is JobState.LOST
+    assert "supervisor died" in job.error
+    assert output_of(job) == b"so far\n"
+    assert setup.reactor.getDelayedCalls() == []
+
+
+def test_output_is_acknowledged_once_stored(setup: Setup) -> None:
+    job, helper = setup.running()
+    helper.output(1, b"x" * 1000)
+
+    def acks() -> list[int]:
+        frames, _ = contract.split_frames(helper.wire.value())
+        return [int.from_bytes(payload, "big") for kind, payload in frames if kind == contract.ACK]
+
+    for _ in range(200):  # the spool's writer thread writes it meanwhile
+        if acks():
+            break
+        time.sleep(0.01)
+        setup.reactor.advance(0.05)
+    assert acks() == [1000]
+    assert job.output.stored_end == 1000
 
 
 # -- timeout --------------------------------------------------------------------------------------
 
 
-def test_a_job_past_its_timeout_is_stopped_as_timed_out(setup: Setup) -> None:
+def test_the_supervisor_keeps_the_timeout(setup: Setup) -> None:
+    # The supervisor's own timers count from the job's start, whichever
+    # server runs (or none): the server sets none of its own.
     job, helper = setup.running(limits=Limits(timeout_ms=3000))
-    setup.reactor.advance(2.99)
+    config = json.loads(helper.config)
+    assert config["supervise"] is True and config["timeout_ms"] == 3000 and config["grace_ms"] == GRACE_S * 1000
+    setup.reactor.advance(10)
     assert helper.signals == []
-    setup.reactor.advance(0.01)
-    assert helper.signals == [signal.SIGTERM]
+
+
+def test_a_job_the_supervisor_timed_out_ends_timed_out(setup: Setup) -> None:
+    job, helper = setup.running(limits=Limits(timeout_ms=3000))
+    helper.say("timeout")
     assert job.stopped_by == "timeout"
-    setup.reactor.advance(GRACE_S)
-    assert helper.signals == [signal.SIGTERM, signal.SIGKILL]
+    # Should the supervisor's SIGKILL not end it, the server's kill follows.
+    setup.reactor.advance(GRACE_S + 1)
+    assert helper.signals == [signal.SIGKILL]
+    helper.say(f"signal {signal.SIGKILL}")
     setup.finish(helper, code=None, signum=signal.SIGKILL)
     assert job.state is JobState.TIMEOUT
     assert job.error == "ran past its timeout of 3 s"
-
-
-def test_the_timeout_counts_from_the_start_not_the_request(setup: Setup) -> None:
-    started, helper = setup.start(limits=Limits(timeout_ms=3000))
-    setup.reactor.advance(10)  # the helper is slow to start the command
-    helper.say("started")
-    job = result_of(started)
-    setup.reactor.advance(2.99)
-    assert helper.signals == []
-    setup.reactor.advance(0.01)
-    assert helper.signals == [signal.SIGTERM]
-    assert job.state is JobState.RUNNING
 
 
 def test_a_job_that_ends_before_its_timeout_leaves_no_timer(setup: Setup) -> None:

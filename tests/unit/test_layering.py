@@ -131,7 +131,7 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
 INNER_ORDER: dict[str, list[list[str]]] = {
     "jobworker.protocol": [["messages", "flow", "keepalive"], ["statuses"], ["wire"], ["framing", "listing"], ["connection"]],
     "jobworker.jobs": [
-        ["spec", "lifecycle", "fate", "config", "store", "report", "timers"], ["admission", "pipes"], ["helper"], ["job"],
+        ["spec", "lifecycle", "fate", "config", "store", "report", "timers"], ["admission", "pipes"], ["helper", "supervisor"], ["job"],
         ["persistence"], ["manager"],
     ],
     "jobworker.server": [
@@ -186,6 +186,8 @@ FOREIGN_PRIVATES: dict[tuple[str, str], str] = {
     ("jobworker.host.isolate", "_signal"): "the helper imports the C modules, not signal/json/ctypes (ms per job)",
     ("jobworker.host.isolate", "_json"): "the helper imports the C modules, not signal/json/ctypes (ms per job)",
     ("jobworker.host.isolate", "_ctypes"): "the helper imports the C modules, not signal/json/ctypes (ms per job)",
+    ("jobworker.host.isolate", "_socket"): "the supervisor imports the C socket module, not socket.py (ms per job)",
+    ("jobworker.host.isolate", "_accept"): "the C socket's accept: the supervisor imports _socket, not socket.py",
     ("jobworker.host.isolate", "_SimpleCData"): "the helper imports the C modules, not signal/json/ctypes (ms per job)",
     ("jobworker.tls", "_util"): "SSL_CTX_set1_curves_list is not in pyOpenSSL's API; its binding is OpenSSL._util.lib",
     ("jobworker.tls", "_context"): "the SSL_CTX that OpenSSL._util.lib calls take (see _util)",

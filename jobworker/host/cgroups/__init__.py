@@ -42,7 +42,14 @@ from collections.abc import Iterable
 
 from jobworker.host.cgroups._devices import BlockDevice, throttled_block_devices
 from jobworker.host.cgroups._host import HostCalls
-from jobworker.host.cgroups._interface import SERVICE_LEAF, CgroupDriver, CgroupError, JobCgroup, Usage
+from jobworker.host.cgroups._interface import (
+    SERVICE_LEAF,
+    CgroupDriver,
+    CgroupError,
+    JobCgroup,
+    Usage,
+    job_directory_name,
+)
 from jobworker.host.cgroups._procfs import Membership, Mount, cgroup_directory, parse_mountinfo, parse_proc_cgroup
 from jobworker.host.cgroups.v1 import V1_CONTROLLERS, CgroupV1Driver, CgroupV1Job
 from jobworker.host.cgroups.v2 import CgroupV2Driver, CgroupV2Job
@@ -59,6 +66,7 @@ __all__ = [
     "JobCgroup",
     "Usage",
     "detect",
+    "job_directory_name",
 ]
 
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

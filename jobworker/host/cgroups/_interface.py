@@ -172,13 +172,19 @@ class CgroupDriver(Protocol):
         @raise ValueError: C{job_id} is not a valid name.
         """
 
-    def cleanup_stale(self) -> list[str]:
+    def cleanup_stale(self, keep: frozenset[str] = frozenset()) -> list[str]:
         """
         Kill and remove every job cgroup under the base (left by a server
-        that crashed).
+        that crashed) but those named in C{keep} (jobs still supervised,
+        which the server takes back).
 
         @return: the directory names removed, sorted.
         @raise CgroupError: some could not be removed (every one was tried).
+        """
+
+    def attach(self, job_id: str) -> JobCgroup | None:
+        """
+        The existing cgroup of job C{job_id} (of an earlier server), or None.
         """
 
     def usage_supported(self) -> frozenset[str]:

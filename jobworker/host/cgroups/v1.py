@@ -339,11 +339,17 @@ class CgroupV1Driver:
                     ErrorCode.UNSUPPORTED_LIMIT,
                 )
 
-    def cleanup_stale(self) -> list[str]:
+    def cleanup_stale(self, keep: frozenset[str] = frozenset()) -> list[str]:
         names: set[str] = set()
         for base in self.bases:
             names |= stale_job_names(base)
-        return remove_each(names, self._job)
+        return remove_each(names - keep, self._job)
+
+    def attach(self, job_id: str) -> CgroupV1Job | None:
+        name = job_directory_name(job_id)
+        if not any(os.path.isdir(os.path.join(base, name)) for base in self.bases):
+            return None
+        return self._job(name)
 
     def usage_supported(self) -> frozenset[str]:
         return usage_fields(self.controllers, cpu="cpuacct" in self._base_of)

@@ -411,11 +411,15 @@ class CgroupV2Driver:
                     ErrorCode.UNSUPPORTED_LIMIT,
                 )
 
-    def cleanup_stale(self) -> list[str]:
-        return remove_each(
-            stale_job_names(self.base),
-            lambda name: CgroupV2Job(os.path.join(self.base, name), self._calls, use_cgroup_kill=self._use_cgroup_kill),
-        )
+    def _job(self, name: str) -> CgroupV2Job:
+        return CgroupV2Job(os.path.join(self.base, name), self._calls, use_cgroup_kill=self._use_cgroup_kill)
+
+    def cleanup_stale(self, keep: frozenset[str] = frozenset()) -> list[str]:
+        return remove_each(stale_job_names(self.base) - keep, self._job)
+
+    def attach(self, job_id: str) -> CgroupV2Job | None:
+        name = job_directory_name(job_id)
+        return self._job(name) if os.path.isdir(os.path.join(self.base, name)) else None
 
     def usage_supported(self) -> frozenset[str]:
         # cpu.stat's usage_usec is core cgroup v2, there without the cpu

@@ -1,0 +1,411 @@
+"""
+The server's side of a job's supervisor (L{jobworker.host.isolate}'s
+C{Supervisor}): its start, its socket, and what it kept while no server ran.
+
+Who holds what
+==============
+
+An isolated job's outer helper stays as its supervisor for as long as the
+job runs, and it, not the server, holds the read ends of the job's stdout
+and stderr pipes.  It relays each chunk it reads, with the chunk's offset,
+over a unix stream socket, and keeps the chunk until the server
+acknowledges (L{contract.ACK}) that its spool has written it; so a server
+that dies, even by SIGKILL, loses nothing that the supervisor read.  While
+no server is connected the supervisor appends what it reads to the job's
+backlog file (C{STATE/jobs/<id>.backlog}: the same data frames), so a job
+never waits on a server that is not there, and when the job ends it writes
+its end record (C{STATE/jobs/<id>.end}, JSON).  A server finds a running
+job's supervisor by its listening socket, C{STATE/run/<id>.sock}; the
+first server talks to it over a socketpair made at the start.
+
+On connecting, the supervisor says hello (its format, pid, the status lines
+so far, its output offset, the backlog's range); the server reads the
+backlog into the job's output log (skipping what its spool already holds,
+by offset) and from then on takes the chunks as they come.  Its
+acknowledgements free the supervisor's memory and, once past the backlog's
+end, empty the backlog file.
+
+The server writes the spool exactly as for any job (L{jobworker.output}),
+and followers are served from its ring and spool as before.
+
+Twisted glue; the reactor is passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet import protocol
+from twisted.python.failure import Failure
+
+from jobworker.host import contract
+from jobworker.jobs.pipes import output_pipe
+from jobworker.logs import Logger
+
+__all__ = [
+    "ACK_DELAY_S",
+    "BacklogReader",
+    "SupervisorEvents",
+    "SupervisorLink",
+    "SupervisorPaths",
+    "read_end_record",
+    "spawn_supervised",
+]
+
+log = Logger()
+
+# How soon output is acknowledged when no newer chunk comes to carry it:
+# the supervisor holds what is not acknowledged (at most its window).
+ACK_DELAY_S = 0.05
+# How much of a backlog is read into the output log per turn of the
+# reactor: followers and other clients go on meanwhile.
+BACKLOG_STEP = 4 << 20
+# The largest end record a supervisor writes is a few KiB.
+MAX_END_RECORD = 1 << 16
+
+
+class SupervisorPaths(Protocol):
+    """
+    Where a job's supervisor files live (L{jobworker.jobs.store.JobStore}).
+    """
+
+    def socket_path(self, job_id: uuid.UUID) -> str: ...
+
+    def backlog_path(self, job_id: uuid.UUID) -> str: ...
+
+    def end_path(self, job_id: uuid.UUID) -> str: ...
+
+
+class SupervisorEvents(Protocol):
+    """
+    What a link tells its job (a L{jobworker.jobs.job.Job}).
+    """
+
+    def supervisor_hello(self, hello: dict[str, Any]) -> None: ...
+
+    def supervisor_line(self, line: str) -> None: ...
+
+    def supervisor_output(self, fd: int, offset: int, data: bytes) -> None: ...
+
+    def supervisor_output_closed(self) -> None: ...
+
+    def supervisor_gone(self, end: tuple[int, int] | None) -> None: ...
+
+
+class _Process(protocol.ProcessProtocol):
+    """
+    The supervisor's process, for the server that spawned it: only reaped
+    (the link tells the job everything).
+    """
+
+
+def spawn_supervised(
+    reactor: Any, helper_path: str, config: dict[str, object], job_id: uuid.UUID, paths: SupervisorPaths
+) -> tuple[Any, socket.socket]:
+    """
+    Start the supervised helper of one job: its process transport, and the
+    server's end of its socketpair (to adopt as a L{SupervisorLink}).
+
+    The server makes everything the supervisor needs (the pipes, the
+    listening socket, the empty backlog and end files: the supervisor runs
+    in the job's mount namespace, where the state directory is hidden) and
+    keeps none of it.
+
+    @raise OSError: something could not be made (nothing is left open or
+        bound then).
+    """
+    opened: list[int] = []
+    made: list[str] = []
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        stdout_r, stdout_w = output_pipe()
+        opened += [stdout_r, stdout_w]
+        stderr_r, stderr_w = output_pipe()
+        opened += [stderr_r, stderr_w]
+        path = paths.socket_path(job_id)
+        _unlink(path)
+        listener.bind(path)
+        made.append(path)
+        listener.listen(4)
+        files = []
+        for name in (paths.backlog_path(job_id), paths.end_path(job_id)):
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            opened.append(fd)
+            made.append(name)
+            files.append(fd)
+        transport = reactor.spawnProcess(
+            _Process(),
+            sys.executable,
+            [sys.executable, "-I", "-S", helper_path, "-"],
+            env={},
+            path="/",
+            childFDs={
+                0: "w",
+                1: stdout_w,
+                2: stderr_w,
+                contract.STATUS_FD: theirs.fileno(),
+                contract.STDOUT_READ_FD: stdout_r,
+                contract.STDERR_READ_FD: stderr_r,
+                contract.LISTEN_FD: listener.fileno(),
+                contract.BACKLOG_FD: files[0],
+                contract.END_FD: files[1],
+            },
+        )
+        transport.write(json.dumps(config).encode())
+        transport.closeStdin()
+    except BaseException:
+        ours.close()
+        for name in made:
+            _unlink(name)
+        raise
+    finally:
+        theirs.close()
+        listener.close()
+        for fd in opened:
+            os.close(fd)
+    return transport, ours
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class SupervisorLink(protocol.Protocol):
+    """
+    The server's end of one supervisor's socket.
+
+    @ivar end: the job's end as the supervisor said it (init's exit code
+        and signal), once it has.
+    @ivar hello: the supervisor's hello, once received.
+    """
+
+    def __init__(self, reactor: Any, events: SupervisorEvents, job_id: uuid.UUID, stored: Callable[[], int]) -> None:
+        """
+        @param stored: the output offset below which the server has stored
+            everything it received (the spool has written it).
+        """
+        self._reactor = reactor
+        self.events = events
+        self.job_id = job_id
+        self._stored = stored
+        self._buffer = bytearray()
+        self.hello: dict[str, Any] | None = None
+        self.end: tuple[int, int] | None = None
+        self.acked = 0
+        self.received = 0  # the offset after the last chunk received
+        self._ack_call: Any = None
+        self.connected_to = False
+        self._paused = False
+        self._held: list[tuple[int, bytes]] = []  # frames received while paused
+
+    def _transport(self) -> Any:
+        # A unix socket's transport (Twisted's unix.Client or Server); the
+        # interfaces it provides are not all in ITransport's annotation.
+        return self.transport
+
+    def connectionMade(self) -> None:
+        self.connected_to = True
+        # Read the supervisor's 256 KiB chunks in few calls (Twisted's
+        # default is 64 KiB).
+        self._transport().bufferSize = 1 << 20
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        try:
+            frames, used = contract.split_frames(self._buffer)
+        except ValueError as exc:
+            log.error("job {job_id}: bad frame from its supervisor: {error}", job_id=self.job_id, error=exc)
+            self._transport().loseConnection()
+            return
+        del self._buffer[:used]
+        for kind, payload in frames:
+            if self._paused or self._held:
+                self._held.append((kind, payload))
+            else:
+                self._frame(kind, payload)
+
+    def _frame(self, kind: int, payload: bytes) -> None:
+        if kind == contract.DATA:
+            try:
+                fd, offset, chunk = contract.parse_data(payload)
+            except ValueError:
+                log.warn("job {job_id}: bad data frame from its supervisor", job_id=self.job_id)
+                return
+            self.received = max(self.received, offset + len(chunk))
+            self.events.supervisor_output(fd, offset, chunk)
+            self.ack()
+        elif kind == contract.LINE:
+            self.events.supervisor_line(payload.decode("ascii", "replace"))
+        elif kind == contract.HELLO:
+            try:
+                hello = json.loads(payload)
+            except ValueError:
+                hello = None
+            if not isinstance(hello, dict):
+                log.error("job {job_id}: bad hello from its supervisor", job_id=self.job_id)
+                self._transport().loseConnection()
+                return
+            self.hello = hello
+            self.received = max(self.received, _int(hello.get("offset")))
+            self.events.supervisor_hello(hello)
+        elif kind == contract.CLOSED:
+            self.events.supervisor_output_closed()
+        elif kind == contract.END:
+            words = payload.split()
+            if len(words) == 2 and all(word.lstrip(b"-").isdigit() for word in words):
+                self.end = (int(words[0]), int(words[1]))
+            self.ack()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.connected_to = False
+        if self._ack_call is not None and self._ack_call.active():
+            self._ack_call.cancel()
+        self._ack_call = None
+        self.events.supervisor_gone(self.end)
+
+    # -- to the supervisor -------------------------------------------------------
+
+    def ack(self) -> None:
+        """
+        Acknowledge what the server has stored; try again shortly while
+        some of what it received is not stored yet.
+        """
+        if not self.connected_to:
+            return
+        stored = min(self._stored(), self.received)
+        if stored > self.acked:
+            self.acked = stored
+            self._transport().write(contract.frame(contract.ACK, stored.to_bytes(8, "big")))
+        if self.acked < self.received and (self._ack_call is None or not self._ack_call.active()):
+            self._ack_call = self._reactor.callLater(ACK_DELAY_S, self.ack)
+
+    def send_signal(self, signum: int) -> None:
+        """
+        Ask the supervisor to forward C{signum} to the job (SIGKILL: kill all of it).
+        """
+        if self.connected_to and 0 < signum < 256:
+            self._transport().write(contract.frame(contract.SEND_SIGNAL, bytes((signum,))))
+
+    def pause(self) -> None:
+        """
+        Stop taking frames (the spool is congested, or a backlog is being
+        read first): the supervisor's window fills and it stops reading
+        the job's pipes.
+        """
+        if not self._paused:
+            self._paused = True
+            if self.transport is not None:
+                self._transport().pauseProducing()
+
+    def resume(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        held, self._held = self._held, []
+        for index, (kind, payload) in enumerate(held):
+            if self._paused:
+                self._held = held[index:] + self._held
+                return
+            self._frame(kind, payload)
+        if self.transport is not None and self.connected_to:
+            self._transport().resumeProducing()
+
+    def leave(self) -> None:
+        """
+        Disconnect, leaving the job to its supervisor (and the next server).
+        """
+        if self.transport is not None and self.connected_to:
+            self._transport().loseConnection()
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+class BacklogReader:
+    """
+    Reads a backlog file's data frames in steps of L{BACKLOG_STEP} bytes.
+    A torn or damaged frame ends it (what follows is a gap, by offset).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.position = 0
+        self.damage: str | None = None
+        try:
+            self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            self._fd = None
+        except OSError as exc:
+            self._fd = None
+            self.damage = f"backlog {path} cannot be read: {exc.strerror or exc}"
+
+    def step(self) -> list[tuple[int, int, bytes]] | None:
+        """
+        The next chunks, as (fd, offset, data); None at the end.
+        """
+        if self._fd is None:
+            return None
+        try:
+            block = os.pread(self._fd, BACKLOG_STEP + contract.FRAME_HEADER + contract.MAX_FRAME, self.position)
+        except OSError as exc:
+            self.damage = f"backlog {self.path} cannot be read: {exc.strerror or exc}"
+            block = b""
+        try:
+            frames, used = contract.split_frames(block)
+        except ValueError as exc:
+            frames, used = [], 0
+            self.damage = f"backlog {self.path}: {exc} at byte {self.position}"
+        chunks = []
+        for kind, payload in frames:
+            try:
+                if kind != contract.DATA:
+                    raise ValueError("not a data frame")
+                chunks.append(contract.parse_data(payload))
+            except ValueError as exc:
+                self.damage = f"backlog {self.path}: {exc} at byte {self.position}"
+                break
+        self.position += used
+        if not chunks:
+            self.close()
+            return None
+        return chunks
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_end_record(path: str) -> dict[str, Any] | None:
+    """
+    A supervisor's end record, or None when there is none (or it is not
+    one: a supervisor killed before it wrote it).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        content = os.read(fd, MAX_END_RECORD)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        record = json.loads(content)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not record.get("ended"):
+        return None
+    return record

@@ -1,0 +1,204 @@
+"""
+The real supervisor (L{jobworker.host.isolate.Supervisor}) run as the server
+runs it, with this test playing the server over its socket: its frames, its
+backlog while no server is connected, a new server's hello, signals, its own
+timeout, and the descriptors the command does not get.  Root: namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobworker.host import contract
+from jobworker.jobs.helper import ISOLATE_SCRIPT
+from tests.support import need, need_root
+
+
+class Supervised:
+    """
+    One supervised job and the test's end of its socket.
+    """
+
+    def __init__(self, tmp_path: Path, script: str, **config: object) -> None:
+        need_root()
+        need(os.path.exists("/proc/self/ns/pid"), "needs PID namespaces")
+        self.dir = tmp_path
+        self.path = str(tmp_path / "s.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(4)
+        self.sock, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        backlog = os.open(tmp_path / "backlog", os.O_RDWR | os.O_CREAT, 0o600)
+        end = os.open(tmp_path / "end", os.O_RDWR | os.O_CREAT, 0o600)
+        fds = {1: out_w, 2: err_w, 3: theirs.fileno(), 4: out_r, 5: err_r, 6: listener.fileno(), 7: backlog, 8: end}
+        high = {target: os.dup(fd) for target, fd in fds.items()}
+
+        def place() -> None:
+            for target, fd in high.items():
+                os.dup2(fd, target)
+
+        full = dict(argv=["/bin/sh", "-c", script], env={"PATH": "/usr/bin:/bin"}, isolate=True, supervise=True,
+                    grace_ms=500, **config)
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-S", ISOLATE_SCRIPT, json.dumps(full)],
+            preexec_fn=place, close_fds=False, stdin=subprocess.DEVNULL,
+        )
+        for fd in [*high.values(), out_r, out_w, err_r, err_w, backlog, end]:
+            os.close(fd)
+        theirs.close()
+        listener.close()
+        self.buffer = bytearray()
+        self.output = bytearray()
+        self.offset = 0
+        self.lines: list[str] = []
+        self.hello: dict | None = None
+        self.end: bytes | None = None
+        self.closed = False
+
+    def read(self, until, *, ack: bool = True, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.2)
+        while not until():
+            assert time.monotonic() < deadline, (self.lines, len(self.output), self.end)
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            if not data:
+                self.closed = True
+                return
+            self.buffer += data
+            frames, used = contract.split_frames(self.buffer)
+            del self.buffer[:used]
+            for kind, payload in frames:
+                if kind == contract.HELLO:
+                    self.hello = json.loads(payload)
+                elif kind == contract.LINE:
+                    self.lines.append(payload.decode())
+                elif kind == contract.DATA:
+                    fd, offset, data = contract.parse_data(payload)
+                    assert offset == self.offset, (offset, self.offset)
+                    self.offset += len(data)
+                    self.output += data
+                    if ack:
+                        self.sock.sendall(contract.frame(contract.ACK, self.offset.to_bytes(8, "big")))
+                elif kind == contract.END:
+                    self.end = payload
+
+    def reconnect(self) -> None:
+        self.sock.close()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+        self.buffer = bytearray()
+        self.hello = None
+
+    def finish(self) -> int:
+        self.read(lambda: self.closed)
+        return self.process.wait(10)
+
+
+@pytest.fixture
+def jobs():
+    made: list[Supervised] = []
+    yield made
+    for job in made:
+        if job.process.poll() is None:
+            job.process.kill()
+            job.process.wait()
+
+
+def test_output_lines_and_end_come_as_frames_and_the_end_is_recorded(tmp_path, jobs):
+    job = Supervised(tmp_path, "echo out; echo err >&2; exit 7")
+    jobs.append(job)
+    assert job.finish() == 7
+    assert job.hello is not None and job.hello["format"] == contract.SUPERVISOR_FORMAT
+    assert job.hello["pid"] == job.process.pid
+    assert sorted(job.output.split()) == [b"err", b"out"]
+    assert job.lines == ["started", "exit 7"]
+    assert job.end == b"7 0"
+    record = json.loads((tmp_path / "end").read_text())
+    assert record["ended"] and record["exit"] == [7, 0] and record["offset"] == 8 and record["lines"] == job.lines
+
+
+def test_the_command_gets_no_descriptor_of_the_supervisor(tmp_path, jobs):
+    job = Supervised(tmp_path, "ls /proc/self/fd")
+    jobs.append(job)
+    assert job.finish() == 0
+    # ls's own directory descriptor is the fourth.
+    assert sorted(int(name) for name in job.output.split()) == [0, 1, 2, 3]
+
+
+def test_output_while_no_server_is_connected_goes_to_the_backlog_and_a_new_server_gets_it(tmp_path, jobs):
+    gate = tmp_path / "gate"
+    script = f"head -c 3000000 /dev/zero; while [ ! -e {gate} ]; do sleep 0.05; done; echo tail"
+    job = Supervised(tmp_path, script)
+    jobs.append(job)
+    job.read(lambda: job.offset >= 100_000)
+    had = job.offset
+    job.sock.close()  # the server dies: what it did not acknowledge is kept
+    deadline = time.monotonic() + 10
+    while (tmp_path / "backlog").stat().st_size < 3_000_000 - had and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.reconnect()
+    job.read(lambda: job.hello is not None, ack=False)
+    start, end = job.hello["backlog"]
+    assert start <= had and end == 3_000_000 == job.hello["offset"]
+    frames, _ = contract.split_frames((tmp_path / "backlog").read_bytes())
+    backlog = [contract.parse_data(payload) for _, payload in frames]
+    assert backlog[0][1] == start and sum(len(data) for _, _, data in backlog) == end - start
+    assert all(data == b"\0" * len(data) for _, _, data in backlog)
+    # Acknowledging past its end empties it.
+    job.sock.sendall(contract.frame(contract.ACK, end.to_bytes(8, "big")))
+    job.offset = end
+    gate.touch()
+    assert job.finish() == 0
+    assert bytes(job.output).endswith(b"tail\n")
+    assert (tmp_path / "backlog").stat().st_size == 0
+
+
+def test_a_job_that_ends_while_no_server_is_connected_leaves_its_end_and_backlog(tmp_path, jobs):
+    job = Supervised(tmp_path, "sleep 0.3; echo late; exit 3")
+    jobs.append(job)
+    job.read(lambda: "started" in job.lines)
+    job.sock.close()
+    assert job.process.wait(10) == 3  # it ends once its end is recorded
+    record = json.loads((tmp_path / "end").read_text())
+    assert record["exit"] == [3, 0] and record["backlog"] == [0, 5]
+    frames, _ = contract.split_frames((tmp_path / "backlog").read_bytes())
+    assert [contract.parse_data(payload) for _, payload in frames] == [(1, 0, b"late\n")]
+
+
+def test_signals_are_forwarded_and_sigkill_kills_the_job(tmp_path, jobs):
+    job = Supervised(tmp_path, "trap 'echo term' TERM; while :; do sleep 0.05; done")
+    jobs.append(job)
+    job.read(lambda: "started" in job.lines)
+    time.sleep(0.2)  # the trap is set
+    job.sock.sendall(contract.frame(contract.SEND_SIGNAL, bytes((15,))))
+    job.read(lambda: b"term" in job.output)
+    job.sock.sendall(contract.frame(contract.SEND_SIGNAL, bytes((9,))))
+    job.finish()
+    assert job.end is not None and job.end.split()[1] == b"9"
+
+
+def test_the_supervisor_stops_the_job_at_its_timeout_from_its_start(tmp_path, jobs):
+    job = Supervised(tmp_path, "trap '' TERM; sleep 30", timeout_ms=300)
+    jobs.append(job)
+    began = time.monotonic()
+    job.read(lambda: "started" in job.lines)
+    job.sock.close()  # no server needed for it
+    job.process.wait(10)
+    took = time.monotonic() - began
+    record = json.loads((tmp_path / "end").read_text())
+    assert record["timed_out"] and "timeout" in record["lines"]
+    assert record["exit"][1] == 9  # TERM ignored: SIGKILL after the grace of 0.5 s
+    assert 0.7 < took < 5, took
