@@ -358,7 +358,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     manager = JobManager(reactor, config, cgroup_driver=driver)
     # Records of running jobs are written off the reactor's thread: a stop
     # of hundreds of jobs held every client up while each synced its file.
-    manager.store.write_behind(reactor.callFromThread)
+    manager.store.write_behind(lambda function: reactor.callFromThread(function))
     limits = ServerLimits(
         handshake_timeout_s=options["handshake-timeout"],
         idle_timeout_s=options["idle-timeout"],
