@@ -244,7 +244,8 @@ def cmd_stop_all(args: argparse.Namespace) -> None:
     done.set()
     if probe is not None:
         probe.join()
-    _emit({"seconds": elapsed, "requests_s": sent, "states": sorted(set(states)), "probe_seconds": probe_seconds})
+    counts = {state: states.count(state) for state in sorted(set(states))}
+    _emit({"seconds": elapsed, "requests_s": sent, "states": sorted(set(states)), "counts": counts, "probe_seconds": probe_seconds})
 
 
 def cmd_list_timing(args: argparse.Namespace) -> None:
