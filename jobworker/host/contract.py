@@ -127,6 +127,9 @@ LISTEN_FD = 6  # a bound, listening unix stream socket (STATE/run/<id>.sock)
 BACKLOG_FD = 7  # STATE/jobs/<id>.backlog, empty: output read while no server is connected
 END_FD = 8  # STATE/jobs/<id>.end, empty: the job's end, written once it ended
 SUPERVISOR_FDS = (STDOUT_READ_FD, STDERR_READ_FD, LISTEN_FD, BACKLOG_FD, END_FD)
+# The descriptors each request to the zygote carries, in this order: fds
+# 1-8 of the supervisor it forks (see jobworker.host.isolate.run_zygote).
+ZYGOTE_FDS = (1, 2, STATUS_FD, *SUPERVISOR_FDS)
 
 # The state format the supervisor speaks (its hello, its end record, the
 # backlog's frames); a server takes back only supervisors of a format it knows.

@@ -246,6 +246,7 @@ if __package__:
         SUPERVISOR_FDS,
         SUPERVISOR_FORMAT,
         TIMEOUT,
+        ZYGOTE_FDS,
         data_header,
         frame,
         split_frames,
@@ -286,6 +287,7 @@ else:
             SUPERVISOR_FDS,
             SUPERVISOR_FORMAT,
             TIMEOUT,
+            ZYGOTE_FDS,
             data_header,
             frame,
             split_frames,
@@ -1317,6 +1319,12 @@ READ_BYTES = 256 << 10
 # acknowledge the last output before it is written to the backlog instead.
 EOF_GRACE_S = 2.0
 ACK_WAIT_S = 5.0
+# While no server is connected, after a read that did not fill READ_BYTES:
+# how long to let the pipes fill before the next read.  A job writing in
+# small pieces would otherwise cost a read and a write of the backlog per
+# piece, and a supervisor that falls behind makes the job wait on its pipe
+# (which holds 1 MiB: 7 ms of output at 150 MB/s).
+BACKLOG_PAUSE_S = 0.002
 _POLLIN = 0x001
 _POLLOUT = 0x004
 _POLLERR = 0x008
@@ -1402,6 +1410,7 @@ class Supervisor:
         self.ended_at = 0
         self.end_sent = False
         self.ack_by: float | None = None
+        self.read_at: float | None = None  # no pipe reads before (see BACKLOG_PAUSE_S)
         self.poller = select.poll()
         wake_read, wake_write = posix.pipe()
         posix.set_blocking(wake_read, False)
@@ -1469,12 +1478,16 @@ class Supervisor:
         if not self.pipes:
             return False
         if self.conn is None:
+            if self.read_at is not None:
+                if self._time.monotonic() < self.read_at:
+                    return False
+                self.read_at = None
             return True
         return self.window_bytes < WINDOW_BYTES and self.outgoing_bytes < READ_BYTES
 
     def _timeout_ms(self) -> int:
         now = self._time.monotonic()
-        times = [t for t in (self.deadline, self.kill_at, self.eof_by, self.ack_by) if t is not None]
+        times = [t for t in (self.deadline, self.kill_at, self.eof_by, self.ack_by, self.read_at) if t is not None]
         if not times:
             return -1
         return max(0, int((min(times) - now) * 1000) + 1)
@@ -1546,6 +1559,8 @@ class Supervisor:
             self._send(data_header(stream, offset, len(data)), data)
         else:
             self._to_backlog(offset, stream, data)
+            if len(data) < READ_BYTES and self.init_status is None:
+                self.read_at = self._time.monotonic() + BACKLOG_PAUSE_S
 
     def _output_ended(self) -> bool:
         if self.init_status is None:
@@ -1834,10 +1849,130 @@ def read_stdin_config() -> str:
         raise _bad_config("configuration on stdin is not UTF-8") from None
 
 
+# -- the zygote -------------------------------------------------------------------------
+
+# Where the zygote keeps its own socket, out of the way of the numbers a
+# job's descriptors take (0-8), and where a child parks what it received
+# before putting each in its place.
+_ZYGOTE_SOCKET_FD = 250
+_PARKED_FD = 260
+# A request's configuration is at most a few hundred KiB (argv and env are
+# capped by the server); a longer length is a broken server.
+_MAX_REQUEST = 16 << 20
+
+
+def run_zygote() -> None:
+    """
+    C{python -I -S isolate.py --zygote}: started once by the server, with
+    a unix stream socket as fd 3; it forks the supervisor of each job it is
+    asked for, so that a job pays neither the interpreter's start-up nor
+    its memory (a fork shares both with the zygote until written).
+
+    A request: an 8-byte length with the descriptors of L{ZYGOTE_FDS}
+    attached (SCM_RIGHTS), then that many bytes of configuration.  The
+    zygote answers nothing: a supervisor speaks for itself on the
+    socketpair it gets, and one that never does (a fork that failed) is
+    an EOF there.  It dies with the server (a parent-death signal); the
+    supervisors it forked do not.
+    """
+    import _socket
+
+    gc.disable()
+    die_with_parent()
+    posix.dup2(STATUS_FD, _ZYGOTE_SOCKET_FD)
+    posix.close(STATUS_FD)
+    control = _socket.socket(fileno=_ZYGOTE_SOCKET_FD)
+    # Load now what every supervisor would otherwise load after its fork.
+    import select  # noqa: F401
+    import time  # noqa: F401
+    from _json import encode_basestring_ascii, make_scanner  # noqa: F401
+
+    # Its children are the supervisors; each is reaped as it ends.
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_IGN)
+    space = _socket.CMSG_SPACE(4 * len(ZYGOTE_FDS))
+    while True:
+        try:
+            header, ancillary, _, _ = control.recvmsg(8, space)
+        except InterruptedError:
+            continue
+        if not header:
+            posix._exit(0)
+        fds: list[int] = []
+        for level, kind, data in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                fds += [int.from_bytes(data[i : i + 4], "little", signed=True) for i in range(0, len(data) - 3, 4)]
+        while len(header) < 8:
+            more = control.recv(8 - len(header))
+            if not more:
+                posix._exit(0)
+            header += more
+        length = int.from_bytes(header, "big")
+        if length > _MAX_REQUEST:
+            posix._exit(EXIT_SETUP_FAILED)
+        pieces = []
+        got = 0
+        while got < length:
+            piece = control.recv(min(length - got, 1 << 20))
+            if not piece:
+                posix._exit(0)
+            pieces.append(piece)
+            got += len(piece)
+        if len(fds) == len(ZYGOTE_FDS):
+            try:
+                child = posix.fork()
+            except OSError:
+                child = -1
+            if child == 0:
+                _zygote_child(b"".join(pieces), fds)
+        for fd in fds:
+            posix.close(fd)
+
+
+def _zygote_child(config: bytes, fds: list[int]) -> None:
+    """
+    A supervisor forked by the zygote: put its descriptors in place and
+    run as a helper started with this configuration; never returns.
+    """
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+    posix.close(_ZYGOTE_SOCKET_FD)
+    for index, fd in enumerate(fds):
+        posix.dup2(fd, _PARKED_FD + index)
+        posix.close(fd)
+    for index, target in enumerate(ZYGOTE_FDS):
+        posix.dup2(_PARKED_FD + index, target)
+        posix.close(_PARKED_FD + index)
+    null = posix.open("/dev/null", posix.O_RDONLY)
+    posix.dup2(null, 0)
+    posix.close(null)
+    try:
+        text = config.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    run_helper(text)
+
+
 def main(argv: list[str]) -> None:
     """
     Run the job described by C{argv[1]} (or stdin, for C{-}); never
-    returns, never prints.
+    returns, never prints.  C{--zygote}: see L{run_zygote}.
+    """
+    if argv[1:] == ["--zygote"]:
+        run_zygote()
+    if len(argv) != 2:
+        run_helper(None)
+    if argv[1] != "-":
+        run_helper(argv[1])
+    try:
+        text = read_stdin_config()
+    except StartError as e:
+        fail(e)
+    run_helper(text)
+
+
+def run_helper(text: str | None) -> None:
+    """
+    Run the job that the configuration C{text} describes (None: no usable
+    one was given); never returns.
     """
     gc.disable()
     try:
@@ -1848,9 +1983,9 @@ def main(argv: list[str]) -> None:
         posix.write(2, b"isolate.py: the status pipe, fd 3, is not open\n")
         posix._exit(EXIT_SETUP_FAILED)
     try:
-        if len(argv) != 2:
+        if text is None:
             raise _bad_config("usage: isolate.py CONFIG_JSON|-")
-        config = parse_config(read_stdin_config() if argv[1] == "-" else argv[1])
+        config = parse_config(text)
         if config.supervise:
             # The supervisor outlives the server that started it (it is
             # what keeps the job when that server dies): no parent-death

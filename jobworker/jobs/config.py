@@ -45,6 +45,9 @@ class JobManagerConfig:
     @ivar live_restore: at shutdown, leave running jobs running (each
         under its own supervisor) for the next server on this state dir
         to take back, instead of stopping them (C{--live-restore}).
+    @ivar zygote: fork each isolated job's supervisor from one pre-started
+        helper (L{jobworker.jobs.supervisor.Zygote}) rather than start an
+        interpreter per job; off in tests that play the helper themselves.
     """
 
     state_dir: str
@@ -63,3 +66,4 @@ class JobManagerConfig:
     ring_size: int = DEFAULT_RING_SIZE
     retention: int = DEFAULT_RETENTION
     live_restore: bool = False
+    zygote: bool = True

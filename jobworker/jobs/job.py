@@ -28,13 +28,20 @@ from jobworker.jobs.lifecycle import Event, LifeCycle, Phase
 from jobworker.jobs.pipes import OutputPump
 from jobworker.jobs.report import error_text, now_us, read_usage
 from jobworker.jobs.spec import JobSpec
-from jobworker.jobs.supervisor import BacklogReader, SupervisorLink, spawn_supervised
+from jobworker.jobs.supervisor import BacklogReader, SupervisorLink, Zygote, spawn_supervised
 from jobworker.jobs.timers import JobTimers
 from jobworker.limits import Limits
 from jobworker.logs import Logger
 from jobworker.output.log import OutputLog
 from jobworker.output.spool import FileSpool
 from jobworker.protocol.messages import UID_UNKNOWN, JobState, JobStatus, JobUsage, Network
+
+
+def _has_content(path: str) -> bool:
+    try:
+        return os.stat(path).st_size > 0
+    except OSError:
+        return False
 
 
 def protocol_factory(link: SupervisorLink) -> Any:
@@ -63,6 +70,7 @@ class JobHost(Protocol):
     reactor: Any
     config: JobManagerConfig
     helper_path: str
+    zygote: Zygote | None
 
     def job_changed(self, job: Job) -> None:
         """Save the job's record: its state changed."""
@@ -257,8 +265,10 @@ class Job:
                     retention=self.output.retention,
                 ),
             )
-            self.transport, ours = spawn_supervised(reactor, self.manager.helper_path, config, self.job_id, self.manager)
-            self.pid = self.transport.pid
+            self.transport, ours = spawn_supervised(
+                reactor, self.manager.helper_path, config, self.job_id, self.manager, self.manager.zygote
+            )
+            self.pid = self.transport.pid if self.transport is not None else None
             try:
                 self.connect(ours)
             finally:
@@ -316,9 +326,10 @@ class Job:
             if isinstance(started_at, int) and started_at > 0:
                 self.started_at = started_at
         backlog = hello.get("backlog")
-        if backlog is not None and self.link is not None:
-            self.link.pause()
-            self.read_backlog(self.link.resume)
+        link = self.link
+        if backlog is not None and link is not None:
+            link.pause("backlog")
+            self.read_backlog(lambda: link.resume("backlog"))
 
     def read_backlog(self, then: Any) -> None:
         """
@@ -391,6 +402,14 @@ class Job:
         self.link = None
         if self._detached or self.is_final or self.life.phase in (Phase.SETTLING, Phase.ENDED):
             return
+        if end is not None and not self._ingesting and _has_content(self.manager.backlog_path(self.job_id)):
+            # A supervisor that ended without our acknowledgement of its last
+            # output wrote it to its backlog: read that first.
+            self.read_backlog(lambda: self._supervisor_ended(end))
+            return
+        self._supervisor_ended(end)
+
+    def _supervisor_ended(self, end: tuple[int, int] | None) -> None:
         self.pipes.relay_closed()
         if end is None:
             self._supervisor_lost = True
@@ -418,7 +437,7 @@ class Job:
             ended_at = record.get("ended_at")
             if isinstance(ended_at, int) and ended_at > 0:
                 self._ended_at_hint = ended_at
-            self.supervisor_gone(end)
+            self._supervisor_ended(end)
 
         self.pipes.attach_relay(lambda: None, lambda: None)
         self.read_backlog(done)

@@ -41,7 +41,7 @@ from jobworker.jobs.persistence import RecordSaver, restored_job
 from jobworker.jobs.report import now_us
 from jobworker.jobs.spec import JobSpec
 from jobworker.jobs.store import JobStore, LoadedRecord, StateDirLocked, StateFormatTooNew, discard
-from jobworker.jobs.supervisor import read_end_record
+from jobworker.jobs.supervisor import Zygote, read_end_record
 from jobworker.logs import Logger
 from jobworker.output.log import OutputLog
 from jobworker.output.spool import FileSpool
@@ -84,6 +84,7 @@ class JobManager(Service):
         self._saver = RecordSaver(reactor, self.store, self.jobs.get)
         # The helper's source until start-up compiles it (see startService).
         self.helper_path = ISOLATE_SCRIPT
+        self.zygote: Zygote | None = None
         self.uids: UidAllocator | None = None
         self._uid_locks: UidLocks | None = None
         self._settings: HelperSettings | None = None
@@ -103,7 +104,10 @@ class JobManager(Service):
             raise SystemExit(str(exc)) from None
         # Python recompiles a script named on its command line on every run;
         # running the helper's bytecode saves each job ~5 ms and ~1.3 MiB.
-        self.helper_path = compiled_helper(self.store.state_dir)
+        # Absolute: helpers start in /.
+        self.helper_path = os.path.abspath(compiled_helper(self.store.state_dir))
+        if self.config.isolate and self.config.zygote:
+            self.zygote = Zygote(self.reactor, self.helper_path)
         records = list(self.store.load())
         supervised, refused = self._supervised(records)
         if self.cgroups is not None:
@@ -298,6 +302,7 @@ class JobManager(Service):
         every_end.addCallback(lambda _: self._uid_locks.close(leave=left) if self._uid_locks is not None else None)
         every_end.addCallback(lambda _: self._saver.save_unsaved(final=True))
         every_end.addCallback(lambda _: self.store.close())
+        every_end.addCallback(lambda _: self.zygote.close() if self.zygote is not None else None)
         return every_end
 
     def _release_cgroups(self) -> None:
@@ -346,6 +351,11 @@ class JobManager(Service):
                     log.error("job {job_id}: cannot make its cgroup: {error}", job_id=job_id, error=exc)
                     raise RequestError(f"cannot set up the job's cgroup: {exc}", ErrorCode.START_FAILED) from None
                 config.update(contract.helper_config(cgroup_procs=list(job.cgroup.procs_files)))
+            if self.config.isolate:
+                # Its first record says it is supervised (its pid comes with
+                # the supervisor's hello): a crash of the server at any
+                # moment after this leaves a job the next server takes back.
+                job.supervisor = {"format": contract.SUPERVISOR_FORMAT, "pid": 0}
             self.jobs[job_id] = job
             try:
                 self.store.save(job)

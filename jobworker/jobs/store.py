@@ -105,7 +105,7 @@ def _supervisor(value: Any) -> tuple[dict[str, int] | None, list[str]]:
     if (
         isinstance(value, dict)
         and all(isinstance(value.get(key), int) and not isinstance(value.get(key), bool) for key in ("format", "pid"))
-        and value["pid"] > 0
+        and value["pid"] >= 0  # 0: not known yet (the job was starting)
     ):
         return {"format": value["format"], "pid": value["pid"]}, []
     return None, ["supervisor: not an object with a format and a pid"]

@@ -33,6 +33,7 @@ Twisted glue; the reactor is passed in.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import socket
@@ -54,6 +55,7 @@ __all__ = [
     "SupervisorEvents",
     "SupervisorLink",
     "SupervisorPaths",
+    "Zygote",
     "read_end_record",
     "spawn_supervised",
 ]
@@ -105,8 +107,99 @@ class _Process(protocol.ProcessProtocol):
     """
 
 
+class _ZygoteProcess(protocol.ProcessProtocol):
+    def __init__(self, zygote: Zygote) -> None:
+        self.zygote = zygote
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        # Only a broken zygote writes (a traceback): worth the log.
+        log.warn("the zygote wrote: {data!r}", data=data[:2000])
+
+    def processEnded(self, reason: Failure) -> None:
+        self.zygote.ended(self)
+
+
+class Zygote:
+    """
+    The server's zygote (L{jobworker.host.isolate.run_zygote}): one
+    pre-started helper that forks the supervisor of each job, so that a job
+    pays neither an interpreter's start-up (~13 ms) nor its memory.  It is
+    started at the first job and again whenever it has died.
+    """
+
+    def __init__(self, reactor: Any, helper_path: str) -> None:
+        self._reactor = reactor
+        self._helper_path = helper_path
+        self._socket: socket.socket | None = None
+        self._process: _ZygoteProcess | None = None
+        self.transport: Any = None
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        process = _ZygoteProcess(self)
+        try:
+            self.transport = self._reactor.spawnProcess(
+                process,
+                sys.executable,
+                [sys.executable, "-I", "-S", self._helper_path, "--zygote"],
+                env={},
+                path="/",
+                childFDs={0: "w", 1: "r", 2: "r", contract.STATUS_FD: theirs.fileno()},
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._process = process
+        self._socket = ours
+        log.info("started the zygote that forks the jobs' supervisors (pid {pid})", pid=self.transport.pid)
+        return ours
+
+    def ended(self, process: _ZygoteProcess) -> None:
+        if process is self._process:
+            log.warn("the zygote ended; the next job starts a new one")
+            self.close()
+
+    def spawn(self, config: dict[str, object], fds: list[int]) -> None:
+        """
+        Fork a supervisor with C{config} and C{fds} (see
+        L{contract.ZYGOTE_FDS}), which the caller still
+        closes.
+
+        @raise OSError: the zygote cannot be started or told.
+        """
+        body = json.dumps(config).encode()
+        header = len(body).to_bytes(8, "big")
+        for attempt in (1, 2):
+            sock = self._socket or self._start()
+            try:
+                sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                sock.sendall(body)
+                return
+            except OSError:
+                # A zygote that died since: a new one, once.
+                self.close()
+                if attempt == 2:
+                    raise
+
+    def close(self) -> None:
+        """
+        Let the zygote go (it ends at the EOF of its socket).
+        """
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        self._process = None
+
+
 def spawn_supervised(
-    reactor: Any, helper_path: str, config: dict[str, object], job_id: uuid.UUID, paths: SupervisorPaths
+    reactor: Any,
+    helper_path: str,
+    config: dict[str, object],
+    job_id: uuid.UUID,
+    paths: SupervisorPaths,
+    zygote: Zygote | None = None,
 ) -> tuple[Any, socket.socket]:
     """
     Start the supervised helper of one job: its process transport, and the
@@ -140,26 +233,30 @@ def spawn_supervised(
             opened.append(fd)
             made.append(name)
             files.append(fd)
-        transport = reactor.spawnProcess(
-            _Process(),
-            sys.executable,
-            [sys.executable, "-I", "-S", helper_path, "-"],
-            env={},
-            path="/",
-            childFDs={
-                0: "w",
-                1: stdout_w,
-                2: stderr_w,
-                contract.STATUS_FD: theirs.fileno(),
-                contract.STDOUT_READ_FD: stdout_r,
-                contract.STDERR_READ_FD: stderr_r,
-                contract.LISTEN_FD: listener.fileno(),
-                contract.BACKLOG_FD: files[0],
-                contract.END_FD: files[1],
-            },
-        )
-        transport.write(json.dumps(config).encode())
-        transport.closeStdin()
+        child_fds = {
+            1: stdout_w,
+            2: stderr_w,
+            contract.STATUS_FD: theirs.fileno(),
+            contract.STDOUT_READ_FD: stdout_r,
+            contract.STDERR_READ_FD: stderr_r,
+            contract.LISTEN_FD: listener.fileno(),
+            contract.BACKLOG_FD: files[0],
+            contract.END_FD: files[1],
+        }
+        if zygote is not None:
+            zygote.spawn(config, [child_fds[fd] for fd in contract.ZYGOTE_FDS])
+            transport = None
+        else:
+            transport = reactor.spawnProcess(
+                _Process(),
+                sys.executable,
+                [sys.executable, "-I", "-S", helper_path, "-"],
+                env={},
+                path="/",
+                childFDs={0: "w", **child_fds},
+            )
+            transport.write(json.dumps(config).encode())
+            transport.closeStdin()
     except BaseException:
         ours.close()
         for name in made:
@@ -206,7 +303,9 @@ class SupervisorLink(protocol.Protocol):
         self._ack_call: Any = None
         self.connected_to = False
         self._paused = False
+        self._paused_by: set[str] = set()
         self._held: list[tuple[int, bytes]] = []  # frames received while paused
+        self._lost = False  # the connection is gone
 
     def _transport(self) -> Any:
         # A unix socket's transport (Twisted's unix.Client or Server); the
@@ -268,10 +367,13 @@ class SupervisorLink(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected_to = False
+        self._lost = True
         if self._ack_call is not None and self._ack_call.active():
             self._ack_call.cancel()
         self._ack_call = None
-        self.events.supervisor_gone(self.end)
+        if not (self._paused or self._held):
+            self.events.supervisor_gone(self.end)
+        # else: told once the frames held meanwhile are taken (resume).
 
     # -- to the supervisor -------------------------------------------------------
 
@@ -296,19 +398,22 @@ class SupervisorLink(protocol.Protocol):
         if self.connected_to and 0 < signum < 256:
             self._transport().write(contract.frame(contract.SEND_SIGNAL, bytes((signum,))))
 
-    def pause(self) -> None:
+    def pause(self, reason: str = "spool") -> None:
         """
-        Stop taking frames (the spool is congested, or a backlog is being
-        read first): the supervisor's window fills and it stops reading
-        the job's pipes.
+        Stop taking frames, for C{reason}: the spool is congested
+        (C{"spool"}), or a backlog is being read first (C{"backlog"}).  The
+        supervisor's window fills and it stops reading the job's pipes.
+        Frames go on only once every reason is gone (L{resume}).
         """
-        if not self._paused:
+        if not self._paused_by:
             self._paused = True
-            if self.transport is not None:
+            if self.transport is not None and self.connected_to:
                 self._transport().pauseProducing()
+        self._paused_by.add(reason)
 
-    def resume(self) -> None:
-        if not self._paused:
+    def resume(self, reason: str = "spool") -> None:
+        self._paused_by.discard(reason)
+        if self._paused_by or not self._paused:
             return
         self._paused = False
         held, self._held = self._held, []
@@ -317,7 +422,9 @@ class SupervisorLink(protocol.Protocol):
                 self._held = held[index:] + self._held
                 return
             self._frame(kind, payload)
-        if self.transport is not None and self.connected_to:
+        if self._lost:
+            self.events.supervisor_gone(self.end)
+        elif self.transport is not None:
             self._transport().resumeProducing()
 
     def leave(self) -> None:

@@ -184,7 +184,10 @@ class Rig:
         once the job has started), remembered for the end-of-test check.
         """
         def found() -> dict | None:
-            return self.record(job_id).get("supervisor")
+            # The first record names the supervisor with pid 0 (not known
+            # yet); its pid comes once the job has started.
+            entry = self.record(job_id).get("supervisor")
+            return entry if entry and entry.get("pid") else None
 
         try:
             entry = poll(found, timeout, f"job {job_id}: a supervisor in its record")

@@ -7,6 +7,7 @@ timeout, and the descriptors the command does not get.  Root: namespaces.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import socket
@@ -202,3 +203,57 @@ def test_the_supervisor_stops_the_job_at_its_timeout_from_its_start(tmp_path, jo
     assert record["timed_out"] and "timeout" in record["lines"]
     assert record["exit"][1] == 9  # TERM ignored: SIGKILL after the grace of 0.5 s
     assert 0.7 < took < 5, took
+
+
+def test_the_zygote_forks_supervisors_that_outlive_it(tmp_path):
+    """
+    The zygote forks a supervisor per request; killing the zygote leaves
+    the running job alone, and a request to a dead zygote fails (the
+    server then starts a new one: L{jobworker.jobs.supervisor.Zygote}).
+    """
+    need_root()
+    need(os.path.exists("/proc/self/ns/pid"), "needs PID namespaces")
+    ours, theirs = socket.socketpair()
+    zygote = subprocess.Popen(
+        [sys.executable, "-I", "-S", ISOLATE_SCRIPT, "--zygote"],
+        preexec_fn=lambda: os.dup2(theirs.fileno(), 3), close_fds=False, stdin=subprocess.DEVNULL,
+    )
+    theirs.close()
+    try:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(tmp_path / "s.sock"))
+        listener.listen(4)
+        server_end, supervisor_end = socket.socketpair()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        backlog = os.open(tmp_path / "backlog", os.O_RDWR | os.O_CREAT, 0o600)
+        end = os.open(tmp_path / "end", os.O_RDWR | os.O_CREAT, 0o600)
+        config = json.dumps(dict(argv=["/bin/sh", "-c", "sleep 0.5; echo got"], isolate=True, supervise=True,
+                                 env={"PATH": "/usr/bin:/bin"})).encode()
+        fds = [out_w, err_w, supervisor_end.fileno(), out_r, err_r, listener.fileno(), backlog, end]
+        ours.sendmsg([len(config).to_bytes(8, "big")], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        ours.sendall(config)
+        for fd in (out_w, err_w, out_r, err_r, backlog, end):
+            os.close(fd)
+        supervisor_end.close()
+        listener.close()
+        job = Supervised.__new__(Supervised)
+        job.sock, job.buffer, job.output, job.offset, job.lines = server_end, bytearray(), bytearray(), 0, []
+        job.hello, job.end, job.closed = None, None, False
+        job.read(lambda: "started" in job.lines)
+        supervisor_pid = job.hello["pid"]
+        assert open(f"/proc/{supervisor_pid}/stat").read().split()[3] == str(zygote.pid)
+        zygote.kill()
+        zygote.wait()
+        time.sleep(0.2)
+        assert os.path.exists(f"/proc/{supervisor_pid}"), "the supervisor died with the zygote"
+        # The job goes on to its end, and says so.
+        job.read(lambda: job.closed)
+        assert job.lines[-1] == "exit 0" and bytes(job.output) == b"got\n"
+        with pytest.raises(OSError):
+            ours.sendmsg([b"\0" * 8])
+            ours.sendmsg([b"\0" * 8])
+    finally:
+        if zygote.poll() is None:
+            zygote.kill()
+            zygote.wait()

@@ -143,7 +143,7 @@ class FakeProcessReactor(MemoryReactorClock):
 class Setup:
     def __init__(self, tmp_path: Path) -> None:
         self.reactor = FakeProcessReactor()
-        config = JobManagerConfig(state_dir=str(tmp_path / "state"), isolate=True, default_grace_s=GRACE_S)
+        config = JobManagerConfig(state_dir=str(tmp_path / "state"), isolate=True, default_grace_s=GRACE_S, zygote=False)
         self.manager = JobManager(self.reactor, config)
         self.manager.startService()
 

@@ -146,3 +146,46 @@ def test_stored_end_waits_for_the_spool_to_write():
     spool.first_unwritten = 4
     log.append(1, b"y" * 10)
     assert log.stored_end == 4
+
+
+class Events:
+    def __init__(self):
+        self.got: list = []
+
+    def supervisor_hello(self, hello):
+        self.got.append(("hello", hello["offset"]))
+
+    def supervisor_line(self, line):
+        self.got.append(("line", line))
+
+    def supervisor_output(self, fd, offset, data):
+        self.got.append(("data", offset))
+
+    def supervisor_output_closed(self):
+        self.got.append(("closed",))
+
+    def supervisor_gone(self, end):
+        self.got.append(("gone", end))
+
+
+def test_frames_wait_until_every_reason_to_pause_is_gone():
+    # Reading a backlog pauses the link; the spool's congestion pauses and
+    # resumes it meanwhile: the newer output must still wait for the
+    # backlog (it once came first, and the backlog's rest read as a gap).
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from jobworker.jobs.supervisor import SupervisorLink
+
+    events = Events()
+    link = SupervisorLink(Clock(), events, None, lambda: 0)
+    link.makeConnection(StringTransport())
+    link.pause("backlog")
+    link.pause("spool")
+    link.dataReceived(contract.data_header(1, 100, 1) + b"x" + contract.frame(contract.END, b"0 0"))
+    link.resume("spool")
+    assert events.got == []
+    link.connectionLost()
+    assert events.got == []  # told after the frames it holds
+    link.resume("backlog")
+    assert events.got == [("data", 100), ("gone", (0, 0))]
