@@ -4,7 +4,8 @@ jobworker's performance benchmarks, each measured against a reference run on
 the same machine in the same run: OpenSSH on loopback, or a raw pipe.
 
     python3 bench/run.py [--quick] [--only NAME...] [--fanout-mode MODE]
-                         [--py-spy PATH]
+                         [--py-spy PATH] [--scale-running N,N...]
+                         [--scale-records N,N...]
 
 Standard library only.  It uses the repository's virtualenv (C{.venv/bin}:
 C{jobcli}, C{twistd}, C{jobworker-pki}, and its Python for
@@ -80,6 +81,16 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
     ]
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive: {text!r}")
+    return sizes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="jobworker benchmarks against OpenSSH and a raw pipe on loopback.")
     parser.add_argument("--quick", action="store_true", help="small sizes and few runs (about a minute), for development")
@@ -92,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "jobcli: one `jobcli logs -f ID | sha256sum` pipeline per follower",
     )
     parser.add_argument("--py-spy", metavar="PATH", help="py-spy binary: profile server and client during one extra throughput run")
+    parser.add_argument("--scale-running", type=_sizes, metavar="N,N...", help="scale: the numbers of running jobs measured (default 100,500,1000; --quick 20,100)")
+    parser.add_argument("--scale-records", type=_sizes, metavar="N,N...", help="scale: the numbers of finished job records measured (default 1000,10000)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("run as root: the server isolates jobs and the benchmark starts its own sshd")
@@ -101,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.make(args.quick)
     settings.fanout_mode = args.fanout_mode
     settings.py_spy = args.py_spy
+    if args.scale_running:
+        settings.scale_running_sizes = args.scale_running
+    if args.scale_records:
+        settings.scale_record_sizes = args.scale_records
     selected = [name for name in BENCHMARKS if not args.only or name in args.only]
 
     # Stop cleanly on SIGTERM too: the finally clauses stop every process.

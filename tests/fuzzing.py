@@ -109,8 +109,8 @@ class FakeManager:
         except KeyError:
             raise RequestError(f"no job {job_id}", ErrorCode.NOT_FOUND) from None
 
-    def list(self, identity: Any) -> list[FakeJob]:
-        return list(self.jobs.values())
+    def list(self, identity: Any, after: tuple[int, int] = (0, 0)) -> list[FakeJob]:
+        return [job for job in self.jobs.values() if (job.created_at, job.job_id.int) > after]
 
     def start(self, identity: Any, request: m.StartRequest) -> Any:
         from twisted.internet import defer

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bench.benchmarks import fanout, overhead, run, stalled, status, throughput
+from bench.benchmarks import fanout, overhead, run, scale, stalled, status, throughput
 from bench.harness.results import Row
 from bench.harness.servers import Context
 
@@ -21,4 +21,5 @@ RUNNERS: dict[str, Callable[[Context], tuple[list[Row], dict[str, Any]]]] = {
     "fanout": fanout.bench_fanout,
     "stalled": stalled.bench_stalled,
     "overhead": overhead.bench_overhead,
+    "scale": scale.bench_scale,
 }

@@ -134,7 +134,9 @@ def free_port() -> int:
         return port
 
 
-def wait_listening(port: int, process: subprocess.Popen[bytes], what: str, log_path: str, timeout: float = 30.0) -> None:
+def wait_listening(
+    port: int, process: subprocess.Popen[bytes], what: str, log_path: str, timeout: float = 30.0, interval: float = 0.05
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -143,7 +145,7 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], what: str, log_p
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
-            time.sleep(0.05)
+            time.sleep(interval)
     raise BenchError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s:\n{tail(log_path)}")
 
 

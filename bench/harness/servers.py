@@ -10,8 +10,11 @@ import json
 import os
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,12 +41,21 @@ class JobworkerServer:
     directory under the workspace.
     """
 
-    def __init__(self, workspace: Workspace, certs: str, name: str, *extra: str, state_root: str | None = None) -> None:
+    def __init__(
+        self, workspace: Workspace, certs: str, name: str, *extra: str, state_root: str | None = None, state_dir: str | None = None
+    ) -> None:
+        """
+        @param state_dir: an existing state directory to start with (the
+            records a benchmark made); else a new one, under C{state_root}
+            if given.
+        """
         self.workspace = workspace
         self.certs = certs
         self.name = name
         self.port = free_port()
-        if state_root is None:
+        if state_dir is not None:
+            self.state_dir = state_dir
+        elif state_root is None:
             self.state_dir = workspace.path(f"state-{name}")
             os.makedirs(self.state_dir)
         else:
@@ -63,9 +75,15 @@ class JobworkerServer:
         self.args = command
         self.cgroup = ServerCgroup(f"jobworker-bench-{os.getpid()}-{name}")
         workspace.cgroups.append(self.cgroup)
+        began = time.perf_counter()
         with open(self.log_path, "ab") as log:
             self.process = workspace.spawn(self.cgroup.wrap(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
-        wait_listening(self.port, self.process, f"jobworker server {name}", self.log_path)
+        wait_listening(self.port, self.process, f"jobworker server {name}", self.log_path, interval=0.005)
+        self._wait_serving(certs)
+        # From the spawn until a TLS handshake completes: twistd binds the
+        # port before the services start, but the reactor, which does the
+        # handshake, runs only once the job manager has loaded every record.
+        self.startup_s = time.perf_counter() - began
         self.env = dict(os.environ)
         self.env.update(
             JOBWORKER_SERVER=f"127.0.0.1:{self.port}",
@@ -73,6 +91,22 @@ class JobworkerServer:
             JOBWORKER_CERT=os.path.join(certs, "admin.pem"),
             JOBWORKER_KEY=os.path.join(certs, "admin.key"),
         )
+
+    def _wait_serving(self, certs: str, timeout: float = 60.0) -> None:
+        context = ssl.create_default_context(cafile=os.path.join(certs, "ca.pem"))
+        context.check_hostname = False
+        context.load_cert_chain(os.path.join(certs, "admin.pem"), os.path.join(certs, "admin.key"))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as raw:
+                    with context.wrap_socket(raw) as tls:
+                        tls.do_handshake()
+                return
+            except (OSError, ssl.SSLError) as exc:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise BenchError(f"jobworker server {self.name} never completed a TLS handshake: {exc}\n{tail(self.log_path)}") from None
+                time.sleep(0.005)
 
     @property
     def pid(self) -> int:
@@ -246,5 +280,5 @@ class Context:
     ssh: SshServer
     environment: dict[str, Any] = field(default_factory=dict[str, Any])
 
-    def server(self, name: str, *extra: str, state_root: str | None = None) -> JobworkerServer:
-        return JobworkerServer(self.workspace, self.certs, name, *extra, state_root=state_root)
+    def server(self, name: str, *extra: str, state_root: str | None = None, state_dir: str | None = None) -> JobworkerServer:
+        return JobworkerServer(self.workspace, self.certs, name, *extra, state_root=state_root, state_dir=state_dir)

@@ -40,6 +40,9 @@ class Settings:
     stall_window: int = 64 * KiB
     overhead_jobs: int = 100
     overhead_latency_runs: int = 20
+    scale_start_wait_jobs: int = 200
+    scale_running_sizes: tuple[int, ...] = (100, 500, 1000)
+    scale_record_sizes: tuple[int, ...] = (1000, 10_000)
     py_spy: str | None = None
 
     @classmethod
@@ -57,6 +60,8 @@ class Settings:
             stall_runs=1,
             overhead_jobs=20,
             overhead_latency_runs=5,
+            scale_start_wait_jobs=50,
+            scale_running_sizes=(20, 100),
         )
 
 

@@ -21,7 +21,7 @@ import errno
 import os
 import pwd
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.application.service import Service
@@ -46,6 +46,7 @@ from jobworker.logs import Logger
 from jobworker.output.log import OutputLog
 from jobworker.output.spool import FileSpool
 from jobworker.policy import Identity, Operation, Verdict, authorize, may_see
+from jobworker.protocol.listing import ListIndex
 from jobworker.protocol.messages import JobState, StartRequest
 
 __all__ = ["ISOLATE_SCRIPT", "Job", "JobManager", "JobManagerConfig"]
@@ -460,10 +461,25 @@ class JobManager(Service):
         check_verdict(verdict)
         return job
 
-    def list(self, identity: Identity) -> list[Job]:
+    def list(self, identity: Identity, after: tuple[int, int] = (0, 0)) -> Iterator[Job]:
+        """
+        The jobs C{identity} may see that come after C{after} (a
+        C{(created_at, job id as a number)} cursor) in list order, lazily:
+        a page reads only as many as it lists (L{ListIndex}).
+
+        @raise RequestError: C{PERMISSION_DENIED} when the role may not list.
+        """
         check_verdict(authorize(identity, Operation.LIST))
-        jobs = [job for job in self.jobs.values() if may_see(identity, job.owner)]
-        return sorted(jobs, key=lambda job: job.created_at)
+        # Made on the first list, so that nothing else here knows of it.
+        index: ListIndex[Job] | None = self.__dict__.get("_list_index")
+        if index is None:
+            index = self.__dict__["_list_index"] = ListIndex()
+        jobs = index.after(list(self.jobs.values()), after)
+        # No identity is named "": one allowed to see that owner's jobs sees
+        # every owner's (an admin, a viewer), and needs no check per job.
+        if authorize(identity, Operation.STATUS, "") is Verdict.ALLOW:
+            return jobs
+        return (job for job in jobs if may_see(identity, job.owner))
 
     def on_removed(self, observer: Callable[[Job], None]) -> Callable[[], None]:
         """

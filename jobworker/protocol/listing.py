@@ -7,15 +7,16 @@ builds the response; the server supplies the jobs the caller may see.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Generic, Protocol, TypeVar
 
 from jobworker.errors import ErrorCode, RequestError
 from jobworker.jobnames import MAX_LABEL_FILTERS, NameError_, check_label_filter, check_name, labels_match
 from jobworker.protocol import messages as m
 from jobworker.protocol.wire import status_size
 
-__all__ = ["ListedJob", "list_order", "list_page", "check_list_filters", "LIST_RESPONSE_OVERHEAD"]
+__all__ = ["ListedJob", "ListIndex", "OrderedJob", "list_order", "list_page", "check_list_filters", "LIST_RESPONSE_OVERHEAD"]
 
 # Frame bytes of a ListResponse besides its statuses: type (1), request id
 # (4), job count (4), the more flag (1).
@@ -28,11 +29,20 @@ class ListedJob(Protocol):
     and its status, asked for only when the job is in the page.
     """
 
-    job_id: uuid.UUID
-    owner: str
-    created_at: int
-    name: str
-    labels: tuple[tuple[str, str], ...]
+    @property
+    def job_id(self) -> uuid.UUID: ...
+
+    @property
+    def owner(self) -> str: ...
+
+    @property
+    def created_at(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def labels(self) -> tuple[tuple[str, str], ...]: ...
 
     @property
     def state(self) -> m.JobState: ...
@@ -40,11 +50,83 @@ class ListedJob(Protocol):
     def status(self) -> m.JobStatus: ...
 
 
-def list_order(job: ListedJob) -> tuple[int, int]:
+class OrderedJob(Protocol):
+    """
+    What the list order needs of a job (L{ListIndex}).
+    """
+
+    @property
+    def job_id(self) -> uuid.UUID: ...
+
+    @property
+    def created_at(self) -> int: ...
+
+
+def list_order(job: OrderedJob) -> tuple[int, int]:
     """
     The list order: by C{created_at}, then by the job id as a number.
     """
     return (job.created_at, job.job_id.int)
+
+
+Job = TypeVar("Job", bound=OrderedJob)
+
+
+def _order_key(job: OrderedJob) -> int:
+    # list_order as one number: ints compare faster than tuples, and a
+    # sort of 10,000 jobs by it takes a few milliseconds.
+    return job.created_at << 128 | job.job_id.int
+
+
+class ListIndex(Generic[Job]):
+    """
+    The jobs in list order, kept from one page to the next, so that a page
+    costs what it lists, not what the server knows: finding where a page
+    starts is a binary search, and a change to the set of jobs (a start, a
+    removal) is merged in, never a sort of them all again.
+
+    A job's C{created_at} and id never change while it is known, which is
+    what lets the order be kept.
+    """
+
+    def __init__(self) -> None:
+        self._known: list[Job] = []  # the jobs as last given, in their order
+        self._members: set[Job] = set()
+        self._ordered: list[Job] = []
+        self._keys: list[int] = []  # _order_key of each of _ordered
+
+    def after(self, jobs: Sequence[Job], after: tuple[int, int]) -> Iterator[Job]:
+        """
+        The jobs of C{jobs} that come after C{after} (a L{list_order} key)
+        in list order.
+
+        @param jobs: every job, in a stable order (a dict's, say): comparing
+            it with the last one given (by identity, at C's speed: ~20 us
+            per 10,000 jobs) is how a change is noticed.
+        """
+        if len(jobs) != len(self._known) or jobs != self._known:
+            self._update(list(jobs))
+        ordered = self._ordered
+        start = bisect_right(self._keys, after[0] << 128 | after[1])
+        return (ordered[index] for index in range(start, len(ordered)))
+
+    def _update(self, jobs: list[Job]) -> None:
+        members = set(jobs)
+        keys, ordered = self._keys, self._ordered
+        if len(members) < len(self._members) or not members >= self._members:
+            kept = [(key, job) for key, job in zip(keys, ordered) if job in members]
+            keys = [key for key, _ in kept]
+            ordered = [job for _, job in kept]
+        added = sorted(((_order_key(job), job) for job in jobs if job not in self._members), key=lambda pair: pair[0])
+        for key, job in added:
+            if not keys or key > keys[-1]:
+                keys.append(key)
+                ordered.append(job)
+            else:
+                at = bisect_right(keys, key)
+                keys.insert(at, key)
+                ordered.insert(at, job)
+        self._known, self._members, self._keys, self._ordered = jobs, members, keys, ordered
 
 
 def check_list_filters(request: m.ListRequest) -> None:
@@ -72,7 +154,10 @@ def list_page(
 ) -> m.ListResponse:
     """
     The page that answers C{request}, out of C{jobs} (those the caller may
-    see), for a client that accepts frames of C{max_frame_size} bytes.
+    see, in list order, from the first after the request's cursor on:
+    L{ListIndex.after}), for a client that accepts frames of
+    C{max_frame_size} bytes.  It reads C{jobs} only as far as the page goes,
+    and asks for (and encodes) the status of only the jobs it lists.
 
     Every page that could hold a job holds at least one: a status that alone
     would not fit is abridged (L{m.abridge}).
@@ -81,21 +166,19 @@ def list_page(
         encoded at all (a damaged record, a bug); returns the status to list
         instead.  Without it, the error propagates.
     """
-    after = (request.after_created_at, request.after_job_id.int)
     budget = max_frame_size - LIST_RESPONSE_OVERHEAD
     page: list[m.JobStatus] = []
     used = 0
     more = False
-    for job in sorted(jobs, key=list_order):
-        if list_order(job) <= after:
+    states, owner, name, labels = request.states, request.owner, request.name, request.labels
+    for job in jobs:
+        if states and not states >> int(job.state) & 1:
             continue
-        if request.states and not request.states >> int(job.state) & 1:
+        if owner and job.owner != owner:
             continue
-        if request.owner and job.owner != request.owner:
+        if name and job.name != name:
             continue
-        if request.name and job.name != request.name:
-            continue
-        if request.labels and not labels_match(job.labels, request.labels):
+        if labels and not labels_match(job.labels, labels):
             continue
         if request.max_jobs and len(page) >= request.max_jobs:
             more = True

@@ -51,6 +51,7 @@ from construct import (
 from jobworker.errors import ErrorCode, ProtocolError
 from jobworker.limits import LimitError, Limits
 from jobworker.protocol import messages as m
+from jobworker.protocol.statuses import decode_status, encode_status
 
 __all__ = [
     "HEADER_SIZE",
@@ -294,6 +295,7 @@ _PARSERS = {
     cls.TYPE: (cls, body if cls is m.Output else Struct("value" / body, Terminated))
     for cls, body in _BODIES.items()
 }
+_STATUS_FRAME_TYPES = {cls.TYPE: cls for cls in (m.StatusResponse, m.ListResponse, m.EndOfStream)}
 _FRAME_HEADER = Struct("length" / Int32ub, "type" / Int8ub).compile()
 _NO_ROOT = Container()
 
@@ -328,10 +330,14 @@ def encode_message(message: m.Message) -> bytes:
     """
     Encode C{message} as one complete frame (header included).
     """
-    if type(message) is m.Output:
-        return encode_output(message.stream_id, message.fd, message.offset, message.data)
+    kind = type(message)
+    if kind is m.Output:
+        return encode_output(message.stream_id, message.fd, message.offset, message.data)  # type: ignore[attr-defined]
+    if kind in _STATUS_FRAMES:
+        packed = _encode_status_frame(message)
+        return frame_header(len(packed) + 1, message.TYPE) + packed
     try:
-        body: bytes = _BODIES[type(message)].build(message)
+        body: bytes = _BODIES[kind].build(message)
     except (ConstructError, KeyError, UnicodeEncodeError) as exc:
         # Our own caller built an unencodable message: a bug here, not the
         # peer's fault, so it is not a ProtocolError.
@@ -343,10 +349,75 @@ def status_size(status: m.JobStatus) -> int:
     """
     Bytes of C{status} as a L{m.JobStatus} record on the wire.
     """
+    return len(encode_status(status))
+
+
+# The frames that carry statuses have a fast path (L{jobworker.protocol.
+# statuses}): the same bytes as their schemas above, which the test suite
+# checks.
+_STATUS_FRAMES = (m.StatusResponse, m.ListResponse, m.EndOfStream)
+_REQUEST_ID = struct.Struct(">I")
+_LIST_HEAD = struct.Struct(">II")  # request_id, job count
+_END_HEAD = struct.Struct(">IB")  # stream_id, reason
+
+
+def _encode_status_frame(message: Any) -> bytes:
     try:
-        return len(StatusSchema.build(status))
-    except (ConstructError, UnicodeEncodeError) as exc:
-        raise ValueError(f"cannot encode {status!r}: {exc}") from exc
+        if type(message) is m.StatusResponse:
+            return _REQUEST_ID.pack(message.request_id) + encode_status(message.status)
+        if type(message) is m.EndOfStream:
+            return _END_HEAD.pack(message.stream_id, int(message.reason)) + encode_status(message.status)
+        jobs = message.jobs
+        return b"".join(
+            [_LIST_HEAD.pack(message.request_id, len(jobs)), *map(encode_status, jobs), b"\x01" if message.more else b"\x00"]
+        )
+    except (struct.error, TypeError, AttributeError, OverflowError) as exc:
+        raise ValueError(f"cannot encode {message!r}: {exc}") from exc
+
+
+def _decode_status_frame(cls: type[m.Message], body: bytes | memoryview) -> m.Message:
+    """
+    A C{StatusResponse}, C{ListResponse} or C{EndOfStream} body, parsed as
+    its schema would, trailing bytes refused as there.
+    """
+    try:
+        if cls is m.ListResponse:
+            if len(body) < _LIST_HEAD.size:
+                raise ProtocolError("the frame ends inside its head")
+            request_id, count = _LIST_HEAD.unpack_from(body)
+            at = _LIST_HEAD.size
+            jobs = []
+            for _ in range(count):
+                status, at = decode_status(body, at)
+                jobs.append(status)
+            if at >= len(body):
+                raise ProtocolError("the frame ends before its more flag")
+            more = body[at] != 0
+            at += 1
+            message: m.Message = m.ListResponse(request_id, tuple(jobs), more)
+        elif cls is m.StatusResponse:
+            if len(body) < _REQUEST_ID.size:
+                raise ProtocolError("the frame ends inside its head")
+            (request_id,) = _REQUEST_ID.unpack_from(body)
+            status, at = decode_status(body, _REQUEST_ID.size)
+            message = m.StatusResponse(request_id, status)
+        else:
+            if len(body) < _END_HEAD.size:
+                raise ProtocolError("the frame ends inside its head")
+            stream_id, reason = _END_HEAD.unpack_from(body)
+            try:
+                end_reason = m.EndReason(reason)
+            except ValueError:
+                raise ProtocolError(f"EndOfStream.reason: invalid value {reason!r}") from None
+            status, at = decode_status(body, _END_HEAD.size)
+            message = m.EndOfStream(stream_id, end_reason, status)
+        if at != len(body):
+            raise ProtocolError(f"{len(body) - at} bytes after the end of the message")
+    except ProtocolError as exc:
+        if str(exc).startswith(("JobStatus.", "EndOfStream.", "Limits:")):
+            raise
+        raise ProtocolError(f"malformed {cls.__name__} frame: {exc}") from exc
+    return message
 
 
 def decode_body(message_type: int, body: bytes | memoryview) -> m.Message:
@@ -358,6 +429,9 @@ def decode_body(message_type: int, body: bytes | memoryview) -> m.Message:
     """
     if message_type == m.Output.TYPE:
         return _decode_output(body)
+    status_frame = _STATUS_FRAME_TYPES.get(message_type)
+    if status_frame is not None:
+        return _decode_status_frame(status_frame, body)
     entry = _PARSERS.get(message_type)
     if entry is None:
         raise ProtocolError(

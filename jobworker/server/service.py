@@ -47,6 +47,7 @@ from jobworker.server.options import (
     host_memory_bytes,
     secret_paths,
 )
+from jobworker.server.reaping import install_reaper
 
 __all__ = ["CONFIG_PATH", "Options", "StartupError", "host_cpus", "host_memory_bytes", "makeService", "secret_paths"]
 
@@ -307,6 +308,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         version=jobworker.__version__,
         config=options["config"] or "none",
     )
+    # A SIGCHLD reaps the helpers that ended, not a waitpid per running job.
+    install_reaper()
     privileged = os.geteuid() == 0
     isolate = not options["no-isolation"]
     if isolate and not privileged:
@@ -353,6 +356,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         log.warn("no cgroup driver: resource limits will be refused")
     _check_controllers(driver, options["default-limits"], getattr(options, "explicit", frozenset()))
     manager = JobManager(reactor, config, cgroup_driver=driver)
+    # Records of running jobs are written off the reactor's thread: a stop
+    # of hundreds of jobs held every client up while each synced its file.
+    manager.store.write_behind(lambda function: reactor.callFromThread(function))
     limits = ServerLimits(
         handshake_timeout_s=options["handshake-timeout"],
         idle_timeout_s=options["idle-timeout"],

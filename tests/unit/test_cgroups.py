@@ -689,3 +689,24 @@ def test_throttled_block_devices(tmp_path):
     names = [device.name for device in throttled_block_devices(host.sys_block)]
     assert names == ["dm-0", "md0", "nvme0n1", "sda", "vda"]
     assert throttled_block_devices(str(tmp_path / "missing")) == ()
+
+
+def test_a_poll_sees_a_quick_death_within_milliseconds_not_a_whole_interval() -> None:
+    # A SIGKILLed job is gone within a millisecond, but each poll slept
+    # 20 ms first: a forced stop of hundreds of jobs held a pool thread for
+    # ~40 ms each (issue 17 item 4).  Polling backs off from 1 ms instead.
+    from jobworker.host.cgroups._host import POLL_INTERVAL, HostCalls, poll
+
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    calls = HostCalls(sleep=sleep, monotonic=lambda: now[0])
+    assert poll(calls, lambda: now[0] >= 0.003, 1.0)
+    assert sum(slept) < 0.01
+    slept.clear()
+    assert not poll(calls, lambda: False, 0.5)  # a long wait still ends at its timeout...
+    assert max(slept) == POLL_INTERVAL and len(slept) < 0.5 / POLL_INTERVAL + 8  # ...without spinning

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import struct
 import uuid
+from dataclasses import fields, replace
 
+import construct
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -19,13 +21,16 @@ from jobworker.errors import ErrorCode, ProtocolError
 from jobworker.limits import MAX_BYTES, MAX_CPU_MILLICORES, MAX_DURATION_MS, MAX_PIDS, Limits
 from jobworker.protocol import messages as m
 from jobworker.protocol.framing import FrameBuffer
+from jobworker.protocol.statuses import decode_status, encode_status
 from jobworker.protocol.wire import (
     HEADER_SIZE,
     SCHEMAS,
+    StatusSchema,
     decode_body,
     encode_message,
     encode_output,
     frame_header,
+    status_size,
 )
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -223,6 +228,77 @@ def test_output_fast_path_matches_schema(stream_id: int, fd: int, offset: int, d
     expected = frame_header(len(body) + 1, m.Output.TYPE) + body
     assert encode_output(stream_id, fd, offset, data) == expected
     assert encode_message(m.Output(stream_id, fd, offset, data)) == expected
+
+
+def schema_decode(cls: type[m.Message], body: bytes) -> m.Message:
+    """
+    A status frame's body parsed by its construct schema alone.
+    """
+    parsed = construct.Struct("value" / SCHEMAS[cls], construct.Terminated).parse(body).value
+    if cls is m.ListResponse:
+        return m.ListResponse(parsed.request_id, tuple(parsed.jobs), parsed.more)
+    if cls is m.StatusResponse:
+        return m.StatusResponse(parsed.request_id, parsed.status)
+    return m.EndOfStream(parsed.stream_id, m.EndReason(parsed.reason), parsed.status)
+
+
+STATUS_FRAMES = st.one_of(*(MESSAGE_STRATEGIES[cls] for cls in (m.StatusResponse, m.ListResponse, m.EndOfStream)))
+
+
+@WIDE
+@given(message=STATUS_FRAMES)
+def test_status_fast_path_matches_schema(message: m.Message) -> None:
+    """
+    The struct-packed statuses (jobworker.protocol.statuses) give exactly
+    the bytes of the construct schema, and parse them back to what the
+    schema parses: the two can never drift apart.
+    """
+    body = SCHEMAS[type(message)].build({f.name: getattr(message, f.name) for f in fields(message)})  # type: ignore[arg-type]  # every message is a dataclass
+    assert encode_message(message) == frame_header(len(body) + 1, type(message).TYPE) + body
+    status = message.jobs[0] if isinstance(message, m.ListResponse) and message.jobs else getattr(message, "status", None)
+    if status is not None:
+        assert encode_status(status) == StatusSchema.build(status)
+        assert status_size(status) == len(StatusSchema.build(status))
+        assert decode_status(b"xy" + StatusSchema.build(status), 2) == (status, 2 + len(StatusSchema.build(status)))
+    assert decode_body(type(message).TYPE, body) == schema_decode(type(message), body)
+
+
+@WIDE
+@given(message=STATUS_FRAMES, data=st.data())
+def test_status_fast_path_refuses_what_the_schema_refuses(message: m.Message, data: st.DataObject) -> None:
+    """
+    A status frame with one byte changed, cut short, or with a byte more:
+    the fast path decodes it exactly when the schema does, to the same
+    message, and refuses it with a ProtocolError when the schema fails.
+    """
+    body = bytearray(encode_message(message)[5:])
+    how = data.draw(st.sampled_from(["change", "cut", "extend"]))
+    if how == "change" and body:
+        at = data.draw(st.integers(0, len(body) - 1))
+        body[at] = data.draw(st.integers(0, 255))
+    elif how == "cut":
+        del body[data.draw(st.integers(0, len(body))):]
+    else:
+        body += b"\x00"
+    try:
+        expected: object = schema_decode(type(message), bytes(body))
+    except Exception:
+        expected = ProtocolError
+    try:
+        got: object = decode_body(type(message).TYPE, bytes(body))
+    except ProtocolError:
+        got = ProtocolError
+    assert got == expected
+
+
+def test_status_fast_path_refuses_what_cannot_be_encoded() -> None:
+    status = m.JobStatus(job_id=uuid.UUID(int=1), owner="x" * 70_000, argv=(), state=m.JobState.RUNNING)
+    with pytest.raises(ValueError):
+        encode_message(m.StatusResponse(1, status))
+    with pytest.raises(ValueError):
+        encode_message(m.ListResponse(1, (replace(status, owner="a", exit_code=1 << 40),)))
+    with pytest.raises(ValueError):
+        encode_status(replace(status, owner="\udc80"))
 
 
 def test_output_data_with_nuls_and_invalid_utf8_is_kept_verbatim() -> None:

@@ -129,13 +129,13 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
 # they only name a type for an annotation (timers naming its ServerFactory)
 # and never run.  A new module of one of these packages must be placed.
 INNER_ORDER: dict[str, list[list[str]]] = {
-    "jobworker.protocol": [["messages", "flow", "keepalive"], ["wire"], ["framing", "listing"], ["connection"]],
+    "jobworker.protocol": [["messages", "flow", "keepalive"], ["statuses"], ["wire"], ["framing", "listing"], ["connection"]],
     "jobworker.jobs": [
         ["spec", "lifecycle", "fate", "config", "store", "report", "timers"], ["admission", "pipes"], ["helper", "supervisor"], ["job"],
         ["persistence"], ["manager"],
     ],
     "jobworker.server": [
-        ["transport", "streams", "options"], ["timers"], ["requests"], ["connection"], ["factory"], ["service"],
+        ["transport", "streams", "options", "reaping"], ["timers"], ["requests"], ["connection"], ["factory"], ["service"],
     ],
     "jobworker.client": [["errors", "follower"], ["protocol"], ["connect"]],
     "jobworker.blocking": [["channel", "tls"], ["connection"], ["client"]],

@@ -115,8 +115,8 @@ class FakeManager:
             raise RequestError(f"no job {job_id}", ErrorCode.NOT_FOUND)
         return job
 
-    def list(self, identity: Identity) -> list[FakeJob]:
-        return list(self.jobs.values())
+    def list(self, identity: Identity, after: tuple[int, int] = (0, 0)) -> list[FakeJob]:
+        return [job for job in self.jobs.values() if (job.created_at, job.job_id.int) > after]
 
     def start(self, identity: Identity, request: m.StartRequest) -> Any:
         raise RequestError("not in these tests", ErrorCode.START_FAILED)

@@ -12,7 +12,7 @@ statuses of any size, paged lists, and unexpected errors.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -26,6 +26,7 @@ from jobworker.output.log import MemorySpool, OutputLog
 from jobworker.policy import Identity, Operation, Verdict, authorize, may_see
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, MIN_FRAME_SIZE, Connection, Role
+from jobworker.protocol.listing import ListIndex
 from jobworker.server.factory import ServerFactory, ServerLimits
 
 T0 = 1_717_243_200_000_000
@@ -81,6 +82,7 @@ class FakeManager:
         self.jobs: dict[uuid.UUID, FakeJob] = {}
         self.get_raises: Exception | None = None
         self.removal_observers: list[Any] = []
+        self.index: ListIndex[FakeJob] = ListIndex()
 
     def add(self, *args: Any, **kwargs: Any) -> FakeJob:
         job = FakeJob(*args, **kwargs)
@@ -97,8 +99,8 @@ class FakeManager:
             raise RequestError(f"no job {job_id}", ErrorCode.NOT_FOUND)
         return job
 
-    def list(self, identity: Identity) -> list[FakeJob]:
-        return sorted((job for job in self.jobs.values() if may_see(identity, job.owner)), key=lambda job: job.created_at)
+    def list(self, identity: Identity, after: tuple[int, int] = (0, 0)) -> Iterator[FakeJob]:
+        return (job for job in self.index.after(list(self.jobs.values()), after) if may_see(identity, job.owner))
 
     def start(self, identity: Identity, request: m.StartRequest) -> Any:
         raise RequestError("not in these tests", ErrorCode.START_FAILED)

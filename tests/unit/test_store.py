@@ -134,3 +134,168 @@ def test_a_bad_env_is_a_problem(store: JobStore) -> None:
     data["env"] = [["A"], 5]
     path.write_text(json.dumps(data))
     assert loaded(store)[job.job_id].problems == ["env: not a list of [name, value] pairs"]
+
+
+# -- start-up cost (issue 17 item 2) -----------------------------------------------
+
+
+def test_loading_a_small_record_does_not_allocate_the_largest_one(store: JobStore) -> None:
+    # The read of a record asked for MAX_RECORD_BYTES + 1 at once: a 16 MiB
+    # buffer for each record of a few hundred bytes, ~60 us of every
+    # record's share of the start-up.
+    import tracemalloc
+
+    store.save(FakeJob(uuid.uuid4(), 0))
+    tracemalloc.start()
+    try:
+        [loaded] = list(store.load())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not loaded.problems
+    assert peak < 1 << 20, peak
+
+
+def test_a_record_that_grows_while_read_is_read_whole_up_to_the_cap(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    job = FakeJob(uuid.uuid4(), 0)
+    store.save(job)
+    real_fstat = os.fstat
+    monkeypatch.setattr(jobworker.jobs.store.os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 10, *real_fstat(fd)[7:])))
+    [loaded] = list(store.load())
+    assert not loaded.problems and loaded.status.job_id == job.job_id
+
+
+def test_the_collector_pauses_while_records_load_and_resumes_after(store: JobStore) -> None:
+    import gc
+
+    for _ in range(3):
+        store.save(FakeJob(uuid.uuid4(), 0))
+    assert gc.isenabled()
+    during = [gc.isenabled() for _ in store.load()]
+    assert during == [False] * 3 and gc.isenabled()
+    loading = store.load()
+    next(loading)
+    assert not gc.isenabled()
+    loading.close()  # abandoned half-way: the collector runs again
+    assert gc.isenabled()
+
+
+# -- write-behind (issue 17 item 4) -----------------------------------------------
+
+
+class Soon:
+    """
+    The reactor's callFromThread, played: what the store's thread asks to
+    run, run by the test when it likes.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+
+    def __call__(self, function: object) -> None:
+        self.calls.append(function)
+
+    def run(self) -> None:
+        from twisted.logger import capturedLogs
+
+        with capturedLogs() as logged:
+            for function in self.calls:
+                function()  # type: ignore[operator]
+        self.calls = []
+        self.logged = [event.get("log_format", "") for event in logged]
+
+
+def wait_until(check: object, timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def record_of(store: JobStore, job_id: uuid.UUID) -> dict:
+    return json.loads(Path(store.jobs_dir, f"{job_id}.json").read_text())
+
+
+def test_write_behind_syncs_records_off_the_callers_thread(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    synced_on: list[str] = []
+    real_fsync = os.fsync
+    def fsync(fd: int) -> None:
+        synced_on.append(threading.current_thread().name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(jobworker.jobs.store.os, "fsync", fsync)
+    store.write_behind(Soon())
+    job = FakeJob(uuid.uuid4(), 1)
+    store.save(job)  # its first: at once, so that a start on a full disk is refused
+    assert synced_on and set(synced_on) == {threading.current_thread().name}
+    synced_on.clear()
+    job.exit_code = 2
+    store.save(job)
+    store.close()  # writes what is queued
+    assert synced_on and threading.current_thread().name not in synced_on
+    assert record_of(store, job.job_id)["status"]["exit_code"] == 2
+
+
+def test_write_behind_merges_queued_saves_and_never_resurrects_a_forgotten_job(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    gate = threading.Event()
+    written: list[bytes] = []
+    real_replace = JobStore._replace
+
+    def slow_replace(self: JobStore, path: str, content: bytes) -> None:
+        if threading.current_thread().name == "jobworker-records":
+            gate.wait(5)
+            written.append(content)
+        real_replace(self, path, content)
+
+    monkeypatch.setattr(JobStore, "_replace", slow_replace)
+    store.write_behind(Soon())
+    kept, forgotten = FakeJob(uuid.uuid4(), 0), FakeJob(uuid.uuid4(), 0)
+    for job in (kept, forgotten):
+        store.save(job)
+    for code in range(1, 30):
+        kept.exit_code = forgotten.exit_code = code
+        store.save(kept)
+        store.save(forgotten)
+    store.forget(forgotten.job_id)
+    gate.set()
+    store.close()
+    assert record_of(store, kept.job_id)["status"]["exit_code"] == 29
+    assert len(written) <= 3  # one under way when the gate closed, the newest of each job
+    assert not Path(store.jobs_dir, f"{forgotten.job_id}.json").exists()
+
+
+def test_write_behind_retries_a_failed_write_until_it_is_written(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno as errno_
+
+    monkeypatch.setattr(jobworker.jobs.store, "WRITE_RETRY_S", 0.01)
+    soon = Soon()
+    store.write_behind(soon)
+    job = FakeJob(uuid.uuid4(), 1)
+    store.save(job)
+    full = True
+    real_write = os.write
+
+    def write(fd: int, data: bytes) -> int:
+        if full:
+            raise OSError(errno_.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(jobworker.jobs.store.os, "write", write)
+    job.exit_code = 7
+    store.save(job)  # no error here: it is the thread's
+    wait_until(lambda: soon.calls)
+    soon.run()
+    assert soon.logged == ["could not save job {job_id}: {error}; retrying every {interval} s"]
+    assert record_of(store, job.job_id)["status"]["exit_code"] == 1  # the old record stays whole
+    full = False
+    wait_until(lambda: soon.calls)
+    soon.run()
+    assert soon.logged == ["job {job_id}: its record is saved again"]
+    assert record_of(store, job.job_id)["status"]["exit_code"] == 7
+    assert not list(Path(store.jobs_dir).glob("*.tmp"))
