@@ -189,3 +189,34 @@ def test_frames_wait_until_every_reason_to_pause_is_gone():
     assert events.got == []  # told after the frames it holds
     link.resume("backlog")
     assert events.got == [("data", 100), ("gone", (0, 0))]
+
+
+@given(chunks, st.lists(st.integers(min_value=1, max_value=400), max_size=30))
+def test_the_link_takes_frames_however_the_socket_splits_them(pieces, cuts):
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from jobworker.jobs.supervisor import SupervisorLink
+
+    events = Events()
+    events.supervisor_output = lambda fd, offset, data: events.got.append(("data", fd, offset, bytes(data)))
+    link = SupervisorLink(Clock(), events, None, lambda: 0)
+    link.makeConnection(StringTransport())
+    stream = contract.frame(contract.LINE, b"started")
+    offset = 0
+    for fd, chunk in pieces:
+        stream += contract.data_header(fd, offset, len(chunk)) + chunk
+        offset += len(chunk)
+    stream += contract.frame(contract.END, b"0 0")
+    position = 0
+    for cut in cuts:
+        link.dataReceived(stream[position : position + cut])
+        position += cut
+    link.dataReceived(stream[position:])
+    expected = [("line", "started")]
+    offset = 0
+    for fd, chunk in pieces:
+        expected.append(("data", fd, offset, chunk))
+        offset += len(chunk)
+    assert events.got == expected
+    assert link.end == (0, 0)
