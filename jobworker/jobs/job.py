@@ -96,6 +96,9 @@ class JobHost(Protocol):
     def supervisor_files_done(self, job_id: uuid.UUID) -> None:
         """The job's end is settled: its supervisor's files may go."""
 
+    def connect_supervisor(self, job: Job) -> None:
+        """Connect (again) to the job's supervisor on its socket."""
+
 
 class Job:
     """
@@ -162,6 +165,7 @@ class Job:
         self._detached = False  # left running for the next server (live restore)
         self._ingesting = False  # reading the supervisor's backlog
         self._ended_at_hint = 0  # when the job ended, if it ended while no server ran
+        self._reconnected = False  # connected again once after losing its supervisor's connection
         self.pipes = OutputPump(manager.reactor, job_id, output, spool, self._maybe_finish)
 
     def restore(self, status: JobStatus) -> None:
@@ -393,7 +397,7 @@ class Job:
     def supervisor_output_closed(self) -> None:
         self.pipes.relay_closed()
 
-    def supervisor_gone(self, end: tuple[int, int] | None) -> None:
+    def supervisor_gone(self, end: tuple[int, int] | None, *, final: bool = False) -> None:
         """
         The supervisor's socket closed: after the job's end it told
         (C{end}), or without it: the supervisor died, and the job with it
@@ -401,6 +405,14 @@ class Job:
         """
         self.link = None
         if self._detached or self.is_final or self.life.phase in (Phase.SETTLING, Phase.ENDED):
+            return
+        if end is None and not final and not self._reconnected:
+            # The connection went without the job's end: the supervisor
+            # may live on (it accepts a new server at any time), or have
+            # written its end record.  Ask it once before calling it lost.
+            self._reconnected = True
+            log.warn("job {job_id}: its supervisor's connection closed before the job's end; connecting again", job_id=self.job_id)
+            self.manager.connect_supervisor(self)
             return
         if end is not None and not self._ingesting and _has_content(self.manager.backlog_path(self.job_id)):
             # A supervisor that ended without our acknowledgement of its last

@@ -212,16 +212,22 @@ class JobManager(Service):
 
     def _take_back(self, job: Job) -> None:
         """
-        Connect to the supervisor of a job of an earlier server.  If none
-        answers, the job ended while no server ran (its end record says
-        how), or its supervisor died with it: lost.
+        Take back a job of an earlier server from its supervisor.
+        """
+        if self.cgroups is not None:
+            job.cgroup = self.cgroups.attach(str(job.job_id))
+        self.connect_supervisor(job)
+
+    def connect_supervisor(self, job: Job) -> None:
+        """
+        Connect to the job's supervisor on its socket (JobHost).  If none
+        answers, the job ended while no server was connected (its end
+        record says how), or its supervisor died with it: lost.
         """
         from twisted.internet.endpoints import UNIXClientEndpoint
 
         from jobworker.jobs.job import protocol_factory
 
-        if self.cgroups is not None:
-            job.cgroup = self.cgroups.attach(str(job.job_id))
         link = job.new_link()
         endpoint = UNIXClientEndpoint(self.reactor, self.store.socket_path(job.job_id), timeout=5)
         connecting = endpoint.connect(protocol_factory(link))
@@ -229,7 +235,7 @@ class JobManager(Service):
         def absent(failure: Any) -> None:
             record = read_end_record(self.store.end_path(job.job_id))
             if record is not None:
-                log.info("job {job_id} ended while no server ran; its end is taken from its supervisor", job_id=job.job_id)
+                log.info("job {job_id} ended while no server was connected; its end is taken from its supervisor", job_id=job.job_id)
                 job.supervisor_ended_unseen(record)
                 return
             log.warn(
@@ -237,10 +243,10 @@ class JobManager(Service):
                 job_id=job.job_id,
                 error=failure.getErrorMessage(),
             )
-            job.supervisor_gone(None)
+            job.supervisor_gone(None, final=True)
 
         def connected(_: Any) -> None:
-            log.info("job {job_id} taken back from its supervisor", job_id=job.job_id)
+            log.info("job {job_id}: connected to its supervisor", job_id=job.job_id)
 
         connecting.addCallbacks(connected, absent)
         connecting.addErrback(lambda f: log.failure("job {job_id}: take-back failed", f, job_id=job.job_id))

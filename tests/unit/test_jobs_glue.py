@@ -128,6 +128,12 @@ class FakeProcessReactor(MemoryReactorClock):
         helper.wire = StringTransport()
         helper.link.makeConnection(helper.wire)
 
+    def connectUNIX(self, address: Any, factory: Any, timeout: Any = 30, checkPID: Any = 0) -> Any:
+        # No supervisor listens: a fake one that ended without a word is gone.
+        connector = super().connectUNIX(address, factory, timeout, checkPID)
+        factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+        return connector
+
     def callFromThread(self, callable: Any, *args: Any, **kwargs: Any) -> None:
         self.callLater(0, callable, *args, **kwargs)
 
