@@ -451,7 +451,8 @@ class Job:
                 self._ended_at_hint = ended_at
             self._supervisor_ended(end)
 
-        self.pipes.attach_relay(lambda: None, lambda: None)
+        # (Its link never connected: the output comes from the backlog alone.)
+        self.link = None
         self.read_backlog(done)
 
     def _supervisor_timed_out(self) -> None:

@@ -302,8 +302,7 @@ class SupervisorLink(protocol.Protocol):
         self.received = 0  # the offset after the last chunk received
         self._ack_call: Any = None
         self.connected_to = False
-        self._paused = False
-        self._paused_by: set[str] = set()
+        self._paused_by: set[str] = set()  # paused while not empty
         self._held: list[tuple[int, Any]] = []  # frames received while paused
         self._lost = False  # the connection is gone
 
@@ -377,7 +376,7 @@ class SupervisorLink(protocol.Protocol):
                 item = (data[start], int.from_bytes(data[start + 1 : start + 9], "big"), data[start + 9 : end])
             else:
                 item = data[position + header : end]
-            if self._paused or self._held:
+            if self._paused_by or self._held:
                 self._held.append((kind, item))
             else:
                 self._frame(kind, item)
@@ -418,7 +417,7 @@ class SupervisorLink(protocol.Protocol):
         if self._ack_call is not None and self._ack_call.active():
             self._ack_call.cancel()
         self._ack_call = None
-        if not (self._paused or self._held):
+        if not (self._paused_by or self._held):
             self.events.supervisor_gone(self.end)
         # else: told once the frames held meanwhile are taken (resume).
 
@@ -453,19 +452,19 @@ class SupervisorLink(protocol.Protocol):
         Frames go on only once every reason is gone (L{resume}).
         """
         if not self._paused_by:
-            self._paused = True
             if self.transport is not None and self.connected_to:
                 self._transport().pauseProducing()
         self._paused_by.add(reason)
 
     def resume(self, reason: str = "spool") -> None:
-        self._paused_by.discard(reason)
-        if self._paused_by or not self._paused:
+        if reason not in self._paused_by:
             return
-        self._paused = False
+        self._paused_by.discard(reason)
+        if self._paused_by:
+            return
         held, self._held = self._held, []
         for index, (kind, payload) in enumerate(held):
-            if self._paused:
+            if self._paused_by:
                 self._held = held[index:] + self._held
                 return
             self._frame(kind, payload)

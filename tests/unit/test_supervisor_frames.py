@@ -220,3 +220,23 @@ def test_the_link_takes_frames_however_the_socket_splits_them(pieces, cuts):
         offset += len(chunk)
     assert events.got == expected
     assert link.end == (0, 0)
+
+
+@pytest.mark.parametrize("content", [b"", b"not json", b"[2]", b'{"format": "2"}', b'{"format": true}', b"\xff\xfe"])
+def test_a_damaged_format_file_refuses_the_state_directory(tmp_path, content):
+    from jobworker.jobs.store import StateFormatTooNew, check_state_format
+
+    (tmp_path / "format").write_bytes(content)
+    with pytest.raises(StateFormatTooNew, match="damaged format file"):
+        check_state_format(str(tmp_path))
+
+
+def test_state_formats_up_to_this_one_are_read_and_none_is_new(tmp_path):
+    from jobworker.jobs.store import STATE_FORMAT, StateFormatTooNew, check_state_format
+
+    assert check_state_format(str(tmp_path)) is None
+    (tmp_path / "format").write_text('{"format": 1}')
+    assert check_state_format(str(tmp_path)) == 1
+    (tmp_path / "format").write_text(f'{{"format": {STATE_FORMAT + 1}}}')
+    with pytest.raises(StateFormatTooNew, match="this server reads formats up to"):
+        check_state_format(str(tmp_path))
