@@ -86,9 +86,9 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "read_only_root": False,
     "hide": [],
     "inaccessible_file": None,
-    # Isolated jobs only: the outer helper stays as the job's supervisor
-    # (the frames below, on fd 3 and on the listening socket); see
-    # jobworker.host.isolate.
+    # Isolated jobs only: the helper is the job's supervisor, PID 1 of its
+    # PID namespace (the frames below, on fd 3 and on the listening
+    # socket); see jobworker.host.isolate.
     "supervise": False,
     "timeout_ms": 0,  # supervised: stop the job this long after it started; 0: never
     "grace_ms": 10000,  # supervised: SIGKILL this long after the timeout's SIGTERM
@@ -115,7 +115,7 @@ def helper_config(**settings: object) -> dict[str, object]:
 
 # -- the supervisor's socket ---------------------------------------------------
 #
-# A supervised job's outer helper (its supervisor) talks to a server over a
+# A supervised job's helper (its supervisor) talks to a server over a
 # stream socket: fd 3 (a socketpair with the server that started it) and the
 # connections it accepts on the listening socket a later server connects to.
 # Frames: a 1-byte kind, a 4-byte big-endian payload length, the payload.

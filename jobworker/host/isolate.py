@@ -57,20 +57,33 @@ command's very first instruction already runs under the job's limits.  Note
 that outer and init count against a C{pids} limit (2 processes).
 
 Supervised jobs (C{"supervise": true}, what the server runs for every
-isolated job): outer stays as the job's B{supervisor} until the job has
-ended and its end is recorded (L{Supervisor}; the server's side is
-L{jobworker.jobs.supervisor}).  It does not join the job's cgroups (init
-does, through C{cgroup.procs} files outer opened before the mounts hid
-them, so only init and the command count against a C{pids} limit, and a
+isolated job) have no outer and no init: one process, the job's
+B{supervisor} (L{Supervisor}; the server's side is
+L{jobworker.jobs.supervisor}), is PID 1 of the job's PID namespace (the
+zygote forks it into a new one, L{fork_pid_one}; a helper the server
+started itself forks itself into one, L{become_pid_one}), and does what
+outer and init do between them (L{run_supervisor}), then stays until the
+job has ended and its end is recorded::
+
+    server ─ socket ─ supervisor   PID 1 of a new PID namespace; outside the
+                        │          job's cgroups; no parent-death signal
+                        └─ command   joins the job's cgroups first thing
+                             └─ ...
+
+It does not join the job's cgroups (the command does, through
+C{cgroup.procs} files the supervisor opened before the mounts hid them:
+only the command and what it starts count against a C{pids} limit, and a
 kill of the cgroup leaves the supervisor to read the job's last output),
-it has no parent-death signal (it outlives a server that dies), and fd 3
-is a socket that carries frames (L{contract.frame}) rather than status
-lines; init's lines reach it on a pipe of its own and it relays them.  It
-inherits, besides fds 0-3, the read ends of the job's stdout and stderr
+it has no parent-death signal (it outlives a server that dies; the job
+dies with it, as a PID namespace does with its PID 1), and fd 3 is a
+socket that carries frames (L{contract.frame}) rather than status lines.
+It inherits, besides fds 0-3, the read ends of the job's stdout and stderr
 pipes (4, 5: nobody else holds them), a listening socket (6) a later
 server connects to, and the empty backlog and end files (7, 8), all made
 by the server: the supervisor runs in the job's mount namespace, where the
-state directory is hidden.
+state directory is hidden.  One process per job rather than two halves
+what a running job costs (both were forks of the zygote, each with its
+own copy of the pages it wrote).
 
 Signals sent before the forwarding handlers exist must not be lost: the
 forwarded signals are blocked before init is forked and unblocked only once
@@ -88,7 +101,11 @@ and a collection would copy every page it traverses.  Even so, outer and
 init of a running job hold about 3.3 MiB of memory that no other process
 shares when run from L{compiled_helper}'s bytecode (4.6 MiB from source),
 nearly all of it the Python interpreter's own start-up state
-(C{tests/host/test_isolate.py} measures it).
+(C{tests/host/test_isolate.py} measures it).  A supervisor forked by the
+zygote holds about 0.9 MiB (C{tests/host/test_supervisor.py}): the zygote
+has loaded everything it uses (C{_ctypes} and the C library's binding
+among it, ~0.4 MiB a job otherwise), and the job's set-up is done by the
+command's child, whose copies go at its execve().
 
 Configuration (argv[1], a JSON object, or "-" to read it from stdin)
 ====================================================================
@@ -243,7 +260,6 @@ if __package__:
         STATUS_FD,
         STDERR_READ_FD,
         STDOUT_READ_FD,
-        SUPERVISOR_FDS,
         SUPERVISOR_FORMAT,
         TIMEOUT,
         ZYGOTE_FDS,
@@ -284,7 +300,6 @@ else:
             STATUS_FD,
             STDERR_READ_FD,
             STDOUT_READ_FD,
-            SUPERVISOR_FDS,
             SUPERVISOR_FORMAT,
             TIMEOUT,
             ZYGOTE_FDS,
@@ -634,8 +649,6 @@ def new_session() -> None:
 
 # fd 3 is a supervisor's socket (see report).
 _framed = False
-# A supervised job's cgroup.procs files, open for init to join (see run_outer).
-_cgroup_files: list[tuple[str, int]] = []
 
 
 def report(line: str) -> None:
@@ -680,16 +693,16 @@ def open_cgroups(procs_files: list[str]) -> list[tuple[str, int]]:
     return opened
 
 
-def join_cgroup_files(opened: list[tuple[str, int]]) -> None:
+def join_cgroup_files(opened: list[tuple[str, int]], pid: int = 0) -> None:
     """
-    Move this process into the cgroup of each open C{cgroup.procs} file,
-    and close them.  Writes "0", the writer itself: a pid would be read in
-    the writer's PID namespace, where init is 1.
+    Move process C{pid} (default 0: this one) into the cgroup of each open
+    C{cgroup.procs} file, and close them.  A pid is read in the writer's
+    PID namespace (where init is 1).
     """
     try:
         for path, fd in opened:
             try:
-                posix.write(fd, b"0")
+                posix.write(fd, b"%d" % pid)
             except OSError as e:
                 raise StartError.from_os_error(SETUP, f"cgroup join {path}", e) from None
     finally:
@@ -697,15 +710,16 @@ def join_cgroup_files(opened: list[tuple[str, int]]) -> None:
             posix.close(fd)
 
 
-def unshare(network: str) -> None:
+def unshare(network: str, pid: bool = True) -> None:
     """
-    New mount, IPC and PID namespaces (the latter for our next child) and,
+    New mount and IPC namespaces, a new PID namespace (for our next child)
+    unless C{pid} is false (a supervisor is PID 1 of one already) and,
     unless the job shares the host's network, a new network namespace.
 
     The IPC namespace keeps System V IPC objects and POSIX message queues
     private to the job and frees them when it ends (systemd's C{RemoveIPC=}).
     """
-    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID
+    flags = CLONE_NEWNS | CLONE_NEWIPC | (CLONE_NEWPID if pid else 0)
     if network == NETWORK_NONE:
         flags |= CLONE_NEWNET
     try:
@@ -843,7 +857,8 @@ def mount_proc() -> None:
     """
     Mount a C{/proc} that shows only the job's PID namespace.
 
-    Runs in init: a proc mount shows the PID namespace of its mounter.
+    Runs in init (or the supervisor, PID 1 itself): a proc mount shows the
+    PID namespace of its mounter.
     """
     try:
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
@@ -1086,13 +1101,18 @@ def fail(error: StartError) -> None:
     posix._exit(error.exit_code)
 
 
-def run_command(config: JobConfig, exec_pipe: int) -> None:
+def run_command(config: JobConfig, exec_pipe: int, joined: int = -1) -> None:
     """
-    The command child of init: set up, close everything but stdio and the
-    exec pipe, exec.  A failure is written to the exec pipe for init.
+    The command child of init (or of a supervisor: then it enters the
+    job's namespaces first, L{enter_job}, and C{joined} is the pipe on which
+    the supervisor says it has moved it into the job's cgroups): set up,
+    close everything but stdio and the exec pipe, exec.  A failure is
+    written to the exec pipe for its parent.
     """
     code = EXIT_SETUP_FAILED
     try:
+        if joined >= 0:
+            enter_job(config, joined)
         new_session()
         prepare_command(config)
         close_fds(keep=exec_pipe)
@@ -1149,11 +1169,6 @@ def run_init(config: JobConfig) -> None:
     global _forward_target
     code = EXIT_SETUP_FAILED
     try:
-        if config.supervise:
-            # The supervisor stays outside the job's cgroups (a kill of the
-            # cgroup must leave it to read the job's last output); init and
-            # so the command join them before anything else.
-            join_cgroup_files(_cgroup_files)
         # Init keeps its own session so that a signal to outer's process
         # group reaches the job once (through outer), not twice.
         new_session()
@@ -1242,13 +1257,46 @@ def run_outer(config: JobConfig) -> None:
     if config.hide:
         # While the host's file system is still writable to us.
         _check_inaccessible_file(config.inaccessible_file)
-    if config.supervise:
-        global _cgroup_files
-        _cgroup_files = open_cgroups(config.cgroup_procs)
     unshare(config.network)
     # Outer is in the new mount and network namespaces already.  Whatever
     # can be done here rather than in init is done before the fork, while
     # the memory it touches is still one copy, not two.
+    set_up_namespaces(config)
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    _install_forwarding()
+    try:
+        init = posix.fork()
+    except OSError as e:
+        raise StartError.from_os_error(SETUP, "fork", e) from None
+    if init == 0:
+        run_init(config)
+    _forward_target = init
+    posix.close(STATUS_FD)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+    _, status = posix.waitpid(init, 0)
+    _exit_as(status)
+
+
+def _exit_as(status: int) -> None:
+    """
+    Exit as the child whose wait status is C{status} did; never returns.
+    """
+    if posix.WIFSIGNALED(status):
+        signum = posix.WTERMSIG(status)
+        # Die the same way, but without leaving a core file of the helper.
+        prctl(PR_SET_DUMPABLE, 0)
+        if signum != _signal.SIGKILL:
+            _signal.signal(signum, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [signum])
+        posix.kill(posix.getpid(), signum)
+    posix._exit(_exit_code(status))
+
+
+def set_up_namespaces(config: JobConfig) -> None:
+    """
+    The mounts of the job's mount namespace (made private first, so none
+    ever appears in the host's) and its loopback.
+    """
     make_mounts_private()
     if config.read_only_root:
         make_root_read_only()
@@ -1261,48 +1309,122 @@ def run_outer(config: JobConfig) -> None:
         bring_up_loopback()
         if config.private_sys:
             mount_sys()
+
+
+def become_pid_one() -> None:
+    """
+    Go on as PID 1 of a new PID namespace: unshare one and fork into it;
+    the parent waits and exits as the child did.  Only for a helper the
+    server started itself: the zygote forks its children into their
+    namespaces (L{fork_pid_one}), and a supervisor is one process.
+    """
+    try:
+        c_call("unshare", CLONE_NEWPID)
+        child = posix.fork()
+    except OSError as e:
+        raise StartError.from_os_error(SETUP, "unshare/fork a PID namespace", e) from None
+    if child:
+        # Every descriptor is the child's alone: the status socket and the
+        # job's pipes reach EOF when it and the job are gone.
+        close_fds(keep=-1)
+        for fd in (0, 1, 2):
+            posix.close(fd)
+        _exit_as(posix.waitpid(child, 0)[1])
+
+
+def fork_pid_one(home: int) -> int:
+    """
+    fork(), the child as PID 1 of a new PID namespace; C{home} is an open
+    C{/proc/self/ns/pid}, to return to for the next fork.  A namespace
+    that cannot be made leaves the child in ours (it tries again itself,
+    and reports why it cannot).
+    """
+    try:
+        c_call("unshare", CLONE_NEWPID)
+    except OSError:
+        return posix.fork()
+    try:
+        return posix.fork()
+    finally:
+        if posix.getpid() != 1:
+            c_call("setns", home, CLONE_NEWPID)
+
+
+def run_supervisor(config: JobConfig) -> None:
+    """
+    A supervised job's helper, PID 1 of the job's PID namespace: start the
+    command and supervise it (L{Supervisor}); never returns.
+    """
+    global _forward_target
+    # Our pid as the host (and a server) sees it: /proc is the host's.
+    host_pid = int(posix.readlink("/proc/self"))
+    cgroups = open_cgroups(config.cgroup_procs)
     _signal.pthread_sigmask(_signal.SIG_BLOCK, FORWARDED_SIGNALS)
     _install_forwarding()
-    if config.supervise:
-        status_read, status_write = posix.pipe()
+    read_end, write_end = posix.pipe()
+    joined_read, joined_write = posix.pipe()
     try:
-        init = posix.fork()
+        command = posix.fork()
     except OSError as e:
         raise StartError.from_os_error(SETUP, "fork", e) from None
-    if init == 0:
-        if config.supervise:
-            global _framed
-            # Init reports on a pipe of its own; the supervisor relays it.
-            _framed = False
-            posix.dup2(status_write, STATUS_FD)
-            for fd in (status_read, status_write, *SUPERVISOR_FDS):
-                posix.close(fd)
-        run_init(config)
-    _forward_target = init
-    if config.supervise:
-        posix.close(status_write)
-        for _, fd in _cgroup_files:
+    if command == 0:
+        posix.close(read_end)
+        posix.close(joined_write)
+        for _, fd in cgroups:
             posix.close(fd)
-        # The job's stdout and stderr: only the job holds their write ends,
-        # so the pipes reach EOF when it is gone.
-        null = posix.open("/dev/null", posix.O_RDWR)
-        posix.dup2(null, 1)
-        posix.dup2(null, 2)
-        posix.close(null)
-        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
-        Supervisor(config, init, status_read).run()
-    posix.close(STATUS_FD)
+        run_command(config, write_end, joined_read)
+    posix.close(write_end)
+    posix.close(joined_read)
+    # The command calls setsid(), but may not have yet.
+    _forward_target = -command
+    # Into the job's cgroups while it sets up its namespaces: a move into a
+    # cgroup v1 hierarchy can wait a whole RCU grace period (~10 ms).
+    failure = ""
+    try:
+        join_cgroup_files(cgroups, command)
+    except StartError as e:
+        # The command sees EOF and exits; this says why.
+        failure = e.status_fields()
+    else:
+        # (A command that failed already says why on the exec pipe.)
+        _write_all(joined_write, b"j")
+    posix.close(joined_write)
+    # The job's stdout and stderr: only the job holds their write ends, so
+    # the pipes reach EOF when it is gone.
+    null = posix.open("/dev/null", posix.O_RDWR)
+    posix.dup2(null, 1)
+    posix.dup2(null, 2)
+    posix.close(null)
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
-    _, status = posix.waitpid(init, 0)
-    if posix.WIFSIGNALED(status):
-        signum = posix.WTERMSIG(status)
-        # Die the same way, but without leaving a core file of the helper.
-        prctl(PR_SET_DUMPABLE, 0)
-        if signum != _signal.SIGKILL:
-            _signal.signal(signum, _signal.SIG_DFL)
-        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [signum])
-        posix.kill(posix.getpid(), signum)
-    posix._exit(_exit_code(status))
+    failure = _read_all(read_end).decode("ascii", "replace") or failure
+    posix.close(read_end)
+    line = f"{FAILED} {failure}" if failure else STARTED
+    Supervisor(config, host_pid, command, line).run()
+
+
+def enter_job(config: JobConfig, joined: int) -> None:
+    """
+    In a supervisor's command child (PID 2 of the job's PID namespace):
+    new mount, IPC and network namespaces set up for the job and a C{/proc}
+    of its PID namespace; then wait until the supervisor has moved it into
+    the job's cgroups (C{joined}: a byte, or EOF if it could not).
+
+    All of it here rather than in the supervisor, which stays in the
+    host's mount and network namespaces: the memory this work writes is
+    the child's, gone at its execve(), where in the supervisor it would be
+    held for the job's whole life.  The limits hold from the command's
+    first instruction; the set-up's own memory is not charged to the job.
+    """
+    if config.hide:
+        # While the host's file system is still writable to us.
+        _check_inaccessible_file(config.inaccessible_file)
+    unshare(config.network, pid=False)
+    set_up_namespaces(config)
+    mount_proc()
+    if posix.read(joined, 1) != b"j":
+        # The supervisor reports why.
+        posix._exit(EXIT_SETUP_FAILED)
+    posix.close(joined)
 
 
 # -- the supervisor (isolated jobs with "supervise") ---------------------------
@@ -1314,8 +1436,8 @@ def run_outer(config: JobConfig) -> None:
 WINDOW_BYTES = 4 << 20
 # One read of a job's pipe (the server's own reads were this size).
 READ_BYTES = 256 << 10
-# After init ended: how long to wait for the pipes' EOF (a process outside
-# the job could hold a write end), and for a connected server to
+# After the command ended: how long to wait for the pipes' EOF (a process
+# outside the job could hold a write end), and for a connected server to
 # acknowledge the last output before it is written to the backlog instead.
 EOF_GRACE_S = 2.0
 ACK_WAIT_S = 5.0
@@ -1356,31 +1478,34 @@ def _json(value: object) -> str:
 
 class Supervisor:
     """
-    The outer helper of a supervised job, once init runs: the job's
-    supervisor until it has ended and its end is recorded.
+    The helper of a supervised job once the command runs, PID 1 of its PID
+    namespace: the job's supervisor until it has ended and its end is
+    recorded.
 
     It holds the only read ends of the job's stdout and stderr pipes and
     relays what it reads, with its offset, to the connected server, keeping
     each chunk until the server acknowledges that it has stored it; while
     no server is connected (the server died, or left the job for the next
     one) it appends the chunks to the backlog file instead, so the job never
-    waits on a server that is not there.  It relays init's status lines,
-    forwards the signals a server sends, stops the job at its timeout
-    (counted from its start, whoever runs the server), and when the job has
-    ended writes its end record and tells the server.  A server connects
-    on the listening socket; the first one is fd 3, a socketpair.
+    waits on a server that is not there.  It tells the command's fate in
+    status lines, forwards the signals a server sends, stops the job at its
+    timeout (counted from its start, whoever runs the server), reaps the
+    orphans of the namespace (as its PID 1) and, once the command has
+    ended, kills what is left of the job, writes its end record and tells
+    the server.  A server connects on the listening socket; the first one
+    is fd 3, a socketpair.
     """
 
-    def __init__(self, config: JobConfig, init: int, status: int) -> None:
+    def __init__(self, config: JobConfig, host_pid: int, command: int, first_line: str) -> None:
         import _socket
         import select
         import time
 
         self._time = time
         self.config = config
-        self.init = init
-        self.status = status  # init's status lines
-        self.status_buffer = b""
+        self.host_pid = host_pid
+        self.command = command
+        self.first_line = first_line  # started, or failed
         self.listen = _socket.socket(fileno=LISTEN_FD)
         self.listen.setblocking(False)
         self.conn: int | None = STATUS_FD
@@ -1391,7 +1516,6 @@ class Supervisor:
         for fd in self.pipes:
             posix.set_blocking(fd, False)
         posix.set_blocking(STATUS_FD, False)
-        posix.set_blocking(status, False)
         self.offset = 0  # of the next output byte
         self.window: list[tuple[int, int, bytes]] = []  # (offset, fd, data), not acknowledged
         self.window_bytes = 0
@@ -1405,7 +1529,7 @@ class Supervisor:
         self.deadline: float | None = None  # the timeout's SIGTERM
         self.kill_at: float | None = None  # the timeout's SIGKILL
         self.timed_out = False
-        self.init_status: int | None = None
+        self.command_end: tuple[int, int] | None = None  # (exit code, signal)
         self.eof_by: float | None = None
         self.ended_at = 0
         self.end_sent = False
@@ -1429,6 +1553,9 @@ class Supervisor:
         never returns.
         """
         self._send(frame(HELLO, self._hello()))
+        self._line(self.first_line)
+        # A command that ended before the SIGCHLD wake-up was set.
+        self._reap()
         while not self._done():
             self._poll()
         self._finish()
@@ -1444,7 +1571,7 @@ class Supervisor:
 
     def _poll(self) -> None:
         poller = self.poller
-        watched = {self.wake: _POLLIN, self.status: _POLLIN, self.listen.fileno(): _POLLIN}
+        watched = {self.wake: _POLLIN, self.listen.fileno(): _POLLIN}
         if self.conn is not None:
             watched[self.conn] = _POLLIN | (_POLLOUT if self.outgoing else 0)
         if self._reading():
@@ -1460,8 +1587,6 @@ class Supervisor:
         for fd, events in ready:
             if fd == self.wake:
                 self._drain_wake()
-            elif fd == self.status:
-                self._read_status()
             elif fd == self.listen.fileno():
                 self._accept()
             elif fd == self.conn:
@@ -1492,7 +1617,7 @@ class Supervisor:
             return -1
         return max(0, int((min(times) - now) * 1000) + 1)
 
-    # -- init and the job's output ---------------------------------------------------
+    # -- the command and its output ---------------------------------------------------
 
     def _drain_wake(self) -> None:
         try:
@@ -1502,34 +1627,37 @@ class Supervisor:
             pass
 
     def _reap(self) -> None:
-        if self.init_status is not None:
-            return
-        try:
-            pid, status = posix.waitpid(self.init, posix.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == self.init:
-            self.init_status = status
-            global _forward_target
-            _forward_target = 0
-            self.deadline = self.kill_at = None
-            self.eof_by = self._time.monotonic() + EOF_GRACE_S
-            self._read_status()
-
-    def _read_status(self) -> None:
+        """
+        Reap what has ended: the command, and orphans of the namespace.
+        """
         while True:
             try:
-                data = posix.read(self.status, MAX_STATUS_LINE)
-            except BlockingIOError:
-                break
-            except OSError:
-                data = b""
-            if not data:
-                break
-            self.status_buffer += data
-        while b"\n" in self.status_buffer:
-            raw, self.status_buffer = self.status_buffer.split(b"\n", 1)
-            self._line(raw.decode("ascii", "replace"))
+                pid, status = posix.waitpid(-1, posix.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.command:
+                self._command_ended(status)
+
+    def _command_ended(self, status: int) -> None:
+        """
+        The command has ended: tell how, and end the rest of the job (as
+        init did; they are all gone by the time the job's end is told).
+        """
+        global _forward_target
+        _forward_target = 0
+        if posix.WIFSIGNALED(status):
+            word, number, code, signum = SIGNAL, posix.WTERMSIG(status), -1, posix.WTERMSIG(status)
+        else:
+            code, signum = posix.waitstatus_to_exitcode(status), 0
+            word, number = EXIT, code
+        if not self.first_line.startswith(FAILED):
+            self._line(f"{word} {number}")
+        _kill_namespace()
+        self.command_end = (code, signum)
+        self.deadline = self.kill_at = None
+        self.eof_by = self._time.monotonic() + EOF_GRACE_S
 
     def _line(self, line: str) -> None:
         if line.startswith(STARTED):
@@ -1559,11 +1687,11 @@ class Supervisor:
             self._send(data_header(stream, offset, len(data)), data)
         else:
             self._to_backlog(offset, stream, data)
-            if len(data) < READ_BYTES and self.init_status is None:
+            if len(data) < READ_BYTES and self.command_end is None:
                 self.read_at = self._time.monotonic() + BACKLOG_PAUSE_S
 
     def _output_ended(self) -> bool:
-        if self.init_status is None:
+        if self.command_end is None:
             return False
         if self.pipes and self._time.monotonic() < (self.eof_by or 0):
             return False
@@ -1593,25 +1721,27 @@ class Supervisor:
             self._end()
 
     def _signal(self, signum: int) -> None:
-        if self.init_status is not None:
+        """
+        Forward C{signum} to the command's process group; SIGKILL goes to
+        every process of the namespace (but us).
+        """
+        if self.command_end is not None:
             return
-        try:
-            posix.kill(self.init, signum)
-        except OSError:
-            pass
+        if signum == _signal.SIGKILL:
+            try:
+                posix.kill(-1, signum)
+            except OSError:
+                pass
+        else:
+            _forward_signal(signum, None)
 
     def _end(self) -> None:
         """
         The job has ended and its output is read: record it, tell the server.
         """
-        status = self.init_status
-        assert status is not None
-        if posix.WIFSIGNALED(status):
-            code, signum = -1, posix.WTERMSIG(status)
-        else:
-            code, signum = posix.waitstatus_to_exitcode(status), 0
+        assert self.command_end is not None
         self.ended_at = self._time.time_ns() // 1000
-        self.exit = (code, signum)
+        self.exit = self.command_end
         record = _json(dict(self._state(), format=SUPERVISOR_FORMAT)) + "\n"
         try:
             posix.pwrite(END_FD, record.encode("ascii"), 0)
@@ -1619,14 +1749,14 @@ class Supervisor:
         except OSError:
             pass  # the server learns it from the END frame; a later one reads it as lost
         self._send(frame(CLOSED, b""))
-        self._send(frame(END, b"%d %d" % (code, signum)))
+        self._send(frame(END, b"%d %d" % self.exit))
         self.end_sent = True
         self.ack_by = self._time.monotonic() + ACK_WAIT_S
 
     def _state(self) -> dict[str, object]:
         exit = getattr(self, "exit", None)
         return {
-            "pid": posix.getpid(),
+            "pid": self.host_pid,
             "lines": self.lines,
             "offset": self.offset,
             "backlog": self.backlog_range,
@@ -1827,7 +1957,7 @@ def compiled_helper(directory: str | None = None) -> str:
 
     Python compiles a script named on its command line afresh on every run
     and never caches it; for this module that costs each job about 8 ms of
-    start-up and over 1 MiB of memory held by outer and init.  The server
+    start-up and over 1 MiB of memory held by each supervisor.  The server
     calls this once, at start-up, in its own process (it imports
     C{importlib} and C{py_compile}, which the helper must not).
 
@@ -1923,10 +2053,18 @@ def run_zygote() -> None:
     posix.close(STATUS_FD)
     control = _socket.socket(fileno=_ZYGOTE_SOCKET_FD)
     # Load now what every supervisor would otherwise load after its fork.
+    import fcntl  # noqa: F401
     import select  # noqa: F401
     import time  # noqa: F401
     from _json import encode_basestring_ascii, make_scanner  # noqa: F401
 
+    # And bind the C library (loading _ctypes and libffi, making its
+    # classes): each supervisor would otherwise pay ~0.4 MiB for it.
+    c_call("getpid")
+
+    # Each supervisor is PID 1 of a PID namespace of its own (see
+    # fork_pid_one), the zygote's child.
+    home = posix.open("/proc/self/ns/pid", posix.O_RDONLY | posix.O_CLOEXEC)
     # Its children are the supervisors; each is reaped as it ends.
     _signal.signal(_signal.SIGCHLD, _signal.SIG_IGN)
     space = _socket.CMSG_SPACE(4 * len(ZYGOTE_FDS))
@@ -1959,7 +2097,7 @@ def run_zygote() -> None:
             got += len(piece)
         if len(fds) == len(ZYGOTE_FDS):
             try:
-                child = posix.fork()
+                child = fork_pid_one(home)
             except OSError:
                 child = -1
             if child == 0:
@@ -2029,12 +2167,15 @@ def run_helper(text: str | None) -> None:
         if config.supervise:
             # The supervisor outlives the server that started it (it is
             # what keeps the job when that server dies): no parent-death
-            # signal, and no cgroup of the job's (init joins them).
+            # signal, and no cgroup of the job's (the command joins them).
             global _framed
             _framed = True
-        else:
-            join_cgroups(config.cgroup_procs)
-            die_with_parent()
+            if posix.getpid() != 1:
+                become_pid_one()
+            new_session()
+            run_supervisor(config)
+        join_cgroups(config.cgroup_procs)
+        die_with_parent()
         new_session()
         if config.isolate:
             run_outer(config)

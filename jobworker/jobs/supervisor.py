@@ -5,8 +5,8 @@ C{Supervisor}): its start, its socket, and what it kept while no server ran.
 Who holds what
 ==============
 
-An isolated job's outer helper stays as its supervisor for as long as the
-job runs, and it, not the server, holds the read ends of the job's stdout
+An isolated job's helper is its supervisor (the PID 1 of the job's PID
+namespace) for as long as the job runs, and it, not the server, holds the read ends of the job's stdout
 and stderr pipes.  It relays each chunk it reads, with the chunk's offset,
 over a unix stream socket, and keeps the chunk until the server
 acknowledges (L{contract.ACK}) that its spool has written it; so a server
@@ -281,7 +281,7 @@ class SupervisorLink(protocol.Protocol):
     """
     The server's end of one supervisor's socket.
 
-    @ivar end: the job's end as the supervisor said it (init's exit code
+    @ivar end: the job's end as the supervisor said it (the command's exit code
         and signal), once it has.
     @ivar hello: the supervisor's hello, once received.
     """

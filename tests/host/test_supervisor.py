@@ -8,6 +8,7 @@ timeout, and the descriptors the command does not get.  Root: namespaces.
 from __future__ import annotations
 
 import array
+import errno
 import json
 import os
 import socket
@@ -19,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from jobworker.host import contract
+from jobworker.host.isolate import compiled_helper
 from jobworker.jobs.helper import ISOLATE_SCRIPT
+from tests.host.test_isolate import job_only_memory
 from tests.support import need, need_root
 
 
@@ -123,7 +126,8 @@ def test_output_lines_and_end_come_as_frames_and_the_end_is_recorded(tmp_path, j
     jobs.append(job)
     assert job.finish() == 7
     assert job.hello is not None and job.hello["format"] == contract.SUPERVISOR_FORMAT
-    assert job.hello["pid"] == job.process.pid
+    # The supervisor's pid as the host sees it (it is PID 1 of its own namespace).
+    assert job.hello["pid"] > 1 and job.hello["pid"] != os.getpid()
     assert sorted(job.output.split()) == [b"err", b"out"]
     assert job.lines == ["started", "exit 7"]
     assert job.end == b"7 0"
@@ -205,34 +209,39 @@ def test_the_supervisor_stops_the_job_at_its_timeout_from_its_start(tmp_path, jo
     assert 0.7 < took < 5, took
 
 
-def test_the_zygote_forks_supervisors_that_outlive_it(tmp_path):
+class Zygote:
     """
-    The zygote forks a supervisor per request; killing the zygote leaves
-    the running job alone, and a request to a dead zygote fails (the
-    server then starts a new one: L{jobworker.jobs.supervisor.Zygote}).
+    The real zygote, with this test as its server.
     """
-    need_root()
-    need(os.path.exists("/proc/self/ns/pid"), "needs PID namespaces")
-    ours, theirs = socket.socketpair()
-    zygote = subprocess.Popen(
-        [sys.executable, "-I", "-S", ISOLATE_SCRIPT, "--zygote"],
-        preexec_fn=lambda: os.dup2(theirs.fileno(), 3), close_fds=False, stdin=subprocess.DEVNULL,
-    )
-    theirs.close()
-    try:
+
+    def __init__(self, helper: str = ISOLATE_SCRIPT) -> None:
+        need_root()
+        need(os.path.exists("/proc/self/ns/pid"), "needs PID namespaces")
+        self.sock, theirs = socket.socketpair()
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-S", helper, "--zygote"],
+            preexec_fn=lambda: os.dup2(theirs.fileno(), 3), close_fds=False, stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+
+    def job(self, directory: Path, script: str) -> Supervised:
+        """
+        Ask for one supervised job; the test's end of its socket, once the
+        command has started.
+        """
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(tmp_path / "s.sock"))
+        listener.bind(str(directory / "s.sock"))
         listener.listen(4)
         server_end, supervisor_end = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        backlog = os.open(tmp_path / "backlog", os.O_RDWR | os.O_CREAT, 0o600)
-        end = os.open(tmp_path / "end", os.O_RDWR | os.O_CREAT, 0o600)
-        config = json.dumps(dict(argv=["/bin/sh", "-c", "sleep 0.5; echo got"], isolate=True, supervise=True,
+        backlog = os.open(directory / "backlog", os.O_RDWR | os.O_CREAT, 0o600)
+        end = os.open(directory / "end", os.O_RDWR | os.O_CREAT, 0o600)
+        config = json.dumps(dict(argv=["/bin/sh", "-c", script], isolate=True, supervise=True,
                                  env={"PATH": "/usr/bin:/bin"})).encode()
         fds = [out_w, err_w, supervisor_end.fileno(), out_r, err_r, listener.fileno(), backlog, end]
-        ours.sendmsg([len(config).to_bytes(8, "big")], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        ours.sendall(config)
+        self.sock.sendmsg([len(config).to_bytes(8, "big")], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        self.sock.sendall(config)
         for fd in (out_w, err_w, out_r, err_r, backlog, end):
             os.close(fd)
         supervisor_end.close()
@@ -241,19 +250,93 @@ def test_the_zygote_forks_supervisors_that_outlive_it(tmp_path):
         job.sock, job.buffer, job.output, job.offset, job.lines = server_end, bytearray(), bytearray(), 0, []
         job.hello, job.end, job.closed = None, None, False
         job.read(lambda: "started" in job.lines)
-        supervisor_pid = job.hello["pid"]
-        assert open(f"/proc/{supervisor_pid}/stat").read().split()[3] == str(zygote.pid)
-        zygote.kill()
-        zygote.wait()
-        time.sleep(0.2)
-        assert os.path.exists(f"/proc/{supervisor_pid}"), "the supervisor died with the zygote"
-        # The job goes on to its end, and says so.
-        job.read(lambda: job.closed)
-        assert job.lines[-1] == "exit 0" and bytes(job.output) == b"got\n"
-        with pytest.raises(OSError):
-            ours.sendmsg([b"\0" * 8])
-            ours.sendmsg([b"\0" * 8])
-    finally:
-        if zygote.poll() is None:
-            zygote.kill()
-            zygote.wait()
+        return job
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def zygote(tmp_path_factory):
+    # Its bytecode, as the server runs it (see compiled_helper).
+    made = Zygote(compiled_helper(str(tmp_path_factory.mktemp("helper"))))
+    yield made
+    made.close()
+
+
+def test_the_zygote_forks_supervisors_that_outlive_it(tmp_path, zygote):
+    """
+    The zygote forks a supervisor per request; killing the zygote leaves
+    the running job alone, and a request to a dead zygote fails (the
+    server then starts a new one: L{jobworker.jobs.supervisor.Zygote}).
+    """
+    job = zygote.job(tmp_path, "sleep 0.5; echo got")
+    supervisor_pid = job.hello["pid"]
+    assert open(f"/proc/{supervisor_pid}/stat").read().split()[3] == str(zygote.process.pid)
+    zygote.process.kill()
+    zygote.process.wait()
+    time.sleep(0.2)
+    assert os.path.exists(f"/proc/{supervisor_pid}"), "the supervisor died with the zygote"
+    # The job goes on to its end, and says so.
+    job.read(lambda: job.closed)
+    assert job.lines[-1] == "exit 0" and bytes(job.output) == b"got\n"
+    with pytest.raises(OSError):
+        zygote.sock.sendmsg([b"\0" * 8])
+        zygote.sock.sendmsg([b"\0" * 8])
+
+
+# The service aims at 1 MiB per running job (issue 17); the supervisor's share.
+SUPERVISOR_MEMORY_BUDGET = 1 << 20
+
+
+def test_a_job_has_one_supervising_process_outside_its_namespaces_and_small(tmp_path, zygote):
+    """
+    The supervisor is PID 1 of the job's PID namespace and the command its
+    child (no init between them); the supervisor stays in the host's mount
+    and network namespaces (the command's are the job's), and the memory
+    that only it holds stays within its budget.
+    """
+    need(os.path.exists("/proc/kpagecount"), "needs /proc/kpagecount")
+    job = zygote.job(tmp_path, "exec sleep 30")
+    supervisor = job.hello["pid"]
+    assert _nspid(supervisor) == [supervisor, 1]
+    children = open(f"/proc/{supervisor}/task/{supervisor}/children").read().split()
+    assert len(children) == 1
+    command = int(children[0])
+    assert open(f"/proc/{command}/comm").read().strip() == "sleep" and _nspid(command)[1:] == [2]
+    for kind in ("mnt", "net"):
+        ours = os.readlink(f"/proc/self/ns/{kind}")
+        assert os.readlink(f"/proc/{supervisor}/ns/{kind}") == ours
+        assert os.readlink(f"/proc/{command}/ns/{kind}") != ours
+    used = job_only_memory([supervisor])
+    assert used <= SUPERVISOR_MEMORY_BUDGET, f"{used / 2**20:.2f} MiB"
+    job.sock.sendall(contract.frame(contract.SEND_SIGNAL, bytes((9,))))
+    job.read(lambda: job.closed)
+    assert job.lines[-1] == "signal 9"
+
+
+def test_a_cgroup_that_cannot_be_joined_fails_the_start_and_the_command_never_runs(tmp_path, jobs):
+    """
+    The supervisor moves the command into the job's cgroups while it sets
+    up: a move that fails is the start's failure, and the command never
+    runs.
+    """
+    ran = tmp_path / "ran"
+    # Opens for writing; every write fails with ENOSPC.
+    job = Supervised(tmp_path, f"touch {ran}", cgroup_procs=["/dev/full"])
+    jobs.append(job)
+    assert job.finish() == contract.EXIT_SETUP_FAILED
+    assert job.lines == [f"failed setup {errno.ENOSPC} cgroup join /dev/full: {os.strerror(errno.ENOSPC)}"]
+    assert not ran.exists()
+
+
+def _nspid(pid: int) -> list[int]:
+    """
+    A process's pid in each PID namespace it is in, the host's first.
+    """
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("NSpid:"):
+            return [int(n) for n in line.split()[1:]]
+    raise AssertionError("no NSpid line")
