@@ -1745,12 +1745,17 @@ class Supervisor:
         record = _json(dict(self._state(), format=SUPERVISOR_FORMAT)) + "\n"
         try:
             posix.pwrite(END_FD, record.encode("ascii"), 0)
-            posix.fsync(END_FD)
         except OSError:
             pass  # the server learns it from the END frame; a later one reads it as lost
         self._send(frame(CLOSED, b""))
         self._send(frame(END, b"%d %d" % self.exit))
         self.end_sent = True
+        # Synced after the server is told (it records the end itself): only
+        # a crash of the host, which ends the server too, needs it on disk.
+        try:
+            posix.fsync(END_FD)
+        except OSError:
+            pass
         self.ack_by = self._time.monotonic() + ACK_WAIT_S
 
     def _state(self) -> dict[str, object]:

@@ -209,9 +209,13 @@ class Job:
     def is_final(self) -> bool:
         return self.state.is_final
 
-    def status(self) -> JobStatus:
+    def status(self, *, live: bool = True) -> JobStatus:
+        """
+        @param live: read a running job's usage from its cgroup now (else
+            the last one read: a record does not need it).
+        """
         usage = self.usage
-        if not self.is_final and self.cgroup is not None:
+        if live and not self.is_final and self.cgroup is not None:
             usage = self._read_usage()
         return JobStatus(
             job_id=self.job_id,

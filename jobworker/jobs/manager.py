@@ -381,10 +381,12 @@ class JobManager(Service):
             self.store.forget(job_id)
             self._forget_uid(dynamic_uid)
             raise
+        # One line a job (each costs the reactor ~0.3 ms): its uid is here.
         log.info(
-            "job {job_id} starting for {owner}: {argv}",
+            "job {job_id} starting for {owner} as uid {uid}: {argv}",
             job_id=job_id,
             owner=log_value(identity.name),
+            uid=job.uid,
             argv=log_excerpt(list(job.argv)),
         )
         return started
@@ -537,7 +539,6 @@ class JobManager(Service):
             # The lock file is the first file a start makes: no descriptors
             # or a full disk here is OUT_OF_RESOURCES, as at every later step.
             raise self._resource_error(job_id, "claim a uid for it", exc) from None
-        log.debug("job {job_id} gets uid {uid}", job_id=job_id, uid=uid)
         return uid
 
     def _forget_uid(self, uid: int | None) -> None:

@@ -21,20 +21,25 @@ rename), so a crash or a full disk leaves either the old record or the new
 one, never a torn one: a write that fails, short or not, removes the
 temporary file and leaves the old record in place.
 
-Write-behind (L{JobStore.write_behind}, what the server turns on): a save
-of a job's final state (one that has a record already) is written by a
-thread of the store's,
-so that the ~1-3 ms of creating, syncing and renaming files is not spent on
-the reactor's thread, where a burst of jobs ending (a stop of hundreds)
-held every client up for tens of milliseconds.  What is saved is taken at
+Write-behind (L{JobStore.write_behind}, what the server turns on): every
+save of a job that has a record already is written by a thread of the
+store's, so that the ~1-3 ms of creating, syncing and renaming files is not
+spent on the reactor's thread, where a burst of jobs ending (a stop of
+hundreds) held every client up for tens of milliseconds, and a start paid
+it three times.  What is saved is taken at
 the call (the record is encoded there); saves of one job still queued are
 merged (only the newest is written); one that fails is logged and tried
 again every L{WRITE_RETRY_S} seconds until it is written or replaced; a job
 forgotten drops what is queued for it and waits for a write under way; and
 closing the store writes what is queued.  A job's first save (the one that
 makes its record, when it starts) is written at once, so that a start on a
-full disk is still refused with the cause; so is every save of a running
-job, whose record tells the next server how to take it back.
+full disk is still refused with the cause, and so that a server that dies
+at any moment after it leaves a record that tells the next server how to
+take the job back; it is not synced there (a server's crash cannot lose
+what the kernel has; a host's crash can, but the job's next save, which
+always follows within milliseconds, as it starts or fails, is written and
+synced by the thread).  Later saves of a running job add nothing the next
+server needs: the supervisor's hello tells it the rest.
 
 Loading trusts nothing on disk: every record is validated
 (L{jobworker.records.salvage_status}); a damaged one, and a spool whose
@@ -423,23 +428,25 @@ class JobStore:
             many open files); the old record, if any, is left as it was and
             no temporary file is left behind.
         """
-        status = job.status()
+        # A running job's usage is read from its cgroup again when asked for.
+        status = job.status(live=False)
         record: dict[str, Any] = {"status": status_to_dict(status), "env": [list(pair) for pair in job.env]}
         supervisor = getattr(job, "supervisor", None)
         if supervisor is not None and not job.is_final:
             record["supervisor"] = supervisor
         content = json.dumps(record).encode()
         behind = self._behind
-        # Only a final state is written behind: a running job's record says
-        # how to take it back after a crash (its supervisor), and is written
-        # before the call returns, as ever.
-        if behind is not None and status.state.is_final and behind.queue(job.job_id, content):
+        if behind is not None and behind.queue(job.job_id, content):
             return
-        self._replace(self._record_path(job.job_id), content)
+        self._replace(self._record_path(job.job_id), content, sync=behind is None)
         if behind is not None:
             behind.made(job.job_id)
 
-    def _replace(self, path: str, content: bytes, directory: str | None = None) -> None:
+    def _replace(self, path: str, content: bytes, directory: str | None = None, sync: bool = True) -> None:
+        """
+        Write C{path} anew through a temporary file and a rename; synced
+        (the file, then its directory) unless C{sync} is false.
+        """
         temporary = path + ".tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -450,7 +457,8 @@ class JobStore:
                     # itself: go on until all is written or one fails.
                     written = os.write(fd, view)
                     view = view[written:]
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temporary, path)
@@ -460,6 +468,8 @@ class JobStore:
             except OSError:
                 pass
             raise
+        if not sync:
+            return
         # The rename itself survives a crash once the directory is synced.
         try:
             dir_fd = os.open(directory or self.jobs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
