@@ -305,3 +305,36 @@ def test_write_behind_retries_a_failed_write_until_it_is_written(store: JobStore
     assert soon.logged == ["job {job_id}: its record is saved again"]
     assert record_of(store, job.job_id)["status"]["exit_code"] == 7
     assert not list(Path(store.jobs_dir).glob("*.tmp"))
+
+
+def test_write_behind_removes_a_settled_supervisors_files_off_the_callers_thread(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The backlog, end record and socket of a job whose end is settled are
+    removed by the store's thread (three unlinks the reactor does not
+    wait for); closing the store waits for them; what cannot be removed
+    is logged through the reactor, and left.
+    """
+    import threading
+
+    removed_on: list[str] = []
+    real_unlink = os.unlink
+
+    def unlink(path: str) -> None:
+        removed_on.append(threading.current_thread().name)
+        real_unlink(path)
+
+    monkeypatch.setattr(jobworker.jobs.store.os, "unlink", unlink)
+    soon = Soon()
+    store.write_behind(soon)
+    job_id, stuck = uuid.uuid4(), uuid.uuid4()
+    paths = [store.backlog_path(job_id), store.end_path(job_id), store.socket_file(job_id)]
+    for path in paths:
+        Path(path).write_bytes(b"x")
+    os.mkdir(store.end_path(stuck))  # not a file: unlink fails
+    store.forget_supervisor(job_id)
+    store.forget_supervisor(stuck)
+    store.close()
+    assert not any(os.path.exists(path) for path in paths)
+    assert removed_on and threading.current_thread().name not in removed_on
+    assert os.path.isdir(store.end_path(stuck))
+    assert len(soon.calls) == 1  # the one failure's log line, for the reactor
