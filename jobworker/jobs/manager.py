@@ -26,6 +26,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 
 from jobworker.audit import log_excerpt, log_value
 from jobworker.errors import ErrorCode, JobworkerError, RequestError
@@ -85,6 +86,7 @@ class JobManager(Service):
         # The helper's source until start-up compiles it (see startService).
         self.helper_path = ISOLATE_SCRIPT
         self.zygote: Zygote | None = None
+        self._priming = False  # a prime_moves() runs (see _prime_moves)
         self.uids: UidAllocator | None = None
         self._uid_locks: UidLocks | None = None
         self._settings: HelperSettings | None = None
@@ -328,6 +330,7 @@ class JobManager(Service):
         """
         if self._shutting_down:
             raise RequestError("the server is shutting down", ErrorCode.SHUTTING_DOWN)
+        self._prime_moves()
         running = sum(1 for job in self.jobs.values() if job.owner == identity.name and not job.is_final)
         spec = admit(identity, request, self.admission_config(), running=running)
         self._check_name_free(spec)
@@ -585,6 +588,23 @@ class JobManager(Service):
         self._cleanups.add(killing)
         killing.addBoth(lambda _: self._cleanups.discard(killing))
         return killing
+
+    def _prime_moves(self) -> None:
+        """
+        Begin, on a thread, the kernel's wait that the move of the job's
+        command into its cgroups would otherwise make in full, a few
+        milliseconds from now (L{CgroupDriver.prime_moves}); one at a time.
+        """
+        if self.cgroups is None or self._priming:
+            return
+        self._priming = True
+
+        def primed(result: object) -> None:
+            self._priming = False
+            if isinstance(result, Failure):
+                log.debug("could not prime cgroup moves: {error}", error=result.getErrorMessage())
+
+        threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.cgroups.prime_moves).addBoth(primed)
 
     def remove_cgroup(self, cgroup: Any) -> defer.Deferred[None]:
         removal = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), cgroup.remove)

@@ -320,6 +320,16 @@ def start_daemon(cgroup: JobCgroup) -> tuple[subprocess.Popen, int, int]:
     return process, int(said["daemon"]), int(said["parent"])
 
 
+def test_prime_moves_leaves_the_service_where_it_was(any_driver):
+    """
+    The kernel takes the move of the service into its own cgroup (see
+    CgroupDriver.prime_moves) and changes nothing.
+    """
+    before = open("/proc/self/cgroup").read()
+    any_driver.prime_moves()
+    assert open("/proc/self/cgroup").read() == before
+
+
 def test_kill_reaches_a_daemon(any_driver):
     cgroup = any_driver.create("kill", Limits())
     process, daemon, parent = start_daemon(cgroup)

@@ -66,6 +66,9 @@ class SlowDriver:
     def release(self) -> None:
         pass
 
+    def prime_moves(self) -> None:
+        pass
+
     def create(self, name: str, limits: Any) -> SlowCgroup:
         path = self.directory / name
         path.mkdir()

@@ -710,3 +710,22 @@ def test_a_poll_sees_a_quick_death_within_milliseconds_not_a_whole_interval() ->
     slept.clear()
     assert not poll(calls, lambda: False, 0.5)  # a long wait still ends at its timeout...
     assert max(slept) == POLL_INTERVAL and len(slept) < 0.5 / POLL_INTERVAL + 8  # ...without spinning
+
+
+@pytest.mark.parametrize("make", [v1_host, v2_host], ids=["v1", "v2"])
+def test_prime_moves_moves_the_service_where_it_is(tmp_path, make):
+    """
+    prime_moves is a move of the service into the cgroup it is in: one
+    cgroup.procs write of its pid, and every membership as it was.
+    """
+    host, driver = make(tmp_path)
+    job = driver.create("1", Limits())
+    worker = host.spawn(job.procs_files)
+    own = list(driver.own) if isinstance(driver, CgroupV1Driver) else [driver.service_leaf]
+    before = {directory: host.members(directory) for directory in own}
+    assert all(host.service_pid in members for members in before.values())
+    host.writes.clear()
+    driver.prime_moves()
+    assert [(os.path.basename(path), text) for path, text in host.writes] == [("cgroup.procs", str(host.service_pid))]
+    assert {directory: host.members(directory) for directory in own} == before
+    assert job.pids() == [worker]

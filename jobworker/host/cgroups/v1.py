@@ -351,5 +351,9 @@ class CgroupV1Driver:
             return None
         return self._job(name)
 
+    def prime_moves(self) -> None:
+        # The lock is the kernel's, for every hierarchy: one will do.
+        self._calls.write(os.path.join(min(self.own), "cgroup.procs"), str(self._calls.getpid()))
+
     def usage_supported(self) -> frozenset[str]:
         return usage_fields(self.controllers, cpu="cpuacct" in self._base_of)

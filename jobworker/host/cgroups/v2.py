@@ -421,6 +421,9 @@ class CgroupV2Driver:
         name = job_directory_name(job_id)
         return self._job(name) if os.path.isdir(os.path.join(self.base, name)) else None
 
+    def prime_moves(self) -> None:
+        self._calls.write(os.path.join(self.service_leaf, "cgroup.procs"), str(self._calls.getpid()))
+
     def usage_supported(self) -> frozenset[str]:
         # cpu.stat's usage_usec is core cgroup v2, there without the cpu
         # controller.
