@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -86,6 +87,9 @@ class JobHost(Protocol):
 
     def remove_cgroup(self, cgroup: Any) -> defer.Deferred[None]:
         """Remove the (empty) cgroup, off the reactor thread."""
+
+    def in_turn(self, call: Callable[[], object]) -> None:
+        """Call C{call} in a later turn of the reactor, a few such calls a turn."""
 
     def socket_path(self, job_id: uuid.UUID) -> str:
         """Where the job's supervisor listens."""
@@ -169,6 +173,7 @@ class Job:
         self._ingesting = False  # reading the supervisor's backlog
         self._ended_at_hint = 0  # when the job ended, if it ended while no server ran
         self._reconnected = False  # connected again once after losing its supervisor's connection
+        self._settle_queued = False  # its processes and output are done with; it settles in a turn of its own
         self.pipes = OutputPump(manager.reactor, job_id, output, spool, self._maybe_finish)
 
     def restore(self, status: JobStatus) -> None:
@@ -636,15 +641,18 @@ class Job:
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        # Called when the helper ended and whenever a pipe closes.
-        if self.life.phase is not Phase.DRAINING or self.pipes.open_count > 0:
+        # Called when the helper ended and whenever a pipe closes.  The job
+        # settles in a turn of the reactor of its own (JobHost.in_turn):
+        # jobs stopped together end together.
+        if self.life.phase is not Phase.DRAINING or self.pipes.open_count > 0 or self._settle_queued:
             return
-        self.life.fire(Event.OUTPUT_CLOSED)
+        self._settle_queued = True
         self._timers.cancel_all()
         self.pipes.cancel_retry()
-        self._settle()
+        self.manager.in_turn(self._settle)
 
     def _settle(self) -> None:
+        self.life.fire(Event.OUTPUT_CLOSED)
         if self.cgroup is not None:
             self.usage = self._read_usage()
         fate = decide_fate(

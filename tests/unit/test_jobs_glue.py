@@ -28,10 +28,11 @@ from jobworker.errors import ErrorCode, RequestError
 from jobworker.host import contract
 from jobworker.host.cgroups import Usage
 from jobworker.jobs.job import CGROUP_KILL_AFTER_S, Job
-from jobworker.jobs.manager import JobManager, JobManagerConfig
+from jobworker.jobs.manager import ENDS_PER_TURN, JobManager, JobManagerConfig
 from jobworker.limits import Limits
 from jobworker.policy import Identity, Role
 from jobworker.protocol.messages import JobState, StartRequest
+from tests.support import one_turn
 
 ADMIN = Identity("admin", Role.ADMIN)
 GRACE_S = 5.0
@@ -96,17 +97,18 @@ class FakeHelper:
     def outputs(self) -> bool:
         return self.output_open and not self.ended
 
-    def end(self, code: int | None = 0, signum: int | None = None, *, told: bool = True) -> None:
+    def end(self, code: int | None = 0, signum: int | None = None, *, told: bool = True, turn: bool = True) -> None:
         """
         The supervisor ends: after telling the job's end (C{told}), or
-        killed without a word; then the reactor turns (the removal of the
-        job's cgroup comes back through it).
+        killed without a word; then the reactor turns (C{turn}), until
+        the job has settled.
         """
         if told:
             self._frame(contract.frame(contract.END, b"%d %d" % (-1 if code is None else code, signum or 0)))
         self.ended = True
         self.link.connectionLost(Failure(ConnectionDone()))
-        self.reactor.advance(0)
+        if turn:
+            self.reactor.advance(0)
 
 
 class SynchronousPool:
@@ -363,6 +365,26 @@ def test_a_forced_stop_kills_through_the_supervisor_and_the_cgroup_only_if_the_j
     setup.reactor.advance(CGROUP_KILL_AFTER_S)
     assert cgroups.made[1].kills == 1
     assert stuck_helper.signals == [signal.SIGKILL]
+
+
+def test_jobs_that_end_together_settle_a_few_per_turn_of_the_reactor(setup: Setup) -> None:
+    # Their supervisors' sockets close in one poll of the reactor: settled
+    # in that one turn, the reactor served no other client meanwhile.
+    jobs = [setup.running() for _ in range(3 * ENDS_PER_TURN)]
+    for job, _ in jobs:
+        job.stop("alice", 0)
+    for _, helper in jobs:
+        helper.close_output()
+        helper.end(None, signal.SIGKILL, turn=False)
+    states = [job.state for job, _ in jobs]
+    assert JobState.STOPPED not in states
+    ended: list[Job] = []
+    while len(ended) < len(jobs):
+        assert one_turn(setup.reactor) > 0, "a job never settled"
+        now = [job for job, _ in jobs if job.state is JobState.STOPPED]
+        assert 0 < len(now) - len(ended) <= ENDS_PER_TURN
+        ended = now
+    assert ended == [job for job, _ in jobs]  # in the order they ended
 
 
 # -- a helper that dies early -----------------------------------------------------------
