@@ -270,7 +270,7 @@ class JobManager(Service):
         return self.store.end_path(job_id)
 
     def supervisor_files_done(self, job_id: uuid.UUID) -> None:
-        self.store.forget_supervisor(job_id)
+        self.store.forget_supervisor_once_saved(job_id)
 
     def _make_inaccessible_file(self) -> None:
         """

@@ -30,8 +30,10 @@ held every client up for tens of milliseconds.  What is saved is taken at
 the call (the record is encoded there); saves of one job still queued are
 merged (only the newest is written); one that fails is logged and tried
 again every L{WRITE_RETRY_S} seconds until it is written or replaced; a job
-forgotten drops what is queued for it and waits for a write under way; and
-closing the store writes what is queued.  A job's first save (the one that
+forgotten drops what is queued for it and waits for a write under way;
+closing the store writes what is queued; and the files a job's supervisor
+left go once its final record is written, by the same thread
+(L{JobStore.forget_supervisor_once_saved}).  A job's first save (the one that
 makes its record, when it starts) is written at once, so that a start on a
 full disk is still refused with the cause; so is every save of a running
 job, whose record tells the next server how to take it back.
@@ -157,6 +159,8 @@ class _RecordWriter:
         self._failed: dict[uuid.UUID, float] = {}  # when to try again (monotonic)
         self._with_record: set[uuid.UUID] = set()
         self._writing: uuid.UUID | None = None
+        # Files to unlink once the job's queued record is written.
+        self._after_record: dict[uuid.UUID, tuple[str, ...]] = {}
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="jobworker-records", daemon=True)
         self._thread.start()
@@ -177,6 +181,15 @@ class _RecordWriter:
             self._queued[job_id] = content
             self._lock.notify()
             return True
+
+    def discard_after_record(self, job_id: uuid.UUID, paths: tuple[str, ...]) -> None:
+        """
+        Unlink C{paths} once the job's record queued now is written (soon,
+        when none is queued); never while it cannot be written.
+        """
+        with self._lock:
+            self._after_record[job_id] = self._after_record.get(job_id, ()) + paths
+            self._lock.notify()
 
     def drop(self, job_id: uuid.UUID) -> None:
         """
@@ -205,19 +218,53 @@ class _RecordWriter:
                 return job_id, self._queued.pop(job_id)
         return None
 
+    def _discards_due(self) -> list[str]:
+        # With the lock held: the files of the jobs whose record is written.
+        due = [job_id for job_id in self._after_record if job_id not in self._queued]
+        return [path for job_id in due for path in self._after_record.pop(job_id)]
+
+    def _work(self) -> tuple[uuid.UUID, bytes] | list[str] | None:
+        # With the lock held: the next record to write, else files to
+        # unlink, waiting for either; None once closing leaves neither.
+        while True:
+            item = self._next()
+            if item is not None:
+                return item
+            paths = self._discards_due()
+            if paths:
+                return paths
+            if self._closing:
+                return None  # what failed was tried once more: left as it is
+            due = min((self._failed[job_id] for job_id in self._queued if job_id in self._failed), default=None)
+            self._lock.wait(None if due is None else max(0.0, due - time.monotonic()))
+
+    def _discard(self, paths: list[str]) -> None:
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._call_soon(
+                    lambda path=path, exc=exc: log.warn("could not remove {path}: {error}; left as it is", path=path, error=exc.strerror or exc)
+                )
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                item = self._next()
-                while item is None:
-                    if self._closing:
-                        return  # what failed was tried once more: left as it is
-                    due = min((self._failed[job_id] for job_id in self._queued if job_id in self._failed), default=None)
-                    self._lock.wait(None if due is None else max(0.0, due - time.monotonic()))
-                    item = self._next()
-                job_id, content = item
-                self._writing = job_id
-                failed_before = job_id in self._failed
+                work = self._work()
+                if work is None:
+                    return
+                if isinstance(work, list):
+                    paths = work
+                else:
+                    paths = []
+                    job_id, content = work
+                    self._writing = job_id
+                    failed_before = job_id in self._failed
+            if paths:
+                self._discard(paths)
+                continue
             try:
                 self._store._replace(self._store._record_path(job_id), content)
                 error = None
@@ -405,12 +452,29 @@ class JobStore:
     def socket_file(self, job_id: uuid.UUID) -> str:
         return os.path.join(self.run_dir, f"{job_id}.sock")
 
+    def _supervisor_files(self, job_id: uuid.UUID) -> tuple[str, ...]:
+        return (self.backlog_path(job_id), self.end_path(job_id), self.socket_file(job_id))
+
     def forget_supervisor(self, job_id: uuid.UUID) -> None:
         """
         Remove what the job's supervisor left (its end is settled).
         """
-        for path in (self.backlog_path(job_id), self.end_path(job_id), self.socket_file(job_id)):
+        for path in self._supervisor_files(job_id):
             discard(path)
+
+    def forget_supervisor_once_saved(self, job_id: uuid.UUID) -> None:
+        """
+        As L{forget_supervisor}, once the job's record as last saved is
+        written: with write-behind, by the store's thread (three unlinks
+        that take milliseconds on a busy disk, for each of hundreds of jobs
+        ending together), and never before the final record is on disk,
+        so that a crash meanwhile leaves the supervisor's end record to
+        tell the next server how the job ended.
+        """
+        if self._behind is None:
+            self.forget_supervisor(job_id)
+        else:
+            self._behind.discard_after_record(job_id, self._supervisor_files(job_id))
 
     def _record_path(self, job_id: uuid.UUID) -> str:
         return os.path.join(self.jobs_dir, f"{job_id}.json")
