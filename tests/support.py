@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -281,3 +282,20 @@ def start_server(
             time.sleep(0.05)
     server.stop()
     raise AssertionError(f"server did not listen within {SERVER_START_TIMEOUT} s:\n{server.log()}")
+
+
+def one_turn(clock: Any) -> int:
+    """
+    Run one turn of a reactor on a fake clock (L{twisted.internet.task.Clock}):
+    the delayed calls due now, not those they make (C{Clock.advance} runs
+    those too, as if the reactor never polled between).
+
+    @return: how many calls ran.
+    """
+    due = [call for call in clock.getDelayedCalls() if call.getTime() <= clock.seconds()]
+    for call in sorted(due, key=lambda call: call.getTime()):
+        if call.active():
+            func, args, kw = call.func, call.args, call.kw
+            call.cancel()  # (it forgets its function)
+            func(*args, **kw)
+    return len(due)

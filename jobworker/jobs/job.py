@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -54,13 +55,16 @@ def protocol_factory(link: SupervisorLink) -> Any:
     factory.buildProtocol = lambda addr: link  # type: ignore[method-assign]
     return factory
 
-__all__ = ["EOF_GRACE_S", "Job", "JobHost"]
+__all__ = ["CGROUP_KILL_AFTER_S", "EOF_GRACE_S", "Job", "JobHost"]
 
 log = Logger()
 
 # After the helper ends, wait this long for the pipes' EOF before closing
 # them ourselves (a process that escaped the job could hold them open).
 EOF_GRACE_S = 2.0
+# A SIGKILL through a job's supervisor ends the job in milliseconds; the
+# job's cgroup is killed too if it has not ended this long after.
+CGROUP_KILL_AFTER_S = 1.0
 
 class JobHost(Protocol):
     """
@@ -83,6 +87,9 @@ class JobHost(Protocol):
 
     def remove_cgroup(self, cgroup: Any) -> defer.Deferred[None]:
         """Remove the (empty) cgroup, off the reactor thread."""
+
+    def in_turn(self, call: Callable[[], object]) -> None:
+        """Call C{call} in a later turn of the reactor, a few such calls a turn."""
 
     def socket_path(self, job_id: uuid.UUID) -> str:
         """Where the job's supervisor listens."""
@@ -166,6 +173,7 @@ class Job:
         self._ingesting = False  # reading the supervisor's backlog
         self._ended_at_hint = 0  # when the job ended, if it ended while no server ran
         self._reconnected = False  # connected again once after losing its supervisor's connection
+        self._settle_queued = False  # its processes and output are done with; it settles in a turn of its own
         self.pipes = OutputPump(manager.reactor, job_id, output, spool, self._maybe_finish)
 
     def restore(self, status: JobStatus) -> None:
@@ -590,9 +598,24 @@ class Job:
             pass
 
     def _kill_all(self) -> None:
+        if self.cgroup is not None and self.link is not None and self.link.connected_to:
+            # The supervisor SIGKILLs the job's init, and the kernel every
+            # other process of its PID namespace with it: no process of the
+            # job is outside it, and none can fork meanwhile.  Its end says
+            # when all are gone, and the cgroup's removal then kills what
+            # might be left; the cgroup's own kill (a freeze, a read of its
+            # pids, a thaw, a poll: ~2 ms of a pool thread, for each of
+            # hundreds of jobs in a mass stop) waits for a supervisor that
+            # does not end the job in time.
+            self._signal_helper(signal.SIGKILL)
+            self._timers.start_by("cgroup-kill", CGROUP_KILL_AFTER_S, self._kill_cgroup)
+            return
+        self._kill_cgroup()
+        self._signal_helper(signal.SIGKILL)
+
+    def _kill_cgroup(self) -> None:
         if self.cgroup is not None:
             self.manager.kill_cgroup(self.cgroup, self.job_id)
-        self._signal_helper(signal.SIGKILL)
 
     # -- end -------------------------------------------------------------------
 
@@ -603,9 +626,12 @@ class Job:
         self.life.fire(Event.HELPER_ENDED)
         self._helper_exit = (exit_code, signum)
         # Whatever the helper left behind goes now: processes that escaped
-        # into the background would otherwise hold the pipes open.
+        # into the background would otherwise hold the pipes open.  (With
+        # every pipe closed the job settles now, and the removal of its
+        # cgroup kills what is left.)
         if self.cgroup is not None:
-            self.manager.kill_cgroup(self.cgroup, self.job_id)
+            if self.pipes.open_count:
+                self.manager.kill_cgroup(self.cgroup, self.job_id)
         elif not self.manager.config.isolate and self.pid is not None:
             # The group outlives its leader while a member lives, and its
             # id is not reused while it does; once it is empty the id is
@@ -619,15 +645,18 @@ class Job:
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        # Called when the helper ended and whenever a pipe closes.
-        if self.life.phase is not Phase.DRAINING or self.pipes.open_count > 0:
+        # Called when the helper ended and whenever a pipe closes.  The job
+        # settles in a turn of the reactor of its own (JobHost.in_turn):
+        # jobs stopped together end together.
+        if self.life.phase is not Phase.DRAINING or self.pipes.open_count > 0 or self._settle_queued:
             return
-        self.life.fire(Event.OUTPUT_CLOSED)
+        self._settle_queued = True
         self._timers.cancel_all()
         self.pipes.cancel_retry()
-        self._settle()
+        self.manager.in_turn(self._settle)
 
     def _settle(self) -> None:
+        self.life.fire(Event.OUTPUT_CLOSED)
         if self.cgroup is not None:
             self.usage = self._read_usage()
         fate = decide_fate(

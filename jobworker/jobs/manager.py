@@ -38,6 +38,7 @@ from jobworker.jobs.admission import AdmissionConfig, admit, check_verdict
 from jobworker.jobs.config import JobManagerConfig
 from jobworker.jobs.helper import ISOLATE_SCRIPT, HelperSettings, helper_config
 from jobworker.jobs.job import Job
+from jobworker.jobs.pacing import TurnQueue
 from jobworker.jobs.persistence import RecordSaver, restored_job
 from jobworker.jobs.report import now_us
 from jobworker.jobs.spec import JobSpec
@@ -53,6 +54,11 @@ from jobworker.protocol.messages import JobState, StartRequest
 __all__ = ["ISOLATE_SCRIPT", "Job", "JobManager", "JobManagerConfig"]
 
 log = Logger()
+
+# The most job ends (each a decision of its state, or the announcement
+# of it) done in one turn of the reactor: ~1 ms each, so another client's
+# request waits a few milliseconds for them at most.
+ENDS_PER_TURN = 4
 
 # Errors that mean the server ran out of something (not that the request was
 # wrong): answered as OUT_OF_RESOURCES, with the cause named.
@@ -82,6 +88,7 @@ class JobManager(Service):
         self.store = JobStore(config.state_dir)
         self._shutting_down = False
         self._cleanups: set[defer.Deferred[None]] = set()
+        self._turns = TurnQueue(reactor, ENDS_PER_TURN)
         self._saver = RecordSaver(reactor, self.store, self.jobs.get)
         # The helper's source until start-up compiles it (see startService).
         self.helper_path = ISOLATE_SCRIPT
@@ -265,7 +272,7 @@ class JobManager(Service):
         return self.store.end_path(job_id)
 
     def supervisor_files_done(self, job_id: uuid.UUID) -> None:
-        self.store.forget_supervisor(job_id)
+        self.store.forget_supervisor_once_saved(job_id)
 
     def _make_inaccessible_file(self) -> None:
         """
@@ -290,6 +297,9 @@ class JobManager(Service):
         """
         super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._shutting_down = True
+        # Jobs whose end is under way settle first: the reactor may not
+        # turn much longer, and a job left running is one to detach.
+        self._turns.flush()
         running = [job for job in self.jobs.values() if not job.is_final]
         ends = []
         if self.config.live_restore:
@@ -607,13 +617,27 @@ class JobManager(Service):
         threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.cgroups.prime_moves).addBoth(primed)
 
     def remove_cgroup(self, cgroup: Any) -> defer.Deferred[None]:
+        """
+        Remove C{cgroup} in the thread pool; the Deferred fires in a turn of
+        the reactor's of its own (L{in_turn}): removals done together come
+        back together.
+        """
         removal = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), cgroup.remove)
         removal.addErrback(
             lambda f: log.failure("could not remove cgroup {cgroup}", f, cgroup=getattr(cgroup, "path_description", cgroup))
         )
-        self._cleanups.add(removal)
-        removal.addBoth(lambda _: self._cleanups.discard(removal))
-        return removal
+        removed = self._turns.fired(removal)
+        self._cleanups.add(removed)
+        removed.addBoth(lambda _: self._cleanups.discard(removed))
+        return removed
+
+    def in_turn(self, call: Callable[[], object]) -> None:
+        """
+        Call C{call} in a later turn of the reactor, at most
+        L{ENDS_PER_TURN} such calls in a turn: the ends of jobs stopped
+        together (L{jobworker.jobs.pacing}).
+        """
+        self._turns.call(call)
 
     def job_changed(self, job: Job) -> None:
         self._saver.save(job)

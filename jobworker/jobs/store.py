@@ -30,8 +30,10 @@ it three times.  What is saved is taken at
 the call (the record is encoded there); saves of one job still queued are
 merged (only the newest is written); one that fails is logged and tried
 again every L{WRITE_RETRY_S} seconds until it is written or replaced; a job
-forgotten drops what is queued for it and waits for a write under way; and
-closing the store writes what is queued.  A job's first save (the one that
+forgotten drops what is queued for it and waits for a write under way;
+closing the store writes what is queued; and the files a job's supervisor
+left go once its final record is written, by the same thread
+(L{JobStore.forget_supervisor_once_saved}).  A job's first save (the one that
 makes its record, when it starts) is written at once, so that a start on a
 full disk is still refused with the cause, and so that a server that dies
 at any moment after it leaves a record that tells the next server how to
@@ -161,8 +163,9 @@ class _RecordWriter:
         self._queued: dict[uuid.UUID, bytes] = {}  # in the order first queued
         self._failed: dict[uuid.UUID, float] = {}  # when to try again (monotonic)
         self._with_record: set[uuid.UUID] = set()
-        self._discards: list[str] = []  # files to remove
         self._writing: uuid.UUID | None = None
+        # Files to unlink once the job's queued record is written.
+        self._after_record: dict[uuid.UUID, tuple[str, ...]] = {}
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="jobworker-records", daemon=True)
         self._thread.start()
@@ -184,17 +187,14 @@ class _RecordWriter:
             self._lock.notify()
             return True
 
-    def discard(self, paths: tuple[str, ...]) -> bool:
+    def discard_after_record(self, job_id: uuid.UUID, paths: tuple[str, ...]) -> None:
         """
-        Remove these files on the thread; False (the caller removes them)
-        once closing.
+        Unlink C{paths} once the job's record queued now is written (soon,
+        when none is queued); never while it cannot be written.
         """
         with self._lock:
-            if self._closing:
-                return False
-            self._discards.extend(paths)
+            self._after_record[job_id] = self._after_record.get(job_id, ()) + paths
             self._lock.notify()
-            return True
 
     def drop(self, job_id: uuid.UUID) -> None:
         """
@@ -223,23 +223,52 @@ class _RecordWriter:
                 return job_id, self._queued.pop(job_id)
         return None
 
+    def _discards_due(self) -> list[str]:
+        # With the lock held: the files of the jobs whose record is written.
+        due = [job_id for job_id in self._after_record if job_id not in self._queued]
+        return [path for job_id in due for path in self._after_record.pop(job_id)]
+
+    def _work(self) -> tuple[uuid.UUID, bytes] | list[str] | None:
+        # With the lock held: the next record to write, else files to
+        # unlink, waiting for either; None once closing leaves neither.
+        while True:
+            item = self._next()
+            if item is not None:
+                return item
+            paths = self._discards_due()
+            if paths:
+                return paths
+            if self._closing:
+                return None  # what failed was tried once more: left as it is
+            due = min((self._failed[job_id] for job_id in self._queued if job_id in self._failed), default=None)
+            self._lock.wait(None if due is None else max(0.0, due - time.monotonic()))
+
+    def _discard(self, paths: list[str]) -> None:
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._call_soon(
+                    lambda path=path, exc=exc: log.warn("could not remove {path}: {error}; left as it is", path=path, error=exc.strerror or exc)
+                )
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                item = self._next()
-                while item is None and not self._discards:
-                    if self._closing:
-                        return  # what failed was tried once more: left as it is
-                    due = min((self._failed[job_id] for job_id in self._queued if job_id in self._failed), default=None)
-                    self._lock.wait(None if due is None else max(0.0, due - time.monotonic()))
-                    item = self._next()
-                discards, self._discards = self._discards, []
-                if item is not None:
-                    job_id, content = item
+                work = self._work()
+                if work is None:
+                    return
+                if isinstance(work, list):
+                    paths = work
+                else:
+                    paths = []
+                    job_id, content = work
                     self._writing = job_id
                     failed_before = job_id in self._failed
-            self._discard(discards)
-            if item is None:
+            if paths:
+                self._discard(paths)
                 continue
             try:
                 self._store._replace(self._store._record_path(job_id), content)
@@ -261,17 +290,6 @@ class _RecordWriter:
                 self._failed[job_id] = time.monotonic() + WRITE_RETRY_S
                 closing = self._closing
             self._report_failure(job_id, error, failed_before, closing)
-
-    def _discard(self, paths: list[str]) -> None:
-        for path in paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                self._call_soon(
-                    lambda path=path, exc=exc: log.warn("could not remove {path}: {error}; left as it is", path=path, error=exc.strerror or exc)
-                )
 
     def _report_failure(self, job_id: uuid.UUID, error: OSError, failed_before: bool, closing: bool) -> None:
         if closing:
@@ -439,17 +457,29 @@ class JobStore:
     def socket_file(self, job_id: uuid.UUID) -> str:
         return os.path.join(self.run_dir, f"{job_id}.sock")
 
+    def _supervisor_files(self, job_id: uuid.UUID) -> tuple[str, ...]:
+        return (self.backlog_path(job_id), self.end_path(job_id), self.socket_file(job_id))
+
     def forget_supervisor(self, job_id: uuid.UUID) -> None:
         """
-        Remove what the job's supervisor left (its end is settled): on the
-        store's thread when it writes behind (three unlinks, ~1 ms of the
-        reactor's a job otherwise).
+        Remove what the job's supervisor left (its end is settled), now.
         """
-        paths = (self.backlog_path(job_id), self.end_path(job_id), self.socket_file(job_id))
-        if self._behind is not None and self._behind.discard(paths):
-            return
-        for path in paths:
+        for path in self._supervisor_files(job_id):
             discard(path)
+
+    def forget_supervisor_once_saved(self, job_id: uuid.UUID) -> None:
+        """
+        As L{forget_supervisor}, once the job's record as last saved is
+        written: with write-behind, by the store's thread (three unlinks
+        that take milliseconds on a busy disk, for each of hundreds of jobs
+        ending together), and never before the final record is on disk,
+        so that a crash meanwhile leaves the supervisor's end record to
+        tell the next server how the job ended.
+        """
+        if self._behind is None:
+            self.forget_supervisor(job_id)
+        else:
+            self._behind.discard_after_record(job_id, self._supervisor_files(job_id))
 
     def _record_path(self, job_id: uuid.UUID) -> str:
         return os.path.join(self.jobs_dir, f"{job_id}.json")

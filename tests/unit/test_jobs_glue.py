@@ -26,11 +26,13 @@ from twisted.python.failure import Failure
 
 from jobworker.errors import ErrorCode, RequestError
 from jobworker.host import contract
-from jobworker.jobs.job import Job
-from jobworker.jobs.manager import JobManager, JobManagerConfig
+from jobworker.host.cgroups import Usage
+from jobworker.jobs.job import CGROUP_KILL_AFTER_S, Job
+from jobworker.jobs.manager import ENDS_PER_TURN, JobManager, JobManagerConfig
 from jobworker.limits import Limits
 from jobworker.policy import Identity, Role
 from jobworker.protocol.messages import JobState, StartRequest
+from tests.support import one_turn
 
 ADMIN = Identity("admin", Role.ADMIN)
 GRACE_S = 5.0
@@ -44,7 +46,8 @@ class FakeHelper:
     speaks the supervisor's frames (its status lines, output, end).
     """
 
-    def __init__(self, protocol: Any, args: list[str], child_fds: dict[int, Any]) -> None:
+    def __init__(self, reactor: FakeProcessReactor, protocol: Any, args: list[str], child_fds: dict[int, Any]) -> None:
+        self.reactor = reactor
         self.protocol = protocol
         self.args = args
         self.pid = 0x7FFF_0000 + id(self) % 0xFFFF  # never signalled for real (isolated jobs)
@@ -94,15 +97,88 @@ class FakeHelper:
     def outputs(self) -> bool:
         return self.output_open and not self.ended
 
-    def end(self, code: int | None = 0, signum: int | None = None, *, told: bool = True) -> None:
+    def end(self, code: int | None = 0, signum: int | None = None, *, told: bool = True, turn: bool = True) -> None:
         """
         The supervisor ends: after telling the job's end (C{told}), or
-        killed without a word.
+        killed without a word; then the reactor turns (C{turn}), until
+        the job has settled.
         """
         if told:
             self._frame(contract.frame(contract.END, b"%d %d" % (-1 if code is None else code, signum or 0)))
         self.ended = True
         self.link.connectionLost(Failure(ConnectionDone()))
+        if turn:
+            self.reactor.advance(0)
+
+
+class SynchronousPool:
+    """
+    A thread pool that does its work at once (its result still comes back
+    through the reactor's callFromThread, as a real pool's does).
+    """
+
+    def callInThreadWithCallback(self, on_result: Any, work: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            result = work(*args, **kwargs)
+        except Exception:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class RecordingCgroup:
+    """
+    A job's cgroup that records its kills and its removal.
+    """
+
+    path_description = "a recording cgroup"
+
+    def __init__(self, directory: Path) -> None:
+        self.procs_files = (str(directory / "cgroup.procs"),)
+        self.kills = 0
+        self.removed = False
+
+    def kill(self) -> None:
+        self.kills += 1
+
+    def remove(self) -> None:
+        self.removed = True
+
+    def usage(self) -> Usage:
+        return Usage()
+
+
+class RecordingDriver:
+    """
+    A cgroup driver whose cgroups are L{RecordingCgroup}s.
+    """
+
+    name = "recording"
+    controllers: frozenset[str] = frozenset()
+    base_description = "nowhere"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.made: list[RecordingCgroup] = []
+        self.primed = 0
+        self.when_primed: list[int] = []  # how many cgroups there were
+
+    def prepare(self) -> None:
+        pass
+
+    def prime_moves(self) -> None:
+        self.primed += 1
+        self.when_primed.append(len(self.made))
+
+    def cleanup_stale(self, keep: frozenset[str] = frozenset()) -> list[str]:
+        return []
+
+    def release(self) -> None:
+        pass
+
+    def create(self, job_id: str, limits: Limits) -> RecordingCgroup:
+        self.made.append(RecordingCgroup(self.directory))
+        return self.made[-1]
 
 
 class FakeProcessReactor(MemoryReactorClock):
@@ -117,7 +193,7 @@ class FakeProcessReactor(MemoryReactorClock):
 
     def spawnProcess(self, processProtocol: Any, executable: Any, args: Any = (), env: Any = None, path: Any = None,
                      uid: Any = None, gid: Any = None, usePTY: bool = False, childFDs: Any = None) -> FakeHelper:
-        helper = FakeHelper(processProtocol, list(args), childFDs)
+        helper = FakeHelper(self, processProtocol, list(args), childFDs)
         processProtocol.makeConnection(helper)
         self.helpers.append(helper)
         return helper
@@ -137,6 +213,9 @@ class FakeProcessReactor(MemoryReactorClock):
     def callFromThread(self, callable: Any, *args: Any, **kwargs: Any) -> None:
         self.callLater(0, callable, *args, **kwargs)
 
+    def getThreadPool(self) -> SynchronousPool:
+        return SynchronousPool()
+
     def read_pipes(self) -> None:
         for reader in list(self.readers):
             if reader not in self.readers:
@@ -147,10 +226,10 @@ class FakeProcessReactor(MemoryReactorClock):
 
 
 class Setup:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, cgroups: RecordingDriver | None = None) -> None:
         self.reactor = FakeProcessReactor()
         config = JobManagerConfig(state_dir=str(tmp_path / "state"), isolate=True, default_grace_s=GRACE_S, zygote=False)
-        self.manager = JobManager(self.reactor, config)
+        self.manager = JobManager(self.reactor, config, cgroup_driver=cgroups)
         self.manager.startService()
 
     def start(self, *argv: str, limits: Limits | None = None) -> tuple[defer.Deferred[Job], FakeHelper]:
@@ -169,13 +248,26 @@ class Setup:
         helper.end(code, signum)
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[Setup]:
-    made = Setup(tmp_path)
+def _set_up(made: Setup) -> Iterator[Setup]:
     yield made
     for reader in list(made.reactor.readers):
         reader.connectionLost(Failure(Exception("test over")))
     made.manager.store.close()
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    yield from _set_up(Setup(tmp_path))
+
+
+@pytest.fixture
+def cgroups(tmp_path: Path) -> RecordingDriver:
+    return RecordingDriver(tmp_path)
+
+
+@pytest.fixture
+def with_cgroups(tmp_path: Path, cgroups: RecordingDriver) -> Iterator[Setup]:
+    yield from _set_up(Setup(tmp_path, cgroups))
 
 
 def result_of(deferred: defer.Deferred[Any]) -> Any:
@@ -257,6 +349,58 @@ def test_a_forced_stop_kills_at_once(setup: Setup) -> None:
     job, helper = setup.running()
     job.stop("alice", 0)
     assert helper.signals == [signal.SIGKILL]
+
+
+def test_a_forced_stop_kills_through_the_supervisor_and_the_cgroup_only_if_the_job_lives_on(
+    with_cgroups: Setup, cgroups: RecordingDriver
+) -> None:
+    setup = with_cgroups
+    job, helper = setup.running()
+    job.stop("alice", 0)
+    assert helper.signals == [signal.SIGKILL]
+    [cgroup] = cgroups.made
+    assert cgroup.kills == 0  # the supervisor's SIGKILL ends its whole PID namespace
+    setup.finish(helper, code=None, signum=signal.SIGKILL)
+    assert job.state is JobState.STOPPED
+    assert cgroup.removed  # (which kills whatever might be left)
+    setup.reactor.advance(CGROUP_KILL_AFTER_S)
+    assert cgroup.kills == 0
+    # A supervisor that does not end its job: the cgroup is killed.
+    stuck, stuck_helper = setup.running()
+    stuck.stop("alice", 0)
+    setup.reactor.advance(CGROUP_KILL_AFTER_S)
+    assert cgroups.made[1].kills == 1
+    assert stuck_helper.signals == [signal.SIGKILL]
+
+
+def test_a_start_primes_the_cgroup_moves_first_on_the_pool(with_cgroups: Setup, cgroups: RecordingDriver) -> None:
+    """
+    Each start moves the service into its own cgroup (prime_moves) through
+    the thread pool before it makes the job's cgroup, so that the kernel's
+    grace period for the command's move has begun.
+    """
+    with_cgroups.running()
+    assert cgroups.when_primed == [0]
+
+
+def test_jobs_that_end_together_settle_a_few_per_turn_of_the_reactor(setup: Setup) -> None:
+    # Their supervisors' sockets close in one poll of the reactor: settled
+    # in that one turn, the reactor served no other client meanwhile.
+    jobs = [setup.running() for _ in range(3 * ENDS_PER_TURN)]
+    for job, _ in jobs:
+        job.stop("alice", 0)
+    for _, helper in jobs:
+        helper.close_output()
+        helper.end(None, signal.SIGKILL, turn=False)
+    states = [job.state for job, _ in jobs]
+    assert JobState.STOPPED not in states
+    ended: list[Job] = []
+    while len(ended) < len(jobs):
+        assert one_turn(setup.reactor) > 0, "a job never settled"
+        now = [job for job, _ in jobs if job.state is JobState.STOPPED]
+        assert 0 < len(now) - len(ended) <= ENDS_PER_TURN
+        ended = now
+    assert ended == [job for job, _ in jobs]  # in the order they ended
 
 
 # -- a helper that dies early -----------------------------------------------------------

@@ -131,7 +131,7 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
 INNER_ORDER: dict[str, list[list[str]]] = {
     "jobworker.protocol": [["messages", "flow", "keepalive"], ["statuses"], ["wire"], ["framing", "listing"], ["connection"]],
     "jobworker.jobs": [
-        ["spec", "lifecycle", "fate", "config", "store", "report", "timers"], ["admission", "pipes"], ["helper", "supervisor"], ["job"],
+        ["spec", "lifecycle", "fate", "config", "store", "report", "timers", "pacing"], ["admission", "pipes"], ["helper", "supervisor"], ["job"],
         ["persistence"], ["manager"],
     ],
     "jobworker.server": [

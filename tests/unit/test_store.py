@@ -331,10 +331,42 @@ def test_write_behind_removes_a_settled_supervisors_files_off_the_callers_thread
     for path in paths:
         Path(path).write_bytes(b"x")
     os.mkdir(store.end_path(stuck))  # not a file: unlink fails
-    store.forget_supervisor(job_id)
-    store.forget_supervisor(stuck)
+    store.forget_supervisor_once_saved(job_id)
+    store.forget_supervisor_once_saved(stuck)
     store.close()
     assert not any(os.path.exists(path) for path in paths)
     assert removed_on and threading.current_thread().name not in removed_on
     assert os.path.isdir(store.end_path(stuck))
     assert len(soon.calls) == 1  # the one failure's log line, for the reactor
+
+
+def test_a_supervisors_files_go_once_the_final_record_is_written_never_before(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The end record tells the next server how a job ended until the final
+    # record does: unlinked first, a crash between read the job as lost.
+    import errno as errno_
+
+    monkeypatch.setattr(jobworker.jobs.store, "WRITE_RETRY_S", 0.01)
+    soon = Soon()
+    store.write_behind(soon)
+    job = FakeJob(uuid.uuid4(), 1)
+    store.save(job)
+    files = [Path(store.backlog_path(job.job_id)), Path(store.end_path(job.job_id)), Path(store.socket_file(job.job_id))]
+    for path in files:
+        path.write_text("")
+    full = True
+    real_write = os.write
+
+    def write(fd: int, data: bytes) -> int:
+        if full:
+            raise OSError(errno_.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(jobworker.jobs.store.os, "write", write)
+    job.exit_code = 0  # its final state
+    store.save(job)
+    store.forget_supervisor_once_saved(job.job_id)
+    wait_until(lambda: soon.calls)  # the write failed
+    assert all(path.exists() for path in files)
+    full = False
+    wait_until(lambda: not any(path.exists() for path in files))
+    assert record_of(store, job.job_id)["status"]["exit_code"] == 0

@@ -225,6 +225,26 @@ def remove_empty(calls: HostCalls, directories: Iterable[str]) -> None:
             raise CgroupError(f"cannot remove cgroup {directory}: {e.strerror}") from e
 
 
+def _removed_at_once(calls: HostCalls, tops: list[str]) -> bool:
+    """
+    Whether one rmdir(2) of each of C{tops} removed them all: the common
+    case of a job whose processes are gone and that made no cgroups of its
+    own, which then costs no walk of its directories and no read of its
+    pids (a stop of hundreds of jobs pays it for each).  The kernel refuses
+    (EBUSY) while a process or a child cgroup is in one, so nothing that
+    lives is ever left without its cgroup; any refusal leaves the rest to
+    the careful way (L{remove_directories}).
+    """
+    for top in tops:
+        try:
+            calls.rmdir(top)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+    return True
+
+
 def remove_directories(
     calls: HostCalls,
     tops: Iterable[str],
@@ -245,6 +265,8 @@ def remove_directories(
     @raise CgroupError: still busy after the timeout, or another error.
     """
     tops = list(tops)
+    if _removed_at_once(calls, tops):
+        return
     deadline = calls.monotonic() + REMOVE_TIMEOUT
     while True:
         if populated():
