@@ -57,6 +57,25 @@ def ensure_venv(extras: str) -> None:
     extras installed, so switching between serve ("") and test ("test")
     installs nothing; a reinstall keeps the extras already there.
     """
+    _install(extras)
+    compile_checkout()
+
+
+def compile_checkout() -> None:
+    """
+    Byte-compile the checkout's own modules, as pip does those it installs:
+    the install is editable, so nothing else writes their bytecode where
+    C{PYTHONDONTWRITEBYTECODE} is set (as on this project's machines), and
+    every C{jobcli} and server would compile them afresh (55 ms of a
+    C{jobcli --help} of 370, measured; ten times that under the CI guest's
+    emulation).  Only what changed is compiled again; a module edited since
+    is compiled in memory, from its source, until the next run.
+    """
+    command = [os.path.join(BIN, "python"), "-m", "compileall", "-q", "jobworker", os.path.join("twisted", "plugins")]
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
+def _install(extras: str) -> None:
     if not os.path.exists(os.path.join(BIN, "python")):
         print(f"dev.py: creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)

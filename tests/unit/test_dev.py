@@ -10,7 +10,9 @@ with pip's runs recorded instead of made.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,14 +37,18 @@ def dev(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "BIN", str(venv / "bin"))
     monkeypatch.setattr(module, "STAMP", str(venv / ".jobworker-installed"))
     installs: list[list[str]] = []
+    compiles: list[list[str]] = []
 
     def run(command, **kwargs):
         if "-e" in command:
             installs.append(command[command.index("-e") + 1 :])
+        if "compileall" in command:
+            compiles.append(command[command.index("compileall") + 1 :])
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(module.subprocess, "run", run)
     module.installs = installs
+    module.compiles = compiles
     module.root = root
     return module
 
@@ -77,3 +83,34 @@ def test_lint_installs_its_extras_and_the_tests_at_once_and_test_reuses_them(dev
     dev.ensure_venv("")
     dev.ensure_venv("lint,test")
     assert dev.installs == [[".[lint,test]"]]
+
+
+def test_every_run_byte_compiles_the_checkout_whether_it_installs_or_not(dev):
+    dev.ensure_venv("test")
+    dev.ensure_venv("test")
+    assert len(dev.installs) == 1
+    assert dev.compiles == [["-q", "jobworker", os.path.join("twisted", "plugins")]] * 2
+
+
+def test_the_checkouts_modules_get_bytecode_even_where_python_writes_none(tmp_path, monkeypatch):
+    """
+    For real: with C{PYTHONDONTWRITEBYTECODE} set, as on this project's
+    machines, the editable install's modules (and the twistd plugin) have
+    bytecode after a run of C{dev.py}, so C{jobcli} does not compile them.
+    """
+    spec = importlib.util.spec_from_file_location("dev_compiling", REPO / "dev.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = tmp_path / "checkout"
+    sources = [root / "jobworker" / "__init__.py", root / "jobworker" / "cli" / "__init__.py", root / "twisted" / "plugins" / "plugin.py"]
+    for source in sources:
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text("VALUE = 1\n")
+    (root / ".venv" / "bin").mkdir(parents=True)
+    (root / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    monkeypatch.setattr(module, "ROOT", str(root))
+    monkeypatch.setattr(module, "BIN", str(root / ".venv" / "bin"))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    module.compile_checkout()
+    for source in sources:
+        assert os.path.exists(importlib.util.cache_from_source(str(source))), source
