@@ -1094,7 +1094,7 @@ class Conversation:
             self.deliver_to_client()
 
 
-@settings(SETTINGS, max_examples=250)
+@settings(SETTINGS, max_examples=100)
 @given(
     data=st.data(),
     server_max=st.sampled_from([MIN_FRAME_SIZE, DEFAULT_MAX_FRAME_SIZE]),
