@@ -1750,12 +1750,6 @@ class Supervisor:
         self._send(frame(CLOSED, b""))
         self._send(frame(END, b"%d %d" % self.exit))
         self.end_sent = True
-        # Synced after the server is told (it records the end itself): only
-        # a crash of the host, which ends the server too, needs it on disk.
-        try:
-            posix.fsync(END_FD)
-        except OSError:
-            pass
         self.ack_by = self._time.monotonic() + ACK_WAIT_S
 
     def _state(self) -> dict[str, object]:
@@ -1781,10 +1775,15 @@ class Supervisor:
             self._disconnect()
         if self.conn is not None:
             self._hang_up()
-        try:
-            posix.fsync(BACKLOG_FD)
-        except OSError:
-            pass
+        # Synced once the server has hung up: it records the end itself, and
+        # only a crash of the host, which ends the server too, needs these
+        # on disk.  Before, the server would wait for the disk (an fsync is
+        # a journal commit) to learn that the job has ended.
+        for fd in (END_FD, BACKLOG_FD):
+            try:
+                posix.fsync(fd)
+            except OSError:
+                pass
         code, signum = self.exit
         posix._exit(128 + signum if signum else code)
 
