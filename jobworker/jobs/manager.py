@@ -83,6 +83,10 @@ class JobManager(Service):
         self.config = config
         self.cgroups = cgroup_driver
         self.jobs: dict[uuid.UUID, Job] = {}
+        # The jobs of self.jobs not yet ended (L{job_ended}), so that a start
+        # or an end costs the same with 10,000 finished jobs kept as with
+        # none: they are all that admission counts and pruning spares.
+        self._unended: dict[uuid.UUID, Job] = {}
         # Told of every job removed (see on_removed), in subscription order.
         self._removal_observers: list[Callable[[Job], None]] = []
         self.store = JobStore(config.state_dir)
@@ -132,7 +136,7 @@ class JobManager(Service):
                 continue
             if job_id in supervised:
                 job = restored_job(self, self.store, record, self.config.ring_size, retention=self.config.retention)
-                self.jobs[job_id] = job
+                self._add(job)
                 taken_back.append(job)
                 continue
             job = restored_job(self, self.store, record, self.config.ring_size)
@@ -148,7 +152,7 @@ class JobManager(Service):
                 job.error = "the server stopped while the job was running"
                 self.job_changed(job)
                 log.warn("job {job_id} was running when the server died: lost", job_id=job.job_id)
-            self.jobs[job.job_id] = job
+            self._add(job)
         self._prune()
         if self.config.job_user is None and self.config.job_uids is not None:
             try:
@@ -341,7 +345,7 @@ class JobManager(Service):
         if self._shutting_down:
             raise RequestError("the server is shutting down", ErrorCode.SHUTTING_DOWN)
         self._prime_moves()
-        running = sum(1 for job in self.jobs.values() if job.owner == identity.name and not job.is_final)
+        running = sum(1 for job in self._unended.values() if job.owner == identity.name and not job.is_final)
         spec = admit(identity, request, self.admission_config(), running=running)
         self._check_name_free(spec)
         job_id = uuid.uuid4()
@@ -375,7 +379,7 @@ class JobManager(Service):
                 # the supervisor's hello): a crash of the server at any
                 # moment after this leaves a job the next server takes back.
                 job.supervisor = {"format": contract.SUPERVISOR_FORMAT, "pid": 0}
-            self.jobs[job_id] = job
+            self._add(job)
             try:
                 self.store.save(job)
             except OSError as exc:
@@ -386,6 +390,7 @@ class JobManager(Service):
                 raise self._resource_error(job_id, "spawn it", exc) from None
         except Exception:
             self.jobs.pop(job_id, None)
+            self._unended.pop(job_id, None)
             if job.cgroup is not None:
                 self.remove_cgroup(job.cgroup)
             spool.remove()
@@ -522,6 +527,7 @@ class JobManager(Service):
         if not job.is_final:
             raise RequestError(f"job {job.job_id} is still running; stop it first", ErrorCode.JOB_RUNNING)
         self.jobs.pop(job.job_id, None)
+        self._unended.pop(job.job_id, None)
         if job.spool is not None:
             job.spool.seal()
         if job.times is not None:
@@ -642,11 +648,21 @@ class JobManager(Service):
     def job_changed(self, job: Job) -> None:
         self._saver.save(job)
 
+    def _add(self, job: Job) -> None:
+        self.jobs[job.job_id] = job
+        if not job.is_final:
+            self._unended[job.job_id] = job
+
     def job_ended(self, job: Job) -> None:
+        self._unended.pop(job.job_id, None)
         self._release_uid(job)
         self._prune()
 
     def _prune(self) -> None:
+        # Those ended at most (a job settling is final but not yet ended):
+        # the finished are listed only when there are too many.
+        if len(self.jobs) - len(self._unended) <= self.config.max_finished_jobs:
+            return
         finished = [job for job in self.jobs.values() if job.is_final]
         excess = len(finished) - self.config.max_finished_jobs
         if excess > 0:
