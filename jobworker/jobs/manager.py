@@ -344,7 +344,6 @@ class JobManager(Service):
         """
         if self._shutting_down:
             raise RequestError("the server is shutting down", ErrorCode.SHUTTING_DOWN)
-        self._prime_moves()
         running = sum(1 for job in self._unended.values() if job.owner == identity.name and not job.is_final)
         spec = admit(identity, request, self.admission_config(), running=running)
         self._check_name_free(spec)
@@ -374,6 +373,10 @@ class JobManager(Service):
                     log.error("job {job_id}: cannot make its cgroup: {error}", job_id=job_id, error=exc)
                     raise RequestError(f"cannot set up the job's cgroup: {exc}", ErrorCode.START_FAILED) from None
                 config.update(contract.helper_config(cgroup_procs=list(job.cgroup.procs_files)))
+            # Not before the job's cgroup is made: the priming holds the
+            # kernel's cgroup lock through a grace period, and the reactor's
+            # mkdirs would wait for it.
+            self._prime_moves()
             if self.config.isolate:
                 # Its first record says it is supervised (its pid comes with
                 # the supervisor's hello): a crash of the server at any
