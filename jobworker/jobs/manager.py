@@ -482,11 +482,13 @@ class JobManager(Service):
         check_verdict(verdict)
         return job
 
-    def list(self, identity: Identity, after: tuple[int, int] = (0, 0)) -> Iterator[Job]:
+    def list(self, identity: Identity, after: tuple[int, int] = (0, 0), newest_first: bool = False) -> Iterator[Job]:
         """
         The jobs C{identity} may see that come after C{after} (a
         C{(created_at, job id as a number)} cursor) in list order, lazily:
-        a page reads only as many as it lists (L{ListIndex}).
+        a page reads only as many as it lists (L{ListIndex}).  With
+        C{newest_first}, those before C{after} (every job for C{(0, 0)}),
+        in reverse.
 
         @raise RequestError: C{PERMISSION_DENIED} when the role may not list.
         """
@@ -495,7 +497,8 @@ class JobManager(Service):
         index: ListIndex[Job] | None = self.__dict__.get("_list_index")
         if index is None:
             index = self.__dict__["_list_index"] = ListIndex()
-        jobs = index.after(list(self.jobs.values()), after)
+        known = list(self.jobs.values())
+        jobs = index.before(known, after) if newest_first else index.after(known, after)
         # No identity is named "": one allowed to see that owner's jobs sees
         # every owner's (an admin, a viewer), and needs no check per job.
         if authorize(identity, Operation.STATUS, "") is Verdict.ALLOW:
