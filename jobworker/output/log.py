@@ -98,6 +98,8 @@ DEFAULT_RING_SIZE = 4 << 20  # 4 MiB: a live follower at hundreds of MB/s stays 
 DEFAULT_RETENTION = 1 << 30  # 1 GiB
 INDEX_EVERY = 64 << 10  # one index entry per 64 KiB of spooled output
 _SPOOL_READ_BLOCK = 256 << 10
+# The bytes read at once when a reopened spool's record headers are scanned.
+SCAN_BLOCK = 64 << 10
 # The most output a job can have: offsets and gap lengths are u64 on the
 # wire, so a spool whose records add up to more is damaged (its end could
 # not be sent in a status).
@@ -215,12 +217,23 @@ class OutputLog:
         position = 0
         offset = 0
         total = spool.size
+        # The headers are read SCAN_BLOCK bytes at a time while the records
+        # are small (a read each cost a job of many small records one
+        # system call, and an open, per record), one at a time after a
+        # large one (never the data of a large record for nothing).
+        block = b""
+        block_start = 0
+        small = True
         while position < total:
-            header = spool.pread(position, RECORD_HEADER_SIZE)
-            if len(header) < RECORD_HEADER_SIZE:
-                if len(header) != total - position:
-                    log._damaged(f"output spool: short read at byte {position}")
-                break  # else a torn header: the server died mid-write
+            at = position - block_start
+            if at + RECORD_HEADER_SIZE > len(block):
+                want = min(SCAN_BLOCK if small else RECORD_HEADER_SIZE, total - position)
+                block, block_start, at = spool.pread(position, want), position, 0
+                if len(block) < RECORD_HEADER_SIZE:
+                    if len(block) != total - position:
+                        log._damaged(f"output spool: short read at byte {position}")
+                    break  # else a torn header: the server died mid-write
+            header = block[at : at + RECORD_HEADER_SIZE]
             fd, length = header[0], int.from_bytes(header[1:], "big")
             payload = 0 if fd == GAP_FD else length
             if fd not in (GAP_FD, 1, 2) or (fd == GAP_FD and length == 0) or offset + length > MAX_OUTPUT_END:
@@ -231,6 +244,7 @@ class OutputLog:
             log._note_record(offset, position)
             position += RECORD_HEADER_SIZE + payload
             offset += length
+            small = payload < SCAN_BLOCK // 16
         log.end = log._spooled_end = offset
         log._spool_records = position
         if expected_end > offset:
