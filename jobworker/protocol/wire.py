@@ -358,7 +358,9 @@ def encode_message(message: m.Message, version: int = m.PROTOCOL_VERSION) -> byt
     if kind is m.ListRequest and version < m.NEWEST_FIRST_VERSION and message.newest_first:  # type: ignore[attr-defined]
         raise ValueError(f"a newest-first list needs protocol version {m.NEWEST_FIRST_VERSION}; this connection speaks {version}")
     try:
-        schema = (_V3_BODIES.get(kind) if version == 3 else None) or _BODIES[kind]
+        schema = _V3_BODIES.get(kind) if version == 3 else None
+        if schema is None:
+            schema = _BODIES[kind]
         body: bytes = schema.build(message)
     except (ConstructError, KeyError, UnicodeEncodeError) as exc:
         # Our own caller built an unencodable message: a bug here, not the
