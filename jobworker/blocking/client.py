@@ -211,6 +211,7 @@ class BlockingClient(BlockingConnection):
         name: str = "",
         labels: Iterable[str] = (),
         newest_first: bool = False,
+        first_page_size: int = 0,
     ) -> Iterator[tuple[m.JobStatus, ...]]:
         """
         The jobs of L{list}, page after page (spec section 6.4), each page
@@ -218,6 +219,10 @@ class BlockingClient(BlockingConnection):
         so a caller can show a page before the next is read.  Each page
         holds what fits one frame (or C{page_size} jobs), so a list of any
         size and any jobs can be read.  The server filters.
+
+        C{first_page_size}, if not 0, caps the first page alone: a page
+        that fits a frame holds thousands of jobs, and one of 100 comes (to
+        be shown) in milliseconds.
 
         With C{newest_first}, the newest job comes first.  A server that
         speaks a protocol version before L{m.NEWEST_FIRST_VERSION} pages
@@ -229,12 +234,13 @@ class BlockingClient(BlockingConnection):
         reverse = newest_first and self.conn.version < m.NEWEST_FIRST_VERSION
         gathered: list[m.JobStatus] = []
         after_created_at, after_job_id = 0, uuid.UUID(int=0)
+        size = first_page_size or page_size
         while True:
             request = m.ListRequest(
                 self.conn.next_request_id(),
                 after_created_at,
                 after_job_id,
-                page_size,
+                size,
                 mask,
                 owner,
                 name,
@@ -251,6 +257,7 @@ class BlockingClient(BlockingConnection):
                 break
             last = response.jobs[-1]
             after_created_at, after_job_id = last.created_at, last.job_id
+            size = page_size
         if reverse:
             gathered.sort(key=lambda job: (job.created_at, job.job_id.int), reverse=True)
             yield tuple(gathered)

@@ -274,6 +274,9 @@ def _cmd_wait(cmd: Command) -> int:
 # one less, and an ellipsis) unless --no-trunc.  Fixed, so that the rows of
 # every page line up, whatever names the later pages hold.
 LIST_NAME_WIDTH = 20
+# The jobs of jobcli list's first page: the later ones hold what fits a
+# frame (thousands), this one comes, and is printed, at once.
+LIST_FIRST_PAGE = 100
 
 
 def _cmd_list(cmd: Command) -> int:
@@ -288,6 +291,7 @@ def _cmd_list(cmd: Command) -> int:
         name=args.name or "",
         labels=args.label,
         newest_first=True,
+        first_page_size=LIST_FIRST_PAGE,
     )
     if args.json:
         if cmd.console.prefix is not None:

@@ -28,6 +28,7 @@ import pytest
 import jobworker.cli.session as session_module
 from jobworker.blocking import BlockingClient
 from jobworker.cli import main
+from jobworker.cli.commands import LIST_FIRST_PAGE
 from jobworker.cli.formatting import short_id, status_json
 from jobworker.errors import ErrorCode
 from jobworker.protocol import messages as m
@@ -198,6 +199,8 @@ def test_a_table_page_is_printed_before_the_next_is_asked_for(jobcli: Callable[.
     # the second is asked for, and so on.
     assert [len(printed.splitlines()) for printed in run.server.printed] == [0, 1 + PAGE, 1 + 2 * PAGE, 1 + 3 * PAGE]
     assert run.server.printed[1].splitlines() == lines[: 1 + PAGE]
+    # A small first page, to be printed at once; then pages of a frame.
+    assert [request.max_jobs for request in run.server.requests] == [LIST_FIRST_PAGE, 0, 0, 0]
 
 
 def test_the_table_is_newest_first_across_pages(jobcli: Callable[..., Run]) -> None:
