@@ -37,6 +37,7 @@ grants in return, and the server's send window
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from typing import Any, TypeVar
 
 from twisted.internet.error import ConnectionDone
@@ -63,9 +64,13 @@ class FakeServer:
     @ivar client: the client protocol.
     """
 
-    def __init__(self, client: JobworkerClientProtocol) -> None:
+    def __init__(self, client: JobworkerClientProtocol, *, versions: Collection[int] = m.SUPPORTED_VERSIONS) -> None:
+        """
+        @param versions: the protocol versions the server speaks (fewer
+            than this implementation does to play an older server).
+        """
         self.client = client
-        self.conn = Connection(Role.SERVER)
+        self.conn = Connection(Role.SERVER, versions=versions)
         self.transport = StringTransportWithDisconnection()
         self.transport.protocol = client
 
@@ -98,7 +103,7 @@ class FakeServer:
         """
         Send the server's hello and read the client's answer.
         """
-        self.send(m.ServerHello(m.PROTOCOL_VERSION, self.conn.max_frame_size, server_name, identity, role))
+        self.send(m.ServerHello(self.conn.version, self.conn.max_frame_size, server_name, identity, role))
         self.receive_one(m.ClientHello)
 
     def go_away(self, code: int, message: str) -> None:
@@ -117,7 +122,11 @@ class FakeServer:
 
 
 def connected_pair(
-    *, identity: str = "alice", role: str = "user", **client_options: Any
+    *,
+    identity: str = "alice",
+    role: str = "user",
+    server_versions: Collection[int] = m.SUPPORTED_VERSIONS,
+    **client_options: Any,
 ) -> tuple[JobworkerClientProtocol, FakeServer]:
     """
     A client whose hello exchange with a L{FakeServer} has ended: its
@@ -126,10 +135,11 @@ def connected_pair(
     @param identity: the identity the server's hello reports (the client
         certificate's CN).
     @param role: the role it reports (the certificate's OU).
+    @param server_versions: the protocol versions the server speaks.
     @param client_options: for L{JobworkerClientProtocol}.
     """
     client = JobworkerClientProtocol(**client_options)
-    server = FakeServer(client)
+    server = FakeServer(client, versions=server_versions)
     client.makeConnection(server.transport)  # type: ignore[no-untyped-call]  # Twisted's, unannotated
     server.hello(identity=identity, role=role)
     return client, server

@@ -95,8 +95,17 @@ def _ended(state: m.JobState, **changes: Any) -> m.JobStatus:
 
 EXITED = _ended(m.JobState.EXITED, exit_code=0)
 
-# (file stem, [(vector name, what it shows, message), ...]), in type order.
-VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
+# The earlier versions' layouts that differ from the current one: (version,
+# message) -> the fields that version does not have.
+EARLIER_LAYOUTS: dict[tuple[int, type[m.Message]], tuple[str, ...]] = {
+    (3, m.ListRequest): ("newest_first",),
+}
+
+# (file stem, [(vector name, what it shows, message[, version]), ...]), in
+# type order; a version only for a frame of an earlier version's layout
+# (one of EARLIER_LAYOUTS), none for the current version's.
+Vector = tuple[str, str, m.Message] | tuple[str, str, m.Message, int]
+VECTORS: list[tuple[str, list[Vector]]] = [
     (
         "server_hello",
         [
@@ -104,6 +113,8 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
              m.ServerHello(3, 1 << 20, "jobworker", "alice", "user", "jobworker 0.1.0")),
             ("server_hello.utf8_no_role", "non-ASCII texts; a certificate without an OU gives role \"\"",
              m.ServerHello(3, 16 << 20, "wörker-東京", "zoë", "", "")),
+            ("server_hello.version_4", "a server that speaks version 4 at most (and 3: its hello names only the highest)",
+             m.ServerHello(4, 1 << 20, "jobworker", "alice", "user", "jobworker 0.1.0")),
         ],
     ),
     (
@@ -113,6 +124,8 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
              m.ClientHello(3, 1 << 20)),
             ("client_hello.min_frame", "the smallest maximum frame size a peer may announce: 16 KiB",
              m.ClientHello(3, 16 << 10)),
+            ("client_hello.version_4", "version 4, default maximum frame size of 1 MiB",
+             m.ClientHello(4, 1 << 20)),
         ],
     ),
     (
@@ -202,13 +215,22 @@ VECTORS: list[tuple[str, list[tuple[str, str, m.Message]]]] = [
     (
         "list_request",
         [
-            ("list_request.basic", "the first page, no filter, as many jobs as fit", m.ListRequest(8)),
+            # Version 3's layout (no newest_first): the bytes a version 3
+            # client sends, which a version 4 server still reads.
+            ("list_request.basic", "the first page, no filter, as many jobs as fit", m.ListRequest(8), 3),
             ("list_request.next_page_filtered",
              "the page after job A, at most 50 jobs, running or exited (bits 2 and 3), owned by bob",
              m.ListRequest(9, after_created_at=T0, after_job_id=JOB_A, max_jobs=50,
-                           states=m.state_mask([m.JobState.RUNNING, m.JobState.EXITED]), owner="bob")),
+                           states=m.state_mask([m.JobState.RUNNING, m.JobState.EXITED]), owner="bob"), 3),
             ("list_request.name_and_labels", "only the job named web-1, if it has label app=web and a label tier",
-             m.ListRequest(10, name="web-1", labels=("app=web", "tier"))),
+             m.ListRequest(10, name="web-1", labels=("app=web", "tier")), 3),
+            ("list_request.oldest_first", "the first page, oldest first, no filter, as many jobs as fit",
+             m.ListRequest(11)),
+            ("list_request.newest_first", "the first page newest first: from the newest job on",
+             m.ListRequest(12, newest_first=True)),
+            ("list_request.newest_first_next_page",
+             "newest first, the page of jobs before job A, at most 50 jobs, owned by bob",
+             m.ListRequest(13, after_created_at=T0, after_job_id=JOB_A, max_jobs=50, owner="bob", newest_first=True)),
         ],
     ),
     (
@@ -404,23 +426,37 @@ def to_json(value: Any) -> Any:
     raise TypeError(f"no JSON form for {value!r}")
 
 
-def render(stem: str, vectors: list[tuple[str, str, m.Message]]) -> str:
-    classes = {type(message) for _, _, message in vectors}
+def render_vector(vector: Vector) -> dict[str, Any]:
+    """
+    The JSON of one vector: in an earlier version's layout, with its
+    C{version} and without the fields that version lacks.
+    """
+    name, description, message = vector[:3]
+    fields = to_json(message)
+    described: dict[str, Any] = {"name": name, "description": description}
+    if len(vector) == 4:
+        version = vector[3]
+        omitted = EARLIER_LAYOUTS[(version, type(message))]
+        for field in omitted:
+            if fields.pop(field) != to_json(getattr(type(message), field)):
+                raise ValueError(f"{name}: version {version} has no {field}; leave it at its default")
+        described["version"] = version
+    else:
+        version = m.PROTOCOL_VERSION
+    described["fields"] = fields
+    described["frame"] = encode_message(message, version).hex()
+    return described
+
+
+def render(stem: str, vectors: list[Vector]) -> str:
+    classes = {type(vector[2]) for vector in vectors}
     if len(classes) != 1:
         raise ValueError(f"{stem}: one message type per file")
     cls = classes.pop()
     document = {
         "message": cls.__name__,
         "type": cls.TYPE,
-        "vectors": [
-            {
-                "name": name,
-                "description": description,
-                "fields": to_json(message),
-                "frame": encode_message(message).hex(),
-            }
-            for name, description, message in vectors
-        ],
+        "vectors": [render_vector(vector) for vector in vectors],
     }
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
@@ -432,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--force", action="store_true", help="overwrite existing files (this changes the reference)")
     options = parser.parse_args(argv)
 
-    names = [name for _, vectors in VECTORS for name, _, _ in vectors]
+    names = [vector[0] for _, vectors in VECTORS for vector in vectors]
     if len(names) != len(set(names)):
         raise SystemExit("vector names must be unique")
     VECTOR_DIR.mkdir(exist_ok=True)

@@ -109,7 +109,10 @@ class FakeManager:
         except KeyError:
             raise RequestError(f"no job {job_id}", ErrorCode.NOT_FOUND) from None
 
-    def list(self, identity: Any, after: tuple[int, int] = (0, 0)) -> list[FakeJob]:
+    def list(self, identity: Any, after: tuple[int, int] = (0, 0), newest_first: bool = False) -> list[FakeJob]:
+        if newest_first:
+            before = [job for job in self.jobs.values() if after == (0, 0) or (job.created_at, job.job_id.int) < after]
+            return sorted(before, key=lambda job: (job.created_at, job.job_id.int), reverse=True)
         return [job for job in self.jobs.values() if (job.created_at, job.job_id.int) > after]
 
     def start(self, identity: Any, request: m.StartRequest) -> Any:

@@ -165,14 +165,23 @@ class BlockingClient(BlockingConnection):
         return response.status
 
     def list(
-        self, *, states: Iterable[m.JobState] = (), owner: str = "", name: str = "", labels: Iterable[str] = ()
+        self,
+        *,
+        states: Iterable[m.JobState] = (),
+        owner: str = "",
+        name: str = "",
+        labels: Iterable[str] = (),
+        newest_first: bool = False,
     ) -> tuple[m.JobStatus, ...]:
         """
-        Every job this client may see, oldest first, optionally only those
-        in one of C{states}, owned by C{owner}, named C{name} and matching
-        every label filter (C{"KEY"} or C{"KEY=VALUE"}); see L{iter_jobs}.
+        Every job this client may see, oldest first (newest first with
+        C{newest_first}), optionally only those in one of C{states}, owned
+        by C{owner}, named C{name} and matching every label filter
+        (C{"KEY"} or C{"KEY=VALUE"}); see L{iter_pages}.
         """
-        return tuple(self.iter_jobs(states=states, owner=owner, name=name, labels=labels))
+        return tuple(
+            self.iter_jobs(states=states, owner=owner, name=name, labels=labels, newest_first=newest_first)
+        )
 
     def iter_jobs(
         self,
@@ -182,26 +191,76 @@ class BlockingClient(BlockingConnection):
         page_size: int = 0,
         name: str = "",
         labels: Iterable[str] = (),
+        newest_first: bool = False,
     ) -> Iterator[m.JobStatus]:
         """
-        The jobs of L{list}, page after page (spec section 6.4): each page
+        The jobs of L{list}, one after the other, as L{iter_pages} reads
+        them.
+        """
+        for page in self.iter_pages(
+            states=states, owner=owner, page_size=page_size, name=name, labels=labels, newest_first=newest_first
+        ):
+            yield from page
+
+    def iter_pages(
+        self,
+        *,
+        states: Iterable[m.JobState] = (),
+        owner: str = "",
+        page_size: int = 0,
+        name: str = "",
+        labels: Iterable[str] = (),
+        newest_first: bool = False,
+        first_page_size: int = 0,
+    ) -> Iterator[tuple[m.JobStatus, ...]]:
+        """
+        The jobs of L{list}, page after page (spec section 6.4), each page
+        as it arrives: the next is asked for only when the caller takes it,
+        so a caller can show a page before the next is read.  Each page
         holds what fits one frame (or C{page_size} jobs), so a list of any
         size and any jobs can be read.  The server filters.
+
+        C{first_page_size}, if not 0, caps the first page alone: a page
+        that fits a frame holds thousands of jobs, and one of 100 comes (to
+        be shown) in milliseconds.
+
+        With C{newest_first}, the newest job comes first.  A server that
+        speaks a protocol version before L{m.NEWEST_FIRST_VERSION} pages
+        only oldest first: then every page is read first, and the whole
+        list comes as one page, newest first.
         """
         mask = m.state_mask(states)
         label_filters = tuple(labels)
+        reverse = newest_first and self.conn.version < m.NEWEST_FIRST_VERSION
+        gathered: list[m.JobStatus] = []
         after_created_at, after_job_id = 0, uuid.UUID(int=0)
+        size = first_page_size or page_size
         while True:
             request = m.ListRequest(
-                self.conn.next_request_id(), after_created_at, after_job_id, page_size, mask, owner, name, label_filters
+                self.conn.next_request_id(),
+                after_created_at,
+                after_job_id,
+                size,
+                mask,
+                owner,
+                name,
+                label_filters,
+                newest_first and not reverse,
             )
             response = self.request(request)
             assert isinstance(response, m.ListResponse)
-            yield from response.jobs
+            if reverse:
+                gathered.extend(response.jobs)
+            else:
+                yield response.jobs
             if not response.more or not response.jobs:
-                return
+                break
             last = response.jobs[-1]
             after_created_at, after_job_id = last.created_at, last.job_id
+            size = page_size
+        if reverse:
+            gathered.sort(key=lambda job: (job.created_at, job.job_id.int), reverse=True)
+            yield tuple(gathered)
 
     def stop(
         self, job_id: JobRef, *, grace: float | None = None, grace_ms: int | None = None, force: bool = False

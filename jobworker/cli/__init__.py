@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_on_many(args, targets)
         cmd = Command(args, targets[0], Console())
         code, _ = execute(cmd)
-        if getattr(args, "json", False) and (code == 0 or cmd.results):
+        if getattr(args, "json", False) and not cmd.json_printed and (code == 0 or cmd.results):
             print_json(args, cmd.results)
         return code
     except KeyboardInterrupt:

@@ -26,7 +26,7 @@ from jobworker.cli.formatting import (
     short_id,
     status_json,
 )
-from jobworker.cli.output import Console
+from jobworker.cli.output import Console, JsonArray
 from jobworker.cli.parser import MAX_TEXT_BYTES, UsageError, build_parser
 from jobworker.cli.session import Command, connect_target
 from jobworker.cli.streaming import stream_output, tail_offset
@@ -270,49 +270,82 @@ def _cmd_wait(cmd: Command) -> int:
     return _ended(status, cmd.console)
 
 
+# The NAME column of jobcli list: its width, and longer names are cut (to
+# one less, and an ellipsis) unless --no-trunc.  Fixed, so that the rows of
+# every page line up, whatever names the later pages hold.
+LIST_NAME_WIDTH = 20
+# The jobs of jobcli list's first page: the later ones hold what fits a
+# frame (thousands), this one comes, and is printed, at once.
+LIST_FIRST_PAGE = 100
+
+
 def _cmd_list(cmd: Command) -> int:
     args = cmd.args
-    # Every page first: a refusal is then one line on stderr, not a table
-    # header with nothing under it.  The server pages oldest first.
-    jobs = list(
-        cmd.client.list(
-            states=[state for group in args.state for state in group], owner=args.owner, name=args.name or "", labels=args.label
-        )
+    # Each page is printed as it comes, the newest job first: a long list
+    # starts at once and is never held whole.  Nothing before the first
+    # page: a refusal is then one line on stderr, not a table header with
+    # nothing under it.
+    pages = cmd.client.iter_pages(
+        states=[state for group in args.state for state in group],
+        owner=args.owner,
+        name=args.name or "",
+        labels=args.label,
+        newest_first=True,
+        first_page_size=LIST_FIRST_PAGE,
     )
-    jobs.sort(key=lambda job: (job.created_at, job.job_id.int), reverse=True)
     if args.json:
-        cmd.results.extend(status_json(job) for job in jobs)
+        if cmd.console.prefix is not None:
+            # Several servers: each one's list is one line of JSON.
+            for page in pages:
+                cmd.results.extend(status_json(job) for job in page)
+            return 0
+        array = JsonArray(cmd.console)
+        cmd.json_printed = True
+        try:
+            for page in pages:
+                array.extend(status_json(job) for job in page)
+        finally:
+            array.close()
         return 0
     ident: Callable[[m.JobStatus], str] = (
         (lambda job: str(job.job_id)) if args.no_trunc else (lambda job: short_id(job.job_id))
     )
     if args.quiet or args.names:
-        for job in jobs:
-            if args.quiet:
-                cmd.console.out(ident(job))
-            if args.names and job.name:
-                cmd.console.out(job.name)
+        for page in pages:
+            lines = []
+            for job in page:
+                if args.quiet:
+                    lines.append(ident(job))
+                if args.names and job.name:
+                    lines.append(job.name)
+            if lines:
+                cmd.console.out("\n".join(lines))
         return 0
     width = 36 if args.no_trunc else SHORT_ID
     now = time.time()
-    names = [job.name if args.no_trunc or len(job.name) <= 20 else job.name[:19] + "…" for job in jobs]
-    name_width = max([4, *map(len, names)])
-    rows = [
+    header = (
         f"{'ID':<{width}}  {'OWNER':<12}  {'STATE':<9}  {'EXIT':>4}  {'CREATED':<12}  {'DURATION':<9}  "
-        f"{'NAME':<{name_width}}  COMMAND"
-    ]
-    for job, name in zip(jobs, names):
-        code = str(exit_status(job)) if job.state.is_final else ""
-        command = " ".join(job.argv) + (" …" if job.abridged else "")
-        if not args.no_trunc and len(command) > 60:
-            command = command[:59] + "…"
-        ran = run_time(job, now)
-        owner = job.owner if args.no_trunc else f"{job.owner:<12.12}"
-        rows.append(
-            f"{ident(job):<{width}}  {owner:<12}  {job.state.label:<9}  {code:>4}  "
-            f"{format_age(job.created_at, now):<12}  {'-' if ran is None else format_duration(ran):<9}  {name or '-':<{name_width}}  {command}"
-        )
-    cmd.console.out("\n".join(rows))
+        f"{'NAME':<{LIST_NAME_WIDTH}}  COMMAND"
+    )
+    for number, page in enumerate(pages):
+        rows = [header] if number == 0 else []
+        for job in page:
+            name = job.name
+            if not args.no_trunc and len(name) > LIST_NAME_WIDTH:
+                name = name[: LIST_NAME_WIDTH - 1] + "…"
+            code = str(exit_status(job)) if job.state.is_final else ""
+            command = " ".join(job.argv) + (" …" if job.abridged else "")
+            if not args.no_trunc and len(command) > 60:
+                command = command[:59] + "…"
+            ran = run_time(job, now)
+            owner = job.owner if args.no_trunc else f"{job.owner:<12.12}"
+            rows.append(
+                f"{ident(job):<{width}}  {owner:<12}  {job.state.label:<9}  {code:>4}  "
+                f"{format_age(job.created_at, now):<12}  {'-' if ran is None else format_duration(ran):<9}  "
+                f"{name or '-':<{LIST_NAME_WIDTH}}  {command}"
+            )
+        if rows:
+            cmd.console.out("\n".join(rows))
     return 0
 
 

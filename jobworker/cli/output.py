@@ -6,13 +6,15 @@ output without blocking the reader of the server.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import socket
 import stat
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -69,6 +71,42 @@ class Console:
             if self.prefix is not None and self._pending[fd]:
                 rest, self._pending[fd] = self._pending[fd], b""
                 self._emit(fd, [rest])
+
+
+class JsonArray:
+    """
+    A JSON array written to a console element by element, as they come:
+    in all the bytes of C{print(json.dumps(items, indent=2))} for the same
+    items, the bytes C{jobcli --json} prints for a list it has whole.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._started = False
+        self._count = 0
+
+    def extend(self, items: Iterable[Any]) -> None:
+        """
+        Write C{items}, the next elements (none: the array is started, so
+        L{close} writes an empty one).
+        """
+        self._started = True
+        parts = []
+        for item in items:
+            # An element of an array indented by 2 is the element alone,
+            # indented by 2 more: JSON texts hold no raw newline.
+            parts.append(("[\n  " if not self._count else ",\n  ") + json.dumps(item, indent=2).replace("\n", "\n  "))
+            self._count += 1
+        if parts:
+            self._console.write(1, "".join(parts).encode("utf-8"))
+
+    def close(self) -> None:
+        """
+        End the array, if L{extend} began it (nothing is written otherwise:
+        a list refused before its first page prints no JSON).
+        """
+        if self._started:
+            self._console.write(1, b"\n]\n" if self._count else b"[]\n")
 
 
 class OutputWriter:

@@ -65,6 +65,9 @@ class Command:
         self.target = target
         self.console = console
         self.results: list[Any] = []  # what --json prints, one per result
+        # Whether the command printed its JSON itself, as it went (a list,
+        # page by page), so that there are no results left to print.
+        self.json_printed = False
         self._client: BlockingClient | None = None
 
     @property

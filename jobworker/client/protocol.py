@@ -204,24 +204,30 @@ class JobworkerClientProtocol(Protocol):
         page_size: int = 0,
         name: str = "",
         labels: Iterable[str] = (),
+        newest_first: bool = False,
     ) -> defer.Deferred[tuple[m.JobStatus, ...]]:
         """
-        Every job this client may see, oldest first; only those in one of
+        Every job this client may see, oldest first (newest first with
+        C{newest_first}); only those in one of
         C{states} (all by default), owned by C{owner} ("" for any), named
         C{name} ("" for any) and matching every label filter of C{labels}
         (C{"KEY"} or C{"KEY=VALUE"}); the server filters.
         The server sends the list in pages of what fits one frame (or of
-        C{page_size} jobs); this asks for one after the other.
+        C{page_size} jobs); this asks for one after the other.  A server
+        that speaks a protocol version before L{m.NEWEST_FIRST_VERSION}
+        pages oldest first only: for C{newest_first}, its list is reversed
+        here once every page has come.
         """
         mask = m.state_mask(states)
         label_filters = tuple(labels)
+        reverse = newest_first and self.conn.version < m.NEWEST_FIRST_VERSION
         jobs: list[m.JobStatus] = []
         listed: defer.Deferred[tuple[m.JobStatus, ...]] = defer.Deferred()
 
         def page(after_created_at: int, after_job_id: uuid.UUID) -> None:
             request = m.ListRequest(
                 self.conn.next_request_id(), after_created_at, after_job_id, page_size, mask, owner,
-                name, label_filters,
+                name, label_filters, newest_first and not reverse,
             )
             answer = self._request(request, m.ListResponse, lambda response: response)
             answer.addCallbacks(arrived, listed.errback)
@@ -229,6 +235,8 @@ class JobworkerClientProtocol(Protocol):
         def arrived(response: m.ListResponse) -> None:
             jobs.extend(response.jobs)
             if not response.more or not response.jobs:
+                if reverse:
+                    jobs.sort(key=lambda job: (job.created_at, job.job_id.int), reverse=True)
                 listed.callback(tuple(jobs))
                 return
             last = response.jobs[-1]

@@ -118,16 +118,27 @@ def restored_job(
         labels=status.labels,
     )
     path = store.spool_path(status.job_id)
+    times_path = store.times_path(status.job_id)
     spool: FileSpool | None
-    times: FileSpool | None
-    try:
-        # No times file: a spool written before times were recorded.
-        times = FileSpool(store.times_path(status.job_id), create=False)
-    except OSError:
-        times = None
+
+    def open_times() -> FileSpool | None:
+        try:
+            return FileSpool(times_path, create=False)
+        except OSError:
+            return None  # no times file: a spool written before times were recorded
+
+    def times_damaged(damage: str) -> None:
+        log.error("job {job_id}: {damage}; later output has no times", job_id=status.job_id, damage=damage)
+
+    # A job to take back writes on into its times file: read it now.  A
+    # finished job's is read when its times are first asked for, if ever.
+    times = open_times() if retention is not None else None
+    found_times = times if retention is not None else open_times
     try:
         spool = FileSpool(path, create=False)
-        output = OutputLog.from_spool(spool, ring_size=ring_size, expected_end=status.output_bytes, times=times)
+        output = OutputLog.from_spool(
+            spool, ring_size=ring_size, expected_end=status.output_bytes, times=found_times, on_times_damage=times_damaged
+        )
     except OSError as exc:
         spool = None
         output = OutputLog.from_spool(MemorySpool(), expected_end=status.output_bytes)
@@ -135,8 +146,6 @@ def restored_job(
             output.damage = f"output spool {path} cannot be read: {exc.strerror or exc}"
     if output.damage is not None:
         log.error("job {job_id}: {damage}; readers get a gap there", job_id=status.job_id, damage=output.damage)
-    if output.times_damage is not None:
-        log.error("job {job_id}: {damage}; later output has no times", job_id=status.job_id, damage=output.times_damage)
     if retention is not None:
         spool, times = _reopened(store, status.job_id, output, spool, times, retention)
     job = Job(host, status.job_id, spec, output, spool)

@@ -98,6 +98,8 @@ DEFAULT_RING_SIZE = 4 << 20  # 4 MiB: a live follower at hundreds of MB/s stays 
 DEFAULT_RETENTION = 1 << 30  # 1 GiB
 INDEX_EVERY = 64 << 10  # one index entry per 64 KiB of spooled output
 _SPOOL_READ_BLOCK = 256 << 10
+# The bytes read at once when a reopened spool's record headers are scanned.
+SCAN_BLOCK = 64 << 10
 # The most output a job can have: offsets and gap lengths are u64 on the
 # wire, so a spool whose records add up to more is damaged (its end could
 # not be sent in a status).
@@ -154,11 +156,16 @@ class OutputLog:
         self._spool = spool
         self._times = times
         self._clock = clock
-        self.marks = TimeMarks()
+        self._marks = TimeMarks()
         # The log knows when its output was read: False for a log reopened
         # from a spool that has no times file (written before they were).
-        self.has_times = True
-        self.times_damage: str | None = None
+        self._has_times = True
+        self._times_damage: str | None = None
+        # Opens the times file of a reopened log, read on the first use of
+        # its marks (see from_spool); None once read, or for a log that has
+        # its marks.
+        self._unread_times: Callable[[], Spool | None] | None = None
+        self._on_times_damage: Callable[[str], None] | None = None
         self._last_mark_written = -1  # the offset of the last mark in the file
         if times is not None and times.size == 0:
             times.append(TIME_FILE_MAGIC, mark=None)
@@ -186,7 +193,8 @@ class OutputLog:
         *,
         ring_size: int = DEFAULT_RING_SIZE,
         expected_end: int = 0,
-        times: Spool | None = None,
+        times: Spool | Callable[[], Spool | None] | None = None,
+        on_times_damage: Callable[[str], None] | None = None,
     ) -> OutputLog:
         """
         Reopen a closed log from its spool (after a restart): scan the
@@ -196,17 +204,36 @@ class OutputLog:
 
         @param expected_end: the output the job's record counted; what the
             spool lacks of it is a gap, and noted in L{damage}.
+        @param times: the log's times file, read now; or a function that
+            opens it (None: there is none), called, and the file read, only
+            when the marks are first used (L{marks}, L{has_times},
+            L{times_damage}): most finished jobs' output is never read
+            again, and a server starting with 10,000 of them would open
+            and read 10,000 files for nothing.
+        @param on_times_damage: called with L{times_damage} when the times
+            file is read and found damaged.
         """
         log = cls(spool, ring_size=ring_size, retention=2**63)
         position = 0
         offset = 0
         total = spool.size
+        # The headers are read SCAN_BLOCK bytes at a time while the records
+        # are small (a read each cost a job of many small records one
+        # system call, and an open, per record), one at a time after a
+        # large one (never the data of a large record for nothing).
+        block = b""
+        block_start = 0
+        small = True
         while position < total:
-            header = spool.pread(position, RECORD_HEADER_SIZE)
-            if len(header) < RECORD_HEADER_SIZE:
-                if len(header) != total - position:
-                    log._damaged(f"output spool: short read at byte {position}")
-                break  # else a torn header: the server died mid-write
+            at = position - block_start
+            if at + RECORD_HEADER_SIZE > len(block):
+                want = min(SCAN_BLOCK if small else RECORD_HEADER_SIZE, total - position)
+                block, block_start, at = spool.pread(position, want), position, 0
+                if len(block) < RECORD_HEADER_SIZE:
+                    if len(block) != total - position:
+                        log._damaged(f"output spool: short read at byte {position}")
+                    break  # else a torn header: the server died mid-write
+            header = block[at : at + RECORD_HEADER_SIZE]
             fd, length = header[0], int.from_bytes(header[1:], "big")
             payload = 0 if fd == GAP_FD else length
             if fd not in (GAP_FD, 1, 2) or (fd == GAP_FD and length == 0) or offset + length > MAX_OUTPUT_END:
@@ -217,6 +244,7 @@ class OutputLog:
             log._note_record(offset, position)
             position += RECORD_HEADER_SIZE + payload
             offset += length
+            small = payload < SCAN_BLOCK // 16
         log.end = log._spooled_end = offset
         log._spool_records = position
         if expected_end > offset:
@@ -225,8 +253,47 @@ class OutputLog:
             if log.damage is None:
                 log._damaged(f"output spool: {missing} bytes of output missing from byte {offset} on")
         log.closed = True
-        log._load_times(times)
+        log._on_times_damage = on_times_damage
+        if callable(times):
+            log._unread_times = times
+        else:
+            log._load_times(times)
         return log
+
+    @property
+    def marks(self) -> TimeMarks:
+        """
+        When the output was read (see L{jobworker.output.timemarks}).
+        """
+        if self._unread_times is not None:
+            self._read_unread_times()
+        return self._marks
+
+    @property
+    def has_times(self) -> bool:
+        """
+        Whether the log knows when its output was read: False for a log
+        reopened from a spool that has no times file (written before they
+        were).
+        """
+        if self._unread_times is not None:
+            self._read_unread_times()
+        return self._has_times
+
+    @property
+    def times_damage(self) -> str | None:
+        """
+        What is wrong with the times file, found when it was read; the
+        marks after it are lost.
+        """
+        if self._unread_times is not None:
+            self._read_unread_times()
+        return self._times_damage
+
+    def _read_unread_times(self) -> None:
+        opened, self._unread_times = self._unread_times, None
+        assert opened is not None
+        self._load_times(opened())
 
     def _load_times(self, times: Spool | None) -> None:
         """
@@ -234,13 +301,15 @@ class OutputLog:
         L{read_time_file}): a log without one has no times.
         """
         if times is None:
-            self.has_times = False
+            self._has_times = False
             return
-        has_times, damage = read_time_file(times, self.marks, self.end)
+        has_times, damage = read_time_file(times, self._marks, self.end)
         if not has_times:
-            self.has_times = False
+            self._has_times = False
         if damage is not None:
-            self.times_damage = damage
+            self._times_damage = damage
+            if self._on_times_damage is not None:
+                self._on_times_damage(damage)
 
     def _write_mark(self, offset: int, at: int) -> None:
         times = self._times
@@ -282,7 +351,7 @@ class OutputLog:
         self.end += len(data)
         if at is None:
             at = self._clock()
-        marks = self.marks
+        marks = self._marks
         # One comparison per chunk when chunks come fast (most get no mark).
         if at - marks.last_time >= marks.step_us:
             mark = marks.add(offset, at)
@@ -307,7 +376,7 @@ class OutputLog:
             return
         self._check_spool()
         self._resume_spool()
-        tail = self.marks.between(self._ring_start(), self.end)
+        tail = self._marks.between(self._ring_start(), self.end)
         self._spool_ring(2**63)
         # The marks of the tail just spooled (past the retention limit);
         # those of bytes nobody holds any more are not worth keeping.

@@ -34,7 +34,9 @@ Design rules (the spec in C{protocol-spec/README.md} is normative):
     C{EndOfStream} whose status does not fit the peer's maximum frame goes
     out with the status abridged (L{m.abridge}).
  8. Versions: the server's hello names the highest version it speaks; the
-    client answers with the highest version both speak (spec section 5.4).
+    client answers with the highest version both speak (spec section 5.4),
+    and every frame after the hellos is encoded and decoded in that
+    version's layout.
 
 Why it is one module of over 400 lines: it is one state machine,
 L{Connection}, whose states, streams, windows and pending requests are
@@ -45,6 +47,7 @@ over modules that all reach into the same state.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from dataclasses import replace
 from enum import Enum
 from itertools import count
@@ -131,17 +134,32 @@ class Connection:
         hello; the server splits output to fit.
     """
 
-    def __init__(self, role: Role, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        versions: Collection[int] = m.SUPPORTED_VERSIONS,
+    ) -> None:
+        """
+        @param versions: the protocol versions this end speaks: by default
+            every one this implementation speaks; fewer to play an older
+            peer (in tests).
+        """
         if not MIN_FRAME_SIZE <= max_frame_size <= MAX_FRAME_LIMIT:
             raise ValueError(f"max_frame_size must be in [{MIN_FRAME_SIZE}, {MAX_FRAME_LIMIT}]")
+        if not versions or not set(versions) <= m.SUPPORTED_VERSIONS:
+            raise ValueError(f"versions must be some of {sorted(m.SUPPORTED_VERSIONS)}")
+        self.versions = frozenset(versions)
         self.role = role
         self.max_frame_size = max_frame_size
         self.peer_max_frame_size = MIN_FRAME_SIZE
         self.peer_hello: m.ServerHello | m.ClientHello | None = None
         # The version this connection speaks: the server's own until the
         # client's hello confirms it; the client's once the server's hello
-        # has arrived (the highest both speak).
-        self.version = m.PROTOCOL_VERSION
+        # has arrived (the highest both speak).  Frames are encoded and
+        # decoded in its layout.
+        self.version = max(self.versions)
         # Frames split off by feed() and not yet decoded by next_message().
         self._undecoded: deque[tuple[int, bytes | memoryview]] = deque()
         self._state = _State.AWAIT_HELLO
@@ -272,7 +290,7 @@ class Connection:
             return None
         kind, body = self._undecoded.popleft()
         try:
-            return self._received(decode_body(kind, body))
+            return self._received(decode_body(kind, body, self.version))
         except ProtocolError:
             self._state = _State.CLOSED
             self._undecoded.clear()
@@ -308,18 +326,18 @@ class Connection:
         return message
 
     def _received_hello(self, hello: m.ServerHello | m.ClientHello) -> m.Message:
-        speaks = ", ".join(str(v) for v in sorted(m.SUPPORTED_VERSIONS))
+        speaks = ", ".join(str(v) for v in sorted(self.versions))
         if self.role is Role.CLIENT:
             # The server names the highest version it speaks; we take the
             # highest of ours that is not above it.
-            common = [v for v in m.SUPPORTED_VERSIONS if v <= hello.version]
+            common = [v for v in self.versions if v <= hello.version]
             if not common:
                 raise ProtocolError(
                     f"the server speaks protocol version {hello.version} at most; this client speaks {speaks}",
                     ErrorCode.UNSUPPORTED_VERSION,
                 )
             self.version = max(common)
-        elif hello.version not in m.SUPPORTED_VERSIONS or hello.version > self.version:
+        elif hello.version not in self.versions or hello.version > self.version:
             raise ProtocolError(
                 f"protocol version {hello.version} is not supported (this server speaks {speaks})",
                 ErrorCode.UNSUPPORTED_VERSION,
@@ -411,12 +429,12 @@ class Connection:
             self._state = _State.CLOSED
         elif not self.is_open:
             raise ValueError(f"{kind.__name__} before the hello exchange ended")
-        frame = encode_message(message)
+        frame = encode_message(message, self.version)
         if len(frame) - 4 > self.peer_max_frame_size and kind in (m.StatusResponse, m.EndOfStream):
             # type: ignore: kind is StatusResponse or EndOfStream, both with a
             # status; mypy does not narrow message through type(message).
             message = replace(message, status=m.abridge(message.status))  # type: ignore[type-var,attr-defined]
-            frame = encode_message(message)
+            frame = encode_message(message, self.version)
         if len(frame) - 4 > self.peer_max_frame_size and kind not in (m.ServerHello, m.ClientHello):
             raise FrameTooLarge(
                 f"{kind.__name__} of {len(frame) - 4} bytes exceeds the peer's maximum frame of {self.peer_max_frame_size}"

@@ -7,7 +7,7 @@ builds the response; the server supplies the jobs the caller may see.
 from __future__ import annotations
 
 import uuid
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
 
@@ -64,7 +64,8 @@ class OrderedJob(Protocol):
 
 def list_order(job: OrderedJob) -> tuple[int, int]:
     """
-    The list order: by C{created_at}, then by the job id as a number.
+    The list order: by C{created_at}, then by the job id as a number (a
+    newest-first list has it reversed).
     """
     return (job.created_at, job.job_id.int)
 
@@ -104,11 +105,27 @@ class ListIndex(Generic[Job]):
             it with the last one given (by identity, at C's speed: ~20 us
             per 10,000 jobs) is how a change is noticed.
         """
-        if len(jobs) != len(self._known) or jobs != self._known:
-            self._update(list(jobs))
+        self._refresh(jobs)
         ordered = self._ordered
         start = bisect_right(self._keys, after[0] << 128 | after[1])
         return (ordered[index] for index in range(start, len(ordered)))
+
+    def before(self, jobs: Sequence[Job], before: tuple[int, int]) -> Iterator[Job]:
+        """
+        The jobs of C{jobs} that come before C{before} (a L{list_order}
+        key) in list order, the newest first: every job, the newest first,
+        for C{(0, 0)} (a newest-first list's first page).
+
+        @param jobs: as for L{after}.
+        """
+        self._refresh(jobs)
+        ordered = self._ordered
+        stop = len(ordered) if before == (0, 0) else bisect_left(self._keys, before[0] << 128 | before[1])
+        return (ordered[index] for index in range(stop - 1, -1, -1))
+
+    def _refresh(self, jobs: Sequence[Job]) -> None:
+        if len(jobs) != len(self._known) or jobs != self._known:
+            self._update(list(jobs))
 
     def _update(self, jobs: list[Job]) -> None:
         members = set(jobs)
@@ -155,7 +172,8 @@ def list_page(
     """
     The page that answers C{request}, out of C{jobs} (those the caller may
     see, in list order, from the first after the request's cursor on:
-    L{ListIndex.after}), for a client that accepts frames of
+    L{ListIndex.after}; in reverse from the first before it for a
+    newest-first request: L{ListIndex.before}), for a client that accepts frames of
     C{max_frame_size} bytes.  It reads C{jobs} only as far as the page goes,
     and asks for (and encodes) the status of only the jobs it lists.
 

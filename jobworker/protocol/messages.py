@@ -64,6 +64,7 @@ __all__ = [
     "TimeMark",
     "REQUEST_TYPES",
     "SUPPORTED_VERSIONS",
+    "NEWEST_FIRST_VERSION",
     "state_mask",
     "abridge",
     "ABRIDGED_ARGV_ITEMS",
@@ -75,11 +76,15 @@ __all__ = [
 # lists, JobStatus.uid, abridged statuses and EndReason.SERVER_ERROR.
 # Version 3 added job names and labels (StartRequest, JobStatus, the list
 # filters) and output times (FollowRequest.timestamps and .since, the
-# TimeMark message).  Their layouts differ, so a server speaks only its own
-# version and refuses another with UNSUPPORTED_VERSION at the hello (spec
-# section 5.4); client and server ship together.
-PROTOCOL_VERSION = 3
-SUPPORTED_VERSIONS = frozenset({3})
+# TimeMark message).  Version 4 added ListRequest.newest_first.  Versions 2
+# and 3 differ in many layouts, so version 2 is refused at the hello (spec
+# section 5.4); versions 3 and 4 differ only in the ListRequest's last
+# byte, so a connection speaks the one negotiated at the hello, and a
+# version 3 client is served as before.
+PROTOCOL_VERSION = 4
+SUPPORTED_VERSIONS = frozenset({3, 4})
+# The first version with ListRequest.newest_first.
+NEWEST_FIRST_VERSION = 4
 
 # JobStatus.uid when the uid is not known: (uid_t)-1, which Linux never
 # gives a user.
@@ -363,6 +368,10 @@ class ListRequest(Message):
     One page of the jobs the caller may see, in (created_at, job_id) order,
     starting after the job (C{after_created_at}, C{after_job_id}): the
     zeros for the first page, the last job of a page for the next one.
+
+    With C{newest_first} (protocol version 4 on), in the reverse order:
+    the page starts with the newest job (zeros) or the one just before the
+    cursor's job.
     """
 
     TYPE: ClassVar[int] = 0x13
@@ -376,6 +385,9 @@ class ListRequest(Message):
     # Each "KEY" (the job has the label) or "KEY=VALUE" (with this value);
     # a job must match them all.
     labels: tuple[str, ...] = ()
+    # True: (created_at, job_id) descending, the cursor meaning "before";
+    # only on a connection of version NEWEST_FIRST_VERSION or later.
+    newest_first: bool = False
 
 
 @dataclass(frozen=True)

@@ -90,10 +90,15 @@ class _Record(Adapter):
     sent something no correct encoder could produce.
     """
 
-    def __init__(self, subcon: Any, cls: type) -> None:
+    def __init__(self, subcon: Any, cls: type, omitted: tuple[str, ...] = ()) -> None:
+        """
+        @param omitted: fields of C{cls} that this layout (one of an earlier
+            protocol version) does not carry: decoded, they take their
+            defaults.
+        """
         super().__init__(subcon)
         self.cls = cls
-        self.field_names = [f.name for f in fields(cls) if f.init]
+        self.field_names = [f.name for f in fields(cls) if f.init and f.name not in omitted]
         self.converters = _converters(cls)
 
     def _decode(self, obj: Any, context: Any, path: Any) -> Any:
@@ -219,7 +224,20 @@ StatusSchema = _Record(
     m.JobStatus,
 )
 
-# The body layout of each message type, keyed by its class.
+# A version 3 ListRequest: version 4 appends newest_first.
+_LIST_REQUEST_V3 = (
+    "request_id" / RequestId,
+    "after_created_at" / Int64ub,
+    "after_job_id" / JobId,
+    "max_jobs" / Int32ub,
+    "states" / Int16ub,
+    "owner" / Text,
+    "name" / Text,
+    "labels" / PrefixedArray(Int16ub, Text),
+)
+
+# The body layout of each message type, keyed by its class, in the
+# protocol's current version (m.PROTOCOL_VERSION).
 SCHEMAS: dict[type[m.Message], Any] = {
     m.ServerHello: Struct(
         "version" / Int16ub,
@@ -248,16 +266,7 @@ SCHEMAS: dict[type[m.Message], Any] = {
         "request_id" / RequestId, "job_id" / JobId, "grace_ms" / Int32ub, "force" / Flag
     ),
     m.StatusRequest: Struct("request_id" / RequestId, "job_id" / JobId),
-    m.ListRequest: Struct(
-        "request_id" / RequestId,
-        "after_created_at" / Int64ub,
-        "after_job_id" / JobId,
-        "max_jobs" / Int32ub,
-        "states" / Int16ub,
-        "owner" / Text,
-        "name" / Text,
-        "labels" / PrefixedArray(Int16ub, Text),
-    ),
+    m.ListRequest: Struct(*_LIST_REQUEST_V3, "newest_first" / Flag),
     m.WaitRequest: Struct("request_id" / RequestId, "job_id" / JobId),
     m.FollowRequest: Struct(
         "request_id" / RequestId,
@@ -295,6 +304,12 @@ _PARSERS = {
     cls.TYPE: (cls, body if cls is m.Output else Struct("value" / body, Terminated))
     for cls, body in _BODIES.items()
 }
+# Version 3's layouts, where they differ from the current version's: only
+# the ListRequest's, which version 4 extends.
+_V3_BODIES: dict[type[m.Message], Any] = {
+    m.ListRequest: _Record(Struct(*_LIST_REQUEST_V3), m.ListRequest, omitted=("newest_first",)),
+}
+_V3_PARSERS = {cls.TYPE: (cls, Struct("value" / body, Terminated)) for cls, body in _V3_BODIES.items()}
 _STATUS_FRAME_TYPES = {cls.TYPE: cls for cls in (m.StatusResponse, m.ListResponse, m.EndOfStream)}
 _FRAME_HEADER = Struct("length" / Int32ub, "type" / Int8ub).compile()
 _NO_ROOT = Container()
@@ -326,9 +341,13 @@ def frame_header(length: int, message_type: int) -> bytes:
     return header
 
 
-def encode_message(message: m.Message) -> bytes:
+def encode_message(message: m.Message, version: int = m.PROTOCOL_VERSION) -> bytes:
     """
-    Encode C{message} as one complete frame (header included).
+    Encode C{message} as one complete frame (header included), in the
+    layout of protocol C{version} (the connection's, once negotiated).
+
+    @raise ValueError: the message cannot be encoded, or not in C{version}
+        (a C{ListRequest} with C{newest_first} in version 3).
     """
     kind = type(message)
     if kind is m.Output:
@@ -336,8 +355,13 @@ def encode_message(message: m.Message) -> bytes:
     if kind in _STATUS_FRAMES:
         packed = _encode_status_frame(message)
         return frame_header(len(packed) + 1, message.TYPE) + packed
+    if kind is m.ListRequest and version < m.NEWEST_FIRST_VERSION and message.newest_first:  # type: ignore[attr-defined]
+        raise ValueError(f"a newest-first list needs protocol version {m.NEWEST_FIRST_VERSION}; this connection speaks {version}")
     try:
-        body: bytes = _BODIES[kind].build(message)
+        schema = _V3_BODIES.get(kind) if version == 3 else None
+        if schema is None:
+            schema = _BODIES[kind]
+        body: bytes = schema.build(message)
     except (ConstructError, KeyError, UnicodeEncodeError) as exc:
         # Our own caller built an unencodable message: a bug here, not the
         # peer's fault, so it is not a ProtocolError.
@@ -420,9 +444,10 @@ def _decode_status_frame(cls: type[m.Message], body: bytes | memoryview) -> m.Me
     return message
 
 
-def decode_body(message_type: int, body: bytes | memoryview) -> m.Message:
+def decode_body(message_type: int, body: bytes | memoryview, version: int = m.PROTOCOL_VERSION) -> m.Message:
     """
-    Decode one frame's body given its type byte.
+    Decode one frame's body given its type byte, in the layout of protocol
+    C{version} (the connection's, once negotiated).
 
     @raise ProtocolError: unknown type (C{UNKNOWN_MESSAGE}) or a body that
         does not parse (C{PROTOCOL_ERROR}).
@@ -432,7 +457,7 @@ def decode_body(message_type: int, body: bytes | memoryview) -> m.Message:
     status_frame = _STATUS_FRAME_TYPES.get(message_type)
     if status_frame is not None:
         return _decode_status_frame(status_frame, body)
-    entry = _PARSERS.get(message_type)
+    entry = (_V3_PARSERS.get(message_type) if version == 3 else None) or _PARSERS.get(message_type)
     if entry is None:
         raise ProtocolError(
             f"unknown message type 0x{message_type:02x}", ErrorCode.UNKNOWN_MESSAGE

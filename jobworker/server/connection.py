@@ -165,7 +165,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             return
         self._identity_counted = True
         hello = m.ServerHello(
-            m.PROTOCOL_VERSION,
+            self.conn.version,
             self.conn.max_frame_size,
             self.factory.server_name,
             self.identity.name,

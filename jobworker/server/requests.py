@@ -78,7 +78,9 @@ def _status(connection: ServerProtocol, request: m.StatusRequest) -> m.Message:
 def _list(connection: ServerProtocol, request: m.ListRequest) -> m.Message:
     assert connection.identity is not None
     check_list_filters(request)
-    jobs = connection.manager.list(connection.identity, (request.after_created_at, request.after_job_id.int))
+    jobs = connection.manager.list(
+        connection.identity, (request.after_created_at, request.after_job_id.int), request.newest_first
+    )
     return list_page(jobs, request, connection.conn.peer_max_frame_size, _unlistable)
 
 

@@ -31,12 +31,14 @@ from jobworker.errors import ErrorCode, RequestError
 from jobworker.jobs.admission import MAX_ARGV_BYTES, MAX_ARGV_ITEMS, MAX_ENV_BYTES, MAX_ENV_ITEMS
 from jobworker.pki import make_ca, make_client_cert
 from jobworker.protocol import messages as m
+from jobworker.protocol.wire import decode_body
 from tests.support import BIN, start_server
 
 GOAWAY = 0x03
 SERVER_HELLO = 0x01
 CLIENT_HELLO = 0x02
 STATUS_REQUEST = 0x12
+LIST_RESPONSE = 0x22
 
 # How long the server may take to answer a bad frame or to close: far less
 # than its 10 s handshake timeout and its 5 s abort grace, so a server that
@@ -207,7 +209,7 @@ def test_huge_length_prefix_is_refused_without_the_body(server, raw):
     assert_still_serving(server)
 
 
-@pytest.mark.parametrize("version", [1, m.PROTOCOL_VERSION - 1, m.PROTOCOL_VERSION + 1])
+@pytest.mark.parametrize("version", [1, min(m.SUPPORTED_VERSIONS) - 1, m.PROTOCOL_VERSION + 1])
 def test_client_hello_with_another_version_gets_goaway_unsupported_version(server, raw, version):
     """
     Older clients (version 1, version 2 jobcli) and one that claims a
@@ -217,8 +219,32 @@ def test_client_hello_with_another_version_gets_goaway_unsupported_version(serve
     connection = raw()
     connection.hello(version=version)
     message = connection.expect_goaway(ErrorCode.UNSUPPORTED_VERSION)
-    assert f"version {version}" in message and f"speaks {m.PROTOCOL_VERSION}" in message
+    speaks = ", ".join(str(known) for known in sorted(m.SUPPORTED_VERSIONS))
+    assert f"version {version}" in message and f"speaks {speaks}" in message
     assert_still_serving(server)
+
+
+def test_a_version_3_client_lists_oldest_first(server, raw):
+    """
+    A version 3 client (its list requests end before version 4's
+    newest_first flag) is served: its list comes oldest first.
+    """
+    client = server.client("admin")
+    try:
+        made = [client.start(["true"]) for _ in range(3)]
+    finally:
+        client.close()
+    connection = raw()
+    connection.hello(version=3)
+    # list_request.basic of protocol-spec/vectors: request 8, the first page.
+    connection.send(bytes.fromhex("000000291300000008" + "00" * 36))
+    frame = connection.read_frame()
+    assert frame is not None and frame[0] == LIST_RESPONSE, frame
+    response = decode_body(*frame, 3)
+    assert isinstance(response, m.ListResponse) and response.request_id == 8
+    listed = [job.job_id for job in response.jobs]
+    assert [job_id for job_id in listed if job_id in made] == made
+    assert listed == [job.job_id for job in sorted(response.jobs, key=lambda job: (job.created_at, job.job_id.int))]
 
 
 def test_plaintext_before_the_tls_handshake_is_dropped(server):

@@ -683,6 +683,38 @@ def test_the_client_answers_the_servers_ping() -> None:
     assert server.receive() == [m.Pong(42)]
 
 
+def test_list_newest_first_asks_the_server_for_it() -> None:
+    client, server = connected_pair()
+    newer, older = job_status(created_at=20), job_status(created_at=10)
+    listed = client.list(newest_first=True)
+    page = server.receive_one(m.ListRequest)
+    assert page.newest_first and (page.after_created_at, page.after_job_id) == (0, uuid.UUID(int=0))
+    server.send(m.ListResponse(page.request_id, (newer,), more=True))
+    page = server.receive_one(m.ListRequest)
+    assert page.newest_first and (page.after_created_at, page.after_job_id) == (20, newer.job_id)
+    server.send(m.ListResponse(page.request_id, (older,)))
+    assert result_of(listed) == (newer, older)
+
+
+def test_list_newest_first_of_a_version_3_server_is_sorted_here() -> None:
+    """
+    A version 3 server pages oldest first only: the client asks it so, and
+    reverses the list once it has every page.
+    """
+    client, server = connected_pair(server_versions={3})
+    assert client.conn.version == 3
+    jobs = [job_status(created_at=10), job_status(created_at=20), job_status(created_at=20)]
+    jobs.sort(key=lambda status: (status.created_at, status.job_id.int))
+    listed = client.list(newest_first=True)
+    page = server.receive_one(m.ListRequest)
+    assert not page.newest_first
+    server.send(m.ListResponse(page.request_id, tuple(jobs[:2]), more=True))
+    page = server.receive_one(m.ListRequest)
+    assert not page.newest_first and page.after_job_id == jobs[1].job_id
+    server.send(m.ListResponse(page.request_id, tuple(jobs[2:])))
+    assert result_of(listed) == tuple(reversed(jobs))
+
+
 def test_list_reads_every_page_with_the_filters() -> None:
     client, server = connected_pair()
     first = job_status(owner="bob", created_at=10)

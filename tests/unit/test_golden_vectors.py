@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import re
 import struct
@@ -105,19 +106,30 @@ def from_json(hint: Any, value: Any) -> Any:
     raise AssertionError(f"no JSON reading for {hint!r}")
 
 
-def record_from_json(cls: type, value: dict[str, Any]) -> Any:
+def record_from_json(cls: type, value: dict[str, Any], omitted: frozenset[str] = frozenset()) -> Any:
     """
     A message or record from its JSON description; every field must be
-    given, in wire order, so that no default hides a missing one.
+    given, in wire order, so that no default hides a missing one; but those
+    C{omitted} (the fields an earlier version's layout lacks), which must
+    not be.
     """
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in omitted]
     assert list(value) == names, f"{cls.__name__}: fields {list(value)} != {names}"
     hints = typing.get_type_hints(cls)
     return cls(**{name: from_json(hints[name], value[name]) for name in names})
 
 
+def version_of(vector: dict[str, Any]) -> int:
+    """
+    The protocol version of a vector's frame: the current one unless it
+    names an earlier one.
+    """
+    return int(vector.get("version", m.PROTOCOL_VERSION))
+
+
 def message_of(message_name: str, vector: dict[str, Any]) -> m.Message:
-    return record_from_json(MESSAGE_CLASSES[message_name], vector["fields"])
+    later = {field for field, _, since in _spec_layouts()[message_name] if since > version_of(vector)}
+    return record_from_json(MESSAGE_CLASSES[message_name], vector["fields"], frozenset(later))
 
 
 def split_frame(frame: bytes) -> tuple[int, bytes]:
@@ -141,7 +153,10 @@ def test_files_are_well_formed() -> None:
         assert document["type"] == cls.TYPE, document["path"]
         assert document["vectors"], document["path"]
         for vector in document["vectors"]:
-            assert set(vector) == {"name", "description", "fields", "frame"}, vector["name"]
+            assert set(vector) - {"version"} == {"name", "description", "fields", "frame"}, vector["name"]
+            if "version" in vector:
+                # Only an earlier version's layout is marked, one still spoken.
+                assert vector["version"] in m.SUPPORTED_VERSIONS - {m.PROTOCOL_VERSION}, vector["name"]
             assert re.fullmatch(r"(?:[0-9a-f]{2})+", vector["frame"]), vector["name"]
             names.append(vector["name"])
     assert len(names) == len(set(names)), "vector names must be unique"
@@ -164,7 +179,7 @@ def test_type_bytes_are_distinct() -> None:
 @pytest.mark.parametrize(("message_name", "vector"), VECTORS)
 def test_encode(message_name: str, vector: dict[str, Any]) -> None:
     message = message_of(message_name, vector)
-    assert wire.encode_message(message).hex() == vector["frame"]
+    assert wire.encode_message(message, version_of(vector)).hex() == vector["frame"]
 
 
 @pytest.mark.parametrize(("message_name", "vector"), VECTORS)
@@ -172,10 +187,39 @@ def test_decode(message_name: str, vector: dict[str, Any]) -> None:
     frame = bytes.fromhex(vector["frame"])
     message_type, body = split_frame(frame)
     assert message_type == MESSAGE_CLASSES[message_name].TYPE
-    decoded = wire.decode_body(message_type, body)
+    decoded = wire.decode_body(message_type, body, version_of(vector))
     expected = message_of(message_name, vector)
     assert type(decoded) is type(expected)
     assert decoded == expected
+
+
+def test_version_3_list_requests_are_the_current_ones_without_the_flag() -> None:
+    """
+    A version 3 ListRequest is read as version 3 only: its frame is one of
+    the current version less its last byte (the newest_first flag), so read
+    in the other version's layout, either is malformed.
+    """
+    seen = {3: 0, m.PROTOCOL_VERSION: 0}
+    for document in FILES:
+        if document["message"] != "ListRequest":
+            continue
+        for vector in document["vectors"]:
+            version = version_of(vector)
+            seen[version] += 1
+            message_type, body = split_frame(bytes.fromhex(vector["frame"]))
+            other = m.PROTOCOL_VERSION if version == 3 else 3
+            with pytest.raises(ProtocolError):
+                wire.decode_body(message_type, body, other)
+            message = message_of("ListRequest", vector)
+            if version == 3:
+                current = split_frame(wire.encode_message(message))[1]
+                assert current == body + b"\x00"
+    assert seen[3] >= 3 and seen[m.PROTOCOL_VERSION] >= 2, seen
+
+
+def test_a_newest_first_list_request_cannot_be_encoded_in_version_3() -> None:
+    with pytest.raises(ValueError, match="version 4"):
+        wire.encode_message(m.ListRequest(1, newest_first=True), 3)
 
 
 @pytest.mark.parametrize(("message_name", "vector"), VECTORS)
@@ -194,12 +238,13 @@ def test_truncated_or_extended_body_is_refused(message_name: str, vector: dict[s
     and so is one byte more, except for Output whose data runs to the end.
     """
     message_type, body = split_frame(bytes.fromhex(vector["frame"]))
+    version = version_of(vector)
     with pytest.raises(ProtocolError) as error:
-        wire.decode_body(message_type, body[:-1] if message_name != "Output" else body[:12])
+        wire.decode_body(message_type, body[:-1] if message_name != "Output" else body[:12], version)
     assert error.value.code is ErrorCode.PROTOCOL_ERROR
     if message_name != "Output":
         with pytest.raises(ProtocolError) as error:
-            wire.decode_body(message_type, body + b"\x00")
+            wire.decode_body(message_type, body + b"\x00", version)
         assert error.value.code is ErrorCode.PROTOCOL_ERROR
 
 
@@ -294,9 +339,16 @@ _ARRAY = re.compile(r"^array\((u16|u32), (\w+)\)$")
 _RECORDS = ("Limits", "JobUsage", "JobStatus", "EnvEntry", "Label")
 
 
-def _spec_layouts() -> dict[str, list[tuple[str, str]]]:
+# A field's row in the README that begins "(version N)": the field is in
+# the layouts of version N on, not in an earlier version's.
+_SINCE = re.compile(r"^\(version (\d+)\)")
+
+
+@functools.cache
+def _spec_layouts() -> dict[str, list[tuple[str, str, int]]]:
     """
-    Message or record name -> [(field, type)] from the README's tables.
+    Message or record name -> [(field, type, first version with it)] from
+    the README's tables.
     """
     lines = _readme()
     layouts = {}
@@ -309,15 +361,19 @@ def _spec_layouts() -> dict[str, list[tuple[str, str]]]:
             continue
         name = match.group(1)
         rows = table_after(re.compile("^" + re.escape(line.lstrip("#").strip()) + "$"), lines)
-        layouts[name] = [(row["Field"], row["Type"]) for row in rows]
+        layouts[name] = [
+            (row["Field"], row["Type"], int(since.group(1)) if (since := _SINCE.match(row["Meaning"])) else 0)
+            for row in rows
+        ]
     return layouts
 
 
 class _SpecReader:
-    def __init__(self, data: bytes, layouts: dict[str, list[tuple[str, str]]]) -> None:
+    def __init__(self, data: bytes, layouts: dict[str, list[tuple[str, str, int]]], version: int) -> None:
         self.data = data
         self.position = 0
         self.layouts = layouts
+        self.version = version
 
     def take(self, size: int) -> bytes:
         assert self.position + size <= len(self.data), "body too short for the spec's layout"
@@ -344,7 +400,9 @@ class _SpecReader:
             count = self.read(array.group(1))
             return [self.read(array.group(2)) for _ in range(count)]
         if kind in self.layouts:
-            values = {name: self.read(field_kind) for name, field_kind in self.layouts[kind]}
+            values = {
+                name: self.read(field_kind) for name, field_kind, since in self.layouts[kind] if since <= self.version
+            }
             # The README's JSON conventions: an EnvEntry (and a Label) is a
             # [name, value] pair.
             return list(values.values()) if kind in ("EnvEntry", "Label") else values
@@ -357,7 +415,7 @@ def test_spec_defines_every_layout() -> None:
     records: list[tuple[str, Any]] = [*MESSAGE_CLASSES.items()]
     records += [("Limits", Limits), ("JobUsage", m.JobUsage), ("JobStatus", m.JobStatus)]
     for name, cls in records:
-        assert [field for field, _ in layouts[name]] == [f.name for f in dataclasses.fields(cls)], name
+        assert [field for field, _, _ in layouts[name]] == [f.name for f in dataclasses.fields(cls)], name
 
 
 @pytest.mark.parametrize(("message_name", "vector"), VECTORS)
@@ -370,7 +428,7 @@ def test_spec_tables_decode_vector(message_name: str, vector: dict[str, Any]) ->
     message_type, body = split_frame(bytes.fromhex(vector["frame"]))
     rows = table_after(re.compile(r"^6\.1 Message types$"))
     assert {int(row["Type"], 16): row["Message"] for row in rows}[message_type] == message_name
-    reader = _SpecReader(body, layouts)
+    reader = _SpecReader(body, layouts, version_of(vector))
     decoded = reader.read(message_name)
     assert reader.position == len(body), "bytes left over after the spec's layout"
     assert decoded == vector["fields"]

@@ -104,6 +104,23 @@ def test_a_page_after_a_cursor_reads_no_job_before_it(reads: dict[str, int]) -> 
     assert reads["status"] == 5
 
 
+def test_a_newest_first_page_reads_no_job_after_its_cursor(reads: dict[str, int]) -> None:
+    jobs = [CountingJob(T0 + i, state=m.JobState.RUNNING if i % 2 else m.JobState.EXITED) for i in range(2000)]
+    index: ListIndex[CountingJob] = ListIndex()
+    list(index.after(jobs, (0, 0)))
+    cursor = jobs[500]
+    request = m.ListRequest(
+        2, cursor._created_at, cursor.job_id, max_jobs=5, states=m.state_mask([m.JobState.RUNNING]), newest_first=True
+    )
+    reads.clear()
+    page = list_page(index.before(jobs, (request.after_created_at, request.after_job_id.int)), request, 1 << 20)
+    assert [status.job_id for status in page.jobs] == [job.job_id for job in jobs[499:489:-2]]
+    # From the cursor down to the page's end: not the 1,500 jobs after it.
+    assert reads.get("created_at", 0) == 0
+    assert reads["state"] == 11
+    assert reads["status"] == 5
+
+
 def test_the_index_merges_starts_and_removals_without_sorting_again(reads: dict[str, int]) -> None:
     jobs = {job.job_id: job for job in (CountingJob(T0 + i) for i in range(1000))}
     index: ListIndex[CountingJob] = ListIndex()
@@ -142,6 +159,13 @@ def test_the_index_lists_what_a_sort_would(steps: list[tuple[str, int]], cursor:
         after = (T0 + cursor, uuid.UUID(int=0).int)
         expected = [job for job in sorted(jobs.values(), key=list_order) if list_order(job) > after]
         assert list(index.after(list(jobs.values()), after)) == expected
+        # Newest first: those before the cursor (every job before (0, 0)),
+        # in reverse; a cursor on a job excludes it either way.
+        on = list(jobs.values())[value % len(jobs)] if jobs else None
+        for before in [after, (0, 0)] + ([list_order(on)] if on is not None else []):
+            newest = sorted(jobs.values(), key=list_order, reverse=True)
+            expected = [job for job in newest if before == (0, 0) or list_order(job) < before]
+            assert list(index.before(list(jobs.values()), before)) == expected
 
 
 def test_the_manager_pages_from_its_index_and_hides_other_owners_jobs(tmp_path: Any) -> None:
@@ -157,3 +181,7 @@ def test_the_manager_pages_from_its_index_and_hides_other_owners_jobs(tmp_path: 
     assert listed == jobs
     listed = list(manager.list(alice, list_order(jobs[20])))
     assert listed == [job for job in jobs[21:] if job.owner == "alice"]
+    listed = list(manager.list(admin, newest_first=True))
+    assert listed == jobs[::-1]
+    listed = list(manager.list(alice, list_order(jobs[20]), newest_first=True))
+    assert listed == [job for job in reversed(jobs[:20]) if job.owner == "alice"]

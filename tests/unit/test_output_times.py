@@ -309,3 +309,32 @@ def test_a_version_2_hello_is_refused():
         server.receive_data(wire.encode_message(m.ClientHello(2, 1 << 20)))
     assert refused.value.code is ErrorCode.UNSUPPORTED_VERSION
     assert "version 2 is not supported" in refused.value.message
+
+
+def test_a_reopened_logs_times_file_is_opened_and_read_on_first_use():
+    """
+    Given a function that opens it, the times file of a reopened log is
+    opened only when its marks are first used, its damage reported then.
+    """
+    log, spool, times = make_log()
+    log.append(1, b"abc\n", at=T0)
+    log.append(1, b"def\n", at=T0 + 2_000_000)
+    log.close()
+    damaged = times.pread(0, times.size) + b"\x00" * 16
+    opened: list[str] = []
+    reported: list[str] = []
+
+    def open_times() -> MemorySpool:
+        opened.append("times")
+        return MemorySpool(damaged)
+
+    again = OutputLog.from_spool(MemorySpool(spool.pread(0, spool.size)), times=open_times, on_times_damage=reported.append)
+    assert read_all(again) == b"abc\ndef\n"
+    assert opened == [] and reported == []
+    assert again.marks.between(0, again.end) == [(0, T0), (4, T0 + 2_000_000)]
+    assert opened == ["times"] and len(reported) == 1 and "bad entry" in reported[0]
+    assert again.times_damage == reported[0] and again.has_times
+    assert opened == ["times"]
+    # No times file at all: opened once, then the log has no times.
+    none = OutputLog.from_spool(MemorySpool(spool.pread(0, spool.size)), times=lambda: None)
+    assert not none.has_times and none.marks.between(0, none.end) == []

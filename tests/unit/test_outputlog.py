@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from jobworker.output.log import RECORD_HEADER_SIZE, Chunk, MemorySpool, OutputLog
+from jobworker.output.log import RECORD_HEADER_SIZE, SCAN_BLOCK, Chunk, MemorySpool, OutputLog
 from jobworker.output.spool import FileSpool, SpoolFailure
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -874,3 +874,61 @@ def test_output_log_survives_a_restart_on_disk(tmp_path: Path) -> None:
     assert after == before
     gaps = check_against(reference, read_all(reloaded), 0)
     assert gaps and gaps[0][0] == 40
+
+
+class CountingReads(MemorySpool):
+    """
+    A spool that notes each read: (position, bytes asked for).
+    """
+
+    def __init__(self, content: bytes) -> None:
+        super().__init__(content)
+        self.reads: list[tuple[int, int]] = []
+
+    def pread(self, position: int, size: int) -> bytes:
+        self.reads.append((position, size))
+        return super().pread(position, size)
+
+
+def test_a_reopened_spool_of_small_records_is_scanned_in_blocks() -> None:
+    spool = RecordingSpool()
+    log = OutputLog(spool)
+    for index in range(5000):
+        log.append(1 + index % 2, b"%09d\n" % index)
+    log.close()
+    counting = CountingReads(spool.content())
+    reloaded = OutputLog.from_spool(counting)
+    assert len(counting.reads) <= spool.size // SCAN_BLOCK + 1
+    assert b"".join(chunk.data for chunk in read_all(reloaded)) == b"".join(b"%09d\n" % index for index in range(5000))
+
+
+def test_a_reopened_spool_of_large_records_is_scanned_header_by_header() -> None:
+    spool = RecordingSpool()
+    log = OutputLog(spool)
+    for index in range(6):
+        log.append(1, bytes([index]) * (100 << 10))
+    log.close()
+    counting = CountingReads(spool.content())
+    reloaded = OutputLog.from_spool(counting)
+    assert reloaded.end == 6 * (100 << 10) and reloaded.damage is None
+    # One block at the start, then only the headers: no record's data.
+    assert counting.reads[1:] == [(index * (RECORD_HEADER_SIZE + (100 << 10)), RECORD_HEADER_SIZE) for index in range(1, 6)]
+
+
+def test_a_spool_shorter_than_it_said_is_a_short_read() -> None:
+    spool = RecordingSpool()
+    log = OutputLog(spool)
+    for _ in range(100):
+        log.append(1, b"ab")
+    log.close()
+    content = spool.content()
+
+    class Shrunk(MemorySpool):
+        # The file lost its second half after its size was taken.
+        size = len(content)
+
+        def pread(self, position: int, size: int) -> bytes:
+            return content[: len(content) // 2][position : position + size]
+
+    reloaded = OutputLog.from_spool(Shrunk(), expected_end=200)
+    assert reloaded.damage is not None and "short read" in reloaded.damage

@@ -201,7 +201,7 @@ def test_client_rejects_anything_but_hello_first() -> None:
     raises_protocol_error(client, encode_message(m.OkResponse(1)))
 
 
-@pytest.mark.parametrize("version", [0, 1])
+@pytest.mark.parametrize("version", [0, 1, 2])
 def test_client_refuses_a_server_speaking_only_older_versions(version: int) -> None:
     """
     A version 1 server (or anything older than we speak) is refused at its
@@ -230,13 +230,65 @@ def test_client_speaks_the_highest_common_version(version: int) -> None:
     assert client.is_open
 
 
-@pytest.mark.parametrize("version", [0, 1, V + 1, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 1, 2, V + 1, 0xFFFF])
 def test_server_refuses_unsupported_client_version(version: int) -> None:
     server = Connection(Role.SERVER)
     server.send(server_hello())
     raises_protocol_error(
         server, encode_message(m.ClientHello(version, DEFAULT_MAX_FRAME_SIZE)), ErrorCode.UNSUPPORTED_VERSION
     )
+
+
+def hellos(server: Connection, client: Connection) -> None:
+    client.receive_data(server.send(server_hello(version=server.version)))
+    server.receive_data(client.send(m.ClientHello(client.version, DEFAULT_MAX_FRAME_SIZE)))
+    assert server.is_open and client.is_open
+
+
+def test_a_version_3_client_is_served_in_version_3() -> None:
+    """
+    A version 3 client's list requests, the bytes version 3 defined (sent
+    right behind its hello, in the same read), are read as version 3 by
+    a version 4 server: oldest first.
+    """
+    server = Connection(Role.SERVER)
+    client = Connection(Role.CLIENT, versions={3})
+    client.receive_data(server.send(server_hello(version=V)))
+    assert client.version == 3
+    hello = client.send(m.ClientHello(3, DEFAULT_MAX_FRAME_SIZE))
+    frame = client.send(m.ListRequest(8))
+    # protocol-spec/vectors/list_request.json, list_request.basic.
+    assert frame.hex() == "000000291300000008" + "00" * 36
+    assert server.receive_data(hello + frame) == [m.ClientHello(3, DEFAULT_MAX_FRAME_SIZE), m.ListRequest(8)]
+    assert server.version == 3
+    with pytest.raises(ValueError, match="version 4"):
+        client.send(m.ListRequest(9, newest_first=True))
+    # A version 4 request on a version 3 connection: one byte too many.
+    raises_protocol_error(server, encode_message(m.ListRequest(10), 4))
+
+
+def test_a_version_4_client_of_a_version_3_server_speaks_version_3() -> None:
+    server = Connection(Role.SERVER, versions={3})
+    client = Connection(Role.CLIENT)
+    hellos(server, client)
+    assert server.version == client.version == 3
+    with pytest.raises(ValueError, match="version 4"):
+        client.send(m.ListRequest(1, newest_first=True))
+    assert request(server, client, m.ListRequest(2, owner="bob")) == m.ListRequest(2, owner="bob")
+
+
+def test_version_4_ends_speak_version_4() -> None:
+    server, client = Connection(Role.SERVER), Connection(Role.CLIENT)
+    hellos(server, client)
+    assert server.version == client.version == 4
+    asked = m.ListRequest(1, 5, JOB, newest_first=True)
+    assert request(server, client, asked) == asked
+
+
+@pytest.mark.parametrize("versions", [set(), {2}, {3, 5}])
+def test_only_versions_this_implementation_speaks_may_be_chosen(versions: set[int]) -> None:
+    with pytest.raises(ValueError):
+        Connection(Role.CLIENT, versions=versions)
 
 
 @pytest.mark.parametrize("size", [0, MIN_FRAME_SIZE - 1, MAX_FRAME_LIMIT + 1, 2**32 - 1])

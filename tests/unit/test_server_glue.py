@@ -115,7 +115,13 @@ class FakeManager:
             raise RequestError(f"no job {job_id}", ErrorCode.NOT_FOUND)
         return job
 
-    def list(self, identity: Identity, after: tuple[int, int] = (0, 0)) -> list[FakeJob]:
+    def list(self, identity: Identity, after: tuple[int, int] = (0, 0), newest_first: bool = False) -> list[FakeJob]:
+        if newest_first:
+            return sorted(
+                (job for job in self.jobs.values() if after == (0, 0) or (job.created_at, job.job_id.int) < after),
+                key=lambda job: (job.created_at, job.job_id.int),
+                reverse=True,
+            )
         return [job for job in self.jobs.values() if (job.created_at, job.job_id.int) > after]
 
     def start(self, identity: Identity, request: m.StartRequest) -> Any:

@@ -26,7 +26,7 @@ from jobworker.output.log import MemorySpool, OutputLog
 from jobworker.policy import Identity, Operation, Verdict, authorize, may_see
 from jobworker.protocol import messages as m
 from jobworker.protocol.connection import DEFAULT_MAX_FRAME_SIZE, MIN_FRAME_SIZE, Connection, Role
-from jobworker.protocol.listing import ListIndex
+from jobworker.protocol.listing import ListIndex, list_order
 from jobworker.server.factory import ServerFactory, ServerLimits
 
 T0 = 1_717_243_200_000_000
@@ -99,8 +99,10 @@ class FakeManager:
             raise RequestError(f"no job {job_id}", ErrorCode.NOT_FOUND)
         return job
 
-    def list(self, identity: Identity, after: tuple[int, int] = (0, 0)) -> Iterator[FakeJob]:
-        return (job for job in self.index.after(list(self.jobs.values()), after) if may_see(identity, job.owner))
+    def list(self, identity: Identity, after: tuple[int, int] = (0, 0), newest_first: bool = False) -> Iterator[FakeJob]:
+        jobs = list(self.jobs.values())
+        found = self.index.before(jobs, after) if newest_first else self.index.after(jobs, after)
+        return (job for job in found if may_see(identity, job.owner))
 
     def start(self, identity: Identity, request: m.StartRequest) -> Any:
         raise RequestError("not in these tests", ErrorCode.START_FAILED)
@@ -136,20 +138,21 @@ class Session:
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *, identity: tuple[str, str] = ("admin", "admin"),
-                 client_max: int = DEFAULT_MAX_FRAME_SIZE, hello: bool = True, **limits: Any) -> None:
+                 client_max: int = DEFAULT_MAX_FRAME_SIZE, hello: bool = True,
+                 versions: frozenset[int] = m.SUPPORTED_VERSIONS, **limits: Any) -> None:
         monkeypatch.setattr(server_module, "peer_names", lambda certificate: identity)
         self.clock = task.Clock()
         self.manager = FakeManager()
         self.factory = ServerFactory(self.manager, self.clock, limits=ServerLimits(**limits))  # type: ignore[arg-type]  # a stand-in manager
         self.protocol = self.factory.buildProtocol(None)
         self.transport = TLSStringTransport()
-        self.client = Connection(Role.CLIENT, max_frame_size=client_max)
+        self.client = Connection(Role.CLIENT, max_frame_size=client_max, versions=versions)
         self.protocol.makeConnection(self.transport)
         self.protocol.handshakeCompleted()
         [server_hello] = self.received()
         assert isinstance(server_hello, m.ServerHello)
         if hello:
-            self.write(m.ClientHello(m.PROTOCOL_VERSION, client_max))
+            self.write(m.ClientHello(self.client.version, client_max))
 
     def write(self, *messages: m.Message) -> None:
         """
@@ -465,6 +468,48 @@ def test_jobs_with_the_same_creation_time_are_paged_without_loss(monkeypatch: py
     listed, pages = list_all(session, max_jobs=2)
     assert sorted(status.job_id for status in listed) == sorted(job.job_id for job in made)
     assert len(listed) == 7 and pages == 4
+
+
+def test_newest_first_pages_run_from_the_newest_job_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Newest first, each page holds the jobs just before the cursor's, and
+    ties of creation time are broken by id, in reverse as well: pages of 2
+    list every job once, in the reverse of the oldest-first order.
+    """
+    session = Session(monkeypatch)
+    for index in range(9):
+        session.manager.add(owner="alice" if index % 3 else "bob", created_at=T0 + index // 2)
+    oldest_first, _ = list_all(session)
+    newest_first, pages = list_all(session, max_jobs=2, newest_first=True)
+    assert [status.job_id for status in newest_first] == [status.job_id for status in reversed(oldest_first)]
+    assert pages == 5
+    alices, _ = list_all(session, max_jobs=2, owner="alice", newest_first=True)
+    assert alices == [status for status in newest_first if status.owner == "alice"]
+
+
+def test_a_version_3_client_is_answered_as_a_version_3_server_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A version 3 client's list (its requests without the newest_first flag)
+    gets the pages, oldest first, in the very bytes a version 4 client gets
+    for an oldest-first list, which are those version 3 defined.
+    """
+    sessions = [Session(monkeypatch, versions=frozenset({3})), Session(monkeypatch)]
+    assert sessions[0].protocol.conn.version == 3 and sessions[1].protocol.conn.version == 4
+    jobs = [FakeJob(created_at=T0 + index % 4, argv=("x" * 5000,)) for index in range(12)]
+    answers = []
+    for session in sessions:
+        session.manager.jobs.update((job.job_id, job) for job in jobs)
+        # The first page, as version 3 encodes it (list_request.basic).
+        session.write_raw(bytes.fromhex("000000291300000008" + "00" * 36) if session is sessions[0] else
+                          session.client.send(m.ListRequest(8)))
+        answers.append(session.transport.value())
+        session.transport.clear()
+        listed, pages = list_all(session, max_jobs=5)
+        assert [status.job_id for status in listed] == [job.job_id for job in sorted(jobs, key=list_order)]
+        assert pages == 3
+    assert answers[0] == answers[1] and answers[0]
+    with pytest.raises(ValueError, match="version 4"):
+        sessions[0].client.send(m.ListRequest(9, newest_first=True))
 
 
 def test_a_user_lists_only_its_own_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
