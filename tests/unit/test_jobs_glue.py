@@ -418,7 +418,12 @@ def test_a_start_and_an_end_do_not_look_at_every_finished_job(setup: Setup, monk
     assert len(setup.manager.jobs) == 40 and all(job.is_final for job in setup.manager.jobs.values())
     looked_at: set[int] = set()
     is_final = Job.is_final
-    monkeypatch.setattr(Job, "is_final", property(lambda job: looked_at.add(id(job)) or is_final.fget(job)))
+
+    def counted(job: Job) -> bool:
+        looked_at.add(id(job))
+        return bool(is_final.fget(job))
+
+    monkeypatch.setattr(Job, "is_final", property(counted))
     job, helper = setup.running()
     setup.finish(helper)
     assert job.state is JobState.EXITED
