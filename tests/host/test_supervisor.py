@@ -79,7 +79,10 @@ class Supervised:
             except TimeoutError:
                 continue
             if not data:
+                # As the server does: the supervisor's hang-up waits for our
+                # end to close (else for ACK_WAIT_S) before it exits.
                 self.closed = True
+                self.sock.close()
                 return
             self.buffer += data
             frames, used = contract.split_frames(self.buffer)
