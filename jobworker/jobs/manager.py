@@ -57,6 +57,8 @@ __all__ = ["ISOLATE_SCRIPT", "Job", "JobManager", "JobManagerConfig"]
 
 log = Logger()
 
+# Seconds the server's shutdown waits for the zygote to end.
+ZYGOTE_END_WAIT_S = 2.0
 # The most job ends (each a decision of its state, or the announcement
 # of it) done in one turn of the reactor: ~1 ms each, so another client's
 # request waits a few milliseconds for them at most.
@@ -350,8 +352,17 @@ class JobManager(Service):
         every_end.addCallback(lambda _: self._uid_locks.close(leave=left) if self._uid_locks is not None else None)
         every_end.addCallback(lambda _: self._saver.save_unsaved(final=True))
         every_end.addCallback(lambda _: self.store.close())
-        every_end.addCallback(lambda _: self.zygote.close() if self.zygote is not None else None)
+        every_end.addCallback(lambda _: self._close_zygote())
         return every_end
+
+    def _close_zygote(self) -> defer.Deferred[None] | None:
+        if self.zygote is None:
+            return None
+        # Bounded: a zygote that does not end at its socket's EOF is not
+        # worth a hung shutdown (it dies with the server anyway).
+        ended = self.zygote.close().addTimeout(ZYGOTE_END_WAIT_S, self.reactor)
+        ended.addErrback(lambda failure: failure.trap(defer.TimeoutError))
+        return ended
 
     def _release_cgroups(self) -> None:
         if self.cgroups is None:

@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.python.failure import Failure
 
 from jobworker.host import contract
@@ -110,13 +110,26 @@ class _Process(protocol.ProcessProtocol):
 class _ZygoteProcess(protocol.ProcessProtocol):
     def __init__(self, zygote: Zygote) -> None:
         self.zygote = zygote
+        self.done = False
+        self._waiters: list[defer.Deferred[None]] = []
+
+    def when_ended(self) -> defer.Deferred[None]:
+        if self.done:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(waiter)
+        return waiter
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         # Only a broken zygote writes (a traceback): worth the log.
         log.warn("the zygote wrote: {data!r}", data=data[:2000])
 
     def processEnded(self, reason: Failure) -> None:
+        self.done = True
         self.zygote.ended(self)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
 
 class Zygote:
@@ -183,14 +196,20 @@ class Zygote:
                 if attempt == 2:
                     raise
 
-    def close(self) -> None:
+    def close(self) -> defer.Deferred[None]:
         """
         Let the zygote go (it ends at the EOF of its socket).
+
+        @return: fires once it has ended (and was reaped), at once if none
+            runs.  The server's shutdown waits for it: a zygote that exits
+            after the reactor has stopped signals a server whose SIGCHLD
+            handler is gone, and Python writes a traceback to its log.
         """
         if self._socket is not None:
             self._socket.close()
             self._socket = None
-        self._process = None
+        process, self._process = self._process, None
+        return process.when_ended() if process is not None else defer.succeed(None)
 
 
 def spawn_supervised(

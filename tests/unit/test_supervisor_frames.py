@@ -7,12 +7,16 @@ output log does for a job taken back (L{jobworker.output.log.OutputLog}).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from hypothesis import given, strategies as st
+from twisted.internet.error import ProcessDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from jobworker.host import contract
-from jobworker.jobs.supervisor import BacklogReader, read_end_record
+from jobworker.jobs.supervisor import BacklogReader, Zygote, read_end_record
 from jobworker.output.log import GAP_FD, MemorySpool, OutputLog
 
 chunks = st.lists(st.tuples(st.sampled_from([1, 2]), st.binary(min_size=1, max_size=300)), max_size=20)
@@ -240,3 +244,41 @@ def test_state_formats_up_to_this_one_are_read_and_none_is_new(tmp_path):
     (tmp_path / "format").write_text(f'{{"format": {STATE_FORMAT + 1}}}')
     with pytest.raises(StateFormatTooNew, match="this server reads formats up to"):
         check_state_format(str(tmp_path))
+
+
+# -- the zygote's end ----------------------------------------------------------------
+
+
+class _Spawner:
+    """
+    Just enough of a process reactor for L{Zygote}: the spawned protocol
+    is kept, and the test ends it.
+    """
+
+    def __init__(self) -> None:
+        self.protocols: list[Any] = []
+
+    def spawnProcess(self, process: Any, *args: Any, **kwargs: Any) -> Any:
+        self.protocols.append(process)
+        transport = StringTransport()
+        transport.pid = 4242
+        return transport
+
+
+def test_closing_the_zygote_fires_once_it_has_ended() -> None:
+    # The server waits for it at shutdown: a zygote that exits once the
+    # reactor has stopped delivers its SIGCHLD after Twisted's handler is
+    # gone, and Python writes a traceback into the server's log.
+    reactor = _Spawner()
+    zygote = Zygote(reactor, "/no/helper")
+    zygote._start()
+    closed = zygote.close()
+    fired: list[object] = []
+    closed.addBoth(fired.append)
+    assert fired == []
+    reactor.protocols[0].processEnded(Failure(ProcessDone(0)))
+    assert fired == [None]
+    # None running: at once.
+    again: list[object] = []
+    zygote.close().addBoth(again.append)
+    assert again == [None]
