@@ -76,7 +76,6 @@ _RESOURCE_ERRNOS = {
 }
 
 
-
 @contextmanager
 def _collector_paused() -> Iterator[None]:
     """
@@ -90,6 +89,7 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
 
 class JobManager(Service):
     """
