@@ -18,28 +18,55 @@ import time
 import uuid
 from contextlib import closing
 
+from jobworker.output.log import GAP_FD, RECORD_HEADER_SIZE
 from jobworker.protocol import messages as m
 from tests.support import start_server
+
+
+def read_pieces(server, job_id: uuid.UUID, timeout: float = 20) -> tuple[list[m.Output | m.Gap], m.JobStatus]:
+    """
+    A non-follow read of the whole output: its Output and Gap messages in
+    order, and the EndOfStream's status.  Fails if it takes over C{timeout}.
+    """
+    pieces: list[m.Output | m.Gap] = []
+    deadline = time.monotonic() + timeout
+    with closing(server.client("admin")) as client:
+        for message in client.follow(job_id, follow=False):
+            assert time.monotonic() < deadline, "the read did not end"
+            if isinstance(message, (m.Output, m.Gap)):
+                pieces.append(message)
+            else:
+                return pieces, message.status
+    raise AssertionError("no EndOfStream")
 
 
 def read_output(server, job_id: uuid.UUID, timeout: float = 20) -> tuple[bytes, int, m.JobStatus]:
     """
     A non-follow read of the whole output: the data bytes, the bytes in
-    gaps, and the EndOfStream's status.  Fails if it takes over C{timeout}.
+    gaps, and the EndOfStream's status.
     """
-    data = bytearray()
-    gaps = 0
-    deadline = time.monotonic() + timeout
-    with closing(server.client("admin")) as client:
-        for message in client.follow(job_id, follow=False):
-            assert time.monotonic() < deadline, "the read did not end"
-            if isinstance(message, m.Output):
-                data += message.data
-            elif isinstance(message, m.Gap):
-                gaps += message.length
-            else:
-                return bytes(data), gaps, message.status
-    raise AssertionError("no EndOfStream")
+    pieces, status = read_pieces(server, job_id, timeout)
+    data = b"".join(piece.data for piece in pieces if isinstance(piece, m.Output))
+    gaps = sum(piece.length for piece in pieces if isinstance(piece, m.Gap))
+    return data, gaps, status
+
+
+def spool_records(raw: bytes) -> list[tuple[int, int, int]]:
+    """
+    The records of a spool file, read the simple way a test can trust:
+    (position in the file, fd, length) for each whole record.
+    """
+    records = []
+    position = 0
+    while position + RECORD_HEADER_SIZE <= len(raw):
+        fd = raw[position]
+        length = int.from_bytes(raw[position + 1 : position + RECORD_HEADER_SIZE], "big")
+        payload = 0 if fd == GAP_FD else length
+        if position + RECORD_HEADER_SIZE + payload > len(raw):
+            break
+        records.append((position, fd, length))
+        position += RECORD_HEADER_SIZE + payload
+    return records
 
 
 def test_a_spool_truncated_under_a_running_server(certs, tmp_path):
@@ -53,14 +80,31 @@ def test_a_spool_truncated_under_a_running_server(certs, tmp_path):
             while client.status(job_id).output_bytes < 1_000_000:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-        time.sleep(0.5)  # written by the spool writer
+        # Wait until the spool writer has written it all: cutting a spool
+        # it still writes would damage it somewhere else as well.
         spool = tmp_path / "state" / "jobs" / f"{job_id}.out"
+        while sum(length for _, _, length in spool_records(spool.read_bytes())) < 1_000_000:
+            assert time.monotonic() < deadline, "the spool writer did not catch up"
+            time.sleep(0.05)
+        cut = 100_000
+        # How the output was cut into records depends on timing (how much
+        # the pipe held at each read), so the bytes that stay readable are
+        # those of the records wholly before the cut.
+        kept = sum(
+            length for position, _, length in spool_records(spool.read_bytes()) if position + RECORD_HEADER_SIZE + length <= cut
+        )
         with open(spool, "r+b") as handle:
-            handle.truncate(100_000)
-        data, gaps, status = read_output(server, job_id)
-        assert len(data) + gaps == 1_000_000
-        assert data[: 100_000 - 9] == b"x" * (100_000 - 9)
-        assert gaps > 0
+            handle.truncate(cut)
+        pieces, status = read_pieces(server, job_id)
+        # The pieces cover the output once, in order, from its first byte.
+        offset = 0
+        for piece in pieces:
+            assert piece.offset == offset
+            offset += piece.length if isinstance(piece, m.Gap) else len(piece.data)
+        assert offset == 1_000_000
+        before = [piece for piece in pieces if piece.offset < kept]
+        assert all(isinstance(piece, m.Output) and piece.data == b"x" * len(piece.data) for piece in before)
+        assert any(isinstance(piece, m.Gap) and piece.offset == kept for piece in pieces)
         assert "output spool" in status.error
         # The server still serves, and stops on SIGTERM.
         assert server.jobcli("status", str(job_id), timeout=10).returncode == 0
