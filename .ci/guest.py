@@ -672,6 +672,8 @@ def job_script(pytest_args: list[str]) -> str:
     command += ["--junitxml", f"{results}/junit.xml", "-o", "junit_logging=system-out"]
     return f"""set -u
 export CI=true HOME=/root LANG=C.UTF-8 TERM=dumb
+# jobcli in a fork of pytest, not a new interpreter (tests/support.py).
+export JOBWORKER_TEST_JOBCLI=fork
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # A tmpfs on /tmp, unless that would hide the checkout (a clone in /tmp):
 # then /tmp stays the overlay's (writable, in guest memory too) and
@@ -755,7 +757,7 @@ def main(argv: list[str]) -> int:
         pytest_args = pytest_args[1:]
     if not pytest_args:
         # --durations: where the guest's time goes, for keeping CI short.
-        pytest_args = ["-q", "--durations=10", *GUEST_SUITE]
+        pytest_args = ["-q", "--durations=30", *GUEST_SUITE]
         for node in GUEST_DESELECT:
             pytest_args += ["--deselect", node]
     if not os.path.exists(os.path.join(ROOT, ".venv", "bin", "python")):
