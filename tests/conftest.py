@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import RunningServer, make_pki, remove_leftover_cgroups, start_server
+from tests.support import RunningServer, fork_jobcli, make_pki, remove_leftover_cgroups, start_server
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -17,6 +17,17 @@ def _no_cgroups_left_behind():
     yield
     for path in remove_leftover_cgroups():
         print(f"\nA cgroup of this test run still holds a process: {path}")
+
+
+@pytest.fixture(autouse=True)
+def _how_jobcli_runs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """
+    jobcli runs as a program of its own in the tests marked C{real_jobcli},
+    in a fork of this process in the others (L{tests.support.JOBCLI_MODE}).
+    """
+    fork_jobcli(request.node.get_closest_marker("real_jobcli") is None)
+    yield
+    fork_jobcli(False)
 
 
 @pytest.fixture(scope="session")

@@ -88,13 +88,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# With JOBWORKER_TEST_JOBCLI=fork in the environment, RunningServer.jobcli
-# runs jobcli's main() in a child forked from the test process instead of
-# a new interpreter.  The CI guest sets it: under emulation a jobcli
-# process spends 4-8 s starting Python and importing (0.25 s here), and
-# the guest's tests are there for the cgroup v2 driver, not for jobcli's
-# start-up, which the host suite runs for real.
+# How RunningServer.jobcli runs jobcli: as a new process of the installed
+# script ("real"), or as jobcli's main() in a child forked from the test
+# process ("fork", L{jobcli_in_a_fork}), which skips the interpreter's
+# start-up and imports: 0.25 s a run here, 4-8 s under the CI guest's
+# emulation.  JOBWORKER_TEST_JOBCLI=fork or =real in the environment
+# chooses for every test (the CI guest sets fork: its tests are there for
+# the cgroup v2 driver).  Else tests/conftest.py chooses per test: real
+# for the tests marked real_jobcli, which are about jobcli as a program
+# (the jobcli modules, the smoke and deployment tests), fork for the rest,
+# which drive the server with it.
 JOBCLI_MODE = "JOBWORKER_TEST_JOBCLI"
+_forked_jobcli = [False]
+
+
+def fork_jobcli(forked: bool) -> None:
+    """
+    Whether L{RunningServer.jobcli} runs jobcli in a fork from now on, when
+    the environment does not choose (see L{JOBCLI_MODE}).
+    """
+    _forked_jobcli[0] = forked
+
+
+def jobcli_forks() -> bool:
+    mode = os.environ.get(JOBCLI_MODE, "")
+    return mode == "fork" or (mode != "real" and _forked_jobcli[0])
 
 
 def jobcli_in_a_fork(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -207,7 +225,7 @@ class RunningServer:
         """
         Run C{jobcli ARGS} as C{identity}; stdout and stderr as bytes.
         """
-        if os.environ.get(JOBCLI_MODE) == "fork":
+        if jobcli_forks():
             result = jobcli_in_a_fork(list(args), self.env(identity), timeout)
         else:
             result = subprocess.run(

@@ -24,6 +24,9 @@ import pytest
 import jobworker
 from tests.support import BIN, REPO, free_port, need, need_root
 
+# About jobcli as a program: it runs as one (tests/support.py, JOBCLI_MODE).
+pytestmark = pytest.mark.real_jobcli
+
 
 def _tls_args(certs: Path) -> list[str]:
     return ["--ca", str(certs / "ca.pem"), "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key")]

@@ -24,6 +24,9 @@ import pytest
 from jobworker.protocol import messages as m
 from tests.support import BIN, REPO, free_port
 
+# About jobcli as a program: it runs as one (tests/support.py, JOBCLI_MODE).
+pytestmark = pytest.mark.real_jobcli
+
 UUID_LINE = re.compile(rb"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\n\Z")
 
 

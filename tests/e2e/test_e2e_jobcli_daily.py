@@ -26,6 +26,9 @@ import pytest
 
 from tests.support import BIN, free_port, make_pki, start_server
 
+# About jobcli as a program: it runs as one (tests/support.py, JOBCLI_MODE).
+pytestmark = pytest.mark.real_jobcli
+
 UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 

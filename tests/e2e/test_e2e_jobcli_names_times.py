@@ -18,6 +18,9 @@ from jobworker.errors import ErrorCode, JobworkerError
 from jobworker.protocol import messages as m
 from tests.support import need, need_root, start_server
 
+# About jobcli as a program: it runs as one (tests/support.py, JOBCLI_MODE).
+pytestmark = pytest.mark.real_jobcli
+
 STAMPED = re.compile(rb"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z) (.*)$")
 
 

@@ -2,6 +2,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+# About jobcli as a program: it runs as one (tests/support.py, JOBCLI_MODE).
+pytestmark = pytest.mark.real_jobcli
+
 
 def test_run_echo(server):
     result = server.jobcli("run", "--", "echo", "hi")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.support import BIN, jobcli_in_a_fork
+from tests.support import BIN, JOBCLI_MODE, jobcli_forks, jobcli_in_a_fork
 
 # No server listens on port 1 of the loopback: a connection is refused.
 ENV = {
@@ -76,3 +76,14 @@ def test_a_forked_jobcli_past_its_timeout_is_killed(monkeypatch):
         jobcli_in_a_fork(["status"], ENV, timeout=1)
     assert time.monotonic() - began < 10
     assert raised.value.output == b"begun\n"
+
+
+@pytest.mark.skipif(os.environ.get(JOBCLI_MODE, "") != "", reason="the environment chooses for every test")
+def test_tests_fork_jobcli_unless_marked_real():
+    assert jobcli_forks()
+
+
+@pytest.mark.real_jobcli
+@pytest.mark.skipif(os.environ.get(JOBCLI_MODE, "") != "", reason="the environment chooses for every test")
+def test_tests_marked_real_jobcli_run_it_as_a_program():
+    assert not jobcli_forks()
