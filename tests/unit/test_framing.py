@@ -9,6 +9,7 @@ them.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import uuid
 from dataclasses import fields, replace
@@ -280,7 +281,14 @@ def test_status_fast_path_matches_schema(message: m.Message) -> None:
     if status is not None:
         assert encode_status(status) == StatusSchema.build(status)
         assert status_size(status) == len(StatusSchema.build(status))
-        assert decode_status(b"xy" + StatusSchema.build(status), 2) == (status, 2 + len(StatusSchema.build(status)))
+        decoded, end = decode_status(b"xy" + StatusSchema.build(status), 2)
+        assert (decoded, end) == (status, 2 + len(StatusSchema.build(status)))
+        # Built without the dataclasses' __init__ (see statuses.py): the
+        # same in every way a caller can see.
+        assert repr(decoded) == repr(status) and hash(decoded) == hash(status)
+        assert decoded.job_id.is_safe == status.job_id.is_safe and str(decoded.job_id) == str(status.job_id)
+        assert dataclasses.asdict(decoded) == dataclasses.asdict(status)
+        assert dataclasses.replace(decoded, name="x") == dataclasses.replace(status, name="x")
     assert decode_body(type(message).TYPE, body) == schema_decode(type(message), body)
 
 
