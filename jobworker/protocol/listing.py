@@ -14,7 +14,8 @@ from typing import Generic, Protocol, TypeVar
 from jobworker.errors import ErrorCode, RequestError
 from jobworker.jobnames import MAX_LABEL_FILTERS, NameError_, check_label_filter, check_name, labels_match
 from jobworker.protocol import messages as m
-from jobworker.protocol.wire import status_size
+from jobworker.protocol.statuses import encode_status
+from jobworker.protocol.wire import list_response
 
 __all__ = ["ListedJob", "ListIndex", "OrderedJob", "list_order", "list_page", "check_list_filters", "LIST_RESPONSE_OVERHEAD"]
 
@@ -186,6 +187,8 @@ def list_page(
     """
     budget = max_frame_size - LIST_RESPONSE_OVERHEAD
     page: list[m.JobStatus] = []
+    # Each status's bytes, measured here and sent as they are (list_response).
+    encoded: list[bytes] = []
     used = 0
     more = False
     states, owner, name, labels = request.states, request.owner, request.name, request.labels
@@ -203,20 +206,21 @@ def list_page(
             break
         try:
             status = job.status()
-            size = status_size(status)
+            data = encode_status(status)
         except Exception as exc:
             # Unencodable (ValueError) or not readable at all: either way
             # one job must not make the list fail for everyone.
             if unencodable is None:
                 raise
             status = unencodable(job, exc)
-            size = status_size(status)
-        if size > budget:
+            data = encode_status(status)
+        if len(data) > budget:
             status = m.abridge(status)
-            size = status_size(status)
-        if used + size > budget:
+            data = encode_status(status)
+        if used + len(data) > budget:
             more = True
             break
         page.append(status)
-        used += size
-    return m.ListResponse(request.request_id, tuple(page), more)
+        encoded.append(data)
+        used += len(data)
+    return list_response(request.request_id, page, encoded, more)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import struct
 import uuid
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -63,6 +64,7 @@ __all__ = [
     "encode_output_head",
     "encode_time_mark",
     "status_size",
+    "list_response",
 ]
 
 HEADER_SIZE = 4
@@ -385,6 +387,24 @@ _LIST_HEAD = struct.Struct(">II")  # request_id, job count
 _END_HEAD = struct.Struct(">IB")  # stream_id, reason
 
 
+# Where list_response keeps the statuses' bytes on its ListResponse: an
+# attribute, not a field, so the message compares, prints and parses as any.
+_ENCODED_STATUSES = "_encoded_statuses"
+
+
+def list_response(request_id: int, jobs: Sequence[m.JobStatus], encoded: Sequence[bytes], more: bool) -> m.ListResponse:
+    """
+    A C{ListResponse} of C{jobs}, whose bytes (C{encode_status} of each, in
+    order) the caller has made already, as a page is cut by size: its frame
+    is made of them, not of the statuses encoded a second time.
+    """
+    if len(encoded) != len(jobs):
+        raise ValueError(f"{len(encoded)} encoded statuses for {len(jobs)} jobs")
+    response = m.ListResponse(request_id, tuple(jobs), more)
+    object.__setattr__(response, _ENCODED_STATUSES, tuple(encoded))
+    return response
+
+
 def _encode_status_frame(message: Any) -> bytes:
     try:
         if type(message) is m.StatusResponse:
@@ -392,8 +412,13 @@ def _encode_status_frame(message: Any) -> bytes:
         if type(message) is m.EndOfStream:
             return _END_HEAD.pack(message.stream_id, int(message.reason)) + encode_status(message.status)
         jobs = message.jobs
+        encoded = message.__dict__.get(_ENCODED_STATUSES)
         return b"".join(
-            [_LIST_HEAD.pack(message.request_id, len(jobs)), *map(encode_status, jobs), b"\x01" if message.more else b"\x00"]
+            [
+                _LIST_HEAD.pack(message.request_id, len(jobs)),
+                *(map(encode_status, jobs) if encoded is None else encoded),
+                b"\x01" if message.more else b"\x00",
+            ]
         )
     except (struct.error, TypeError, AttributeError, OverflowError) as exc:
         raise ValueError(f"cannot encode {message!r}: {exc}") from exc
