@@ -472,7 +472,8 @@ class JobManager(Service):
         its output's times are then known only while the server runs).
         """
         try:
-            return FileSpool(self.store.times_path(job_id))
+            # Made by the spool writer: a file creation off the start's path.
+            return FileSpool(self.store.times_path(job_id), lazy=True)
         except OSError as exc:
             log.warn("job {job_id}: no times file: {error}", job_id=job_id, error=exc.strerror or exc)
             return None

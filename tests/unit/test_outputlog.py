@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -604,6 +605,69 @@ def test_file_spool_remove(tmp_path: Path) -> None:
         spool.append(b"x")
     assert spool.flush(timeout=10)
     assert not path.exists()
+
+
+def test_a_lazy_file_spool_is_made_by_the_writer_not_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A start made the times file on the reactor thread: up to 0.9 ms here.
+    path = tmp_path / "job.times"
+    made_on: list[str] = []
+    real_open = os.open
+
+    def watching_open(name, flags, *args):
+        if str(name) == str(path) and flags & os.O_CREAT:
+            made_on.append(threading.current_thread().name)
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", watching_open)
+    spool = FileSpool(str(path), lazy=True)
+    assert made_on == [] and not path.exists()
+    spool.append(b"abc")
+    spool.append(b"def")
+    assert spool.pread(0, 6) == b"abcdef"  # from the queue or the file
+    spool.seal()
+    assert spool.flush(timeout=10)
+    assert path.read_bytes() == b"abcdef"
+    assert len(made_on) == 1 and made_on[0] != threading.current_thread().name
+
+
+def test_a_lazy_file_spool_sealed_unwritten_leaves_an_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "job.times"
+    spool = FileSpool(str(path), lazy=True)
+    spool.seal()
+    assert spool.flush(timeout=10)
+    assert path.read_bytes() == b""
+
+
+def test_a_lazy_file_spool_removed_leaves_no_file(tmp_path: Path) -> None:
+    # Removed with writes still queued: the writer must not make the file
+    # after the unlink.
+    for number in range(50):
+        path = tmp_path / f"job-{number}.times"
+        spool = FileSpool(str(path), lazy=True)
+        spool.append(b"x" * 1000)
+        spool.remove()
+        assert spool.flush(timeout=10)
+    settled_writer = FileSpool(str(tmp_path / "last"), lazy=True)
+    settled_writer.seal()
+    assert settled_writer.flush(timeout=10)  # the writer is past every remove above
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["last"]
+
+
+def test_a_lazy_file_spool_that_cannot_be_made_fails_and_is_retried(tmp_path: Path) -> None:
+    directory = tmp_path / "later"
+    spool = FileSpool(str(directory / "job.times"), lazy=True)
+    spool.append(b"lost")
+    deadline = time.monotonic() + 10
+    while spool.failure is None:
+        assert time.monotonic() < deadline, "no failure reported"
+        time.sleep(0.001)
+    assert isinstance(spool.error, FileNotFoundError) and spool.failure.position == 0
+    directory.mkdir()
+    spool.resume()
+    spool.append(b"kept")
+    spool.seal()
+    assert spool.flush(timeout=10)
+    assert (directory / "job.times").read_bytes() == b"kept"
 
 
 def settled(spool: FileSpool, timeout: float = 10) -> None:
