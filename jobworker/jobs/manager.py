@@ -22,6 +22,7 @@ import gc
 import os
 import pwd
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -106,6 +107,9 @@ class JobManager(Service):
         # or an end costs the same with 10,000 finished jobs kept as with
         # none: they are all that admission counts and pruning spares.
         self._unended: dict[uuid.UUID, Job] = {}
+        # How many of them each owner has: admission counts an owner's
+        # running jobs one by one only when these reach the limit.
+        self._unended_of: Counter[str] = Counter()
         # Told of every job removed (see on_removed), in subscription order.
         self._removal_observers: list[Callable[[Job], None]] = []
         self.store = JobStore(config.state_dir)
@@ -381,8 +385,8 @@ class JobManager(Service):
         """
         if self._shutting_down:
             raise RequestError("the server is shutting down", ErrorCode.SHUTTING_DOWN)
-        running = sum(1 for job in self._unended.values() if job.owner == identity.name and not job.is_final)
-        spec = admit(identity, request, self.admission_config(), running=running)
+        admission = self.admission_config()
+        spec = admit(identity, request, admission, running=self._running_of(identity.name, admission.max_jobs_per_identity))
         self._check_name_free(spec)
         job_id = uuid.uuid4()
         # First of all that the job holds, so that running out makes nothing.
@@ -430,7 +434,7 @@ class JobManager(Service):
                 raise self._resource_error(job_id, "spawn it", exc) from None
         except Exception:
             self.jobs.pop(job_id, None)
-            self._unended.pop(job_id, None)
+            self._drop_unended(job_id)
             if job.cgroup is not None:
                 self.remove_cgroup(job.cgroup)
             spool.remove()
@@ -571,7 +575,7 @@ class JobManager(Service):
         if not job.is_final:
             raise RequestError(f"job {job.job_id} is still running; stop it first", ErrorCode.JOB_RUNNING)
         self.jobs.pop(job.job_id, None)
-        self._unended.pop(job.job_id, None)
+        self._drop_unended(job.job_id)
         if job.spool is not None:
             job.spool.seal()
         if job.times is not None:
@@ -694,11 +698,30 @@ class JobManager(Service):
 
     def _add(self, job: Job) -> None:
         self.jobs[job.job_id] = job
-        if not job.is_final:
+        if not job.is_final and job.job_id not in self._unended:
             self._unended[job.job_id] = job
+            self._unended_of[job.owner] += 1
+
+    def _drop_unended(self, job_id: uuid.UUID) -> None:
+        job = self._unended.pop(job_id, None)
+        if job is not None:
+            self._unended_of[job.owner] -= 1
+            if not self._unended_of[job.owner]:
+                del self._unended_of[job.owner]
+
+    def _running_of(self, owner: str, limit: int) -> int:
+        """
+        How many of C{owner}'s jobs run (not final), exactly if that may be
+        C{limit} or more; else a number below C{limit}, which is all that
+        admission asks.  A start with 500 jobs running walked all 500.
+        """
+        unended = self._unended_of[owner]
+        if unended < limit:
+            return unended
+        return sum(1 for job in self._unended.values() if job.owner == owner and not job.is_final)
 
     def job_ended(self, job: Job) -> None:
-        self._unended.pop(job.job_id, None)
+        self._drop_unended(job.job_id)
         self._release_uid(job)
         self._prune()
 
