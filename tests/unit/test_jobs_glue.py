@@ -408,6 +408,21 @@ def test_jobs_that_end_together_settle_a_few_per_turn_of_the_reactor(setup: Setu
     assert ended == [job for job, _ in jobs]  # in the order they ended
 
 
+def jobs_looked_at(monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """
+    From now on, the ids of the jobs whose C{is_final} is asked for.
+    """
+    looked_at: set[int] = set()
+    is_final = Job.is_final
+
+    def counted(job: Job) -> bool:
+        looked_at.add(id(job))
+        return bool(is_final.fget(job))
+
+    monkeypatch.setattr(Job, "is_final", property(counted))
+    return looked_at
+
+
 def test_a_start_and_an_end_do_not_look_at_every_finished_job(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
     # A server keeps thousands of finished jobs (--max-finished-jobs): a
     # start that counted its owner's running jobs among all of them, or an
@@ -417,14 +432,7 @@ def test_a_start_and_an_end_do_not_look_at_every_finished_job(setup: Setup, monk
         _, helper = setup.running()
         setup.finish(helper)
     assert len(setup.manager.jobs) == 40 and all(job.is_final for job in setup.manager.jobs.values())
-    looked_at: set[int] = set()
-    is_final = Job.is_final
-
-    def counted(job: Job) -> bool:
-        looked_at.add(id(job))
-        return bool(is_final.fget(job))
-
-    monkeypatch.setattr(Job, "is_final", property(counted))
+    looked_at = jobs_looked_at(monkeypatch)
     job, helper = setup.running()
     setup.finish(helper)
     assert job.state is JobState.EXITED
@@ -436,14 +444,7 @@ def test_a_start_does_not_look_at_each_running_job_of_its_owner(setup: Setup, mo
     # Admission counted the owner's running jobs one by one: with 500
     # running, 0.8 ms of every start (cProfile of a server).
     jobs = [setup.running()[0] for _ in range(30)]
-    looked_at: set[int] = set()
-    is_final = Job.is_final
-
-    def counted(job: Job) -> bool:
-        looked_at.add(id(job))
-        return bool(is_final.fget(job))
-
-    monkeypatch.setattr(Job, "is_final", property(counted))
+    looked_at = jobs_looked_at(monkeypatch)
     setup.running()
     assert not looked_at & {id(job) for job in jobs}
 
